@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def msrc21() -> Path:
+    """The real MSRC-21 photos; tests that need them skip cleanly when absent."""
+    root = Path(os.environ.get("WEAKSEG_MSRC21", SHARED_DATA / "msrc21"))
+    if not (root / "JPEGImages").is_dir():
+        pytest.skip(f"MSRC-21 data not found at {root}")
+    return root

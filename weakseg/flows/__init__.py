@@ -1,0 +1,1 @@
+"""Prefect flows (deployment entrypoints) and the ``weakseg`` command line."""

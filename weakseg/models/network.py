@@ -1,0 +1,131 @@
+"""The weakly supervised segmentation network: image -> features -> head -> score maps.
+
+Pinheiro & Collobert (CVPR 2015). Training aggregates the score maps with Log-Sum-Exp into
+one score per class; inference reads the maps themselves, one per class.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone, create_backbone
+from .head import DEFAULT_HEAD_WIDTHS, MILHead
+from .lse import LSEPool
+
+__all__ = ["ModelConfig", "WeakSegNet", "create_model"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the architecture; stored in every checkpoint."""
+
+    num_classes: int
+    backbone: str = "tf_efficientnet_lite0"
+    head_widths: tuple[int, ...] = DEFAULT_HEAD_WIDTHS
+    dropout: float = 0.5
+    lse_r: float = 5.0
+    output_stride: int | None = 16
+    finetune_from: int | None = None
+    # Filled in from the backbone when the model is built.
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["head_widths"] = list(self.head_widths)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for key in ("head_widths", "mean", "std"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+class WeakSegNet(nn.Module):
+    """Backbone + MIL head; ``forward`` gives score maps Y[b, k, i, j]."""
+
+    def __init__(self, backbone: Backbone, head: MILHead, lse_r: float = 5.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.pool = LSEPool(lse_r)
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per score-map cell."""
+        return self.backbone.reduction
+
+    @property
+    def margin(self) -> int:
+        """Score-map cell i sits over feature cell i + margin (the head is unpadded)."""
+        return self.head.margin
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest input side that gives a 1x1 score map."""
+        return (self.head.min_cells - 1) * self.stride + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def image_scores(self, maps: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """LSE scores ``[B, K]``; ``valid`` is the input's pixel mask ``[B, H, W]``."""
+        mask = None if valid is None else self.map_mask(valid, maps.shape[-2:])
+        return self.pool(maps, mask)
+
+    def dense_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Score maps that cover the whole input, for inference.
+
+        The unpadded head sees only the interior of a plain forward pass; padding the
+        input by ``margin * stride`` pixels (mirrored) first puts score cell i over input
+        pixel ``i * stride`` (see :meth:`cell_centers` with ``dense=True``).
+        """
+        pad = self.margin * self.stride
+        mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
+        return self(F.pad(x, (pad, pad, pad, pad), mode=mode))
+
+    def cell_centers(self, size: int, dense: bool = False) -> torch.Tensor:
+        """Input pixel coordinate of the centre of each of ``size`` score cells along an axis."""
+        idx = torch.arange(size, dtype=torch.float32)
+        offset = 0 if dense else self.margin
+        return (idx + offset) * self.stride
+
+    def map_mask(self, valid: torch.Tensor, map_hw: Sequence[int]) -> torch.Tensor:
+        """Downsample a pixel validity mask to score cells by each cell's centre pixel."""
+        h, w = valid.shape[-2:]
+        ys = self.cell_centers(map_hw[0]).round().long().clamp_(0, h - 1).to(valid.device)
+        xs = self.cell_centers(map_hw[1]).round().long().clamp_(0, w - 1).to(valid.device)
+        return valid[..., ys[:, None], xs[None, :]].to(torch.bool)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters; no weight decay on biases, as is usual."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith(".bias") else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def create_model(config: ModelConfig, pretrained: str = "auto") -> tuple[WeakSegNet, ModelConfig]:
+    """The one way to build a network from a config; returns it with mean/std resolved."""
+    backbone = create_backbone(
+        config.backbone,
+        pretrained=pretrained,
+        output_stride=config.output_stride,
+        finetune_from=config.finetune_from,
+    )
+    head = MILHead(backbone.num_chs, config.num_classes, config.head_widths, config.dropout)
+    model = WeakSegNet(backbone, head, config.lse_r)
+    resolved = ModelConfig.from_dict(
+        {**config.to_dict(), "mean": config.mean or backbone.mean, "std": config.std or backbone.std}
+    )
+    return model, resolved

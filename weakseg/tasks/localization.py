@@ -1,0 +1,63 @@
+"""Where the network puts its evidence: training on in-memory scenes and checking peaks.
+
+Used by the model demo and the overfit test; the streaming trainer lives in the train flow.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..models import ModelConfig, WeakSegNet, create_model
+from .synthetic import SYNTHETIC_CLASSES, Scene
+from .training import make_optimizer, normalize, train_step
+
+__all__ = ["fit_scenes", "peak_hits", "peak_locations"]
+
+
+def _batch(scenes: Sequence[Scene], config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2)
+    target = torch.tensor([SYNTHETIC_CLASSES.index(s.labels[0]) for s in scenes])
+    return normalize(images, config.mean, config.std), target
+
+
+def fit_scenes(
+    scenes: Sequence[Scene],
+    config: ModelConfig,
+    steps: int = 150,
+    lr: float = 1e-2,
+    pretrained: str = "auto",
+    seed: int = 0,
+) -> tuple[WeakSegNet, ModelConfig, list[float]]:
+    """Train on a handful of single-object scenes (full batch) and return the losses."""
+    torch.manual_seed(seed)
+    model, config = create_model(config, pretrained=pretrained)
+    x, y = _batch(scenes, config)
+    optimizer = make_optimizer(model, lr=lr)
+    losses = [train_step(model, optimizer, x, y) for _ in range(steps)]
+    return model.eval(), config, losses
+
+
+@torch.no_grad()
+def peak_locations(model: WeakSegNet, config: ModelConfig, scenes: Sequence[Scene]) -> list[tuple[int, int]]:
+    """Pixel (y, x) of the highest score of each scene's labelled class (dense maps)."""
+    x, y = _batch(scenes, config)
+    maps = model.eval().dense_maps(x)
+    ys, xs = model.cell_centers(maps.shape[-2], dense=True), model.cell_centers(maps.shape[-1], dense=True)
+    out = []
+    for i in range(len(scenes)):
+        m = maps[i, y[i]]
+        iy, ix = divmod(int(m.argmax()), m.shape[-1])
+        out.append((int(ys[iy]), int(xs[ix])))
+    return out
+
+
+def peak_hits(model: WeakSegNet, config: ModelConfig, scenes: Sequence[Scene]) -> list[bool]:
+    """Whether each scene's class peak falls inside that class's object."""
+    hits = []
+    for scene, (py, px) in zip(scenes, peak_locations(model, config, scenes), strict=True):
+        h, w = scene.mask.shape
+        label = SYNTHETIC_CLASSES.index(scene.labels[0]) + 1
+        hits.append(bool(scene.mask[min(py, h - 1), min(px, w - 1)] == label))
+    return hits

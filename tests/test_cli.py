@@ -13,7 +13,7 @@ def test_help_lists_every_command():
         assert name in out
 
 
-@pytest.mark.parametrize("name", [n for n, (_, _, issue) in COMMANDS.items() if issue is not None])
+@pytest.mark.parametrize("name", [n for n, c in COMMANDS.items() if c.issue is not None and c.target is None])
 def test_pending_commands_say_so_and_fail(name, capsys):
     assert main([name, "--whatever", "x"]) == 2
     assert "not built yet" in capsys.readouterr().err

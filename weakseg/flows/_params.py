@@ -1,0 +1,94 @@
+"""One typed parameter list per flow, shared by the CLI and the deployment.
+
+A flow's signature *is* its parameter model: typed with ``Annotated[..., Field(...)]``
+bounds and ``Literal`` choices, validated by Prefect for deployments and by
+:func:`validate_params` here before the CLI starts any work. :func:`add_flow_arguments`
+turns the signature into ``argparse`` options, kebab-case for snake_case.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, get_args, get_origin
+
+import pydantic
+from pydantic.fields import FieldInfo
+
+__all__ = ["add_flow_arguments", "flow_parameters", "validate_params"]
+
+
+def _unwrap(annotation: Any) -> tuple[Any, FieldInfo | None]:
+    if get_origin(annotation) is typing.Annotated:
+        base, *meta = get_args(annotation)
+        return base, next((m for m in meta if isinstance(m, FieldInfo)), None)
+    return annotation, None
+
+
+def _optional(base: Any) -> tuple[Any, bool]:
+    if get_origin(base) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(base) if a is not type(None)]
+        if len(args) == 1 and len(get_args(base)) == 2:
+            return args[0], True
+    return base, False
+
+
+def flow_parameters(fn: Callable) -> list[inspect.Parameter]:
+    fn = getattr(fn, "fn", fn)  # a Prefect Flow wraps the function
+    hints = typing.get_type_hints(fn, include_extras=True)
+    return [p.replace(annotation=hints.get(p.name, p.annotation)) for p in inspect.signature(fn).parameters.values()]
+
+
+def _list_parser(item: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        return [item(x.strip()) for x in text.split(",") if x.strip()]
+
+    return parse
+
+
+def add_flow_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
+    """Add one ``--kebab-name`` option per flow parameter."""
+    for param in flow_parameters(fn):
+        base, field = _unwrap(param.annotation)
+        base, _ = _optional(base)
+        flag = "--" + param.name.replace("_", "-")
+        required = param.default is inspect.Parameter.empty
+        help_text = (field.description if field else None) or ""
+        kwargs: dict[str, Any] = {"dest": param.name, "help": help_text}
+        if not required:
+            kwargs["default"] = param.default
+            if param.default not in (None, False, True, ""):
+                kwargs["help"] = f"{help_text} (default: {param.default})".strip()
+        else:
+            kwargs["required"] = True
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(base) is Literal:
+            kwargs["choices"] = list(get_args(base))
+            kwargs["type"] = type(get_args(base)[0])
+        elif get_origin(base) in (list, tuple):
+            item = get_args(base)[0] if get_args(base) else str
+            kwargs["type"] = _list_parser(item)
+            kwargs["metavar"] = "A,B,..."
+        elif base in (int, float, str):
+            kwargs["type"] = base
+        else:
+            kwargs["type"] = str
+        parser.add_argument(flag, **kwargs)
+
+
+def validate_params(fn: Callable, values: dict[str, Any]) -> dict[str, Any]:
+    """Check values against the flow's annotations; raises ``ValueError`` listing problems."""
+    fields: dict[str, Any] = {}
+    for param in flow_parameters(fn):
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[param.name] = (param.annotation, default)
+    model = pydantic.create_model(f"{getattr(fn, 'name', 'flow')}-parameters", **fields)
+    try:
+        checked = model(**values)
+    except pydantic.ValidationError as err:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        raise ValueError(problems) from None
+    return {name: getattr(checked, name) for name in fields}

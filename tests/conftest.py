@@ -21,3 +21,12 @@ def msrc21() -> Path:
     if not (root / "JPEGImages").is_dir():
         pytest.skip(f"MSRC-21 data not found at {root}")
     return root
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real Prefect API (temporary local server with SQLite) for flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

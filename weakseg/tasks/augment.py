@@ -1,0 +1,109 @@
+"""The paper's training augmentations, and the fixed resize used for validation.
+
+Training (Pinheiro & Collobert, sec. 4.1): the image is deformed - scaled, rotated,
+flipped, its brightness and contrast jittered - and a random crop at the training input
+size is taken from the deformed image. Where the crop reaches past the deformed image
+(rotation corners, an image smaller than the crop) the pixels are zero and the returned
+validity mask is false, so LSE does not count them in ``h*w``.
+
+Per-channel normalisation happens on the device, after the uint8 batch is transferred
+(:func:`weakseg.tasks.training.normalize`): four times less to copy than float32.
+
+Transforms are classes (picklable, so they survive DataLoader worker processes) and take
+a ``random.Random``; DataLoader seeds each worker's ``random`` module differently.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+__all__ = ["AugmentConfig", "EvalTransform", "TrainTransform"]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Every augmentation can be switched off: flip False, the ranges 0 or (1, 1)."""
+
+    input_size: int = 400
+    hflip: bool = True  # horizontal flip with probability 0.5
+    rotation: float = 10.0  # degrees, uniform in [-rotation, rotation]
+    scale: tuple[float, float] = (0.8, 1.2)  # shorter side = input_size * U(scale)
+    brightness: float = 0.2  # factor uniform in [1 - b, 1 + b]
+    contrast: float = 0.2  # factor uniform in [1 - c, 1 + c]
+
+    def __post_init__(self) -> None:
+        if self.input_size < 1:
+            raise ValueError(f"input_size must be positive, got {self.input_size}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale must be two positive numbers, low <= high, got {self.scale}")
+        if self.rotation < 0 or not 0 <= self.brightness < 1 or not 0 <= self.contrast < 1:
+            raise ValueError("rotation must be >= 0, brightness and contrast in [0, 1)")
+
+
+def _place(img: Image.Image, mask: Image.Image | None, size: int, rng: random.Random | None):
+    """Crop (random offset; top-left when ``rng`` is None) or zero-pad to ``size x size``."""
+    w, h = img.size
+    x0 = rng.randint(0, w - size) if rng is not None and w > size else 0
+    y0 = rng.randint(0, h - size) if rng is not None and h > size else 0
+    # Smaller than the crop: paste at a random offset inside the canvas (top-left for eval).
+    px = rng.randint(0, size - w) if rng is not None and w < size else 0
+    py = rng.randint(0, size - h) if rng is not None and h < size else 0
+    box = (x0, y0, x0 + min(w, size), y0 + min(h, size))
+    out = np.zeros((size, size, 3), np.uint8)
+    valid = np.zeros((size, size), bool)
+    patch = np.asarray(img.crop(box))
+    ph, pw = patch.shape[:2]
+    out[py : py + ph, px : px + pw] = patch
+    if mask is None:
+        valid[py : py + ph, px : px + pw] = True
+    else:
+        valid[py : py + ph, px : px + pw] = np.asarray(mask.crop(box)) > 127
+    return out, valid
+
+
+class TrainTransform:
+    """PIL image -> (``[S, S, 3]`` uint8, ``[S, S]`` bool validity) with random deformation."""
+
+    def __init__(self, config: AugmentConfig) -> None:
+        self.config = config
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray]:
+        rng = rng if rng is not None else random  # the module's generator: DataLoader seeds it per worker
+        c = self.config
+        img = img.convert("RGB")
+        w, h = img.size
+        factor = c.input_size / min(w, h) * rng.uniform(*c.scale)
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        img = img.resize(size, Image.BILINEAR)
+        if c.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        mask = None
+        angle = rng.uniform(-c.rotation, c.rotation) if c.rotation else 0.0
+        if angle:
+            mask = Image.new("L", img.size, 255).rotate(angle, Image.NEAREST, expand=True, fillcolor=0)
+            img = img.rotate(angle, Image.BILINEAR, expand=True, fillcolor=(0, 0, 0))
+        if c.brightness:
+            img = ImageEnhance.Brightness(img).enhance(rng.uniform(1 - c.brightness, 1 + c.brightness))
+        if c.contrast:
+            img = ImageEnhance.Contrast(img).enhance(rng.uniform(1 - c.contrast, 1 + c.contrast))
+        return _place(img, mask, c.input_size, rng)
+
+
+class EvalTransform:
+    """Deterministic: the longer side resized to the input size, padded (invalid) to a square."""
+
+    def __init__(self, input_size: int) -> None:
+        if input_size < 1:
+            raise ValueError(f"input_size must be positive, got {input_size}")
+        self.input_size = input_size
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray]:
+        img = img.convert("RGB")
+        w, h = img.size
+        factor = self.input_size / max(w, h)
+        img = img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR)
+        return _place(img, None, self.input_size, None)

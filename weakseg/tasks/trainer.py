@@ -1,0 +1,499 @@
+"""The streaming MIL trainer: plain functions, no Prefect (the train-mil flow wires them).
+
+Steps, epochs and the data position
+-----------------------------------
+One *step* is one optimiser update over ``batch_size x grad_accum`` samples per process
+(``x world_size`` under DDP): the effective batch. An epoch is ``steps_per_epoch`` steps,
+by default as many as one pass over the train split takes at the effective batch. The
+training stream resamples shards (see :mod:`weakseg.tasks.shard_dataset`), so an epoch is
+a number of samples drawn, not an exact pass.
+
+The learning rate is ``lr x lr_decay ** floor(samples_seen / lr_decay_every_samples)``
+(the paper: 1e-3, x0.8 every 5M samples), computed from the samples seen, so it is the
+same after a resume.
+
+Checkpoints and resume
+----------------------
+``{out}/checkpoint-step-{step:09d}.pt`` every ``checkpoint_every`` steps and at the end of
+every epoch (after validation, so it carries that epoch's metrics); the newest
+``keep_checkpoints`` are kept. At the end ``{out}/model.pt`` holds the final model. All are
+ordinary weakseg checkpoints (``load_checkpoint``) plus a ``training_state``: step, epoch,
+samples seen, the SGD momentum buffers, the RNG state, the metric history.
+
+``resume=True`` continues from the newest ``checkpoint-step-*.pt`` in ``out`` (or starts
+fresh when there is none): same weights, same momentum buffers, same step counter and lr
+schedule. The data stream of the interrupted epoch is re-seeded from (seed, epoch, step)
+and runs the epoch's remaining steps: samples are drawn with replacement, so no exact
+replay of the lost steps, and the epoch still has its number of steps. Without ``resume``
+a folder that already holds checkpoints is refused rather than overwritten.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import posixpath
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..models import ModelConfig, WeakSegNet, checkpoint_bytes, create_model, load_checkpoint, mil_loss
+from ..models.losses import MultiLabelLoss
+from . import storage
+from .augment import AugmentConfig, EvalTransform, TrainTransform
+from .manifest import ManifestError, shard_urls
+from .shard_dataset import eval_pipeline, make_loader, train_pipeline
+from .training import make_optimizer, normalize
+
+__all__ = [
+    "DistInfo",
+    "TrainConfig",
+    "average_precision",
+    "checkpoint_name",
+    "evaluate",
+    "image_metrics",
+    "list_checkpoints",
+    "lr_at",
+    "optimizer_step",
+    "resolve_device",
+    "run_training",
+    "setup_distributed",
+]
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"checkpoint-step-(\d+)\.pt$")
+FINAL_NAME = "model.pt"
+_ARCH_FIELDS = ("num_classes", "backbone", "head_widths", "dropout", "lse_r", "output_stride", "finetune_from")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and run options (the model's own are in ``ModelConfig``)."""
+
+    epochs: int = 10
+    batch_size: int = 16  # per process and forward pass
+    grad_accum: int = 1
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    lr_decay: float = 0.8
+    lr_decay_every_samples: int = 5_000_000
+    multilabel_loss: MultiLabelLoss = "softmax"
+    steps_per_epoch: int = 0  # 0: one pass over the train split at the effective batch
+    val_every: int = 1  # epochs; 0 = never
+    checkpoint_every: int = 1000  # steps; 0 = only at epoch ends
+    keep_checkpoints: int = 3
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------- devices, DDP
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device auto or cpu")
+    return device
+
+
+def setup_distributed(device_name: str) -> DistInfo:
+    """Join the torchrun process group when ``WORLD_SIZE > 1`` (NCCL on CUDA, Gloo on CPU)."""
+    device = resolve_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(0, 1, device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- schedule, metrics
+
+
+def lr_at(samples_seen: int, lr: float, decay: float = 0.8, every: int = 5_000_000) -> float:
+    """Step decay by samples seen (the paper: x0.8 every 5M samples)."""
+    return lr * decay ** (samples_seen // every) if every > 0 else lr
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AP of one class: mean precision at the rank of each positive (NaN without positives)."""
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    hits = positive[order].astype(np.float64)
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / n_pos)
+
+
+def image_metrics(scores: torch.Tensor, target: torch.Tensor, multilabel: bool) -> dict[str, float]:
+    """Image-level validation metrics from LSE scores ``[N, K]`` and multi-hot targets ``[N, K]``.
+
+    ``accuracy``: the top-scoring class is (one of) the image's labels. ``map`` (multi-label
+    manifests): mean over classes with a positive image of their average precision.
+    """
+    n = scores.shape[0]
+    if n == 0:
+        return {"samples": 0}
+    top = scores.argmax(dim=1)
+    out = {"samples": n, "accuracy": float(target[torch.arange(n), top].mean())}
+    if multilabel:
+        s, t = scores.double().numpy(), target.numpy() > 0
+        aps = [average_precision(s[:, k], t[:, k]) for k in range(s.shape[1])]
+        aps = [a for a in aps if not math.isnan(a)]
+        out["map"] = float(np.mean(aps)) if aps else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+@dataclass
+class _Runtime:
+    """What a step needs besides the batch."""
+
+    model: WeakSegNet
+    net: torch.nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    multilabel: bool
+    loss_kind: MultiLabelLoss = "softmax"
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+
+    def inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = normalize(batch["images"].to(self.device, non_blocking=True), self.mean, self.std)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        valid = batch["valid"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        if not self.multilabel:
+            target = target.argmax(dim=1)
+        return x, valid, target
+
+
+def optimizer_step(rt: _Runtime, batches: Iterator[dict[str, Any]], grad_accum: int = 1) -> dict[str, Any]:
+    """One optimiser update over ``grad_accum`` batches; returns loss, sample count, errors."""
+    rt.model.train()
+    rt.optimizer.zero_grad(set_to_none=True)
+    total, n, errors = 0.0, 0, []
+    for i in range(grad_accum):
+        batch = next(batches)
+        errors += batch["errors"]
+        x, valid, target = rt.inputs(batch)
+        sync = rt.net.no_sync() if i < grad_accum - 1 and hasattr(rt.net, "no_sync") else contextlib.nullcontext()
+        with sync:
+            with rt.autocast():
+                maps = rt.net(x)
+            loss = mil_loss(rt.model.image_scores(maps.float(), valid), target, rt.loss_kind) / grad_accum
+            loss.backward()
+        total += float(loss.detach())
+        n += x.shape[0]
+    rt.optimizer.step()
+    return {"loss": total, "samples": n, "errors": errors}
+
+
+@torch.no_grad()
+def evaluate(rt: _Runtime, loader: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """Image-level metrics over a validation loader (the whole split, once)."""
+    rt.model.eval()
+    scores, targets, errors, loss_sum = [], [], 0, 0.0
+    for batch in loader:
+        errors += len(batch["errors"])
+        x, valid, target = rt.inputs(batch)
+        with rt.autocast():
+            maps = rt.model(x)
+        s = rt.model.image_scores(maps.float(), valid).float()
+        loss_sum += float(mil_loss(s, target, rt.loss_kind)) * x.shape[0]
+        scores.append(s.cpu())
+        targets.append(batch["target"])
+    rt.model.train()
+    if not scores:
+        return {"samples": 0, "skipped": errors}
+    s, t = torch.cat(scores), torch.cat(targets)
+    out = image_metrics(s, t, rt.multilabel)
+    out["loss"] = loss_sum / s.shape[0]
+    out["skipped"] = errors
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-step-{step:09d}.pt"
+
+
+def list_checkpoints(out: str) -> list[tuple[int, str]]:
+    """``(step, url)`` of the step checkpoints in ``out``, oldest first."""
+    fs, path = storage.url_to_fs(out)
+    if not fs.exists(path):
+        return []
+    found = []
+    for p in fs.ls(path, detail=False):
+        m = CHECKPOINT_RE.search(posixpath.basename(str(p).rstrip("/")))
+        if m:
+            found.append((int(m.group(1)), storage.join(out, posixpath.basename(str(p)))))
+    return sorted(found)
+
+
+def _prune(out: str, keep: int) -> None:
+    if keep <= 0:
+        return
+    for _, url in list_checkpoints(out)[:-keep]:
+        fs, path = storage.url_to_fs(url)
+        fs.rm(path)
+
+
+def manifest_reference(shards: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records about its training data."""
+    return {
+        "url": shards,
+        "classes": list(manifest["classes"]),
+        "multilabel": bool(manifest.get("multilabel", False)),
+        "splits": {k: v.get("samples") for k, v in manifest.get("splits", {}).items()},
+        "source_fingerprint": manifest.get("source_fingerprint"),
+        "created_at": manifest.get("created_at"),
+    }
+
+
+def _check_resume(ckpt_classes: list[str], ckpt_config: ModelConfig, classes: list[str], asked: ModelConfig,
+                  url: str) -> None:
+    if list(ckpt_classes) != list(classes):
+        extra = sorted(set(classes) - set(ckpt_classes))
+        missing = sorted(set(ckpt_classes) - set(classes))
+        raise ValueError(
+            f"cannot resume from {url}: its classes differ from the shard manifest's "
+            f"({len(ckpt_classes)} vs {len(classes)}; only in the manifest: {extra[:5]}, only in the "
+            f"checkpoint: {missing[:5]}{'' if extra or missing else '; same names, different order'}). "
+            "Use another --out for these shards."
+        )
+    diffs = [f"{k}: checkpoint {getattr(ckpt_config, k)!r}, asked {getattr(asked, k)!r}"
+             for k in _ARCH_FIELDS if getattr(ckpt_config, k) != getattr(asked, k)]
+    if diffs:
+        raise ValueError(f"cannot resume from {url}: the architecture differs ({'; '.join(diffs)})")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _oom_message(cfg: TrainConfig, input_size: int, config: ModelConfig) -> str:
+    return (
+        f"CUDA out of memory at --batch-size {cfg.batch_size}, --input-size {input_size}, --head-widths "
+        f"{','.join(map(str, config.head_widths))}, --output-stride {config.output_stride}. Lower --batch-size "
+        "(raise --grad-accum to keep the effective batch), then --input-size, the head widths, or use "
+        "--output-stride 16 instead of 8."
+    )
+
+
+def run_training(
+    shards: str,
+    out: str,
+    manifest: dict[str, Any],
+    model_config: ModelConfig,
+    augment: AugmentConfig,
+    cfg: TrainConfig,
+    *,
+    pretrained: str = "auto",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> dict[str, Any]:
+    """Train from ``shards`` into ``out``; returns a summary (final checkpoint URL, metrics)."""
+    log = logger or _logger
+    info = setup_distributed(cfg.device)
+    classes = list(manifest["classes"])
+    if model_config.num_classes != len(classes):
+        raise ValueError(f"model has {model_config.num_classes} classes, the manifest {len(classes)}")
+    multilabel = bool(manifest.get("multilabel", False))
+    train_urls = shard_urls(shards, manifest, "train")
+    try:
+        val_urls = shard_urls(shards, manifest, "val") if cfg.val_every else []
+    except ManifestError:
+        log.warning("the shards have no val split: no validation metrics")
+        val_urls = []
+    train_samples = sum(s["samples"] for s in manifest["shards"] if s["split"] == "train")
+    effective_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    spe = cfg.steps_per_epoch or max(1, math.ceil(train_samples / effective_batch))
+    total_steps = cfg.epochs * spe
+
+    torch.manual_seed(cfg.seed)
+    existing = list_checkpoints(out)
+    state: dict[str, Any] = {"step": 0, "samples_seen": 0, "skipped": 0, "history": []}
+    if existing and not cfg.resume:
+        raise ValueError(f"{out} already holds checkpoints (newest: {existing[-1][1]}); pass --resume to continue "
+                         "from it, or choose another --out")
+    if existing:
+        url = existing[-1][1]
+        ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(url)))
+        _check_resume(ckpt.classes, ckpt.config, classes, model_config, url)
+        model, config = ckpt.model, ckpt.config
+        ts = ckpt.training_state
+        state.update(step=int(ts["step"]), samples_seen=int(ts["samples_seen"]), skipped=int(ts.get("skipped", 0)),
+                     history=list(ckpt.metrics.get("history", [])))
+        if "rng" in ts:
+            torch.set_rng_state(ts["rng"])
+        log.info("resuming from %s at step %d (%d samples seen)", url, state["step"], state["samples_seen"])
+    else:
+        if cfg.resume:
+            log.info("--resume: no checkpoint in %s yet, starting fresh", out)
+        model, config = create_model(model_config, pretrained=pretrained)
+        ts = {}
+    if augment.input_size < model.min_input_size:
+        raise ValueError(f"--input-size {augment.input_size} is below the network's minimum "
+                         f"{model.min_input_size} px for this backbone and output stride")
+
+    model.to(info.device)
+    if info.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net: torch.nn.Module = model
+    if info.world_size > 1:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    optimizer = make_optimizer(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if ts.get("optimizer"):
+        optimizer.load_state_dict(ts["optimizer"])
+    rt = _Runtime(model, net, optimizer, info.device, config.mean, config.std, multilabel, cfg.multilabel_loss)
+    pin = info.device.type == "cuda"
+    mref = manifest_reference(shards, manifest)
+
+    def save(url: str, metrics: dict[str, Any], finished: bool = False) -> None:
+        if not info.is_main:
+            return
+        training_state = {
+            "step": state["step"], "epoch": state["step"] // spe, "samples_seen": state["samples_seen"],
+            "steps_per_epoch": spe, "effective_batch": effective_batch, "skipped": state["skipped"],
+            "finished": finished, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "options": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
+            "augment": {**asdict(augment), "scale": list(augment.scale)},
+        }
+        storage.write_bytes(url, checkpoint_bytes(model, config, classes, input_size=augment.input_size,
+                                                  manifest=mref, metrics=metrics, training_state=training_state))
+
+    def metrics_now() -> dict[str, Any]:
+        last = state["history"][-1] if state["history"] else {}
+        return {"history": state["history"], "last": last, "samples_skipped": state["skipped"],
+                "step": state["step"], "samples_seen": state["samples_seen"]}
+
+    bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and info.is_main), desc="train-mil")
+    started, start_step = time.perf_counter(), state["step"]
+    try:
+        for epoch in range(state["step"] // spe, cfg.epochs):
+            end = (epoch + 1) * spe
+            stream_seed = hash((cfg.seed, epoch, state["step"])) & 0x7FFFFFFF
+            random.seed(stream_seed + info.rank)  # augmentations in the main process (num_workers=0)
+            pipeline = train_pipeline(train_urls, len(classes), TrainTransform(augment), seed=stream_seed,
+                                      shuffle_buffer=cfg.shuffle_buffer)
+            loader = make_loader(pipeline, len(classes), cfg.batch_size, num_workers=cfg.num_workers,
+                                 pin_memory=pin, seed=stream_seed)
+            batches = iter(loader)
+            losses, epoch_samples, speed, t0 = [], 0, 0.0, time.perf_counter()
+            try:
+                while state["step"] < end:
+                    result = optimizer_step(rt, batches, cfg.grad_accum)
+                    state["step"] += 1
+                    state["samples_seen"] += result["samples"] * info.world_size
+                    state["skipped"] += len(result["errors"])
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(state["samples_seen"], cfg.lr, cfg.lr_decay, cfg.lr_decay_every_samples)
+                    losses.append(result["loss"])
+                    epoch_samples += result["samples"]
+                    speed = epoch_samples * info.world_size / max(time.perf_counter() - t0, 1e-9)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{result['loss']:.4f}", img_s=f"{speed:.1f}", skipped=state["skipped"])
+                    if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < end:
+                        save(storage.join(out, checkpoint_name(state["step"])), metrics_now())
+                        if info.is_main:
+                            _prune(out, cfg.keep_checkpoints)
+            finally:
+                del batches, loader
+            row: dict[str, Any] = {
+                "epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)) if losses else None,
+                "lr": optimizer.param_groups[0]["lr"], "samples_per_second": round(speed, 2),
+                "samples_skipped": state["skipped"],
+            }
+            if val_urls and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                if info.is_main:
+                    val_loader = make_loader(eval_pipeline(val_urls, len(classes), EvalTransform(augment.input_size),
+                                                           split_by_node=False),
+                                             len(classes), cfg.batch_size, num_workers=min(cfg.num_workers, 2),
+                                             pin_memory=pin)
+                    row.update({f"val_{k}": v for k, v in evaluate(rt, val_loader).items()})
+                _barrier(info)
+            state["history"].append(row)
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs,
+                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            if on_epoch is not None and info.is_main:
+                on_epoch(row)
+            save(storage.join(out, checkpoint_name(state["step"])), metrics_now())
+            if info.is_main:
+                _prune(out, cfg.keep_checkpoints)
+            _barrier(info)
+    except torch.cuda.OutOfMemoryError as err:
+        raise RuntimeError(_oom_message(cfg, augment.input_size, config)) from err
+    finally:
+        bar.close()
+    final = storage.join(out, FINAL_NAME)
+    save(final, metrics_now(), finished=True)
+    _barrier(info)
+    elapsed = time.perf_counter() - started
+    return {
+        "checkpoint": final,
+        "step": state["step"],
+        "steps_this_run": state["step"] - start_step,
+        "samples_seen": state["samples_seen"],
+        "samples_skipped": state["skipped"],
+        "seconds": round(elapsed, 2),
+        "history": state["history"],
+        "last": state["history"][-1] if state["history"] else {},
+        "classes": classes,
+        "multilabel": multilabel,
+        "rank": info.rank,
+        "world_size": info.world_size,
+    }

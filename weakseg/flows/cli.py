@@ -33,7 +33,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "shard": Command("shard-imagenet", "shard an image collection into WebDataset tars", None, 3),
-    "train": Command("train-mil", "train the weakly supervised MIL network from shards", None, 4),
+    "train": Command("train-mil", "train the weakly supervised MIL network from shards", "weakseg.flows.train_mil:train_mil", 4),  # noqa: E501
     "segment": Command("segment-corpus", "segment a corpus and write Parquet tables", None, 5),
     "evaluate": Command("evaluate-segmentation", "score predictions against VOC-layout ground truth", None, 6),
     "demo": Command("demo", "run the main job end to end on embedded defaults", None),

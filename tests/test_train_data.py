@@ -1,0 +1,146 @@
+"""The train-mil data path: augmentations, the shard stream, counted errors, fsspec URLs."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from weakseg.tasks.augment import AugmentConfig, EvalTransform, TrainTransform
+from weakseg.tasks.manifest import ManifestError, load_manifest, shard_urls
+from weakseg.tasks.shard_dataset import (
+    Collate,
+    Decode,
+    ErrorLog,
+    eval_pipeline,
+    make_loader,
+    train_pipeline,
+    write_synthetic_shards,
+)
+from weakseg.tasks.trainer import average_precision, checkpoint_name, image_metrics, list_checkpoints, lr_at
+
+CORRUPT = "train_00005"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    dest = str(tmp_path_factory.mktemp("shards"))
+    write_synthetic_shards(dest, n_train=24, n_val=8, size=64, per_shard=8, corrupt_keys=[CORRUPT])
+    return dest
+
+
+def _image(w=120, h=80):
+    return Image.fromarray(np.full((h, w, 3), 200, np.uint8))
+
+
+def test_train_transform_crops_at_input_size_and_masks_rotation_corners():
+    t = TrainTransform(AugmentConfig(input_size=64, rotation=30, scale=(1.0, 1.0)))
+    image, valid = t(_image(), random.Random(3))
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert valid.shape == (64, 64) and valid.any()
+    plain = TrainTransform(AugmentConfig(input_size=64, hflip=False, rotation=0, scale=(1, 1), brightness=0,
+                                         contrast=0))
+    image, valid = plain(_image(), random.Random(0))
+    assert valid.all() and (image == 200).all()  # every augmentation can be switched off
+
+
+def test_small_scale_pads_and_marks_padding_invalid():
+    t = TrainTransform(AugmentConfig(input_size=64, rotation=0, scale=(0.5, 0.5)))
+    _, valid = t(_image(64, 64), random.Random(0))
+    assert valid.sum() == 32 * 32
+
+
+def test_eval_transform_keeps_aspect_and_pads():
+    image, valid = EvalTransform(60)(_image(120, 60))
+    assert image.shape == (60, 60, 3) and valid[:30].all() and not valid[30:].any()
+
+
+def test_bad_augment_config_is_refused():
+    with pytest.raises(ValueError):
+        AugmentConfig(scale=(1.2, 0.8))
+
+
+def test_decode_skips_and_counts_bad_samples():
+    errors = ErrorLog()
+    good = {"__key__": "a", "jpg": _jpeg(), "json": b'{"labels": [1, 2]}'}
+    bad_label = {"__key__": "b", "jpg": _jpeg(), "cls": b"9"}
+    samples = list(Decode(4, EvalTransform(32), errors)([bad_label, {"__key__": "c", "jpg": b"junk"}, good]))
+    assert [s["__key__"] for s in samples] == ["a"]
+    assert len(samples[0]["__errors__"]) == 2 and "b" in samples[0]["__errors__"][0]
+    batch = Collate(4)(samples)
+    assert batch["target"].tolist() == [[0, 1, 1, 0]] and len(batch["errors"]) == 2
+
+
+def _jpeg():
+    import io
+
+    buf = io.BytesIO()
+    _image(40, 40).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_corrupt_sample_in_a_shard_is_skipped_and_counted(shards):
+    manifest = load_manifest(shards)
+    urls = shard_urls(shards, manifest, "train")
+    batches = list(make_loader(eval_pipeline(urls, 4, EvalTransform(64)), 4, batch_size=5))
+    keys = [k for b in batches for k in b["keys"]]
+    assert len(keys) == 23 and CORRUPT not in keys
+    errors = [e for b in batches for e in b["errors"]]
+    assert len(errors) == 1 and CORRUPT in errors[0] and "train-000000.tar" in errors[0]
+
+
+def test_worker_processes_split_the_shards_and_carry_error_counts(shards):
+    manifest = load_manifest(shards)
+    urls = shard_urls(shards, manifest, "train")
+    loader = make_loader(eval_pipeline(urls, 4, EvalTransform(64)), 4, batch_size=4, num_workers=2)
+    batches = list(loader)
+    keys = [k for b in batches for k in b["keys"]]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 23
+    assert sum(len(b["errors"]) for b in batches) == 1
+    stream = make_loader(train_pipeline(urls, 4, TrainTransform(AugmentConfig(input_size=64)), shuffle_buffer=8),
+                         4, batch_size=4, num_workers=2)
+    it = iter(stream)
+    first = [next(it) for _ in range(8)]  # endless: more batches than one pass would give
+    assert all(b["images"].shape == (4, 3, 64, 64) and b["images"].dtype == torch.uint8 for b in first)
+    del it
+
+
+def test_reads_shards_from_memory_url():
+    dest = "memory://weakseg-test/shards"
+    write_synthetic_shards(dest, n_train=8, n_val=4, size=48, per_shard=4)
+    manifest = load_manifest(dest)
+    urls = shard_urls(dest, manifest, "train")
+    assert urls[0].startswith("memory://")
+    it = iter(train_pipeline(urls, 4, TrainTransform(AugmentConfig(input_size=48)), shuffle_buffer=4))
+    samples = [next(it) for _ in range(10)]
+    assert all(s["image"].shape == (48, 48, 3) for s in samples)
+    assert {s["__key__"] for s in samples} <= {f"train_{i:05d}" for i in range(8)}
+
+
+def test_empty_or_missing_split_is_an_error(shards):
+    manifest = load_manifest(shards)
+    with pytest.raises(ManifestError, match="no samples"):
+        shard_urls(shards, manifest, "test")
+
+
+def test_metrics():
+    assert average_precision(np.array([0.9, 0.8, 0.1]), np.array([1, 0, 1])) == pytest.approx((1 + 2 / 3) / 2)
+    scores = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    target = torch.tensor([[1.0, 0, 0], [0, 0, 1]])
+    m = image_metrics(scores, target, multilabel=True)
+    assert m["accuracy"] == 0.5 and m["map"] == pytest.approx((1.0 + 1.0) / 2)
+    assert "map" not in image_metrics(scores, target, multilabel=False)
+
+
+def test_lr_schedule_decays_by_samples_seen():
+    assert lr_at(0, 1e-3) == 1e-3
+    assert lr_at(4_999_999, 1e-3) == 1e-3
+    assert lr_at(10_000_000, 1e-3) == pytest.approx(1e-3 * 0.64)
+
+
+def test_checkpoint_names_sort_by_step(tmp_path):
+    for step in (120, 9, 1000):
+        (tmp_path / checkpoint_name(step)).write_bytes(b"x")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [9, 120, 1000]
+    assert list_checkpoints(str(tmp_path / "missing")) == []

@@ -1,0 +1,137 @@
+"""train-mil: train the MIL network (Pinheiro & Collobert, CVPR 2015) from WebDataset shards.
+
+Reads ``{shards}/manifest.json`` and the shards it lists (any fsspec URL), trains, and
+writes checkpoints to ``{out}/`` (see :mod:`weakseg.tasks.trainer` for the names and the
+resume semantics): ``checkpoint-step-{step:09d}.pt`` during training, ``model.pt`` at the
+end. Per-epoch metrics go to the checkpoint, to the ``train-mil-metrics`` table artifact
+and to the log; a tqdm bar shows loss and speed in the terminal.
+
+Multi-GPU: ``torchrun --nproc-per-node 8 -m weakseg.flows.cli train --shards ... --out ...``.
+Every rank runs this flow (and is its own Prefect flow run); rank 0 writes checkpoints and
+artifacts. On CUDA each rank holds one slot of the ``gpu`` global concurrency limit, so the
+limit should equal the number of GPUs of the machine (``prefect gcl create gpu --limit 8``);
+with no such limit the slot is not enforced.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+from pydantic import Field
+
+from ..models import ModelConfig
+from ..tasks.augment import AugmentConfig
+from ..tasks.manifest import load_manifest
+from ..tasks.trainer import TrainConfig, resolve_device, run_training
+
+__all__ = ["train_mil"]
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NONE)
+def read_manifest(shards: str) -> dict[str, Any]:
+    """The shard manifest (I/O: retried)."""
+    return load_manifest(shards)
+
+
+@task(cache_policy=NONE)
+def train(shards: str, out: str, manifest: dict[str, Any], model_config: ModelConfig, augment: AugmentConfig,
+          config: TrainConfig, pretrained: str) -> dict[str, Any]:
+    """The training loop; never cached, never retried (resume is the user's explicit choice)."""
+    return run_training(shards, out, manifest, model_config, augment, config, pretrained=pretrained,
+                        logger=get_run_logger())
+
+
+@task(cache_policy=NONE)
+def publish_metrics(result: dict[str, Any]) -> None:
+    """Per-epoch metrics as the ``train-mil-metrics`` table artifact (rank 0 only)."""
+    if result["rank"] != 0 or not result["history"]:
+        return
+    order = list(dict.fromkeys(k for row in result["history"] for k in row))
+    rows = [{k: row.get(k) for k in order} for row in result["history"]]
+    create_table_artifact(
+        key="train-mil-metrics",
+        table=rows,
+        description=f"train-mil: {result['step']} steps, {result['samples_seen']} samples, "
+        f"{result['samples_skipped']} skipped; checkpoint {result['checkpoint']}",
+    )
+
+
+def _gpu_slot(device: str):
+    """One slot of the ``gpu`` concurrency limit on CUDA; nothing on CPU (no server needed)."""
+    if resolve_device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency("gpu", occupy=1)
+
+
+@flow(name="train-mil")
+def train_mil(
+    shards: Annotated[str, Field(description="folder URL of the shards and their manifest.json (weakseg shard)")],
+    out: Annotated[str, Field(description="folder URL for checkpoint-step-*.pt and the final model.pt")],
+    backbone: Annotated[str, Field(description="any timm model name")] = "tf_efficientnet_lite0",
+    pretrained: Annotated[str, Field(description="auto, none, or a state-dict path/URL")] = "auto",
+    epochs: Annotated[int, Field(ge=1, description="epochs to train (in total, counting resumed ones)")] = 10,
+    steps_per_epoch: Annotated[int, Field(ge=0, description="optimiser steps per epoch; 0: one pass")] = 0,
+    batch_size: Annotated[int, Field(ge=1, description="images per forward pass and process")] = 16,
+    grad_accum: Annotated[int, Field(ge=1, description="forward passes per optimiser step")] = 1,
+    lr: Annotated[float, Field(gt=0, description="SGD learning rate")] = 1e-3,
+    momentum: Annotated[float, Field(ge=0, lt=1, description="SGD momentum")] = 0.9,
+    weight_decay: Annotated[float, Field(ge=0, description="SGD weight decay (not on biases)")] = 5e-5,
+    lr_decay: Annotated[float, Field(gt=0, le=1, description="lr factor every --lr-decay-every-samples")] = 0.8,
+    lr_decay_every_samples: Annotated[int, Field(ge=1, description="samples between lr decays")] = 5_000_000,
+    lse_r: Annotated[float, Field(gt=0, description="r of the Log-Sum-Exp aggregation")] = 5.0,
+    input_size: Annotated[int, Field(ge=16, description="training crop side in pixels (paper: 400)")] = 400,
+    head_widths: Annotated[list[int], Field(min_length=1, description="widths of the head's hidden layers")] = (
+        1024, 768, 512),
+    dropout: Annotated[float, Field(ge=0, lt=1, description="dropout after the head's hidden layers")] = 0.5,
+    output_stride: Annotated[Literal[8, 16, 32], Field(description="backbone stride (8, 16 dilate)")] = 16,
+    finetune_from: Annotated[int | None, Field(ge=0, description="train backbone stages from this one on")] = None,
+    multilabel_loss: Annotated[
+        Literal["softmax", "bce"], Field(description="loss for multi-label manifests")] = "softmax",
+    hflip: Annotated[bool, Field(description="random horizontal flips")] = True,
+    rotation: Annotated[float, Field(ge=0, le=180, description="max rotation in degrees")] = 10.0,
+    scale: Annotated[list[float], Field(min_length=2, max_length=2, description="scale range low,high")] = (
+        0.8, 1.2),
+    brightness: Annotated[float, Field(ge=0, lt=1, description="brightness jitter (factor 1 +- b)")] = 0.2,
+    contrast: Annotated[float, Field(ge=0, lt=1, description="contrast jitter (factor 1 +- c)")] = 0.2,
+    mean: Annotated[list[float], Field(description="per-channel mean; empty: the backbone's")] = (),
+    std: Annotated[list[float], Field(description="per-channel std; empty: the backbone's")] = (),
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: CUDA when present")] = "auto",
+    num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes per rank")] = 4,
+    shuffle_buffer: Annotated[int, Field(ge=1, description="samples in the shuffle buffer")] = 1000,
+    checkpoint_every: Annotated[int, Field(ge=0, description="steps between checkpoints; 0: epoch ends")] = 1000,
+    keep_checkpoints: Annotated[int, Field(ge=0, description="step checkpoints kept; 0: all")] = 3,
+    val_every: Annotated[int, Field(ge=0, description="epochs between validations; 0: never")] = 1,
+    seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,
+    resume: Annotated[bool, Field(description="continue from the newest checkpoint in --out")] = False,
+    progress: Annotated[bool, Field(description="tqdm progress bar in the terminal")] = True,
+) -> dict[str, Any]:
+    """Train the MIL network; returns the final checkpoint URL and the metrics."""
+    logger = get_run_logger()
+    if len(mean) not in (0, 3) or len(std) not in (0, 3) or bool(mean) != bool(std):
+        raise ValueError("--mean and --std take three values each, or neither")
+    manifest = read_manifest(shards)
+    model_config = ModelConfig(
+        num_classes=len(manifest["classes"]), backbone=backbone, head_widths=tuple(head_widths), dropout=dropout,
+        lse_r=lse_r, output_stride=output_stride, finetune_from=finetune_from, mean=tuple(mean), std=tuple(std),
+    )
+    augment = AugmentConfig(input_size=input_size, hflip=hflip, rotation=rotation, scale=(scale[0], scale[1]),
+                            brightness=brightness, contrast=contrast)
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, lr_decay=lr_decay, lr_decay_every_samples=lr_decay_every_samples,
+        multilabel_loss=multilabel_loss, steps_per_epoch=steps_per_epoch, val_every=val_every,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer, device=device, seed=seed, resume=resume, progress=progress,
+    )
+    logger.info("training %s on %d classes (%s) from %s into %s", backbone, len(manifest["classes"]),
+                "multi-label" if manifest.get("multilabel") else "single-label", shards, out)
+    with _gpu_slot(device):
+        result = train(shards, out, manifest, model_config, augment, config, pretrained)
+    publish_metrics(result)
+    logger.info("final checkpoint %s (step %d, last epoch: %s)", result["checkpoint"], result["step"], result["last"])
+    return result

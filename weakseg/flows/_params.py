@@ -59,7 +59,7 @@ def add_flow_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
         kwargs: dict[str, Any] = {"dest": param.name, "help": help_text}
         if not required:
             kwargs["default"] = param.default
-            if param.default not in (None, False, True, ""):
+            if not (param.default is None or isinstance(param.default, bool) or param.default == ""):
                 kwargs["help"] = f"{help_text} (default: {param.default})".strip()
         else:
             kwargs["required"] = True

@@ -32,7 +32,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "shard": Command("shard-imagenet", "shard an image collection into WebDataset tars", None, 3),
+    "shard": Command("shard-imagenet", "shard an image collection into WebDataset tars",
+                     "weakseg.flows.shard_imagenet:shard_imagenet", 3),
     "train": Command("train-mil", "train the weakly supervised MIL network from shards", "weakseg.flows.train_mil:train_mil", 4),  # noqa: E501
     "segment": Command("segment-corpus", "segment a corpus and write Parquet tables", None, 5),
     "evaluate": Command("evaluate-segmentation", "score predictions against VOC-layout ground truth", None, 6),
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     command = COMMANDS[args.command]

@@ -1,0 +1,1 @@
+"""Package data: the ImageNet WordNet hierarchy used by the ``voc`` label map."""

@@ -1,0 +1,110 @@
+"""shard-imagenet: an image collection with image-level labels -> WebDataset shards.
+
+list (fails fast) -> map labels -> plan shards -> write shards concurrently -> manifest.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from ..tasks import storage
+from ..tasks.images import DEFAULT_MAX_PIXELS
+from ..tasks.label_maps import LabelMap, build_label_map
+from ..tasks.listing import Item, SourceError, list_source
+from ..tasks.sharding import EncodeOptions, ShardPlan, ShardResult, assign_splits, fingerprint, plan_shards
+from ..tasks.sharding import write_manifest as _write_manifest
+from ..tasks.sharding import write_shard as _write_shard
+
+__all__ = ["shard_imagenet"]
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def list_images(source: str, layout: str) -> tuple[list[Item], str]:
+    return list_source(source, layout)  # type: ignore[arg-type]
+
+
+@task
+def map_labels(items: list[Item], spec: str, background_fraction: float, seed: int) -> LabelMap:
+    return build_label_map(spec, {s for it in items for s in it.labels}, background_fraction, seed,
+                           read_text=lambda url: storage.read_bytes(url).decode("utf-8-sig"))
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15], task_run_name="write-{plan.split}-{plan.index:06d}")
+def write_shard(plan: ShardPlan, dest: str, classes: list[str], options: EncodeOptions, fp: str) -> ShardResult:
+    return _write_shard(plan, dest, classes, options, fp)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def write_manifest(dest: str, results: list[ShardResult], label_map: LabelMap, parameters: dict,
+                   source_fp: str, dropped: int, multilabel: bool) -> dict:
+    return _write_manifest(dest, results, list(label_map.classes), label_map.describe(), parameters, source_fp,
+                           dropped=dropped, multilabel=multilabel)
+
+
+@flow(name="shard-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def shard_imagenet(
+    source: Annotated[str, Field(description="image collection: folder URL or CSV/Parquet manifest (uri,labels)")],
+    dest: Annotated[str, Field(description="output folder URL for the shards and manifest.json")],
+    label_map: Annotated[str, Field(description="identity, voc, or the URL of a source_label,label CSV")] = "identity",
+    layout: Literal["auto", "ilsvrc", "synset-tars", "imagefolder", "manifest"] = "auto",
+    max_side: Annotated[int, Field(ge=16, description="shrink so the shorter side is at most this")] = 512,
+    val_fraction: Annotated[float, Field(ge=0, lt=1, description="val share when the source has no split")] = 0.0,
+    seed: Annotated[int, Field(description="shuffle, split and background sampling seed")] = 0,
+    shard_size: Annotated[int, Field(ge=1, description="samples per shard at most")] = 1000,
+    shard_max_bytes: Annotated[int, Field(ge=1024, description="bytes per shard at most")] = 256 * 2**20,
+    jpeg_quality: Annotated[int, Field(ge=1, le=100, description="JPEG quality when re-encoding")] = 90,
+    max_pixels: Annotated[
+        int, Field(ge=1, description="refuse larger images (decompression bombs)")
+    ] = DEFAULT_MAX_PIXELS,
+    background_fraction: Annotated[
+        float, Field(ge=0, le=1, description="voc: share of unrelated synsets kept as background")
+    ] = 0.25,
+) -> dict:
+    """Shard a collection; returns the manifest."""
+    logger = get_run_logger()
+    params = {"source": source, "dest": dest, "label_map": label_map, "layout": layout, "max_side": max_side,
+              "val_fraction": val_fraction, "seed": seed, "shard_size": shard_size,
+              "shard_max_bytes": shard_max_bytes, "jpeg_quality": jpeg_quality, "max_pixels": max_pixels,
+              "background_fraction": background_fraction}
+    items, used_layout = list_images(source, layout)
+    source_fp = fingerprint([(i.uri, i.size, i.labels, i.split) for i in items])
+    lmap = map_labels(items, label_map, background_fraction, seed)
+    mapped = [(item, lmap.map(list(item.labels))) for item in items]
+    kept = [(item, names) for item, names in mapped if names is not None]
+    dropped = len(items) - len(kept)
+    if not kept:
+        raise SourceError(f"no image of {source} maps to a class with label map {label_map!r}")
+    kept_items, kept_labels = [k[0] for k in kept], [k[1] for k in kept]
+    plans = plan_shards(kept_items, kept_labels, assign_splits(kept_items, val_fraction, seed),
+                        shard_size, shard_max_bytes, seed)
+    logger.info("%d images (%s layout, %d dropped by the label map) -> %d shards", len(items), used_layout,
+                dropped, len(plans))
+    options = EncodeOptions(max_side, jpeg_quality, max_pixels)
+    fp = fingerprint({**params, "source_fingerprint": source_fp, "classes": lmap.classes})
+    classes = list(lmap.classes)
+    progress = create_progress_artifact(0.0, key="shard-imagenet-progress", description="shards written")
+    futures = [write_shard.submit(plan, dest, classes, options, fp) for plan in plans]
+    results: list[ShardResult] = []
+    with tqdm(total=len(plans), unit="shard", desc="shard-imagenet") as bar:
+        for future in as_completed(futures):
+            results.append(future.result())
+            bar.update(1)
+            update_progress_artifact(progress, 100.0 * len(results) / len(plans))
+    manifest = write_manifest(dest, results, lmap, params, source_fp, dropped,
+                              multilabel=any(len(n) > 1 for n in kept_labels))
+    skipped = sum(r.skipped for r in results)
+    create_table_artifact(
+        key="shard-imagenet-class-counts",
+        table=[{"class": c, **{split: s["class_counts"][c] for split, s in manifest["splits"].items()}}
+               for c in classes],
+        description=f"{manifest['errors']['count']} inputs skipped as errors; {skipped} shards already done",
+    )
+    logger.info("wrote %s: %s samples, %d errors, %d shards reused", storage.join(dest, "manifest.json"),
+                {k: v["samples"] for k, v in manifest["splits"].items()}, manifest["errors"]["count"], skipped)
+    return manifest

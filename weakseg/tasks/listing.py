@@ -1,0 +1,211 @@
+"""Listing image collections: ILSVRC-2012, per-synset tars or folders, ImageFolder, and
+CSV/Parquet manifests with several labels per image. Any fsspec URL.
+
+A listing is a list of :class:`Item` records, sorted by URI so it is the same on every
+run; nothing is decoded here.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Literal
+
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from . import storage
+
+__all__ = ["Item", "Layout", "SourceError", "detect_layout", "image_key", "list_source", "open_item_reader"]
+
+Layout = Literal["auto", "ilsvrc", "synset-tars", "imagefolder", "manifest"]
+WNID = re.compile(r"^n\d{8}$")
+
+
+class SourceError(ValueError):
+    """The source cannot be listed (missing, empty, malformed): fails before any work."""
+
+
+@dataclass(frozen=True)
+class Item:
+    uri: str  # for tar members: tar://<member>::<tar url>
+    labels: tuple[str, ...]  # source labels (folder names, wnids, CSV labels)
+    split: str | None = None  # the source's own split, when it has one
+    size: int = 0  # bytes, when the listing knows (shard planning)
+    tar_url: str | None = None
+    member: str | None = None
+
+    @property
+    def wnid(self) -> str | None:
+        return self.labels[0] if len(self.labels) == 1 and WNID.match(self.labels[0]) else None
+
+
+def image_key(uri: str) -> str:
+    """Stable id of an image: a hash of its URI, safe as a file name and a WebDataset key."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:24]
+
+
+def _url(fs, path: str) -> str:
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _files(fs, root: str) -> dict[str, int]:
+    """Non-hidden files below ``root`` with their sizes."""
+    found = fs.find(root, detail=True)
+    return {
+        p: int(info.get("size") or 0)
+        for p, info in found.items()
+        if info.get("type") != "directory"
+        and not any(part.startswith(".") for part in posixpath.relpath(p, root).split("/"))
+    }
+
+
+def _folder_items(fs, root: str, split: str | None) -> list[Item]:
+    items = []
+    for path, size in _files(fs, root).items():
+        rel = posixpath.relpath(path, root).split("/")
+        if len(rel) < 2:
+            continue  # files beside the class folders are not samples
+        items.append(Item(_url(fs, path), (rel[0],), split, size))
+    return items
+
+
+def _ilsvrc_val_labels(fs, root: str) -> dict[str, str]:
+    for candidate in (posixpath.join(root, name) for name in ("LOC_val_solution.csv", "val/LOC_val_solution.csv")):
+        if fs.exists(candidate):
+            rows = csv.DictReader(io.StringIO(fs.cat_file(candidate).decode()))
+            return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows}
+    return {}
+
+
+def _list_ilsvrc(fs, root: str) -> list[Item]:
+    items = _folder_items(fs, posixpath.join(root, "train"), "train")
+    val_root = posixpath.join(root, "val")
+    if fs.isdir(val_root):
+        labels = _ilsvrc_val_labels(fs, root)
+        for path, size in _files(fs, val_root).items():
+            rel = posixpath.relpath(path, val_root).split("/")
+            if rel[-1] == "LOC_val_solution.csv":
+                continue
+            if len(rel) >= 2:  # val/<wnid>/image
+                items.append(Item(_url(fs, path), (rel[0],), "val", size))
+                continue
+            stem = rel[0].rsplit(".", 1)[0]
+            if stem not in labels:
+                raise SourceError(
+                    f"validation image {rel[0]} has no label: put LOC_val_solution.csv in {root} or "
+                    "sort val/ into val/<wnid>/ folders"
+                )
+            items.append(Item(_url(fs, path), (labels[stem],), "val", size))
+    return items
+
+
+def _list_synset_tars(fs, root: str) -> list[Item]:
+    items = []
+    for path in sorted(fs.find(root)):
+        name = posixpath.basename(path)
+        if not name.lower().endswith(".tar"):
+            continue
+        label = name[: -len(".tar")]
+        tar_url = _url(fs, path)
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar.getmembers():
+                if member.isfile() and not posixpath.basename(member.name).startswith("."):
+                    uri = f"tar://{member.name}::{tar_url if '://' in tar_url else 'file://' + tar_url}"
+                    items.append(Item(uri, (label,), None, member.size, tar_url, member.name))
+    if not items:
+        raise SourceError(f"no images inside the tar files under {root}")
+    return items
+
+
+def _read_table(fs, path: str) -> list[dict[str, str]]:
+    data = fs.cat_file(path)
+    if path.lower().endswith(".parquet"):
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        return [{k: (None if v is None else str(v)) for k, v in r.items()} for r in rows]
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+
+
+def _list_manifest(fs, path: str) -> list[Item]:
+    rows = _read_table(fs, path)
+    if not rows:
+        raise SourceError(f"manifest {path} has no rows")
+    columns = set(rows[0])
+    uri_col = next((c for c in ("uri", "path", "image_id") if c in columns), None)
+    if uri_col is None or "labels" not in columns:
+        raise SourceError(f"manifest {path} needs columns uri (or path, or image_id) and labels; has {sorted(columns)}")
+    base = posixpath.dirname(path)
+    items = []
+    for row in rows:
+        ref = (row[uri_col] or "").strip()
+        labels = tuple(x.strip() for x in (row["labels"] or "").split(";") if x.strip())
+        if not ref or not labels:
+            raise SourceError(f"manifest {path}: row without {uri_col if not ref else 'labels'}: {row}")
+        if uri_col == "image_id":  # VOC layout beside the manifest (MSRC-21, PASCAL VOC)
+            ref = posixpath.join(base, "JPEGImages", f"{ref}.jpg")
+        elif "://" not in ref and not ref.startswith("/"):
+            ref = posixpath.join(base, ref)
+        uri = ref if "://" in ref or isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(ref)
+        items.append(Item(uri, labels, (row.get("split") or None), 0))
+    return items
+
+
+def detect_layout(fs, root: str) -> str:
+    if root.lower().endswith((".csv", ".parquet")):
+        return "manifest"
+    if fs.isdir(posixpath.join(root, "train")):
+        return "ilsvrc"
+    if any(p.lower().endswith(".tar") for p in fs.ls(root, detail=False)):
+        return "synset-tars"
+    return "imagefolder"
+
+
+def list_source(source: str, layout: Layout = "auto") -> tuple[list[Item], str]:
+    """All items of a source, sorted by URI, and the layout used. Fails fast when empty."""
+    fs, root = storage.url_to_fs(source)
+    if not fs.exists(root):
+        raise SourceError(f"source {source} does not exist")
+    if layout == "auto":
+        layout = detect_layout(fs, root)  # type: ignore[assignment]
+    listers = {"ilsvrc": _list_ilsvrc, "synset-tars": _list_synset_tars, "imagefolder": _list_imagefolder,
+               "manifest": _list_manifest}
+    items = listers[layout](fs, root)
+    if not items:
+        raise SourceError(f"source {source} ({layout}) holds no images")
+    return sorted(items, key=lambda i: i.uri), layout
+
+
+def _list_imagefolder(fs, root: str) -> list[Item]:
+    return _folder_items(fs, root, None)
+
+
+class open_item_reader:
+    """Reads item bytes, keeping each synset tar open while its members are read."""
+
+    def __init__(self) -> None:
+        self._tars: dict[str, tuple[object, tarfile.TarFile]] = {}
+
+    def __enter__(self) -> open_item_reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f, tar in self._tars.values():
+            tar.close()
+            f.close()  # type: ignore[attr-defined]
+        self._tars.clear()
+
+    def read(self, item: Item) -> bytes:
+        if item.tar_url is None:
+            return storage.read_bytes(item.uri)
+        if item.tar_url not in self._tars:
+            fs, path = storage.url_to_fs(item.tar_url)
+            f = fs.open(path, "rb")
+            self._tars[item.tar_url] = (f, tarfile.open(fileobj=f, mode="r:"))  # noqa: SIM115 - closed in __exit__
+        extracted = self._tars[item.tar_url][1].extractfile(item.member)
+        if extracted is None:
+            raise FileNotFoundError(f"{item.member} is not a file in {item.tar_url}")
+        return extracted.read()

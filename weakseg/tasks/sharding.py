@@ -1,0 +1,238 @@
+"""Planning and writing WebDataset shards; assembling the manifest and the error table.
+
+Each planned shard is one unit of work: it reads, validates and re-encodes its images and
+writes ``{split}-{index:06d}.tar`` and a small state file beside it. Shards are
+reproducible byte for byte (fixed tar metadata, deterministic encoding and order), so a
+rerun with the same parameters skips the finished ones and rewrites nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from .. import __version__
+from . import storage
+from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, encode_jpeg, resize_shorter_side
+from .listing import Item, image_key, open_item_reader
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
+
+__all__ = [
+    "ERRORS_SCHEMA",
+    "EncodeOptions",
+    "ShardPlan",
+    "assign_splits",
+    "fingerprint",
+    "plan_shards",
+    "write_manifest",
+    "write_shard",
+]
+
+STATE_DIR = "_state"
+ERRORS_SCHEMA = pa.schema([
+    ("image_uri", pa.string()),
+    ("split", pa.string()),
+    ("stage", pa.string()),
+    ("error_type", pa.string()),
+    ("message", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    max_side: int = 512
+    jpeg_quality: int = 90
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class ShardPlan:
+    split: str
+    index: int
+    items: list[Item]
+    labels: list[list[str]]  # class names per item
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.tar"
+
+
+@dataclass
+class ShardResult:
+    name: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+    class_counts: dict[str, int]
+    errors: list[dict[str, str]] = field(default_factory=list)
+    fingerprint: str = ""
+    skipped: bool = False
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _unit(seed: int, text: str) -> float:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{text}".encode()).digest()[:8], "big") / 2**64
+
+
+def assign_splits(items: Sequence[Item], val_fraction: float, seed: int) -> list[str]:
+    """The source's split where it has one, else a seeded hash of the URI decides."""
+    return [item.split or ("val" if _unit(seed, item.uri) < val_fraction else "train") for item in items]
+
+
+def plan_shards(
+    items: Sequence[Item],
+    labels: Sequence[list[str]],
+    splits: Sequence[str],
+    shard_size: int,
+    shard_max_bytes: int,
+    seed: int,
+) -> list[ShardPlan]:
+    """Shuffle each split with the seed (so no shard holds one class) and cut it into
+    shards of at most ``shard_size`` samples and, by the listed sizes, ``shard_max_bytes``."""
+    plans: list[ShardPlan] = []
+    for split in sorted(set(splits)):
+        members = [(it, lab) for it, lab, sp in zip(items, labels, splits, strict=True) if sp == split]
+        members.sort(key=lambda m: m[0].uri)
+        random.Random(f"{seed}:{split}").shuffle(members)
+        groups: list[list[tuple[Item, list[str]]]] = [[]]
+        size = 0
+        for member in members:
+            if groups[-1] and (len(groups[-1]) >= shard_size or size + member[0].size > shard_max_bytes):
+                groups.append([])
+                size = 0
+            groups[-1].append(member)
+            size += member[0].size
+        for index, group in enumerate(g for g in groups if g):
+            plans.append(ShardPlan(split, index, [m[0] for m in group], [m[1] for m in group]))
+    return plans
+
+
+def encode_sample(item: Item, data: bytes, class_labels: list[str], classes: Sequence[str],
+                  options: EncodeOptions) -> dict[str, Any]:
+    """Validate, orient, convert and (when needed) shrink one image into a WebDataset sample."""
+    decoded = decode_image(data, options.max_pixels)
+    resized = resize_shorter_side(decoded.image, options.max_side)
+    jpg = data if decoded.unchanged and resized is decoded.image else encode_jpeg(resized, options.jpeg_quality)
+    indices = [classes.index(c) for c in class_labels]
+    meta = {
+        "labels": indices,
+        "label_names": list(class_labels),
+        "source": item.uri,
+        "width": decoded.width,
+        "height": decoded.height,
+        "wnid": item.wnid,
+    }
+    return {"__key__": image_key(item.uri), "jpg": jpg, "cls": str(indices[0]).encode(),
+            "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def _state_url(dest: str, plan: ShardPlan) -> str:
+    return storage.join(dest, STATE_DIR, plan.name.replace(".tar", ".json"))
+
+
+def finished(dest: str, plan: ShardPlan, fp: str) -> ShardResult | None:
+    """The recorded result of a shard already written with the same parameters."""
+    url = _state_url(dest, plan)
+    if not storage.exists(url) or not storage.exists(storage.join(dest, plan.name)):
+        return None
+    state = storage.read_json(url)
+    if state.get("fingerprint") != fp:
+        return None
+    return ShardResult(**{**state, "skipped": True})
+
+
+def write_shard(plan: ShardPlan, dest: str, classes: Sequence[str], options: EncodeOptions, fp: str) -> ShardResult:
+    """Write one shard (unless already finished) and its state file; bad inputs become errors."""
+    done = finished(dest, plan, fp)
+    if done is not None:
+        return done
+    buf = io.BytesIO()
+    errors: list[dict[str, str]] = []
+    counts: Counter[str] = Counter()
+    samples = 0
+    with open_item_reader() as reader, wds.TarWriter(buf, user="weakseg", group="weakseg", mtime=0.0) as sink:
+        for item, class_labels in zip(plan.items, plan.labels, strict=True):
+            try:
+                data = reader.read(item)
+            except (OSError, ValueError) as err:
+                errors.append({"image_uri": item.uri, "split": plan.split, "stage": "read",
+                               "error_type": type(err).__name__, "message": str(err)})
+                continue
+            try:
+                sample = encode_sample(item, data, class_labels, classes, options)
+            except ImageError as err:
+                errors.append({"image_uri": item.uri, "split": plan.split, "stage": "decode",
+                               "error_type": err.kind, "message": str(err)})
+                continue
+            sink.write(sample)
+            samples += 1
+            counts.update(class_labels)
+    data = buf.getvalue()
+    storage.write_bytes(storage.join(dest, plan.name), data)
+    result = ShardResult(plan.name, plan.split, samples, len(data), hashlib.sha256(data).hexdigest(),
+                         dict(sorted(counts.items())), errors, fp)
+    state = asdict(result)
+    state.pop("skipped")
+    storage.write_json(_state_url(dest, plan), state)
+    return result
+
+
+def write_manifest(
+    dest: str,
+    results: Sequence[ShardResult],
+    classes: Sequence[str],
+    label_map: dict[str, Any],
+    parameters: dict[str, Any],
+    source_fingerprint: str,
+    listing_errors: Sequence[dict[str, str]] = (),
+    dropped: int = 0,
+    multilabel: bool = False,
+) -> dict[str, Any]:
+    """``errors.parquet`` then ``manifest.json`` (last: its presence means the set is complete)."""
+    errors = [e for r in results for e in r.errors] + list(listing_errors)
+    table = pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    storage.write_bytes(storage.join(dest, "errors.parquet"), sink.getvalue())
+    splits: dict[str, dict[str, Any]] = {}
+    for r in results:
+        entry = splits.setdefault(r.split, {"samples": 0, "shards": 0, "errors": 0, "class_counts": Counter()})
+        entry["samples"] += r.samples
+        entry["shards"] += 1
+        entry["errors"] += len(r.errors)
+        entry["class_counts"].update(r.class_counts)
+    for entry in splits.values():
+        entry["class_counts"] = {c: entry["class_counts"].get(c, 0) for c in classes}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "classes": list(classes),
+        "multilabel": multilabel,
+        "label_map": label_map,
+        "splits": splits,
+        "shards": [{"name": r.name, "split": r.split, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256}
+                   for r in sorted(results, key=lambda r: r.name)],
+        "errors": {"count": len(errors), "table": "errors.parquet",
+                   "by_type": dict(Counter(e["error_type"] for e in errors))},
+        "dropped_unmapped": dropped,
+        "parameters": dict(parameters),
+        "source_fingerprint": source_fingerprint,
+        "weakseg_version": __version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    storage.write_json(storage.join(dest, MANIFEST_NAME), manifest)
+    return manifest

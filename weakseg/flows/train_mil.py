@@ -24,13 +24,24 @@ from pydantic import Field
 
 from ..models import ModelConfig
 from ..tasks.augment import AugmentConfig
-from ..tasks.manifest import load_manifest
+from ..tasks.manifest import ManifestError, load_manifest
 from ..tasks.trainer import TrainConfig, resolve_device, run_training
 
 __all__ = ["train_mil"]
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NONE)
+def _retry_unless_bad_manifest(task, task_run, state) -> bool:
+    """Retry I/O hiccups, not a missing or invalid manifest (retrying cannot fix those)."""
+    try:
+        state.result()
+    except ManifestError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_retry_unless_bad_manifest, cache_policy=NONE)
 def read_manifest(shards: str) -> dict[str, Any]:
     """The shard manifest (I/O: retried)."""
     return load_manifest(shards)

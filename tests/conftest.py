@@ -28,5 +28,8 @@ def prefect_harness():
     """A real Prefect API (temporary local server with SQLite) for flow tests."""
     from prefect.testing.utilities import prefect_test_harness
 
+    # Telemetry writes race the harness's own start-up on SQLite ("database is locked").
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
     with prefect_test_harness(server_startup_timeout=120):
         yield

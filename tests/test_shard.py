@@ -89,7 +89,7 @@ def test_identity_puts_background_first_and_csv_maps_must_cover_everything(tmp_p
     text = "source_label,label\ncat,animal\ndog,animal\n"
     lmap = build_label_map("m.csv", {"cat", "dog"}, read_text=lambda _: text)
     assert lmap.classes == ("animal",) and lmap.map(["dog", "cat"]) == ["animal"]
-    with pytest.raises(UnmappedLabelsError, match="2 source labels.*bird, fish"):
+    with pytest.raises(UnmappedLabelsError, match=r"2 source labels.*bird, fish"):
         build_label_map("m.csv", {"cat", "bird", "fish"}, read_text=lambda _: text)
 
 

@@ -19,3 +19,12 @@ def test_round_trip_and_atomic_local_write(root, tmp_path):
 def test_join_keeps_the_protocol():
     assert storage.join("s3://bucket/prefix/", "x", "y.tar") == "s3://bucket/prefix/x/y.tar"
     assert storage.join("/data", "m.json") == "/data/m.json"
+
+
+def test_local_writes_are_readable_by_others(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    storage.write_bytes(str(tmp_path / "x.bin"), b"1")
+    assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o666 & ~umask

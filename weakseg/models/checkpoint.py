@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from .. import __version__
+from .._atomic import atomic_write
 from .network import ModelConfig, WeakSegNet, create_model
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
@@ -87,18 +86,9 @@ def save_checkpoint(
     if not isinstance(f, str | os.PathLike):
         torch.save(payload, f)
         return
-    path = Path(f)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            torch.save(payload, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(f, buf.getvalue())
 
 
 def checkpoint_bytes(model: WeakSegNet, config: ModelConfig, classes: Sequence[str], **meta: Any) -> bytes:

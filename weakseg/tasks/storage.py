@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import tempfile
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from .._atomic import atomic_write
 
 __all__ = ["exists", "join", "read_bytes", "read_json", "url_to_fs", "write_bytes", "write_json"]
 
@@ -51,19 +52,7 @@ def write_bytes(url: str, data: bytes) -> None:
     """
     fs, path = url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, data)
         return
     parent = posixpath.dirname(path)
     if parent:

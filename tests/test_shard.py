@@ -227,3 +227,15 @@ def test_unmapped_labels_fail_before_any_work(prefect_harness, tmp_path):
     assert TABBY in state.message and TENCH in state.message
     assert not (tmp_path / "out").exists()
     json.dumps(state.message)
+
+
+@pytest.mark.slow
+def test_dask_worker_processes_write_the_same_shards_as_threads(prefect_harness, tmp_path):
+    fs = fsspec.filesystem("file", auto_mkdir=True)
+    src = str(tmp_path / "src")
+    write_tree(fs, src, per_class=3)
+    threads = shard_imagenet(source=src, dest=str(tmp_path / "threads"), shard_size=2, max_pixels=150_000)
+    dask = shard_imagenet(source=src, dest=str(tmp_path / "dask"), shard_size=2, max_pixels=150_000,
+                          task_runner="dask", workers=2)
+    assert dask["shards"] == threads["shards"]  # names, counts and sha256 of every shard
+    assert dask["errors"]["count"] == threads["errors"]["count"] == 4

@@ -9,7 +9,6 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -20,6 +19,7 @@ from ..tasks.listing import Item, SourceError, list_source
 from ..tasks.sharding import EncodeOptions, ShardPlan, ShardResult, assign_splits, fingerprint, plan_shards
 from ..tasks.sharding import write_manifest as _write_manifest
 from ..tasks.sharding import write_shard as _write_shard
+from ._runners import TaskRunnerKind, make_task_runner
 
 __all__ = ["shard_imagenet"]
 
@@ -47,7 +47,22 @@ def write_manifest(dest: str, results: list[ShardResult], label_map: LabelMap, p
                            dropped=dropped, multilabel=multilabel)
 
 
-@flow(name="shard-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="shard-imagenet-write")
+def write_shards(plans: list[ShardPlan], dest: str, classes: list[str], options: EncodeOptions,
+                 fp: str) -> list[ShardResult]:
+    """Write every planned shard on this subflow's task runner, with progress."""
+    progress = create_progress_artifact(0.0, key="shard-imagenet-progress", description="shards written")
+    futures = [write_shard.submit(plan, dest, classes, options, fp) for plan in plans]
+    results: list[ShardResult] = []
+    with tqdm(total=len(plans), unit="shard", desc="shard-imagenet") as bar:
+        for future in as_completed(futures):
+            results.append(future.result())
+            bar.update(1)
+            update_progress_artifact(progress, 100.0 * len(results) / len(plans))
+    return results
+
+
+@flow(name="shard-imagenet")
 def shard_imagenet(
     source: Annotated[str, Field(description="image collection: folder URL or CSV/Parquet manifest (uri,labels)")],
     dest: Annotated[str, Field(description="output folder URL for the shards and manifest.json")],
@@ -65,6 +80,11 @@ def shard_imagenet(
     background_fraction: Annotated[
         float, Field(ge=0, le=1, description="voc: share of unrelated synsets kept as background")
     ] = 0.25,
+    task_runner: Annotated[TaskRunnerKind, Field(description="threads, or dask worker processes")] = "threads",
+    workers: Annotated[int, Field(ge=1, description="threads or Dask worker processes")] = 4,
+    dask_address: Annotated[
+        str | None, Field(description="join this Dask scheduler instead of starting a local cluster")
+    ] = None,
 ) -> dict:
     """Shard a collection; returns the manifest."""
     logger = get_run_logger()
@@ -88,14 +108,8 @@ def shard_imagenet(
     options = EncodeOptions(max_side, jpeg_quality, max_pixels)
     fp = fingerprint({**params, "source_fingerprint": source_fp, "classes": lmap.classes})
     classes = list(lmap.classes)
-    progress = create_progress_artifact(0.0, key="shard-imagenet-progress", description="shards written")
-    futures = [write_shard.submit(plan, dest, classes, options, fp) for plan in plans]
-    results: list[ShardResult] = []
-    with tqdm(total=len(plans), unit="shard", desc="shard-imagenet") as bar:
-        for future in as_completed(futures):
-            results.append(future.result())
-            bar.update(1)
-            update_progress_artifact(progress, 100.0 * len(results) / len(plans))
+    runner = make_task_runner(task_runner, workers, dask_address)
+    results = write_shards.with_options(task_runner=runner)(plans, dest, classes, options, fp)
     manifest = write_manifest(dest, results, lmap, params, source_fp, dropped,
                               multilabel=any(len(n) > 1 for n in kept_labels))
     skipped = sum(r.skipped for r in results)

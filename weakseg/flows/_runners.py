@@ -1,0 +1,32 @@
+"""Task runners chosen by flow parameter: threads in one process, or a Dask cluster.
+
+Prefect fixes a flow's task runner at decoration time, so the flows that fan out run their
+chunks in a subflow built here with the runner the parameters ask for. ``dask`` starts a
+LocalCluster of worker processes on 127.0.0.1, or joins an existing cluster by address.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+__all__ = ["TaskRunnerKind", "make_task_runner"]
+
+TaskRunnerKind = Literal["threads", "dask"]
+
+
+def make_task_runner(kind: TaskRunnerKind, workers: int, address: str | None = None) -> TaskRunner:
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind != "dask":
+        raise ValueError(f"unknown task runner {kind!r}: use threads or dask")
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:  # pragma: no cover - a dependency
+        raise RuntimeError("task_runner='dask' needs prefect-dask (pip install prefect-dask)") from err
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": workers, "threads_per_worker": 1, "processes": True,
+        "host": "127.0.0.1", "dashboard_address": None,
+    })

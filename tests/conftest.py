@@ -33,3 +33,33 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+S3_SECRET = "weakseg-test-secret-Zq81x"  # must never appear in any output
+S3_KEY_ID = "AKIAWEAKSEGTESTKEY01"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 API: moto's server on 127.0.0.1, found through the standard AWS variables."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        mp.setenv("AWS_ACCESS_KEY_ID", S3_KEY_ID)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("weakseg-test")
+        yield fs
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()

@@ -1,0 +1,49 @@
+"""The pipeline on s3:// URLs against a real S3 API (moto's server), and no leaked secrets."""
+import pyarrow.parquet as pq
+import pytest
+from conftest import S3_KEY_ID, S3_SECRET
+from test_shard import BAD, write_tree
+
+from weakseg.flows.shard_imagenet import shard_imagenet
+from weakseg.flows.train_mil import train_mil
+from weakseg.models import load_checkpoint
+from weakseg.tasks import storage
+
+
+def _all_objects(fs, root: str) -> dict[str, bytes]:
+    return {p: fs.cat_file(p) for p in fs.find(root)}
+
+
+@pytest.mark.slow
+def test_shard_and_train_on_s3_without_leaking_credentials(prefect_harness, s3):
+    write_tree(s3, "weakseg-test/src", per_class=4)
+    manifest = shard_imagenet(source="s3://weakseg-test/src", dest="s3://weakseg-test/shards", label_map="voc",
+                              background_fraction=1.0, shard_size=4, max_side=96, max_pixels=150_000)
+    assert manifest["splits"]["train"]["samples"] == 12 and manifest["errors"]["count"] == len(BAD)
+    with s3.open("weakseg-test/shards/errors.parquet", "rb") as f:
+        assert pq.read_table(f).num_rows == len(BAD)
+
+    result = train_mil(shards="s3://weakseg-test/shards", out="s3://weakseg-test/model", epochs=1,
+                       steps_per_epoch=2, batch_size=4, input_size=96, head_widths=[16, 16, 16], output_stride=8,
+                       num_workers=0, progress=False, checkpoint_every=0)
+    assert result["checkpoint"] == "s3://weakseg-test/model/model.pt"
+    ckpt = load_checkpoint(s3.open("weakseg-test/model/model.pt", "rb"))
+    assert ckpt.classes == manifest["classes"] and "dog" in ckpt.classes
+    assert storage.read_json("s3://weakseg-test/shards/manifest.json")["shards"][0]["name"].endswith(".tar")
+
+    objects = _all_objects(s3, "weakseg-test")
+    outputs = {k: v for k, v in objects.items() if not k.startswith("weakseg-test/src/")}
+    assert any(k.endswith("model.pt") for k in outputs) and any(k.endswith(".tar") for k in outputs)
+    for name, data in outputs.items():
+        assert S3_SECRET.encode() not in data, name
+        assert S3_KEY_ID.encode() not in data, name
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(), limit=200)
+        runs = client.read_flow_runs(limit=50)
+    assert logs, "the harness should have recorded logs"
+    for text in [log.message for log in logs] + [str(run.parameters) for run in runs]:
+        assert S3_SECRET not in text and S3_KEY_ID not in text

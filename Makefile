@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test test-fast demo bench clean
+.PHONY: install lint test test-fast demo bench server worker deploy clean
 
 # (Re)install when the project metadata changes; reuses an existing venv.
 $(STAMP): pyproject.toml
@@ -30,6 +30,21 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# Local Prefect stack (see infra/README.md): a server on 127.0.0.1 with SQLite, a process
+# worker on the pool the deployments use, and the deployments of prefect.yaml.
+PREFECT_API_URL ?= http://127.0.0.1:4200/api
+POOL ?= weakseg-process
+
+server: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1
+
+worker: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool create $(POOL) --type process 2>/dev/null || true
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect worker start --pool $(POOL)
+
+deploy: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --all
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache

@@ -47,3 +47,23 @@ def test_shard_and_train_on_s3_without_leaking_credentials(prefect_harness, s3):
     assert logs, "the harness should have recorded logs"
     for text in [log.message for log in logs] + [str(run.parameters) for run in runs]:
         assert S3_SECRET not in text and S3_KEY_ID not in text
+
+
+@pytest.mark.slow
+def test_transient_s3_failures_are_retried(prefect_harness, s3, monkeypatch):
+    import os
+
+    import s3fs
+    from flaky_proxy import FlakyProxy
+
+    write_tree(s3, "weakseg-test/flaky-src", per_class=3, bad_in=None)
+    with FlakyProxy(os.environ["AWS_ENDPOINT_URL"], fail_every=4, drop_every=9) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        manifest = shard_imagenet(source="s3://weakseg-test/flaky-src", dest="s3://weakseg-test/flaky-shards",
+                                  shard_size=2, max_side=64)
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert proxy.failed > 5 and proxy.dropped > 2, (proxy.failed, proxy.dropped)
+    assert manifest["splits"]["train"]["samples"] == 9 and manifest["errors"]["count"] == 0
+    for shard in manifest["shards"]:
+        assert s3.info(f"weakseg-test/flaky-shards/{shard['name']}")["size"] == shard["bytes"]

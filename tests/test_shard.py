@@ -239,3 +239,28 @@ def test_dask_worker_processes_write_the_same_shards_as_threads(prefect_harness,
                           task_runner="dask", workers=2)
     assert dask["shards"] == threads["shards"]  # names, counts and sha256 of every shard
     assert dask["errors"]["count"] == threads["errors"]["count"] == 4
+
+
+def test_ilsvrc_val_labels_from_the_devkit_list(tmp_path):
+    from scipy.io import savemat
+
+    fs = fsspec.filesystem("file", auto_mkdir=True)
+    root = tmp_path / "ilsvrc"
+    fs.pipe_file(f"{root}/train/{DOG}/a.JPEG", jpeg(1))
+    for i in range(3):
+        fs.pipe_file(f"{root}/val/ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg(10 + i))
+    synsets = np.zeros((2, 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+    synsets[0, 0] = (np.array([[1]]), np.array([TABBY]))
+    synsets[1, 0] = (np.array([[7]]), np.array([DOG]))
+    data = root / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    savemat(data / "meta.mat", {"synsets": synsets})
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("7\n1\n7\n")
+    items, layout = list_source(str(root))
+    val = {Path(i.uri).name: i.labels[0] for i in items if i.split == "val"}
+    assert layout == "ilsvrc"
+    assert val == {"ILSVRC2012_val_00000001.JPEG": DOG, "ILSVRC2012_val_00000002.JPEG": TABBY,
+                   "ILSVRC2012_val_00000003.JPEG": DOG}
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("7\n1\n")
+    with pytest.raises(SourceError, match="2 labels for 3"):
+        list_source(str(root))

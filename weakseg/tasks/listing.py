@@ -74,31 +74,57 @@ def _folder_items(fs, root: str, split: str | None) -> list[Item]:
     return items
 
 
-def _ilsvrc_val_labels(fs, root: str) -> dict[str, str]:
+_DEVKIT_DIRS = ("", "devkit/data", "ILSVRC2012_devkit_t12/data")
+
+
+def _devkit_val_labels(fs, root: str, val_stems: list[str]) -> dict[str, str]:
+    """The devkit's ground-truth list: line i holds the ILSVRC2012_ID of the i-th val image
+    (sorted by name); ``meta.mat`` beside it maps those ids to wnids."""
+    for folder in (posixpath.join(root, d) if d else root for d in _DEVKIT_DIRS):
+        truth = posixpath.join(folder, "ILSVRC2012_validation_ground_truth.txt")
+        meta = posixpath.join(folder, "meta.mat")
+        if not fs.exists(truth):
+            continue
+        if not fs.exists(meta):
+            raise SourceError(f"{truth} needs the devkit's meta.mat beside it to map ids to synsets")
+        import numpy as np
+        from scipy.io import loadmat
+
+        synsets = loadmat(io.BytesIO(fs.cat_file(meta)))["synsets"].ravel()
+        wnid_of = {int(np.squeeze(s["ILSVRC2012_ID"])): str(np.squeeze(s["WNID"])) for s in synsets}
+        ids = [int(x) for x in fs.cat_file(truth).decode().split()]
+        if len(ids) != len(val_stems):
+            raise SourceError(f"{truth} has {len(ids)} labels for {len(val_stems)} validation images")
+        return {stem: wnid_of[i] for stem, i in zip(sorted(val_stems), ids, strict=True)}
+    return {}
+
+
+def _ilsvrc_val_labels(fs, root: str, val_stems: list[str]) -> dict[str, str]:
     for candidate in (posixpath.join(root, name) for name in ("LOC_val_solution.csv", "val/LOC_val_solution.csv")):
         if fs.exists(candidate):
             rows = csv.DictReader(io.StringIO(fs.cat_file(candidate).decode()))
             return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows}
-    return {}
+    return _devkit_val_labels(fs, root, val_stems)
 
 
 def _list_ilsvrc(fs, root: str) -> list[Item]:
     items = _folder_items(fs, posixpath.join(root, "train"), "train")
     val_root = posixpath.join(root, "val")
     if fs.isdir(val_root):
-        labels = _ilsvrc_val_labels(fs, root)
-        for path, size in _files(fs, val_root).items():
+        files = {p: size for p, size in _files(fs, val_root).items() if not p.endswith(".csv")}
+        flat = [posixpath.basename(p).rsplit(".", 1)[0] for p in files if posixpath.dirname(p) == val_root]
+        labels = _ilsvrc_val_labels(fs, root, flat)
+        for path, size in files.items():
             rel = posixpath.relpath(path, val_root).split("/")
-            if rel[-1] == "LOC_val_solution.csv":
-                continue
             if len(rel) >= 2:  # val/<wnid>/image
                 items.append(Item(_url(fs, path), (rel[0],), "val", size))
                 continue
             stem = rel[0].rsplit(".", 1)[0]
             if stem not in labels:
                 raise SourceError(
-                    f"validation image {rel[0]} has no label: put LOC_val_solution.csv in {root} or "
-                    "sort val/ into val/<wnid>/ folders"
+                    f"validation image {rel[0]} has no label: put LOC_val_solution.csv (or the devkit's "
+                    f"ILSVRC2012_validation_ground_truth.txt with meta.mat) in {root}, or sort val/ into "
+                    "val/<wnid>/ folders"
                 )
             items.append(Item(_url(fs, path), (labels[stem],), "val", size))
     return items

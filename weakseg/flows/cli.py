@@ -36,7 +36,8 @@ COMMANDS: dict[str, Command] = {
     "shard": Command("shard-imagenet", "shard an image collection into WebDataset tars",
                      "weakseg.flows.shard_imagenet:shard_imagenet", 3),
     "train": Command("train-mil", "train the weakly supervised MIL network from shards", "weakseg.flows.train_mil:train_mil", 4),  # noqa: E501
-    "segment": Command("segment-corpus", "segment a corpus and write Parquet tables", None, 5),
+    "segment": Command("segment-corpus", "segment a corpus and write Parquet tables",
+                       "weakseg.flows.segment_corpus:segment_corpus", 5),
     "evaluate": Command("evaluate-segmentation", "score predictions against VOC-layout ground truth",
                         "weakseg.flows.evaluate_segmentation:evaluate_segmentation", 6),
     "demo": Command("demo", "run the main job end to end on embedded defaults", None),

@@ -1,0 +1,231 @@
+"""segment-corpus: segment a corpus of images and write Parquet tables (the product's main job).
+
+prepare (model, thresholds, output check; fails fast) -> stream the listing in chunks ->
+segment each chunk as a task with retries (at most ``workers`` in flight) -> one ``runs``
+row -> artifacts. Tables and their layout: :mod:`weakseg.tasks.tables`; per-chunk work:
+:mod:`weakseg.tasks.segmenting`; inputs: :mod:`weakseg.tasks.corpus`.
+
+Final state: ``Completed`` when every input was segmented; ``Completed`` named
+``CompletedWithErrors`` when some inputs failed (bad or vanished files: see the ``errors``
+table) but every chunk was written; ``Failed`` when a chunk could not be written after its
+retries (its images are missing; rerun with the same ``--run-id``, optionally with
+``--skip-existing``) or when the run could not start (missing model, output not writable).
+"""
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.context import get_run_context
+from prefect.futures import as_completed
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
+
+from .. import __version__
+from ..tasks import storage, tables
+from ..tasks.corpus import ChunkSpec, iter_chunks
+from ..tasks.images import DEFAULT_MAX_PIXELS
+from ..tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_model, load_thresholds
+from ..tasks.listing import SourceError
+from ..tasks.priors import parse_priors
+from ..tasks.segmenting import ChunkResult, SegmentOptions, segment_chunk
+
+__all__ = ["segment_corpus"]
+
+
+def _retry_io_only(task, task_run, state) -> bool:
+    """Retry I/O hiccups, never a missing model, a bad thresholds file or an unusable output."""
+    try:
+        state.result()
+    except (ModelError, SourceError, tables.OutputError, ValueError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_io_only)
+def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | None, priors: tuple[str, ...],
+            skip_existing: bool) -> dict[str, Any]:
+    """Load the model (cached for the chunks), resolve thresholds, check the output, find run_date."""
+    bundle = load_model(model, device)
+    tables.check_writable(out, run_id)
+    resolved = {p: list(v) for p, v in bundle.thresholds.items()}
+    source = bundle.thresholds_source
+    if thresholds:
+        prior, vec = load_thresholds(thresholds, bundle.classes)
+        resolved[prior] = list(vec)
+        source = thresholds
+    run_date = tables.find_run_date(out, run_id) or datetime.now(UTC).date().isoformat()
+    done_index, done = None, 0
+    if skip_existing:
+        done_index = storage.join(out, "_state", f"done-{run_id}.parquet")
+        done = tables.build_done_index(out, bundle.model_id, done_index, run_id)
+        if not done:
+            done_index = None
+    return {"model_id": bundle.model_id, "classes": list(bundle.classes), "thresholds": resolved,
+            "thresholds_source": source, "run_date": run_date, "done_index": done_index, "done": done,
+            "background": bundle.background_index is not None, "device": str(bundle.device)}
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, task_run_name="segment-chunk-{spec.index:06d}")
+def segment_chunk_task(spec: ChunkSpec, opts: SegmentOptions) -> ChunkResult:
+    """One chunk: read, decode, infer, apply priors, write its files (retried whole: same names)."""
+    return segment_chunk(spec, opts)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NONE)
+def finish_run(out: str, run_date: str, run_id: str, n_chunks: int, row: dict[str, Any],
+               done_index: str | None) -> str:
+    """Drop stale chunk files of this run, write its ``runs`` row, remove the skip index."""
+    tables.remove_stale_chunks(out, run_date, run_id, n_chunks)
+    url = tables.runs_file(out, run_date, run_id)
+    tables.write_rows(url, "runs", [row])
+    if done_index:
+        tables.remove_file(done_index)
+    return url
+
+
+def _public(url: str | None) -> str | None:
+    """A URL without user:password@ (never logged nor written)."""
+    return None if url is None else re.sub(r"//[^/@]*@", "//", url)
+
+
+def _artifacts(results: list[ChunkResult], classes: list[str], counts: dict[str, int], out: str,
+               thumbnails: list[dict[str, str]]) -> None:
+    images: dict[str, int] = {}
+    pixels: dict[str, int] = {}
+    for r in results:
+        for c, n in r.class_images.items():
+            images[c] = images.get(c, 0) + n
+        for c, n in r.class_pixels.items():
+            pixels[c] = pixels.get(c, 0) + n
+    total_px = sum(pixels.values()) or 1
+    rows = [{"class": c, "images": images.get(c, 0), "pixel_share": round(pixels.get(c, 0) / total_px, 4)}
+            for c in classes if images.get(c)]
+    rows.sort(key=lambda r: -r["images"])
+    create_table_artifact(key="segment-corpus-classes", table=rows or [{"class": "(none)", "images": 0}],
+                          description=f"classes found: {counts['ok']} images segmented, {counts['failed']} "
+                          f"failed, {counts['skipped']} skipped; tables under {_public(out)}")
+    lines = ["# segment-corpus: overlays", "", "| image | labels | overlay |", "|---|---|---|"]
+    for t in thumbnails:
+        name = t["uri"].rsplit("/", 1)[-1].replace("|", "/")
+        lines.append(f"| {name} | {t['labels']} | ![overlay]({t['png']}) |")
+    if not thumbnails:
+        lines.append("| (no image segmented) | | |")
+    create_markdown_artifact(key="segment-corpus-overlays", markdown="\n".join(lines),
+                             description="image | mask overlay, first images of the run")
+
+
+@flow(name="segment-corpus", task_runner=ThreadPoolTaskRunner(max_workers=16))
+def segment_corpus(
+    images: Annotated[str, Field(description="folder, glob, .txt/.csv/.parquet manifest of URIs, or "
+                                 "WebDataset .tar shards (any fsspec URL)")],
+    model: Annotated[str, Field(description="checkpoint URL (train-mil's model.pt)")],
+    out: Annotated[str, Field(description="output folder URL for the Parquet tables")],
+    priors: Annotated[str, Field(pattern=r"^[a-z,+ ]*$",
+                                 description="comma list of ilp, sppxl, bb, seg; or none")] = "ilp,sppxl",
+    batch_size: Annotated[int, Field(ge=1, le=4096, description="images per forward pass")] = 8,
+    run_id: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+                                        description="run id (default: time + flow run id); reuse to redo a "
+                                        "run")] = None,
+    skip_existing: Annotated[bool, Field(description="only images not yet in the output for this model "
+                                         "(same URI and content hash)")] = False,
+    chunk_size: Annotated[int, Field(ge=1, description="images per chunk (one task, one file per table)")] = 512,
+    max_side: Annotated[int, Field(ge=32, description="forward-pass longer side; results come back at "
+                                   "full size")] = DEFAULT_MAX_SIDE,
+    max_pixels: Annotated[
+        int, Field(ge=1, description="refuse larger images (decompression bombs)")
+    ] = DEFAULT_MAX_PIXELS,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    thresholds: Annotated[str | None, Field(description="evaluate-segmentation thresholds JSON URL for bb/seg "
+                                            "(default: the checkpoint's, else 0.5/K)")] = None,
+    task_runner: Annotated[Literal["threads"], Field(description="where chunks run (threads; dask comes "
+                                                      "with a later issue)")] = "threads",
+    workers: Annotated[int, Field(ge=1, le=16, description="chunks in flight at once")] = 2,
+    thumbnails: Annotated[int, Field(ge=0, le=32, description="overlay thumbnails in the markdown artifact")] = 4,
+) -> dict[str, Any]:
+    """Segment a corpus; returns the run summary (the ``runs`` row)."""
+    logger = get_run_logger()
+    started_at = datetime.now(UTC)
+    t_start = time.perf_counter()
+    prior_list = parse_priors(priors)
+    flow_run_id = str(get_run_context().flow_run.id)
+    run_id = run_id or f"{started_at:%Y%m%dT%H%M%SZ}-{flow_run_id[:8]}"
+    info = prepare(model, device, out, run_id, thresholds, prior_list, skip_existing)
+    if skip_existing:
+        logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info["done"],
+                    info["model_id"])
+    opts = SegmentOptions(out=out, run_id=run_id, run_date=info["run_date"], model=model, device=info["device"],
+                          priors=prior_list, batch_size=batch_size, max_side=max_side, max_pixels=max_pixels,
+                          thresholds={p: tuple(v) for p, v in info["thresholds"].items()},
+                          done_index=info["done_index"], thumbnails=thumbnails)
+    logger.info("run %s: model %s (%d classes), priors %s, writing to %s/*/run_date=%s/", run_id, info["model_id"],
+                len(info["classes"]), ",".join(prior_list) or "none", _public(out), info["run_date"])
+    results: list[ChunkResult] = []
+    failed_chunks: list[str] = []
+    pending: dict[Any, ChunkSpec] = {}
+    n_chunks = 0
+
+    def collect(future, spec: ChunkSpec) -> None:
+        try:
+            r = future.result()
+        except Exception as err:  # retries exhausted: the run goes on, its final state says Failed
+            logger.error("chunk %d failed after retries: %s: %s", spec.index, type(err).__name__, err)
+            failed_chunks.append(f"chunk {spec.index}: {type(err).__name__}: {err}")
+            return
+        results.append(r)
+        logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s", r.index, r.ok, r.failed, r.skipped,
+                    r.seconds)
+
+    for spec in iter_chunks(images, chunk_size):
+        n_chunks += 1
+        chunk_opts = opts if spec.index == 0 else SegmentOptions(**{**opts.__dict__, "thumbnails": 0})
+        future = segment_chunk_task.submit(spec, chunk_opts)
+        pending[future] = spec
+        if len(pending) >= workers:
+            done = next(iter(as_completed(list(pending))))
+            collect(done, pending.pop(done))
+    for future in as_completed(list(pending)):
+        collect(future, pending.pop(future))
+    if n_chunks == 0:
+        raise SourceError(f"--images {images} holds no images")
+    counts = {"ok": sum(r.ok for r in results), "failed": sum(r.failed for r in results),
+              "skipped": sum(r.skipped for r in results), "chunks": n_chunks, "chunks_failed": len(failed_chunks)}
+    counts["listed"] = counts["ok"] + counts["failed"] + counts["skipped"]
+    seconds = time.perf_counter() - t_start
+    state_name = "Failed" if failed_chunks else "CompletedWithErrors" if counts["failed"] else "Completed"
+    parameters = {"images": _public(images), "model": _public(model), "out": _public(out), "priors": priors,
+                  "batch_size": batch_size, "skip_existing": skip_existing, "chunk_size": chunk_size,
+                  "max_side": max_side, "max_pixels": max_pixels, "device": info["device"],
+                  "thresholds": _public(thresholds), "task_runner": task_runner, "workers": workers}
+    row = {"run_id": run_id, "flow_run_id": flow_run_id, "model_id": info["model_id"], "model_uri": _public(model),
+           "classes": info["classes"], "priors": ",".join(prior_list) or "none",
+           "parameters": tables.dumps(parameters),
+           "thresholds": tables.dumps({"source": _public(info["thresholds_source"]), **info["thresholds"]}),
+           "counts": counts, "state": state_name, "started_at": started_at, "ended_at": datetime.now(UTC),
+           "images_per_second": counts["ok"] / seconds if seconds > 0 else 0.0, "weakseg_version": __version__}
+    finish_run(out, info["run_date"], run_id, n_chunks, row, info["done_index"])
+    thumbs = [t for r in sorted(results, key=lambda r: r.index) for t in r.thumbnails][:thumbnails]
+    _artifacts(results, info["classes"], counts, out, thumbs)
+    summary = {**row, "started_at": started_at.isoformat(), "ended_at": row["ended_at"].isoformat(),
+               "prior_ms_per_image": {k: round(sum(r.prior_ms.get(k, 0.0) for r in results) / max(counts["ok"], 1), 2)
+                                      for k in sorted({k for r in results for k in r.prior_ms})},
+               "errors_by_type": {k: sum(r.errors_by_type.get(k, 0) for r in results)
+                                  for k in sorted({k for r in results for k in r.errors_by_type})}}
+    logger.info("run %s: %d ok, %d failed, %d skipped, %d chunks (%d failed) in %.1f s (%.2f images/s)", run_id,
+                counts["ok"], counts["failed"], counts["skipped"], n_chunks, len(failed_chunks), seconds,
+                row["images_per_second"])
+    if failed_chunks:
+        return Failed(message=f"{len(failed_chunks)} of {n_chunks} chunks failed after retries "
+                      f"(rerun with --run-id {run_id}): {failed_chunks[:3]}", data=summary)
+    if counts["failed"]:
+        return Completed(name="CompletedWithErrors", data=summary,
+                         message=f"{counts['failed']} of {counts['listed']} inputs failed; see the errors table")
+    return summary

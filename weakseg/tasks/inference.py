@@ -1,0 +1,301 @@
+"""Inference: a checkpoint, images of any size -> per-pixel and image-level class probabilities.
+
+One forward pass per batch gives, for every image, ``probs[K, H, W]`` at the image's full
+resolution (softmax of the dense score maps, bilinearly resampled from the score cells'
+centres) and ``image_probs[K]`` (softmax of the LSE scores over the cells that lie on the
+image, so padding never counts). Around the forward pass:
+
+- Normalisation is training's (:func:`weakseg.tasks.training.normalize`, the checkpoint's
+  mean/std).
+- Images whose longer side is over ``max_side`` (default :data:`DEFAULT_MAX_SIDE`) are
+  shrunk for the forward pass; a side under ``min_side`` (default: 4 score cells,
+  ``4 x stride`` px) is enlarged, so a 3x5 image still gets a prediction. The probabilities
+  are always brought back to the original size.
+- A batch is padded (edge pixels repeated) to a common size that is a multiple of the
+  stride; the padded cells are cut off before the LSE and the upsampling.
+
+:func:`segment_image` and :func:`segment_variants` add the priors for one image; they are
+the API for evaluation code (all five paper variants from one forward pass).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import Checkpoint, CheckpointError, load_checkpoint
+from . import storage
+from .priors import VARIANTS, apply_priors, default_thresholds, parse_priors
+from .proposals import box_objectness_map, segment_objectness_map, superpixels
+from .training import normalize
+
+__all__ = [
+    "DEFAULT_MAX_SIDE",
+    "ModelBundle",
+    "ModelError",
+    "Prediction",
+    "SegmentResult",
+    "compute_prior_inputs",
+    "load_model",
+    "load_thresholds",
+    "predict",
+    "resolve_device",
+    "segment_image",
+    "segment_variants",
+]
+
+DEFAULT_MAX_SIDE = 512  # forward-pass longer side; the probabilities come back at full size
+MIN_CELLS = 4  # smaller inputs are enlarged to at least this many score cells per side
+
+
+class ModelError(ValueError):
+    """The model cannot be used (missing, unreadable, not a checkpoint, bad thresholds)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+@dataclass
+class ModelBundle:
+    """A loaded checkpoint ready for inference, with what the tables record about it."""
+
+    checkpoint: Checkpoint
+    device: torch.device
+    model_id: str  # first 16 hex digits of the checkpoint file's sha256
+    model_uri: str
+    thresholds: dict[str, np.ndarray] = field(default_factory=dict)  # by prior: "bb", "seg" -> δ[K]
+    thresholds_source: str = "default"
+
+    @property
+    def model(self):
+        return self.checkpoint.model
+
+    @property
+    def classes(self) -> list[str]:
+        return self.checkpoint.classes
+
+    @property
+    def background_index(self) -> int | None:
+        return self.classes.index("background") if "background" in self.classes else None
+
+
+_CACHE: dict[tuple[str, str, str], ModelBundle] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _fingerprint(info: Mapping[str, Any]) -> str:
+    keys = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "created")
+    return repr([(k, str(info.get(k))) for k in keys if k in info])
+
+
+def _ckpt_thresholds(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    raw = (ckpt.metrics or {}).get("thresholds") or {}
+    out = {}
+    for prior in ("bb", "seg"):
+        if isinstance(raw.get(prior), Mapping):
+            out[prior] = _threshold_vector(raw[prior], ckpt.classes, "checkpoint metrics")
+    return out
+
+
+def _threshold_vector(values: Mapping[str, float], classes: Sequence[str], where: str) -> np.ndarray:
+    missing = [c for c in classes if c not in values]
+    extra = [c for c in values if c not in classes]
+    if extra:
+        raise ModelError(f"thresholds from {where} name classes the model does not have: {extra[:5]}")
+    vec = default_thresholds(len(classes))
+    for i, c in enumerate(classes):
+        if c not in missing:
+            vec[i] = float(values[c])
+    return vec
+
+
+def load_model(url: str, device: str = "auto") -> ModelBundle:
+    """Load a checkpoint from any fsspec URL, once per process (cached by URL, device, file stamp)."""
+    dev = resolve_device(device)
+    fs, path = storage.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise ModelError(f"model checkpoint {url} does not exist") from None
+    if info.get("type") == "directory":
+        raise ModelError(f"model {url} is a folder; pass the checkpoint file (e.g. {url.rstrip('/')}/model.pt)")
+    key = (url, str(dev), _fingerprint(info))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        data = fs.cat_file(path)
+        try:
+            ckpt = load_checkpoint(io.BytesIO(data), map_location=dev)
+        except CheckpointError as err:
+            raise ModelError(f"model {url}: {err}") from None
+        ckpt.model.eval()
+        bundle = ModelBundle(ckpt, dev, hashlib.sha256(data).hexdigest()[:16], url, _ckpt_thresholds(ckpt))
+        if bundle.thresholds:
+            bundle.thresholds_source = "checkpoint"
+        _CACHE.clear()  # one model per process: a new file replaces the old one
+        _CACHE[key] = bundle
+        return bundle
+
+
+def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray]:
+    """Read an evaluate-segmentation thresholds file; returns ``(prior, δ[K])`` in class order."""
+    try:
+        obj = storage.read_json(url)
+    except FileNotFoundError:
+        raise ModelError(f"thresholds file {url} does not exist") from None
+    except ValueError as err:
+        raise ModelError(f"thresholds file {url} is not JSON: {err}") from None
+    if not isinstance(obj, dict) or obj.get("format") != "weakseg.thresholds":
+        raise ModelError(f"{url} is not a weakseg thresholds file (format 'weakseg.thresholds')")
+    if int(obj.get("format_version", 0)) > 1:
+        raise ModelError(f"{url}: thresholds format version {obj.get('format_version')} is newer than supported (1)")
+    prior = obj.get("prior")
+    if prior not in ("bb", "seg"):
+        raise ModelError(f"{url}: prior must be bb or seg, got {prior!r}")
+    if obj.get("classes") is not None and list(obj["classes"]) != list(classes):
+        raise ModelError(f"{url}: thresholds were chosen for classes {obj['classes'][:5]}..., "
+                         f"not this model's {list(classes)[:5]}...")
+    return prior, _threshold_vector(obj.get("thresholds") or {}, classes, url)
+
+
+@dataclass
+class Prediction:
+    """One image's network output; full-resolution probabilities are made on demand."""
+
+    cells: torch.Tensor  # [K, ch, cw] per-cell class probabilities (cell i over forward pixel i·stride)
+    image_probs: np.ndarray  # float64 [K], softmax of the LSE scores
+    size: tuple[int, int]  # (h, w) of the original image
+    forward_size: tuple[int, int]  # (h, w) fed to the network
+    stride: int
+    inference_ms: float  # this image's share of the batch forward pass
+
+    def probs(self, row0: int = 0, row1: int | None = None) -> np.ndarray:
+        """float32 ``[K, rows, W]`` per-pixel probabilities of rows ``row0:row1`` at full size."""
+        return _upsample(self.cells, self.forward_size, self.size, self.stride, row0, row1).cpu().numpy()
+
+
+def forward_size(h: int, w: int, stride: int, max_side: int) -> tuple[int, int]:
+    """Size fed to the network: shrunk to ``max_side`` (longer side), each side ≥ 4 cells."""
+    scale = min(1.0, max_side / max(h, w))
+    min_side = MIN_CELLS * stride
+    return max(min_side, round(h * scale)), max(min_side, round(w * scale))
+
+
+def _upsample(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], stride: int, row0: int = 0,
+              row1: int | None = None) -> torch.Tensor:
+    """Resample cell probabilities ``[K, ch, cw]`` (cell i centred on forward pixel i·stride) to ``out``."""
+    _, ch, cw = p.shape
+    (fh, fw), (h, w) = fwd, out
+
+    def axis(n_out: int, n_fwd: int, cells: int) -> torch.Tensor:
+        pos = ((torch.arange(n_out, dtype=torch.float32, device=p.device) + 0.5) * n_fwd / n_out - 0.5) / stride
+        pos = pos.clamp(0, cells - 1)
+        return pos / (cells - 1) * 2 - 1 if cells > 1 else torch.zeros_like(pos)
+
+    gy, gx = axis(h, fh, ch)[row0:row1], axis(w, fw, cw)
+    grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
+    return F.grid_sample(p[None], grid, mode="bilinear", align_corners=True)[0]
+
+
+@torch.no_grad()
+def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = DEFAULT_MAX_SIDE) -> list[Prediction]:
+    """One batched forward pass over RGB ``uint8[H, W, 3]`` images of any sizes."""
+    if not images:
+        return []
+    model, stride = bundle.model, bundle.model.stride
+    started = time.perf_counter()
+    sizes = [forward_size(im.shape[0], im.shape[1], stride, max_side) for im in images]
+    bh = -(-max(s[0] for s in sizes) // stride) * stride
+    bw = -(-max(s[1] for s in sizes) // stride) * stride
+    batch = np.empty((len(images), bh, bw, 3), dtype=np.uint8)
+    for i, (im, (fh, fw)) in enumerate(zip(images, sizes, strict=True)):
+        if (fh, fw) != im.shape[:2]:
+            shrink = fh * fw < im.shape[0] * im.shape[1]
+            im = cv2.resize(im, (fw, fh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        batch[i] = np.pad(im, ((0, bh - fh), (0, bw - fw), (0, 0)), mode="edge")
+    x = torch.from_numpy(batch).to(bundle.device).permute(0, 3, 1, 2)
+    x = normalize(x, bundle.checkpoint.config.mean, bundle.checkpoint.config.std)
+    maps = model.dense_maps(x)  # [B, K, bh/stride, bw/stride]; cell i over pixel i*stride
+    forward_ms = (time.perf_counter() - started) * 1000 / len(images)
+    out = []
+    for i, (im, (fh, fw)) in enumerate(zip(images, sizes, strict=True)):
+        ch, cw = -(-fh // stride), -(-fw // stride)  # cells whose centre lies on the image
+        m = maps[i, :, :ch, :cw].float()
+        image_probs = model.pool(m[None]).double().softmax(-1)[0]
+        out.append(Prediction(m.softmax(0), image_probs.cpu().numpy(), tuple(im.shape[:2]), (fh, fw), stride,
+                              forward_ms))
+    return out
+
+
+@dataclass
+class SegmentResult:
+    labels: np.ndarray  # uint8 [H, W], class index or 255 (unlabelled)
+    prediction: Prediction
+    prior_ms: dict[str, float]  # time spent computing each prior's inputs and applying it
+
+
+def compute_prior_inputs(rgb: np.ndarray, priors: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The superpixels / objectness maps the priors need, with the time each took (ms)."""
+    inputs, ms = {}, {}
+    makers = {"sppxl": ("superpixels", superpixels), "bb": ("box_obj", box_objectness_map),
+              "seg": ("seg_obj", segment_objectness_map)}
+    for prior in priors:
+        if prior in makers:
+            name, fn = makers[prior]
+            t0 = time.perf_counter()
+            inputs[name] = fn(rgb)
+            ms[prior] = (time.perf_counter() - t0) * 1000
+    return inputs, ms
+
+
+def _labels(bundle: ModelBundle, pred: Prediction, priors: Sequence[str], inputs: Mapping[str, np.ndarray],
+            thresholds: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    return apply_priors(pred.probs(), pred.image_probs, priors, thresholds=thresholds or bundle.thresholds,
+                        background_index=bundle.background_index, **inputs)
+
+
+def segment_image(bundle: ModelBundle, rgb: np.ndarray, priors: str | Sequence[str] = ("ilp", "sppxl"),
+                  thresholds: Mapping[str, np.ndarray] | None = None, max_side: int = DEFAULT_MAX_SIDE,
+                  prediction: Prediction | None = None) -> SegmentResult:
+    """Segment one RGB image with the given priors (the flow does the same per batch)."""
+    priors = parse_priors(priors)
+    pred = prediction or predict(bundle, [rgb], max_side)[0]
+    inputs, ms = compute_prior_inputs(rgb, priors)
+    t0 = time.perf_counter()
+    labels = _labels(bundle, pred, priors, inputs, thresholds)
+    ms["apply"] = (time.perf_counter() - t0) * 1000
+    return SegmentResult(labels, pred, ms)
+
+
+def segment_variants(bundle: ModelBundle, rgb: np.ndarray, thresholds: Mapping[str, np.ndarray] | None = None,
+                     max_side: int = DEFAULT_MAX_SIDE, variants: Sequence[str] = tuple(VARIANTS),
+                     prediction: Prediction | None = None) -> dict[str, np.ndarray]:
+    """The paper's variants (base, ilp, ilp+sppxl, ilp+bb, ilp+seg) from one forward pass.
+
+    Returns ``{variant: uint8[H, W] labels}``. Superpixels and proposals are computed once
+    and shared. ``thresholds``: ``{"bb": δ[K], "seg": δ[K]}``; by default the model's.
+    """
+    pred = prediction or predict(bundle, [rgb], max_side)[0]
+    needed = sorted({p for v in variants for p in VARIANTS[v]})
+    inputs, _ = compute_prior_inputs(rgb, needed)
+    out = {}
+    for v in variants:
+        priors = VARIANTS[v]
+        names = {"sppxl": "superpixels", "bb": "box_obj", "seg": "seg_obj"}
+        own = {names[p]: inputs[names[p]] for p in priors if p in names}
+        out[v] = _labels(bundle, pred, priors, own, thresholds)
+    return out

@@ -1,0 +1,223 @@
+"""Inference priors of Pinheiro & Collobert (CVPR 2015), one pure numpy function each.
+
+Inputs are the network's per-pixel class probabilities ``probs[K, H, W]`` (softmax of the
+score maps, upsampled to the image) and the image-level probabilities ``image_probs[K]``
+(softmax of the LSE scores). Outputs are label maps ``uint8[H, W]``: a class index, or
+:data:`UNLABELLED` (255) where a prior refuses every class and the model has no
+``background`` class.
+
+- :func:`image_level_prior` (ILP): ŷ'_ij(k) = p_ij(k) · p(k|I).
+- :func:`superpixel_vote` (SP-sppxl): every superpixel takes its majority label.
+- :func:`box_objectness` / :func:`segment_objectness`: pixel objectness p_ij(Obj) = mean
+  score of the proposals covering the pixel (SP-bb / SP-seg).
+- :func:`objectness_labels`: label k = argmax ŷ'_ij(k) if ŷ'_ij(k) · p_ij(Obj) > δ_k,
+  else background.
+
+The paper's variants chain them (see :func:`apply_priors`): base, ilp, ilp+sppxl, ilp+bb,
+ilp+seg. Proposal generators live in :mod:`weakseg.tasks.proposals`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "PRIORS",
+    "UNLABELLED",
+    "VARIANTS",
+    "apply_priors",
+    "argmax_labels",
+    "box_objectness",
+    "default_thresholds",
+    "image_level_prior",
+    "objectness_labels",
+    "parse_priors",
+    "segment_objectness",
+    "superpixel_vote",
+]
+
+UNLABELLED = 255
+PRIORS = ("ilp", "sppxl", "bb", "seg")
+# The paper's five variants (Table 3), each a tuple of priors for apply_priors.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    "ilp": ("ilp",),
+    "ilp+sppxl": ("ilp", "sppxl"),
+    "ilp+bb": ("ilp", "bb"),
+    "ilp+seg": ("ilp", "seg"),
+}
+
+
+def parse_priors(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``"ilp,sppxl"`` -> ``("ilp", "sppxl")``; ``"none"`` or ``""`` -> ``()``. Unknown names raise."""
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if names in ([], ["none"], ["base"]):
+        return ()
+    unknown = [n for n in names if n not in PRIORS]
+    if unknown:
+        raise ValueError(f"unknown prior(s) {unknown}: choose from {', '.join(PRIORS)}, or none")
+    return tuple(p for p in PRIORS if p in names)  # canonical order, no duplicates
+
+
+def image_level_prior(probs: np.ndarray, image_probs: np.ndarray) -> np.ndarray:
+    """ILP: ŷ'_ij(k) = p_ij(k) · p(k|I). ``probs[K, H, W]``, ``image_probs[K]``."""
+    image_probs = np.asarray(image_probs, dtype=probs.dtype)
+    if probs.ndim != 3 or image_probs.shape != (probs.shape[0],):
+        raise ValueError(f"need probs [K, H, W] and image_probs [K]; got {probs.shape} and {image_probs.shape}")
+    return probs * image_probs[:, None, None]
+
+
+def argmax_labels(scores: np.ndarray) -> np.ndarray:
+    """Per-pixel argmax over classes as ``uint8[H, W]`` (at most 255 classes)."""
+    if scores.shape[0] > UNLABELLED:
+        raise ValueError(f"{scores.shape[0]} classes do not fit an 8-bit mask with 255 = unlabelled")
+    return scores.argmax(axis=0).astype(np.uint8)
+
+
+def superpixel_vote(labels: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """SP-sppxl: each superpixel takes the most frequent label among its pixels.
+
+    ``labels`` uint8[H, W] (255 counts as a label of its own), ``segments`` int[H, W]
+    superpixel ids (any non-negative integers). Ties go to the smallest label.
+    """
+    if labels.shape != segments.shape:
+        raise ValueError(f"labels {labels.shape} and segments {segments.shape} differ in shape")
+    seg = np.unique(segments.ravel(), return_inverse=True)[1].ravel()  # ids -> 0..S-1
+    lab = labels.ravel().astype(np.int64)
+    n_seg, n_lab = int(seg.max()) + 1, 256
+    votes = np.bincount(seg * n_lab + lab, minlength=n_seg * n_lab).reshape(n_seg, n_lab)
+    winner = votes.argmax(axis=1).astype(np.uint8)
+    return winner[seg].reshape(labels.shape)
+
+
+def box_objectness(boxes: np.ndarray, scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """p_ij(Obj) = mean score of the boxes covering pixel (i, j); 0 where none does.
+
+    ``boxes[N, 4]`` as x0, y0, x1, y1 in pixels (x1, y1 exclusive), ``scores[N]`` in [0, 1].
+    Summed-area (difference array) accumulation: O(N + H·W), whatever the box count.
+    """
+    h, w = shape
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if len(boxes) != len(scores):
+        raise ValueError(f"{len(boxes)} boxes but {len(scores)} scores")
+    x0 = np.clip(np.floor(boxes[:, 0]), 0, w).astype(np.int64)
+    y0 = np.clip(np.floor(boxes[:, 1]), 0, h).astype(np.int64)
+    x1 = np.clip(np.ceil(boxes[:, 2]), 0, w).astype(np.int64)
+    y1 = np.clip(np.ceil(boxes[:, 3]), 0, h).astype(np.int64)
+    keep = (x1 > x0) & (y1 > y0)
+    x0, y0, x1, y1, s = x0[keep], y0[keep], x1[keep], y1[keep], scores[keep]
+    total = np.zeros((h + 1, w + 1))
+    count = np.zeros((h + 1, w + 1))
+    for acc, val in ((total, s), (count, np.ones_like(s))):
+        np.add.at(acc, (y0, x0), val)
+        np.add.at(acc, (y0, x1), -val)
+        np.add.at(acc, (y1, x0), -val)
+        np.add.at(acc, (y1, x1), val)
+    total = total.cumsum(0).cumsum(1)[:h, :w]
+    count = count.cumsum(0).cumsum(1)[:h, :w]
+    out = np.zeros((h, w), dtype=np.float32)
+    covered = count > 0.5
+    out[covered] = total[covered] / count[covered]
+    return out
+
+
+def segment_objectness(layers: Sequence[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> np.ndarray:
+    """p_ij(Obj) = mean score of the segment proposals covering pixel (i, j); 0 where none does.
+
+    Proposals come as layers ``(segments int[H, W], scores float[S])``: every id ``s`` of a
+    layer is one proposal (the pixels where ``segments == s``) with score ``scores[s]``; a
+    NaN score means "not a proposal" (e.g. too small). A layer is a partition (one level of a
+    segmentation hierarchy) or a single mask (ids 0/1 with score NaN for 0).
+    """
+    total = np.zeros(shape, dtype=np.float64)
+    count = np.zeros(shape, dtype=np.float64)
+    for segments, scores in layers:
+        if segments.shape != tuple(shape):
+            raise ValueError(f"segment layer {segments.shape} does not match {shape}")
+        scores = np.asarray(scores, dtype=np.float64)
+        s = scores[segments]
+        hit = ~np.isnan(s)
+        total[hit] += s[hit]
+        count[hit] += 1
+    out = np.zeros(shape, dtype=np.float32)
+    covered = count > 0
+    out[covered] = total[covered] / count[covered]
+    return out
+
+
+def objectness_labels(
+    scores: np.ndarray,
+    objectness: np.ndarray,
+    thresholds: np.ndarray,
+    background_index: int | None,
+) -> np.ndarray:
+    """SP-bb / SP-seg: k = argmax ŷ'(k) if ŷ'(k) · p(Obj) > δ_k, else background.
+
+    ``scores[K, H, W]`` (ILP scores ŷ'), ``objectness[H, W]``, ``thresholds[K]`` (δ).
+    Background is ``background_index`` or :data:`UNLABELLED` when the model has none.
+    """
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.shape != (scores.shape[0],):
+        raise ValueError(f"need {scores.shape[0]} thresholds, got shape {thresholds.shape}")
+    labels = argmax_labels(scores)
+    best = np.take_along_axis(scores, labels[None].astype(np.int64), axis=0)[0]
+    keep = best * objectness > thresholds[labels]
+    fill = UNLABELLED if background_index is None else background_index
+    return np.where(keep, labels, np.uint8(fill)).astype(np.uint8)
+
+
+def default_thresholds(num_classes: int) -> np.ndarray:
+    """δ_k = 0.5 / K for every class, used when neither a thresholds file nor the checkpoint has any.
+
+    At an objectness of 0.5 (an average proposal) a pixel keeps its label when its ILP score
+    beats a uniform guess, 1/K; stronger objectness lets weaker scores through. The paper
+    tunes δ_k per class on validation data: run evaluate-segmentation for real values.
+    """
+    return np.full(num_classes, 0.5 / num_classes)
+
+
+def apply_priors(
+    probs: np.ndarray,
+    image_probs: np.ndarray,
+    priors: Sequence[str],
+    *,
+    superpixels: np.ndarray | None = None,
+    box_obj: np.ndarray | None = None,
+    seg_obj: np.ndarray | None = None,
+    thresholds: Mapping[str, np.ndarray] | None = None,
+    background_index: int | None = None,
+) -> np.ndarray:
+    """Chain the priors the way the paper's variants do; returns ``uint8[H, W]`` labels.
+
+    ``ilp`` rescales the scores; ``bb`` / ``seg`` threshold the (ILP) scores times the
+    objectness (both: the mean of the two objectness maps, with the ``bb`` thresholds);
+    ``sppxl`` finally takes the majority label in each superpixel. The caller computes the
+    superpixels and objectness maps the chosen priors need (see ``proposals``).
+    """
+    priors = parse_priors(priors)
+    scores = image_level_prior(probs, image_probs) if "ilp" in priors else probs
+    objectness_maps = []
+    if "bb" in priors:
+        if box_obj is None:
+            raise ValueError("prior bb needs box_obj")
+        objectness_maps.append(box_obj)
+    if "seg" in priors:
+        if seg_obj is None:
+            raise ValueError("prior seg needs seg_obj")
+        objectness_maps.append(seg_obj)
+    if objectness_maps:
+        objectness = objectness_maps[0] if len(objectness_maps) == 1 else np.mean(objectness_maps, axis=0)
+        which = "bb" if "bb" in priors else "seg"
+        delta = (thresholds or {}).get(which)
+        if delta is None:
+            delta = default_thresholds(probs.shape[0])
+        labels = objectness_labels(scores, objectness, delta, background_index)
+    else:
+        labels = argmax_labels(scores)
+    if "sppxl" in priors:
+        if superpixels is None:
+            raise ValueError("prior sppxl needs superpixels")
+        labels = superpixel_vote(labels, superpixels)
+    return labels

@@ -1,0 +1,277 @@
+"""One chunk of segment-corpus: read -> decode -> batched forward -> priors -> statistics -> Parquet.
+
+Stages are small generators with one error policy: an input that fails to read, decode,
+run or encode becomes an ``errors`` row (stage, error_type, message) and the rest of the
+chunk goes on. Only a failure to *write* the chunk's files raises (the Prefect task then
+retries the whole chunk, which rewrites the same file names).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import cv2
+import numpy as np
+
+from . import tables
+from .corpus import ChunkSpec, InputRecord, read_chunk
+from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from .inference import DEFAULT_MAX_SIDE, ModelBundle, Prediction, compute_prior_inputs, load_model, predict
+from .listing import image_key
+from .priors import UNLABELLED, apply_priors, superpixel_vote
+
+__all__ = ["ChunkResult", "SegmentOptions", "image_statistics", "overlay_thumbnail", "segment_chunk"]
+
+_logger = logging.getLogger(__name__)
+TOP_CLASSES = 5  # class_probs holds this many (name, prob) pairs, best first
+BAND_BYTES = 64 * 2**20  # full-resolution probabilities are produced in row bands of about this size
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    out: str
+    run_id: str
+    run_date: str
+    model: str
+    device: str = "cpu"
+    priors: tuple[str, ...] = ("ilp", "sppxl")
+    batch_size: int = 8
+    max_side: int = DEFAULT_MAX_SIDE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    thresholds: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    done_index: str | None = None  # skip-existing: URL of the (image_uri, content_sha256) index
+    thumbnails: int = 0  # overlay thumbnails to return (for the run's markdown artifact)
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+    class_images: dict[str, int] = field(default_factory=dict)  # images whose mask holds the class
+    class_pixels: dict[str, int] = field(default_factory=dict)
+    prior_ms: dict[str, float] = field(default_factory=dict)  # summed over the chunk's images
+    errors_by_type: dict[str, int] = field(default_factory=dict)
+    thumbnails: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Decoded:
+    uri: str
+    sha: str
+    rgb: np.ndarray
+    fmt: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _error_row(opts: SegmentOptions, chunk: int, uri: str, stage: str, err: BaseException) -> dict[str, Any]:
+    kind = err.kind if isinstance(err, ImageError) else type(err).__name__
+    return {"run_id": opts.run_id, "image_uri": uri, "image_key": image_key(uri), "stage": stage,
+            "error_type": kind, "message": str(err)[:2000] or kind, "chunk": chunk, "occurred_at": _now()}
+
+
+def _bands(pred: Prediction, num_classes: int) -> Iterator[tuple[int, int]]:
+    h, w = pred.size
+    rows = max(1, BAND_BYTES // (4 * num_classes * max(w, 1)))
+    for r0 in range(0, h, rows):
+        yield r0, min(h, r0 + rows)
+
+
+def label_image(bundle: ModelBundle, pred: Prediction, rgb: np.ndarray, priors: Sequence[str],
+                thresholds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Labels ``uint8[H, W]``, per-class mean probability over each label's pixels, prior timings.
+
+    Works in row bands so memory is O(K · band) even for very large images; the superpixel
+    vote (which needs the whole label map) runs after the bands.
+    """
+    k = len(bundle.classes)
+    inputs, ms = compute_prior_inputs(rgb, priors)
+    t0 = time.perf_counter()
+    h, w = pred.size
+    labels = np.empty((h, w), dtype=np.uint8)
+    banded = tuple(p for p in priors if p != "sppxl")
+    for r0, r1 in _bands(pred, k):
+        band = {n: v[r0:r1] for n, v in inputs.items() if n != "superpixels"}
+        labels[r0:r1] = apply_priors(pred.probs(r0, r1), pred.image_probs, banded, thresholds=thresholds,
+                                     background_index=bundle.background_index, **band)
+    if "sppxl" in priors:
+        labels = superpixel_vote(labels, inputs["superpixels"])
+    prob_sum = np.zeros(256)
+    for r0, r1 in _bands(pred, k):
+        p = pred.probs(r0, r1)
+        lab = labels[r0:r1].astype(np.int64)
+        picked = np.take_along_axis(p, np.minimum(lab, k - 1)[None], axis=0)[0]
+        prob_sum += np.bincount(lab.ravel(), weights=picked.ravel(), minlength=256)
+    ms["labels"] = (time.perf_counter() - t0) * 1000  # upsampling + applying the priors + mean probs
+    return labels, prob_sum, ms
+
+
+def image_statistics(labels: np.ndarray, prob_sum: np.ndarray, image_probs: np.ndarray,
+                     classes: Sequence[str]) -> list[dict[str, Any]]:
+    """One region per class present in the mask: pixels, area, mean prob, image prob, bbox."""
+    counts = np.bincount(labels.ravel(), minlength=256)
+    total = labels.size
+    regions = []
+    for k in np.flatnonzero(counts[: len(classes)]):
+        rows = np.flatnonzero((labels == k).any(axis=1))
+        cols = np.flatnonzero((labels == k).any(axis=0))
+        regions.append({
+            "class_name": classes[k], "class_index": int(k), "pixel_count": int(counts[k]),
+            "area_fraction": float(counts[k] / total), "mean_prob": float(prob_sum[k] / counts[k]),
+            "image_prob": float(image_probs[k]), "bbox_x0": int(cols[0]), "bbox_y0": int(rows[0]),
+            "bbox_x1": int(cols[-1] + 1), "bbox_y1": int(rows[-1] + 1),
+        })
+    regions.sort(key=lambda r: -r["pixel_count"])
+    return regions
+
+
+def encode_mask(labels: np.ndarray) -> bytes:
+    """Single-channel 8-bit PNG: pixel = class index, 255 = unlabelled."""
+    ok, buf = cv2.imencode(".png", labels, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise ValueError("PNG encoding of the mask failed")
+    return buf.tobytes()
+
+
+def _palette() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    pal = rng.integers(40, 256, size=(256, 3)).astype(np.uint8)
+    pal[0] = (0, 0, 0)
+    pal[UNLABELLED] = (128, 128, 128)
+    return pal
+
+
+def overlay_thumbnail(rgb: np.ndarray, labels: np.ndarray, side: int = 128) -> str:
+    """Image | overlay of the mask, as a PNG data URI for a markdown artifact."""
+    h, w = labels.shape
+    s = side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    lab = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+    blend = (0.45 * small + 0.55 * _palette()[lab]).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.concatenate([small, blend], axis=1), cv2.COLOR_RGB2BGR))
+    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode() if ok else ""
+
+
+class _ChunkWriter:
+    """Accumulates one chunk's rows; writes each table's file atomically at the end."""
+
+    def __init__(self, opts: SegmentOptions, spec: ChunkSpec) -> None:
+        self.opts, self.spec = opts, spec
+        self.rows: dict[str, list[dict[str, Any]]] = {t: [] for t in tables.CHUNK_TABLES}
+
+    def flush(self) -> None:
+        for table in tables.CHUNK_TABLES:  # images last
+            url = tables.chunk_file(self.opts.out, table, self.opts.run_date, self.opts.run_id, self.spec.index)
+            if self.rows[table]:
+                tables.write_rows(url, table, self.rows[table])
+            else:  # nothing to write (e.g. all skipped): drop an earlier attempt's file of this name
+                tables.remove_file(url)
+
+
+def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSpec, writer: _ChunkWriter,
+             result: ChunkResult) -> Iterator[list[_Decoded]]:
+    """Batches of decoded images; read and decode failures and skipped inputs are accounted here."""
+    done = tables.done_in_chunk(opts.done_index, spec.uris) if opts.done_index and spec.uris else None
+    batch: list[_Decoded] = []
+    seen: set[str] = set()
+    for rec in records:
+        if rec.error is not None or rec.data is None:
+            writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "read", rec.error or OSError("no data")))
+            continue
+        if rec.uri in seen:
+            continue
+        seen.add(rec.uri)
+        sha = hashlib.sha256(rec.data).hexdigest()
+        if opts.done_index:
+            known = done if done is not None else tables.done_in_chunk(opts.done_index, [rec.uri])
+            if sha in known.get(rec.uri, ()):
+                result.skipped += 1
+                continue
+        try:
+            dec = decode_image(rec.data, opts.max_pixels)
+        except ImageError as err:
+            writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "decode", err))
+            continue
+        except Exception as err:  # a decoder bug must not stop the chunk either
+            writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "decode", err))
+            continue
+        batch.append(_Decoded(rec.uri, sha, np.asarray(dec.image), dec.format))
+        if len(batch) >= opts.batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | None = None) -> ChunkResult:
+    """Segment every input of one chunk and write its four table files (see module doc)."""
+    started = time.perf_counter()
+    bundle = bundle or load_model(opts.model, opts.device)
+    classes = bundle.classes
+    thresholds = {p: np.asarray(v, dtype=np.float64) for p, v in opts.thresholds.items()} or bundle.thresholds
+    priors_text = ",".join(opts.priors) or "none"
+    result = ChunkResult(spec.index)
+    writer = _ChunkWriter(opts, spec)
+    for batch in _decoded(read_chunk(spec), opts, spec, writer, result):
+        t0 = time.perf_counter()
+        try:
+            preds = predict(bundle, [d.rgb for d in batch], opts.max_side)
+        except Exception as err:  # e.g. out of memory on one odd batch: record, go on
+            _logger.warning("chunk %d: forward pass failed for %d images: %s", spec.index, len(batch), err)
+            for d in batch:
+                writer.rows["errors"].append(_error_row(opts, spec.index, d.uri, "inference", err))
+            continue
+        result.forward_seconds += time.perf_counter() - t0
+        for d, pred in zip(batch, preds, strict=True):
+            try:
+                labels, prob_sum, ms = label_image(bundle, pred, d.rgb, opts.priors, thresholds)
+                regions = image_statistics(labels, prob_sum, pred.image_probs, classes)
+                png = encode_mask(labels)
+            except Exception as err:
+                writer.rows["errors"].append(_error_row(opts, spec.index, d.uri, "priors", err))
+                continue
+            key = image_key(d.uri)
+            h, w = labels.shape
+            order = np.argsort(-pred.image_probs)
+            writer.rows["regions"].extend({"run_id": opts.run_id, "image_key": key, **r} for r in regions)
+            writer.rows["masks"].append({"run_id": opts.run_id, "image_key": key, "width": w, "height": h,
+                                         "mask_png": png})
+            writer.rows["images"].append({
+                "run_id": opts.run_id, "model_id": bundle.model_id, "image_key": key, "image_uri": d.uri,
+                "content_sha256": d.sha, "width": w, "height": h, "status": "ok",
+                "top_class": classes[order[0]], "top_prob": float(pred.image_probs[order[0]]),
+                "labels": [r["class_name"] for r in regions],
+                "class_probs": [{"name": classes[i], "prob": float(pred.image_probs[i])} for i in order[:TOP_CLASSES]],
+                "priors": priors_text, "inference_ms": pred.inference_ms,
+                "prior_ms": float(sum(ms.values())), "forward_width": pred.forward_size[1],
+                "forward_height": pred.forward_size[0], "source_format": d.fmt, "chunk": spec.index,
+                "processed_at": _now(),
+            })
+            result.ok += 1
+            for name, v in ms.items():
+                result.prior_ms[name] = result.prior_ms.get(name, 0.0) + v
+            for r in regions:
+                result.class_images[r["class_name"]] = result.class_images.get(r["class_name"], 0) + 1
+                result.class_pixels[r["class_name"]] = result.class_pixels.get(r["class_name"], 0) + r["pixel_count"]
+            if len(result.thumbnails) < opts.thumbnails:
+                result.thumbnails.append({"uri": d.uri, "labels": ", ".join(r["class_name"] for r in regions[:3]),
+                                          "png": overlay_thumbnail(d.rgb, labels)})
+    writer.flush()
+    result.failed = len(writer.rows["errors"])
+    for row in writer.rows["errors"]:
+        result.errors_by_type[row["error_type"]] = result.errors_by_type.get(row["error_type"], 0) + 1
+    result.seconds = time.perf_counter() - started
+    return result

@@ -164,8 +164,9 @@ def test_voc_reader(msrc21, tmp_path):
 
 def test_latest_run_by_end_time():
     runs = [{"run_id": "a", "ended_at": "2026-11-26T10:00:00"}, {"run_id": "b", "ended_at": "2026-11-26T12:00:00"},
-            {"run_id": "c", "ended_at": None, "started_at": "2026-11-26T11:00:00"}]
-    assert latest_run(runs)["run_id"] == "b"
+            {"run_id": "c", "ended_at": None, "started_at": "2026-11-26T13:00:00"}]
+    assert latest_run(runs)["run_id"] == "b"  # c is still running
+    assert latest_run(runs[2:])["run_id"] == "c"
     assert latest_run(runs, "c")["run_id"] == "c"
     with pytest.raises(ValueError, match="'zz' not in the runs table"):
         latest_run(runs, "zz")

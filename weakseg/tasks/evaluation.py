@@ -262,7 +262,11 @@ def _when(row: dict[str, Any]) -> str:
 
 
 def latest_run(runs: Sequence[dict[str, Any]], run_id: str | None = None) -> dict[str, Any]:
-    """The run to score: ``run_id`` when given, else the latest by ended_at (or started_at)."""
+    """The run to score: ``run_id`` when given, else the latest finished one by ended_at.
+
+    Runs without ``ended_at`` (still going, or killed) are chosen only when no run has
+    ended, then by started_at.
+    """
     if not runs:
         raise ValueError("the runs table is empty")
     if run_id is not None:
@@ -271,7 +275,8 @@ def latest_run(runs: Sequence[dict[str, Any]], run_id: str | None = None) -> dic
             known = sorted({r["run_id"] for r in runs})
             raise ValueError(f"run {run_id!r} not in the runs table (runs: {known[-10:]})")
         runs = chosen
-    return max(runs, key=lambda r: (_when(r), r["run_id"]))
+    ended = [r for r in runs if r.get("ended_at") is not None]
+    return max(ended or runs, key=lambda r: (_when(r), r["run_id"]))
 
 
 @dataclass(frozen=True)

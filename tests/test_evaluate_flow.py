@@ -34,13 +34,14 @@ def _write(url: str, table: pa.Table) -> None:
 
 
 def write_run(out: str, run_id: str, classes: list[str], masks: dict[str, np.ndarray], ended: datetime,
-              uri_prefix: str = "s3://corpus/JPEGImages/", chunk: str = "chunk-000000") -> None:
+              uri_prefix: str = "s3://corpus/JPEGImages/", chunk: str = "chunk-000000",
+              failed: tuple[str, ...] = ()) -> None:
     """A segment-corpus output run as the DESIGN contract describes it (only the columns read here)."""
     part = f"run_date={RUN_DATE}"
-    uris = {i: f"{uri_prefix}{i}.jpg" for i in masks}
+    uris = {i: f"{uri_prefix}{i}.jpg" for i in [*masks, *failed]}
     _write(storage.join(out, "images", part, f"{run_id}-{chunk}.parquet"), pa.table({
-        "run_id": [run_id] * len(masks), "image_key": [image_key(uris[i]) for i in masks],
-        "image_uri": [uris[i] for i in masks], "status": ["ok"] * len(masks)}))
+        "run_id": [run_id] * len(uris), "image_key": [image_key(u) for u in uris.values()],
+        "image_uri": list(uris.values()), "status": ["ok"] * len(masks) + ["error"] * len(failed)}))
     _write(storage.join(out, "masks", part, f"{run_id}-{chunk}.parquet"), pa.table({
         "run_id": [run_id] * len(masks), "image_key": [image_key(uris[i]) for i in masks],
         "width": pa.array([m.shape[1] for m in masks.values()], pa.int32()),
@@ -94,7 +95,7 @@ def test_perfect_perturbed_and_missing(prefect_harness, msrc21, gt_masks, val_su
     latest = {i: remap[perturbed[i]] for i in ids[3:]}
     latest[ids[3]] = latest[ids[3]][:-1]  # one row short
     latest["not_in_split"] = np.zeros((5, 5), np.uint8)
-    write_run(preds, "run-latest", order, latest, T0 + timedelta(hours=1))
+    write_run(preds, "run-latest", order, latest, T0 + timedelta(hours=1), failed=(ids[1],))
 
     doc = evaluate_segmentation(predictions=preds, ground_truth=val_subset, run_id="run-perfect")
     assert doc["mean_iou"] == 1.0 and doc["pixel_accuracy"] == 1.0 and doc["mean_class_accuracy"] == 1.0
@@ -117,6 +118,8 @@ def test_perfect_perturbed_and_missing(prefect_harness, msrc21, gt_masks, val_su
     assert sum(conf.column("pixels").to_pylist()) == doc["pixels"]
     per_image = {r["image_id"]: r for r in pq.read_table(tmp_path / "eval2" / "per_image.parquet").to_pylist()}
     assert per_image[ids[0]]["status"] == "missing_prediction"
+    assert per_image[ids[1]]["status"] == "missing_prediction" and "status in the run: error" in \
+        per_image[ids[1]]["message"]
     assert per_image[ids[3]]["status"] == "size_mismatch" and "ground truth is" in per_image[ids[3]]["message"]
     assert per_image[ids[5]]["status"] == "scored" and 0 < per_image[ids[5]]["pixel_accuracy"] < 1
 

@@ -151,7 +151,9 @@ def evaluate_segmentation(
             scores.append(ImageScore(image_id, None, "ambiguous",
                                      f"several images of the run have this file stem: {counts['ambiguous'][image_id]}"))
         elif image_id not in found:
-            scores.append(ImageScore(image_id, None, "missing_prediction", "no mask for this image in the run"))
+            run_status = counts["image_status"].get(image_id)
+            scores.append(ImageScore(image_id, None, "missing_prediction", "no mask for this image in the run"
+                                     + (f" (its status in the run: {run_status})" if run_status else "")))
     matched = [found[i] for i in ids if i in found]
     futures = [score_chunk.submit(ground_truth, matched[i : i + chunk_size], alignment, i)
                for i in range(0, len(matched), chunk_size)]

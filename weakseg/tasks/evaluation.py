@@ -300,6 +300,9 @@ def find_predicted_masks(predictions: str, run_id: str, image_ids: Sequence[str]
                          batch_rows: int = 1024) -> tuple[dict[str, PredictedMask], dict[str, Any]]:
     """The masks of ``run_id`` for the given ground-truth ids, and matching counts.
 
+    ``counts["image_status"]`` holds the images table's ``status`` of each matched id, so
+    a missing mask can be told apart from an image the run failed on.
+
     An id matches an image whose ``image_key`` equals it, else whose ``image_uri`` has it
     as file stem (``JPEGImages/2007_000033.jpg`` -> ``2007_000033``). Several images with
     the same stem make that id ambiguous: it is reported, not guessed.
@@ -307,15 +310,23 @@ def find_predicted_masks(predictions: str, run_id: str, image_ids: Sequence[str]
     wanted = set(image_ids)
     key_to_id: dict[str, str] = {k: k for k in wanted}
     ambiguous: dict[str, list[str]] = {}
+    status: dict[str, str] = {}  # the run's status of each matched image (images table)
     images = _dataset(storage.join(predictions, "images"))
     if images is not None and {"image_key", "image_uri"} <= set(images.schema.names):
         by_stem: dict[str, set[str]] = {}
         flt = ds.field("run_id") == run_id if "run_id" in images.schema.names else None
-        for batch in images.to_batches(columns=["image_key", "image_uri"], filter=flt, batch_size=batch_rows * 16):
-            for key, uri in zip(batch.column("image_key").to_pylist(), batch.column("image_uri").to_pylist(),
-                                strict=True):
+        cols = ["image_key", "image_uri", *(["status"] if "status" in images.schema.names else [])]
+        for batch in images.to_batches(columns=cols, filter=flt, batch_size=batch_rows * 16):
+            statuses = batch.column("status").to_pylist() if "status" in cols else [None] * batch.num_rows
+            for key, uri, st in zip(batch.column("image_key").to_pylist(), batch.column("image_uri").to_pylist(),
+                                    statuses, strict=True):
                 stem = _stem(uri or "")
-                if stem in wanted and key not in wanted:
+                image_id = key if key in wanted else stem if stem in wanted else None
+                if image_id is None:
+                    continue
+                if st is not None:
+                    status[image_id] = st
+                if key not in wanted:
                     by_stem.setdefault(stem, set()).add(key)
         for stem, keys in by_stem.items():
             if stem in ambiguous:
@@ -348,7 +359,7 @@ def find_predicted_masks(predictions: str, run_id: str, image_ids: Sequence[str]
                 continue
             found[image_id] = PredictedMask(image_id, row["image_key"], int(row.get("width") or 0),
                                             int(row.get("height") or 0), row["mask_png"])
-    counts = {"run_masks": run_masks, "duplicate_masks": duplicates, "ambiguous": ambiguous,
+    counts = {"run_masks": run_masks, "duplicate_masks": duplicates, "ambiguous": ambiguous, "image_status": status,
               "masks_without_ground_truth": run_masks - len(found) - duplicates}
     return found, counts
 

@@ -55,6 +55,20 @@ def _url(fs, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
+class _Rebase:
+    """Found paths as URLs in the user's own spelling of the base (``memory://a`` stays so)."""
+
+    def __init__(self, fs, base_url: str) -> None:
+        self.fs = fs
+        self.url = base_url.rstrip("/")
+        self.path = storage.url_to_fs(base_url)[1].rstrip("/") if base_url else ""
+
+    def __call__(self, path: str) -> str:
+        if self.path and (path == self.path or path.startswith(self.path + "/")):
+            return self.url + path[len(self.path):]
+        return _url(self.fs, path)
+
+
 def _is_glob(url: str) -> bool:
     return any(c in url.split("://")[-1] for c in "*?[")
 
@@ -108,19 +122,22 @@ def iter_inputs(images: str) -> Iterator[tuple[str, str]]:
         return
     fs, root = storage.url_to_fs(images)
     if _is_glob(images):
+        first = min(i for i, c in enumerate(images) if c in "*?[" and i > images.find("://") + 2)
+        rebase = _Rebase(fs, images[: images.rfind("/", 0, first) + 1] if "/" in images[:first] else "")
         for path in sorted(fs.glob(root)):
             if not fs.isdir(path):
-                yield ("shard" if path.lower().endswith(".tar") else "image"), _url(fs, path)
+                yield ("shard" if path.lower().endswith(".tar") else "image"), rebase(path)
         return
     if not fs.exists(root):
         raise SourceError(f"--images {images} does not exist")
     if fs.isdir(root):
+        rebase = _Rebase(fs, images)
         for path in _walk(fs, root):
             lower = path.lower()
             if lower.endswith(".tar"):
-                yield "shard", _url(fs, path)
+                yield "shard", rebase(path)
             elif lower.endswith(IMAGE_EXTENSIONS):
-                yield "image", _url(fs, path)
+                yield "image", rebase(path)
         return
     lower = root.lower()
     if lower.endswith(".tar"):
@@ -129,12 +146,12 @@ def iter_inputs(images: str) -> Iterator[tuple[str, str]]:
     if not lower.endswith((".parquet", ".csv", *TEXT_MANIFESTS)):
         yield "image", images  # a single image file
         return
-    base = posixpath.dirname(root)
+    base = images[: images.rfind("/") + 1] if "/" in images else ""
     for ref in _manifest_rows(fs, root):
         if "://" in ref or ref.startswith("/"):
             yield "image", ref
         else:
-            yield "image", _url(fs, posixpath.join(base, ref))
+            yield "image", posixpath.normpath(base + ref) if "://" not in base else base + ref
 
 
 def iter_chunks(images: str, chunk_size: int) -> Iterator[ChunkSpec]:

@@ -1,0 +1,144 @@
+"""The inference priors (pure numpy) and the proposal generators behind SP-sppxl/bb/seg."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage import data
+
+from weakseg.tasks import priors as P
+from weakseg.tasks import proposals
+
+
+def _probs() -> tuple[np.ndarray, np.ndarray]:
+    # K = 3 classes over a 2 x 2 image, each pixel a distribution.
+    probs = np.array([
+        [[0.6, 0.2], [0.1, 0.3]],
+        [[0.3, 0.5], [0.1, 0.3]],
+        [[0.1, 0.3], [0.8, 0.4]],
+    ], dtype=np.float32)
+    image_probs = np.array([0.2, 0.7, 0.1])
+    return probs, image_probs
+
+
+def test_ilp_equals_the_formula_on_a_hand_made_example():
+    probs, image_probs = _probs()
+    out = P.image_level_prior(probs, image_probs)
+    for k in range(3):
+        for i in range(2):
+            for j in range(2):
+                assert out[k, i, j] == pytest.approx(probs[k, i, j] * image_probs[k])
+    # The image prior flips pixel (0, 0): 0.6*0.2 = 0.12 < 0.3*0.7 = 0.21.
+    assert P.argmax_labels(probs)[0, 0] == 0
+    assert P.argmax_labels(out)[0, 0] == 1
+    assert P.apply_priors(probs, image_probs, ["ilp"]).tolist() == P.argmax_labels(out).tolist()
+    with pytest.raises(ValueError):
+        P.image_level_prior(probs, image_probs[:2])
+
+
+def test_superpixel_majority_vote():
+    labels = np.array([
+        [1, 1, 2, 2],
+        [1, 3, 2, 255],
+        [0, 0, 0, 255],
+    ], dtype=np.uint8)
+    segments = np.array([
+        [7, 7, 9, 9],
+        [7, 7, 9, 9],
+        [4, 4, 4, 9],
+    ])
+    out = P.superpixel_vote(labels, segments)
+    assert out.tolist() == [
+        [1, 1, 2, 2],
+        [1, 1, 2, 2],  # superpixel 9: labels 2, 2, 2, 255, 255 -> 2
+        [0, 0, 0, 2],
+    ]
+    # A tie goes to the smaller label; 255 (unlabelled) can win a superpixel too.
+    tie = P.superpixel_vote(np.array([[3, 1]], dtype=np.uint8), np.array([[0, 0]]))
+    assert tie.tolist() == [[1, 1]]
+    unl = P.superpixel_vote(np.array([[255, 255, 1]], dtype=np.uint8), np.array([[5, 5, 5]]))
+    assert unl.tolist() == [[255, 255, 255]]
+
+
+def test_box_objectness_is_the_mean_score_of_covering_boxes():
+    boxes = np.array([[0, 0, 2, 2], [1, 1, 4, 3]])  # x0, y0, x1, y1 (exclusive)
+    scores = np.array([0.8, 0.2])
+    obj = P.box_objectness(boxes, scores, (3, 4))
+    expected = np.array([
+        [0.8, 0.8, 0.0, 0.0],
+        [0.8, 0.5, 0.2, 0.2],
+        [0.0, 0.2, 0.2, 0.2],
+    ])
+    np.testing.assert_allclose(obj, expected, atol=1e-6)
+    # Boxes partly outside the image are clipped; empty ones ignored.
+    obj2 = P.box_objectness(np.array([[-5, -5, 1, 1], [2, 2, 2, 3]]), np.array([0.4, 1.0]), (3, 4))
+    assert obj2[0, 0] == pytest.approx(0.4) and obj2.sum() == pytest.approx(0.4)
+
+
+def test_segment_objectness_is_the_mean_score_of_covering_segments():
+    level_a = (np.array([[0, 0, 1], [0, 1, 1]]), np.array([0.9, 0.3]))
+    level_b = (np.array([[0, 0, 0], [1, 1, 1]]), np.array([0.5, np.nan]))  # NaN: not a proposal
+    obj = P.segment_objectness([level_a, level_b], (2, 3))
+    np.testing.assert_allclose(obj, [[0.7, 0.7, 0.4], [0.9, 0.3, 0.3]], atol=1e-6)
+
+
+def test_objectness_thresholds_with_and_without_background():
+    probs, image_probs = _probs()
+    scores = P.image_level_prior(probs, image_probs)
+    obj = np.array([[1.0, 1.0], [0.1, 1.0]])
+    delta = np.array([0.05, 0.2, 0.05])
+    # (0,0): class 1 score .21*1 > .2 keeps; (0,1): class 1 .35 > .2 keeps;
+    # (1,0): class 2 .08*.1 = .008 < .05 -> background; (1,1): class 1 .21 > .2 keeps.
+    out = P.objectness_labels(scores, obj, delta, background_index=0)
+    assert out.tolist() == [[1, 1], [0, 1]]
+    out255 = P.objectness_labels(scores, obj, delta, background_index=None)
+    assert out255.tolist() == [[1, 1], [255, 1]]
+    stricter = P.objectness_labels(scores, obj, np.array([0.05, 0.3, 0.05]), background_index=None)
+    assert stricter.tolist() == [[255, 1], [255, 255]]  # class 1 needs > .3 now
+    with pytest.raises(ValueError):
+        P.objectness_labels(scores, obj, delta[:2], background_index=0)
+
+
+def test_apply_priors_chains_the_paper_variants():
+    probs, image_probs = _probs()
+    obj = np.ones((2, 2), dtype=np.float32)
+    segs = np.array([[0, 0], [0, 1]])
+    base = P.apply_priors(probs, image_probs, [])
+    ilp = P.apply_priors(probs, image_probs, ["ilp"])
+    sppxl = P.apply_priors(probs, image_probs, ["ilp", "sppxl"], superpixels=segs)
+    assert base.tolist() == [[0, 1], [2, 2]]
+    assert ilp.tolist() == [[1, 1], [2, 1]]
+    assert sppxl.tolist() == [[1, 1], [1, 1]]
+    bb = P.apply_priors(probs, image_probs, ["ilp", "bb"], box_obj=obj,
+                        thresholds={"bb": np.full(3, 0.5)}, background_index=None)
+    assert bb.tolist() == [[255, 255], [255, 255]]  # nothing beats 0.5
+    seg = P.apply_priors(probs, image_probs, ["ilp", "seg"], seg_obj=obj, background_index=0)
+    # Default δ = 0.5/K = 1/6: ILP maxima .21, .35, .21 pass, (1, 0) with .08 becomes background.
+    assert seg.tolist() == [[1, 1], [0, 1]]
+    with pytest.raises(ValueError, match="needs"):
+        P.apply_priors(probs, image_probs, ["sppxl"])
+
+
+def test_parse_priors_and_default_thresholds():
+    assert P.parse_priors("ilp,sppxl") == ("ilp", "sppxl")
+    assert P.parse_priors("sppxl, ilp") == ("ilp", "sppxl")
+    assert P.parse_priors("none") == () and P.parse_priors("") == ()
+    with pytest.raises(ValueError, match="unknown prior"):
+        P.parse_priors("ilp,crf")
+    np.testing.assert_allclose(P.default_thresholds(4), [0.125] * 4)
+
+
+def test_proposals_on_a_photo():
+    img = data.astronaut()[::2, ::2]  # 256 x 256
+    sp = proposals.superpixels(img)
+    assert sp.shape == img.shape[:2] and sp.min() >= 0 and len(np.unique(sp)) > 20
+    boxes, scores = proposals.box_proposals(img)
+    assert len(boxes) > 20 and boxes.shape[1] == 4
+    assert (scores >= 0).all() and (scores <= 1).all()
+    assert (boxes[:, 0] < boxes[:, 2]).all() and (boxes[:, 2] <= img.shape[1] + 1e-6).all()
+    for fn in (proposals.box_objectness_map, proposals.segment_objectness_map):
+        obj = fn(img)
+        assert obj.shape == img.shape[:2] and obj.dtype == np.float32
+        assert obj.min() >= 0 and obj.max() <= 1 and obj.max() > 0
+    tiny = proposals.box_objectness_map(np.zeros((3, 5, 3), np.uint8))  # degenerate images still work
+    assert tiny.shape == (3, 5)
+    assert proposals.segment_objectness_map(np.zeros((1, 1, 3), np.uint8)).shape == (1, 1)

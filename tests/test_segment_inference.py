@@ -1,0 +1,170 @@
+"""Inference for segment-corpus: sizes, padding, the model cache, thresholds, the variants API."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from weakseg.models import ModelConfig, create_model, save_checkpoint
+from weakseg.tasks import inference
+from weakseg.tasks.corpus import iter_chunks, iter_inputs
+from weakseg.tasks.inference import ModelError, load_model, load_thresholds, predict, segment_image, segment_variants
+from weakseg.tasks.priors import VARIANTS
+from weakseg.tasks.segmenting import image_statistics, label_image
+
+CLASSES = ["background", "disk", "square", "stripes"]
+
+
+def make_checkpoint(path, classes=CLASSES, metrics=None) -> str:
+    torch.manual_seed(0)
+    config = ModelConfig(num_classes=len(classes), head_widths=(32, 32, 32), output_stride=16)
+    model, config = create_model(config, pretrained="none")
+    save_checkpoint(path, model, config, classes, input_size=128, metrics=metrics)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
+    return load_model(path, "cpu")
+
+
+def _img(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_predictions_come_back_at_full_size_for_any_size(bundle):
+    images = [_img(3, 5), _img(100, 80, 1), _img(700, 300, 2), _img(1, 1, 3)]
+    preds = predict(bundle, images, max_side=256)
+    for im, p in zip(images, preds, strict=True):
+        probs = p.probs()
+        assert probs.shape == (4, *im.shape[:2])
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        assert p.image_probs.shape == (4,) and p.image_probs.sum() == pytest.approx(1.0)
+        assert max(p.forward_size) <= 256 or min(im.shape[:2]) < 64
+        assert min(p.forward_size) >= 4 * bundle.model.stride  # tiny inputs are enlarged, not refused
+    assert preds[2].forward_size == (256, 110)  # shrunk to max_side for the forward pass
+    # Row bands equal the whole.
+    np.testing.assert_allclose(preds[1].probs(10, 30), preds[1].probs()[:, 10:30], atol=1e-6)
+
+
+def test_batch_padding_is_excluded_from_the_lse(bundle):
+    from weakseg.models import lse_pool
+    from weakseg.tasks.training import normalize
+
+    small, big = _img(70, 90, 5), _img(200, 180, 6)
+    alone = predict(bundle, [small])[0]
+    batched = predict(bundle, [small, big])[0]
+    # The LSE runs over exactly the cells on the image: ceil(70/16) x ceil(90/16) ...
+    assert alone.cells.shape[1:] == batched.cells.shape[1:] == (5, 6)
+    # ... computed here by hand from the padded batch: padding cells never count.
+    x = np.zeros((2, 208, 192, 3), np.uint8)
+    x[0] = np.pad(small, ((0, 138), (0, 102), (0, 0)), mode="edge")
+    x[1] = np.pad(big, ((0, 8), (0, 12), (0, 0)), mode="edge")
+    cfg = bundle.checkpoint.config
+    with torch.no_grad():
+        maps = bundle.model.dense_maps(normalize(torch.from_numpy(x).permute(0, 3, 1, 2), cfg.mean, cfg.std))
+    expected = lse_pool(maps[:1, :, :5, :6], cfg.lse_r).double().softmax(-1)[0].numpy()
+    np.testing.assert_allclose(batched.image_probs, expected, atol=1e-5)
+    # Only the receptive field's view of the padding differs between batch-mates (edge pixels).
+    np.testing.assert_allclose(alone.image_probs, batched.image_probs, atol=0.05)
+
+
+def test_model_cache_and_clear_errors(tmp_path, bundle):
+    path = make_checkpoint(tmp_path / "m.pt")
+    assert load_model(path, "cpu") is load_model(path, "cpu")
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(str(tmp_path / "missing.pt"), "cpu")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=r"junk\.pt"):
+        load_model(str(tmp_path / "junk.pt"), "cpu")
+    with pytest.raises(ModelError, match="folder"):
+        load_model(str(tmp_path), "cpu")
+
+
+def test_thresholds_from_file_and_checkpoint(tmp_path):
+    doc = {"format": "weakseg.thresholds", "format_version": 1, "prior": "seg", "classes": CLASSES,
+           "thresholds": {"background": 0.1, "disk": 0.2, "square": 0.3, "stripes": 0.4}}
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    prior, vec = load_thresholds(str(tmp_path / "t.json"), CLASSES)
+    assert prior == "seg" and vec.tolist() == [0.1, 0.2, 0.3, 0.4]
+    (tmp_path / "bad.json").write_text(json.dumps({**doc, "classes": ["a", "b", "c", "d"]}))
+    with pytest.raises(ModelError, match="classes"):
+        load_thresholds(str(tmp_path / "bad.json"), CLASSES)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_thresholds(str(tmp_path / "nope.json"), CLASSES)
+    ckpt = make_checkpoint(tmp_path / "with-t.pt", metrics={"thresholds": {"bb": {"disk": 0.33}}})
+    b = load_model(ckpt, "cpu")
+    assert b.thresholds_source == "checkpoint"
+    assert b.thresholds["bb"].tolist() == [0.125, 0.33, 0.125, 0.125]  # missing classes: the default 0.5/K
+
+
+def test_segment_image_and_all_variants_from_one_forward_pass(bundle):
+    rgb = _img(90, 120, 9)
+    pred = predict(bundle, [rgb])[0]
+    variants = segment_variants(bundle, rgb, prediction=pred)
+    assert set(variants) == set(VARIANTS)
+    for labels in variants.values():
+        assert labels.shape == (90, 120) and labels.dtype == np.uint8
+        assert set(np.unique(labels)) <= {0, 1, 2, 3, 255}
+    single = segment_image(bundle, rgb, "ilp,sppxl", prediction=pred)
+    np.testing.assert_array_equal(single.labels, variants["ilp+sppxl"])
+    assert set(single.prior_ms) >= {"sppxl"}
+    # The flow's banded labelling gives the same labels as the one-shot API.
+    labels, prob_sum, _ = label_image(bundle, pred, rgb, ("ilp", "sppxl"), {})
+    np.testing.assert_array_equal(labels, variants["ilp+sppxl"])
+    regions = image_statistics(labels, prob_sum, pred.image_probs, CLASSES)
+    assert sum(r["pixel_count"] for r in regions) == 90 * 120
+    assert sum(r["area_fraction"] for r in regions) == pytest.approx(1.0)
+    for r in regions:
+        mask = labels == r["class_index"]
+        ys, xs = np.nonzero(mask)
+        assert (r["bbox_x0"], r["bbox_y0"], r["bbox_x1"], r["bbox_y1"]) == (xs.min(), ys.min(), xs.max() + 1,
+                                                                           ys.max() + 1)
+        assert r["mean_prob"] == pytest.approx(pred.probs()[r["class_index"]][mask].mean(), abs=1e-5)
+
+
+def test_banded_labels_match_for_large_images(bundle, monkeypatch):
+    from weakseg.tasks import segmenting
+
+    rgb = _img(300, 200, 4)
+    pred = predict(bundle, [rgb])[0]
+    whole = label_image(bundle, pred, rgb, ("ilp", "bb"), {})
+    monkeypatch.setattr(segmenting, "BAND_BYTES", 4 * 4 * 200 * 7)  # 7-row bands
+    banded = label_image(bundle, pred, rgb, ("ilp", "bb"), {})
+    np.testing.assert_array_equal(whole[0], banded[0])
+    np.testing.assert_allclose(whole[1], banded[1], rtol=1e-5)
+
+
+def test_corpus_listing_kinds(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "c"
+    (root / "b" / ".hidden").mkdir(parents=True)
+    for name in ("a.JPG", "b/c.png", "b/.hidden/x.jpg", "b/notes.txt", "z.tar"):
+        (root / name).write_bytes(b"x")
+    kinds = list(iter_inputs(str(root)))
+    # Folder by folder (a folder's files, then its sub-folders), each sorted; hidden ones skipped.
+    assert kinds == [("image", f"{root}/a.JPG"), ("shard", f"{root}/z.tar"), ("image", f"{root}/b/c.png")]
+    assert [u for _, u in iter_inputs(f"{root}/**/*.png")] == [f"{root}/b/c.png"]
+    (tmp_path / "list.txt").write_text("# comment\nc/a.JPG\n\n/abs/x.jpg\nmemory://m/y.jpg\n")
+    assert [u for _, u in iter_inputs(str(tmp_path / "list.txt"))] == [f"{tmp_path}/c/a.JPG", "/abs/x.jpg",
+                                                                        "memory://m/y.jpg"]
+    pq.write_table(pa.table({"image_uri": [f"{root}/a.JPG", "c/b/c.png"]}), tmp_path / "m.parquet")
+    assert [u for _, u in iter_inputs(str(tmp_path / "m.parquet"))] == [f"{root}/a.JPG", f"{tmp_path}/c/b/c.png"]
+    chunks = list(iter_chunks(str(root), 1))
+    assert [(c.index, c.uris, c.shard) for c in chunks] == [
+        (0, (f"{root}/a.JPG",), None), (1, (), f"{root}/z.tar"), (2, (f"{root}/b/c.png",), None)]
+    assert [u for _, u in iter_inputs("memory://nothing/s-{000..002}.tar")] == [
+        "memory://nothing/s-000.tar", "memory://nothing/s-001.tar", "memory://nothing/s-002.tar"]
+    from weakseg.tasks.listing import SourceError
+
+    with pytest.raises(SourceError, match="does not exist"):
+        list(iter_inputs(str(tmp_path / "missing")))
+
+
+def test_inference_module_documents_its_defaults():
+    assert inference.DEFAULT_MAX_SIDE == 512 and inference.MIN_CELLS == 4

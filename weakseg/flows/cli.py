@@ -1,8 +1,8 @@
 """The ``weakseg`` command line: one sub-command per flow.
 
 Options are generated from each flow's signature (kebab-case here, snake_case in the flow)
-and validated before any work starts. Sub-commands whose flow has not landed yet say so
-and exit with status 2.
+and validated before any work starts. Exit status: 0 when the flow run completed, 1 when
+it failed (its message on stderr), 2 for bad options.
 """
 from __future__ import annotations
 
@@ -22,25 +22,23 @@ from ._params import add_flow_arguments, validate_params
 class Command:
     flow_name: str
     help: str
-    target: str | None  # "module:function" of the flow, None while pending
-    issue: int | None = None  # the issue that brings a pending flow
+    target: str  # "module:function" of the flow, imported when the command is used
 
-    def load(self) -> Callable | None:
-        if self.target is None:
-            return None
+    def load(self) -> Callable:
         module, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
 
 COMMANDS: dict[str, Command] = {
     "shard": Command("shard-imagenet", "shard an image collection into WebDataset tars",
-                     "weakseg.flows.shard_imagenet:shard_imagenet", 3),
-    "train": Command("train-mil", "train the weakly supervised MIL network from shards", "weakseg.flows.train_mil:train_mil", 4),  # noqa: E501
+                     "weakseg.flows.shard_imagenet:shard_imagenet"),
+    "train": Command("train-mil", "train the weakly supervised MIL network from shards",
+                     "weakseg.flows.train_mil:train_mil"),
     "segment": Command("segment-corpus", "segment a corpus and write Parquet tables",
-                       "weakseg.flows.segment_corpus:segment_corpus", 5),
+                       "weakseg.flows.segment_corpus:segment_corpus"),
     "evaluate": Command("evaluate-segmentation", "score predictions against VOC-layout ground truth",
-                        "weakseg.flows.evaluate_segmentation:evaluate_segmentation", 6),
-    "demo": Command("demo", "run the main job end to end on embedded defaults", None),
+                        "weakseg.flows.evaluate_segmentation:evaluate_segmentation"),
+    "demo": Command("demo", "run the whole life cycle on synthetic data, offline", "weakseg.flows.demo:demo"),
 }
 
 
@@ -54,11 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         cmd = sub.add_parser(name, help=f"{command.help} ({command.flow_name})", description=command.help)
-        flow = command.load()
-        if flow is not None:
-            add_flow_arguments(cmd, flow)
-        elif name == "demo":
-            cmd.add_argument("--workdir", default="demo-output", help="where everything is written")
+        add_flow_arguments(cmd, command.load())
     return parser
 
 
@@ -68,23 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The embedded Prefect server would phone home at start-up and log an error offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    command = COMMANDS[args.command]
-    flow = command.load()
-    if command.issue is not None and flow is None:
-        print(f"weakseg {args.command}: the {command.flow_name} flow is not built yet "
-              f"(it lands with issue #{command.issue}).", file=sys.stderr)
-        return 2
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
+    flow = COMMANDS[args.command].load()
     values = {k: v for k, v in vars(args).items() if k != "command"}
-    if flow is None:  # the model demo, until the pipeline demo lands
-        from .model_demo import run_model_demo
-
-        print("weakseg demo: the full pipeline demo lands with issue #6; running the model demo "
-              "(train the MIL head on synthetic scenes, check where the score maps peak).", file=sys.stderr)
-        run_model_demo(values["workdir"])
-        return 0
     try:
         params = validate_params(flow, values)
     except ValueError as err:

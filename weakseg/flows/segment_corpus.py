@@ -13,6 +13,8 @@ retries (its images are missing; rerun with the same ``--run-id``, optionally wi
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 import time
 from datetime import UTC, datetime
@@ -77,7 +79,17 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, task_run_name="segment-chunk-{spec.index:06d}")
 def segment_chunk_task(spec: ChunkSpec, opts: SegmentOptions) -> ChunkResult:
     """One chunk: read, decode, infer, apply priors, write its files (retried whole: same names)."""
-    return segment_chunk(spec, opts)
+    with _gpu_slot(opts.device):
+        return segment_chunk(spec, opts)
+
+
+def _gpu_slot(device: str):
+    """One slot of the ``gpu`` concurrency limit on CUDA (as train-mil); nothing on CPU."""
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency("gpu", occupy=1)
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NONE)
@@ -129,7 +141,7 @@ def segment_corpus(
                                  "WebDataset .tar shards (any fsspec URL)")],
     model: Annotated[str, Field(description="checkpoint URL (train-mil's model.pt)")],
     out: Annotated[str, Field(description="output folder URL for the Parquet tables")],
-    priors: Annotated[str, Field(pattern=r"^[a-z,+ ]*$",
+    priors: Annotated[str, Field(pattern=r"^(none|(ilp|sppxl|bb|seg)( *, *(ilp|sppxl|bb|seg))*)$",
                                  description="comma list of ilp, sppxl, bb, seg; or none")] = "ilp,sppxl",
     batch_size: Annotated[int, Field(ge=1, le=4096, description="images per forward pass")] = 8,
     run_id: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
@@ -143,7 +155,7 @@ def segment_corpus(
     max_pixels: Annotated[
         int, Field(ge=1, description="refuse larger images (decompression bombs)")
     ] = DEFAULT_MAX_PIXELS,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
     thresholds: Annotated[str | None, Field(description="evaluate-segmentation thresholds JSON URL for bb/seg "
                                             "(default: the checkpoint's, else 0.5/K)")] = None,
     task_runner: Annotated[Literal["threads"], Field(description="where chunks run (threads; dask comes "
@@ -186,7 +198,7 @@ def segment_corpus(
 
     for spec in iter_chunks(images, chunk_size):
         n_chunks += 1
-        chunk_opts = opts if spec.index == 0 else SegmentOptions(**{**opts.__dict__, "thumbnails": 0})
+        chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
         future = segment_chunk_task.submit(spec, chunk_opts)
         pending[future] = spec
         if len(pending) >= workers:

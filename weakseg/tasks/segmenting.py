@@ -181,39 +181,48 @@ class _ChunkWriter:
                 tables.remove_file(url)
 
 
+def _windows(records: Iterator[InputRecord], n: int) -> Iterator[list[InputRecord]]:
+    window: list[InputRecord] = []
+    for rec in records:
+        window.append(rec)
+        if len(window) >= n:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
 def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSpec, writer: _ChunkWriter,
              result: ChunkResult) -> Iterator[list[_Decoded]]:
     """Batches of decoded images; read and decode failures and skipped inputs are accounted here."""
-    done = tables.done_in_chunk(opts.done_index, spec.uris) if opts.done_index and spec.uris else None
-    batch: list[_Decoded] = []
+    index = opts.done_index
+    done_chunk = tables.done_in_chunk(index, spec.uris) if index and spec.uris else None
     seen: set[str] = set()
-    for rec in records:
-        if rec.error is not None or rec.data is None:
-            writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "read", rec.error or OSError("no data")))
-            continue
-        if rec.uri in seen:
-            continue
-        seen.add(rec.uri)
-        sha = hashlib.sha256(rec.data).hexdigest()
-        if opts.done_index:
-            known = done if done is not None else tables.done_in_chunk(opts.done_index, [rec.uri])
-            if sha in known.get(rec.uri, ()):
+    for window in _windows(records, opts.batch_size):
+        done = done_chunk
+        if index and done is None:  # shard members: look up a batch of URIs at a time
+            done = tables.done_in_chunk(index, [r.uri for r in window if r.error is None])
+        batch: list[_Decoded] = []
+        for rec in window:
+            if rec.error is not None or rec.data is None:
+                err = rec.error or OSError("no data")
+                writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "read", err))
+                continue
+            if rec.uri in seen:
+                continue
+            seen.add(rec.uri)
+            sha = hashlib.sha256(rec.data).hexdigest()
+            if done and sha in done.get(rec.uri, ()):
                 result.skipped += 1
                 continue
-        try:
-            dec = decode_image(rec.data, opts.max_pixels)
-        except ImageError as err:
-            writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "decode", err))
-            continue
-        except Exception as err:  # a decoder bug must not stop the chunk either
-            writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "decode", err))
-            continue
-        batch.append(_Decoded(rec.uri, sha, np.asarray(dec.image), dec.format))
-        if len(batch) >= opts.batch_size:
+            try:
+                dec = decode_image(rec.data, opts.max_pixels)
+            except Exception as err:  # ImageError kinds; anything else is recorded the same way
+                writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "decode", err))
+                continue
+            batch.append(_Decoded(rec.uri, sha, np.asarray(dec.image), dec.format))
+        if batch:
             yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | None = None) -> ChunkResult:

@@ -1,0 +1,183 @@
+"""segment-corpus throughput, prior costs and memory. Prints JSON (a benchmark, not a test).
+
+1. End-to-end images/s of the flow (list, read, decode, forward, priors, statistics, PNG
+   masks, Parquet) next to the bare forward pass of the same model on the same images,
+   already decoded and batched, in the same run; ratio = flow / bare (target >= 0.8 with
+   ``--priors ilp``).
+2. The cost of each prior's inputs (superpixels, box and segment proposals) and of
+   labelling (upsampling + applying the priors + statistics' mean probabilities), ms per image.
+   "images_per_second" is measured around the whole flow call (Prefect run creation,
+   listing, runs row, artifacts included); "in_run" is the flow's own count / duration.
+3. Peak RSS of the flow process for ``--rss-sizes`` images (1,000 and 10,000 by default),
+   each in a separate subprocess (``resource.getrusage``): it must stay flat, since the
+   listing is streamed in chunks and only the chunks in flight are held.
+
+Small images (64-96 px photo crops) and a small head (32/32/32) keep it to minutes on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from weakseg.models import ModelConfig, create_model, save_checkpoint
+from weakseg.tasks.inference import compute_prior_inputs, forward_size, load_model, predict
+from weakseg.tasks.segmenting import image_statistics, label_image
+from weakseg.tasks.training import normalize
+
+CLASSES = ["background", *[f"class{i:02d}" for i in range(20)]]  # 21, like PASCAL VOC
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> None:
+    """``n`` JPEG crops of scikit-image's sample photos, 64-96 px a side."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h, w = (int(v) for v in rng.integers(64, 97, 2))
+        y, x = int(rng.integers(0, photo.shape[0] - 2 * h)), int(rng.integers(0, photo.shape[1] - 2 * w))
+        crop = Image.fromarray(photo[y:y + 2 * h, x:x + 2 * w]).resize((w, h))
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        crop.save(sub / f"{i:06d}.jpg", quality=90)
+
+
+def make_checkpoint(path: Path, backbone: str) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(num_classes=len(CLASSES), backbone=backbone, head_widths=(32, 32, 32), output_stride=16)
+    model, config = create_model(config, pretrained="none")
+    save_checkpoint(path, model, config, CLASSES, input_size=96)
+
+
+def run_flow(images: str, model: str, out: str, **kw) -> dict:
+    from weakseg.flows.segment_corpus import segment_corpus
+
+    state = segment_corpus(images=images, model=model, out=out, return_state=True, device="cpu", thumbnails=0, **kw)
+    return state.result()
+
+
+def bare_forward(model_path: str, arrays: list[np.ndarray], batch_size: int, max_side: int) -> float:
+    """images/s of the forward pass alone: batches built (resized, padded, normalised) beforehand."""
+    bundle = load_model(model_path, "cpu")
+    stride = bundle.model.stride
+    cfg = bundle.checkpoint.config
+    batches = []
+    for i in range(0, len(arrays), batch_size):
+        group = arrays[i:i + batch_size]
+        sizes = [forward_size(a.shape[0], a.shape[1], stride, max_side) for a in group]
+        bh = -(-max(s[0] for s in sizes) // stride) * stride
+        bw = -(-max(s[1] for s in sizes) // stride) * stride
+        x = np.stack([np.pad(a, ((0, bh - a.shape[0]), (0, bw - a.shape[1]), (0, 0)), mode="edge") for a in group])
+        batches.append(normalize(torch.from_numpy(x).permute(0, 3, 1, 2), cfg.mean, cfg.std))
+    with torch.no_grad():
+        bundle.model.dense_maps(batches[0])  # warm-up
+        t0 = time.perf_counter()
+        for x in batches:
+            bundle.model.dense_maps(x)
+    return len(arrays) / (time.perf_counter() - t0)
+
+
+def prior_costs(model_path: str, arrays: list[np.ndarray]) -> dict[str, float]:
+    bundle = load_model(model_path, "cpu")
+    preds = predict(bundle, arrays)
+    totals = {"sppxl": 0.0, "bb": 0.0, "seg": 0.0, "labels_ilp": 0.0, "labels_ilp_sppxl": 0.0}
+    for rgb, pred in zip(arrays, preds, strict=True):
+        _, ms = compute_prior_inputs(rgb, ("sppxl", "bb", "seg"))
+        for k in ("sppxl", "bb", "seg"):
+            totals[k] += ms[k]
+        for name, priors in (("labels_ilp", ("ilp",)), ("labels_ilp_sppxl", ("ilp", "sppxl"))):
+            t0 = time.perf_counter()
+            labels, prob_sum, ms2 = label_image(bundle, pred, rgb, priors, {})
+            image_statistics(labels, prob_sum, pred.image_probs, CLASSES)
+            totals[name] += (time.perf_counter() - t0) * 1000 - ms2.get("sppxl", 0.0)
+    return {k: round(v / len(arrays), 2) for k, v in totals.items()}
+
+
+def rss_child(n: int, backbone: str, chunk_size: int, batch_size: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_images(root / "images", n)
+        make_checkpoint(root / "model.pt", backbone)
+        t0 = time.perf_counter()
+        summary = run_flow(str(root / "images"), str(root / "model.pt"), str(root / "out"), priors="ilp",
+                           chunk_size=chunk_size, batch_size=batch_size, workers=2)
+        print(json.dumps({"images": n, "ok": summary["counts"]["ok"], "seconds": round(time.perf_counter() - t0, 1),
+                          "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=400, help="images for the throughput comparison")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--prior-images", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rss-sizes", default="1000,10000", help="comma list; empty to skip")
+    p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child, args.backbone, args.chunk_size, args.batch_size)
+        return
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    report: dict = {"device": "cpu", "torch_threads": torch.get_num_threads(), "backbone": args.backbone,
+                    "head_widths": [32, 32, 32], "classes": len(CLASSES), "image_side": "64-96 px",
+                    "batch_size": args.batch_size, "chunk_size": args.chunk_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_images(root / "images", args.images)
+        model = str(root / "model.pt")
+        make_checkpoint(Path(model), args.backbone)
+        paths = sorted((root / "images").rglob("*.jpg"))
+        arrays = [np.asarray(Image.open(f).convert("RGB")) for f in paths]
+        run_flow(str(root / "images" / "000"), model, str(root / "warm-up"), priors="ilp", chunk_size=16,
+                 batch_size=args.batch_size)  # starts the temporary Prefect server, loads the model
+        bare_runs: list[float] = []
+        flows: dict[str, dict] = {}
+        for rep in range(args.repeats):  # interleaved, best of each: the machine may be shared
+            bare_runs.append(bare_forward(model, arrays, args.batch_size, 512))
+            for workers, priors in ((1, "ilp"), (2, "ilp"), (1, "ilp,sppxl")):
+                t0 = time.perf_counter()
+                s = run_flow(str(root / "images"), model, str(root / f"out-{rep}-{workers}-{priors}"), priors=priors,
+                             batch_size=args.batch_size, chunk_size=args.chunk_size, workers=workers)
+                wall = s["counts"]["ok"] / (time.perf_counter() - t0)
+                best = flows.setdefault(f"workers={workers},priors={priors}", {"wall": 0.0, "in_run": 0.0})
+                best["wall"] = max(best["wall"], wall)
+                best["in_run"] = max(best["in_run"], s["images_per_second"])
+        bare = max(bare_runs)
+        report["throughput"] = {
+            "images": args.images, "repeats": args.repeats,
+            "bare_forward_images_per_second": round(bare, 2),
+            "bare_forward_runs": [round(b, 2) for b in bare_runs],
+            "flow": {k: {"images_per_second": round(v["wall"], 2), "ratio_to_bare_forward": round(v["wall"] / bare, 3),
+                         "images_per_second_in_run": round(v["in_run"], 2),
+                         "ratio_in_run": round(v["in_run"] / bare, 3)} for k, v in flows.items()},
+        }
+        report["prior_ms_per_image"] = prior_costs(model, arrays[: args.prior_images])
+    rss = {}
+    for n in [int(v) for v in args.rss_sizes.split(",") if v.strip()]:
+        out = subprocess.run([sys.executable, __file__, "--rss-child", str(n), "--backbone", args.backbone,
+                              "--chunk-size", str(args.chunk_size), "--batch-size", str(args.batch_size)],
+                             capture_output=True, text=True, check=True)
+        rss[str(n)] = json.loads(out.stdout.strip().splitlines()[-1])
+    if rss:
+        report["peak_rss"] = rss
+    report["gpu"] = "pending (no GPU in this session)"
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test test-fast demo bench server worker deploy clean
+.PHONY: install lint test test-fast demo bench quality server worker deploy clean
 
 # (Re)install when the project metadata changes; reuses an existing venv.
 $(STAMP): pyproject.toml
@@ -28,8 +28,16 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/weakseg demo
 
+# Speed and memory benchmarks (JSON on stdout); the quality table is `make quality`.
+BENCHES ?= model shard train segment
 bench: $(STAMP)
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
+
+# MSRC-21 quality table (weak training on tags, every prior variant) and the fully
+# supervised ceiling; about an hour on 2 CPU cores. Writes quality-output/.
+quality: $(STAMP)
+	$(BIN)/python bench/quality.py --workdir quality-output
+	$(BIN)/python bench/supervised.py --out quality-output/supervised.pt --weak-quality quality-output/quality.json
 
 # Local Prefect stack (see infra/README.md): a server on 127.0.0.1 with SQLite, a process
 # worker on the pool the deployments use, and the deployments of prefect.yaml.
@@ -47,4 +55,4 @@ deploy: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --all
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-output quality-output .pytest_cache .ruff_cache

@@ -169,7 +169,7 @@ def segment_corpus(
     t_start = time.perf_counter()
     prior_list = parse_priors(priors)
     flow_run_id = str(get_run_context().flow_run.id)
-    run_id = run_id or f"{started_at:%Y%m%dT%H%M%SZ}-{flow_run_id[:8]}"
+    run_id = run_id or f"{started_at:%Y%m%dT%H%M%SZ}-{flow_run_id.replace('-', '')[-8:]}"  # uuid7: random tail
     info = prepare(model, device, out, run_id, thresholds, prior_list, skip_existing)
     if skip_existing:
         logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info["done"],

@@ -172,9 +172,15 @@ def segment_proposals(rgb: np.ndarray, work_side: int = 128,
 
 
 def box_objectness_map(rgb: np.ndarray, work_side: int = 128) -> np.ndarray:
-    """p_ij(Obj) from :func:`box_proposals` at the image's resolution."""
+    """p_ij(Obj) from :func:`box_proposals`, computed at the working resolution and resized."""
+    h, w = rgb.shape[:2]
     boxes, scores = box_proposals(rgb, work_side)
-    return box_objectness(boxes, scores, rgb.shape[:2])
+    s = min(1.0, work_side / max(h, w))
+    sh, sw = (max(1, round(h * s)), max(1, round(w * s))) if s < 1.0 else (h, w)
+    obj = box_objectness(boxes * np.array([sw / w, sh / h, sw / w, sh / h]), scores, (sh, sw))
+    if (sh, sw) != (h, w):
+        obj = cv2.resize(obj, (w, h), interpolation=cv2.INTER_LINEAR)
+    return obj.astype(np.float32)
 
 
 def segment_objectness_map(rgb: np.ndarray, work_side: int = 128) -> np.ndarray:

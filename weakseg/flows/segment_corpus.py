@@ -220,7 +220,9 @@ def segment_corpus(
     row = {"run_id": run_id, "flow_run_id": flow_run_id, "model_id": info["model_id"], "model_uri": _public(model),
            "classes": info["classes"], "priors": ",".join(prior_list) or "none",
            "parameters": tables.dumps(parameters),
-           "thresholds": tables.dumps({"source": _public(info["thresholds_source"]), **info["thresholds"]}),
+           "thresholds": tables.dumps({"source": _public(info["thresholds_source"]),
+                                       **{p: dict(zip(info["classes"], v, strict=True))
+                                          for p, v in info["thresholds"].items()}}),
            "counts": counts, "state": state_name, "started_at": started_at, "ended_at": datetime.now(UTC),
            "images_per_second": counts["ok"] / seconds if seconds > 0 else 0.0, "weakseg_version": __version__}
     finish_run(out, info["run_date"], run_id, n_chunks, row, info["done_index"])

@@ -148,6 +148,9 @@ def test_local_corpus_bad_files_rerun_and_skip_existing(prefect_harness, tmp_pat
     runs = t["runs"].to_pylist()
     assert len(runs) == 1 and runs[0]["classes"] == CLASSES and runs[0]["state"] == "CompletedWithErrors"
     assert runs[0]["priors"] == "ilp,sppxl,bb,seg" and json.loads(runs[0]["parameters"])["chunk_size"] == 4
+    used = json.loads(runs[0]["thresholds"])
+    assert used["bb"] == used["seg"] == dict.fromkeys(CLASSES, 0.125)  # default 0.5/K
+    assert used["sources"] == {"bb": "default (0.5/K)", "seg": "default (0.5/K)"}
     # One file per chunk and table; chunk 3 holds only bad inputs, so it has no images file.
     assert len(list((tmp_path / "out" / "images").rglob("*.parquet"))) == 3
     assert len(list((tmp_path / "out" / "errors").rglob("*.parquet"))) == 2

@@ -35,7 +35,7 @@ from ..tasks.corpus import ChunkSpec, iter_chunks
 from ..tasks.images import DEFAULT_MAX_PIXELS
 from ..tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_model, load_thresholds
 from ..tasks.listing import SourceError
-from ..tasks.priors import parse_priors
+from ..tasks.priors import default_thresholds, parse_priors
 from ..tasks.segmenting import ChunkResult, SegmentOptions, segment_chunk
 
 __all__ = ["segment_corpus"]
@@ -59,11 +59,15 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
     bundle = load_model(model, device)
     tables.check_writable(out, run_id)
     resolved = {p: list(v) for p, v in bundle.thresholds.items()}
-    source = bundle.thresholds_source
+    sources = dict.fromkeys(resolved, "checkpoint")
     if thresholds:
         prior, vec = load_thresholds(thresholds, bundle.classes)
         resolved[prior] = list(vec)
-        source = thresholds
+        sources[prior] = thresholds
+    for prior in ("bb", "seg"):
+        if prior in priors and prior not in resolved:
+            resolved[prior] = list(default_thresholds(len(bundle.classes)))
+            sources[prior] = "default (0.5/K)"
     run_date = tables.find_run_date(out, run_id) or datetime.now(UTC).date().isoformat()
     done_index, done = None, 0
     if skip_existing:
@@ -72,7 +76,7 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
         if not done:
             done_index = None
     return {"model_id": bundle.model_id, "classes": list(bundle.classes), "thresholds": resolved,
-            "thresholds_source": source, "run_date": run_date, "done_index": done_index, "done": done,
+            "thresholds_source": sources, "run_date": run_date, "done_index": done_index, "done": done,
             "background": bundle.background_index is not None, "device": str(bundle.device)}
 
 
@@ -220,9 +224,9 @@ def segment_corpus(
     row = {"run_id": run_id, "flow_run_id": flow_run_id, "model_id": info["model_id"], "model_uri": _public(model),
            "classes": info["classes"], "priors": ",".join(prior_list) or "none",
            "parameters": tables.dumps(parameters),
-           "thresholds": tables.dumps({"source": _public(info["thresholds_source"]),
-                                       **{p: dict(zip(info["classes"], v, strict=True))
-                                          for p, v in info["thresholds"].items()}}),
+           "thresholds": tables.dumps({**{p: dict(zip(info["classes"], v, strict=True))
+                                          for p, v in info["thresholds"].items()},
+                                       "sources": {p: _public(v) for p, v in info["thresholds_source"].items()}}),
            "counts": counts, "state": state_name, "started_at": started_at, "ended_at": datetime.now(UTC),
            "images_per_second": counts["ok"] / seconds if seconds > 0 else 0.0, "weakseg_version": __version__}
     finish_run(out, info["run_date"], run_id, n_chunks, row, info["done_index"])

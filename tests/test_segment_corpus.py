@@ -235,3 +235,30 @@ def test_fails_fast_on_missing_model_or_unwritable_output(prefect_harness, tmp_p
     assert state.is_failed() and "not writable" in state.message
     state = run(str(tmp_path / "nowhere"), str(tmp_path / "model.pt"), str(tmp_path / "out2"))
     assert state.is_failed() and "does not exist" in state.message
+
+
+def test_a_chunk_that_cannot_be_written_fails_the_run_after_retries(prefect_harness, tmp_path, model_bytes,
+                                                                    monkeypatch):
+    from weakseg.flows import segment_corpus as module
+
+    files = {k: v for k, v in corpus_files().items() if k in GOOD[:4]}
+    root = str(tmp_path / "c")
+    write_corpus(root, files)
+    (tmp_path / "model.pt").write_bytes(model_bytes)
+    real = tables.write_rows
+    attempts = []
+
+    def flaky(url, table, rows):
+        if table == "images" and url.endswith("-000001.parquet"):
+            attempts.append(url)
+            raise OSError("disk full")
+        return real(url, table, rows)
+
+    monkeypatch.setattr(tables, "write_rows", flaky)
+    monkeypatch.setattr(module.segment_chunk_task, "retry_delay_seconds", [0, 0])
+    state = run(root, str(tmp_path / "model.pt"), str(tmp_path / "out"), run_id="w", chunk_size=2, priors="ilp")
+    assert state.is_failed() and "1 of 2 chunks failed" in state.message and "disk full" in state.message
+    assert len(attempts) == 3  # the first try and two retries
+    images = tables.read_table(str(tmp_path / "out"), "images")
+    assert images.num_rows == 2  # chunk 0 is written; chunk 1's images are missing, and the run says so
+    assert tables.read_table(str(tmp_path / "out"), "runs").to_pylist()[0]["state"] == "Failed"

@@ -168,3 +168,27 @@ def test_corpus_listing_kinds(tmp_path):
 
 def test_inference_module_documents_its_defaults():
     assert inference.DEFAULT_MAX_SIDE == 512 and inference.MIN_CELLS == 4
+
+
+def test_reads_retry_once_then_become_error_records(monkeypatch):
+    from weakseg.tasks import corpus, storage
+    from weakseg.tasks.corpus import ChunkSpec, read_chunk
+
+    calls: dict[str, int] = {}
+
+    def read(uri):
+        calls[uri] = calls.get(uri, 0) + 1
+        if uri == "flaky" and calls[uri] == 1:
+            raise OSError("connection reset")
+        if uri == "broken":
+            raise OSError("still broken")
+        if uri == "gone":
+            raise FileNotFoundError(uri)
+        return b"data"
+
+    monkeypatch.setattr(storage, "read_bytes", read)
+    assert corpus.storage is storage
+    records = {r.uri: r for r in read_chunk(ChunkSpec(0, ("ok", "flaky", "broken", "gone")))}
+    assert records["ok"].data == b"data" and records["flaky"].data == b"data"
+    assert isinstance(records["broken"].error, OSError) and calls["broken"] == 2
+    assert isinstance(records["gone"].error, FileNotFoundError) and calls["gone"] == 1  # no retry for a vanished file

@@ -29,14 +29,14 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from .. import __version__
-from ..tasks import storage, tables
-from ..tasks.corpus import ChunkSpec, iter_chunks
-from ..tasks.images import DEFAULT_MAX_PIXELS
-from ..tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_model, load_thresholds
-from ..tasks.listing import SourceError
-from ..tasks.priors import default_thresholds, parse_priors
-from ..tasks.segmenting import ChunkResult, SegmentOptions, segment_chunk
+from weakseg import __version__
+from weakseg.tasks import storage, tables
+from weakseg.tasks.corpus import ChunkSpec, iter_chunks
+from weakseg.tasks.images import DEFAULT_MAX_PIXELS
+from weakseg.tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_model, load_thresholds
+from weakseg.tasks.listing import SourceError
+from weakseg.tasks.priors import default_thresholds, parse_priors
+from weakseg.tasks.segmenting import ChunkResult, SegmentOptions, segment_chunk
 
 __all__ = ["segment_corpus"]
 

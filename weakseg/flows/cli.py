@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .. import __version__
-from ._params import add_flow_arguments, validate_params
+from weakseg import __version__
+from weakseg.flows._params import add_flow_arguments, validate_params
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
-from ..tasks import storage
-from ..tasks.evaluation import read_split_ids
-from ..tasks.inference import load_model
-from ..tasks.priors import VARIANTS
-from ..tasks.quality import fit_thresholds
-from ..tasks.synthetic import voc_palette, write_synthetic_dataset
-from ..tasks.thresholds import write_thresholds
-from .evaluate_segmentation import evaluate_segmentation
-from .segment_corpus import segment_corpus
-from .shard_imagenet import shard_imagenet
-from .train_mil import train_mil
+from weakseg.flows.evaluate_segmentation import evaluate_segmentation
+from weakseg.flows.segment_corpus import segment_corpus
+from weakseg.flows.shard_imagenet import shard_imagenet
+from weakseg.flows.train_mil import train_mil
+from weakseg.tasks import storage
+from weakseg.tasks.evaluation import read_split_ids
+from weakseg.tasks.inference import load_model
+from weakseg.tasks.priors import VARIANTS
+from weakseg.tasks.quality import fit_thresholds
+from weakseg.tasks.synthetic import voc_palette, write_synthetic_dataset
+from weakseg.tasks.thresholds import write_thresholds
 
 __all__ = ["demo"]
 

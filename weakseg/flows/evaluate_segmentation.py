@@ -18,8 +18,8 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from ..tasks import storage
-from ..tasks.evaluation import (
+from weakseg.tasks import storage
+from weakseg.tasks.evaluation import (
     ClassAlignment,
     ImageScore,
     PredictedMask,

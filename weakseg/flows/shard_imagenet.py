@@ -12,14 +12,14 @@ from prefect.futures import as_completed
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..tasks import storage
-from ..tasks.images import DEFAULT_MAX_PIXELS
-from ..tasks.label_maps import LabelMap, build_label_map
-from ..tasks.listing import Item, SourceError, list_source
-from ..tasks.sharding import EncodeOptions, ShardPlan, ShardResult, assign_splits, fingerprint, plan_shards
-from ..tasks.sharding import write_manifest as _write_manifest
-from ..tasks.sharding import write_shard as _write_shard
-from ._runners import TaskRunnerKind, make_task_runner
+from weakseg.flows._runners import TaskRunnerKind, make_task_runner
+from weakseg.tasks import storage
+from weakseg.tasks.images import DEFAULT_MAX_PIXELS
+from weakseg.tasks.label_maps import LabelMap, build_label_map
+from weakseg.tasks.listing import Item, SourceError, list_source
+from weakseg.tasks.sharding import EncodeOptions, ShardPlan, ShardResult, assign_splits, fingerprint, plan_shards
+from weakseg.tasks.sharding import write_manifest as _write_manifest
+from weakseg.tasks.sharding import write_shard as _write_shard
 
 __all__ = ["shard_imagenet"]
 

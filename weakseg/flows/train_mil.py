@@ -22,10 +22,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import Field
 
-from ..models import ModelConfig
-from ..tasks.augment import AugmentConfig
-from ..tasks.manifest import ManifestError, load_manifest
-from ..tasks.trainer import TrainConfig, resolve_device, run_training
+from weakseg.models import ModelConfig
+from weakseg.tasks.augment import AugmentConfig
+from weakseg.tasks.manifest import ManifestError, load_manifest
+from weakseg.tasks.trainer import TrainConfig, resolve_device, run_training
 
 __all__ = ["train_mil"]
 

@@ -15,7 +15,10 @@ __all__ = ["TaskRunnerKind", "make_task_runner"]
 TaskRunnerKind = Literal["threads", "dask"]
 
 
-def make_task_runner(kind: TaskRunnerKind, workers: int, address: str | None = None) -> TaskRunner:
+def make_task_runner(kind: TaskRunnerKind, workers: int, address: str | None = None,
+                     resources: dict[str, float] | None = None) -> TaskRunner:
+    """``resources``: what each local Dask worker declares (e.g. ``{"GPU": 1}``); an existing
+    cluster's workers declare their own (``dask worker ADDRESS --resources GPU=1``)."""
     if kind == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)
     if kind != "dask":
@@ -28,5 +31,5 @@ def make_task_runner(kind: TaskRunnerKind, workers: int, address: str | None = N
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": workers, "threads_per_worker": 1, "processes": True,
-        "host": "127.0.0.1", "dashboard_address": None,
+        "host": "127.0.0.1", "dashboard_address": None, **({"resources": resources} if resources else {}),
     })

@@ -1,7 +1,8 @@
 """segment-corpus: segment a corpus of images and write Parquet tables (the product's main job).
 
 prepare (model, thresholds, output check; fails fast) -> stream the listing in chunks ->
-segment each chunk as a task with retries (at most ``workers`` in flight) -> one ``runs``
+segment each chunk as a task with retries (at most ``workers`` in flight), in a subflow on
+the task runner the parameters ask for (threads, or Dask worker processes) -> one ``runs``
 row -> artifacts. Tables and their layout: :mod:`weakseg.tasks.tables`; per-chunk work:
 :mod:`weakseg.tasks.segmenting`; inputs: :mod:`weakseg.tasks.corpus`.
 
@@ -10,6 +11,24 @@ Final state: ``Completed`` when every input was segmented; ``Completed`` named
 table) but every chunk was written; ``Failed`` when a chunk could not be written after its
 retries (its images are missing; rerun with the same ``--run-id``, optionally with
 ``--skip-existing``) or when the run could not start (missing model, output not writable).
+
+Dask (``--task-runner dask``): a LocalCluster of ``--workers`` processes on 127.0.0.1, or
+the cluster at ``--dask-address``. Each worker process loads the model once and keeps it
+(:func:`weakseg.tasks.inference.load_model` caches per process). When the chunks' device
+is CUDA every chunk asks for one ``GPU`` Dask resource: local workers declare ``GPU=1``;
+workers of an existing cluster must be started with it (``dask worker ADDRESS
+--nthreads 1 --resources GPU=1``), else the run fails at once rather than wait forever.
+``--device auto`` is resolved where the flow runs when it starts the cluster itself; with
+``--dask-address`` it is resolved by each worker, and only ``--device cuda`` asks for GPU
+slots. Prefect's global ``gpu`` concurrency limit, when one is set, caps all of them.
+
+Interrupted and concurrent runs: a chunk's files have deterministic names
+(``{run_id}-{chunk}``) and are replaced whole, so rerunning a killed run with the same
+``--run-id`` rewrites what it had written and adds the rest (one row per image). Runs with
+different run_ids never share a file. Two live runs with the *same* run_id over the same
+listing write the same names: each file is whole (last writer wins) and holds the same
+images, so readers still see one row per image; their scratch files (the output probe, the
+skip-existing index) are per attempt.
 """
 from __future__ import annotations
 
@@ -17,6 +36,7 @@ import contextlib
 import dataclasses
 import re
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -30,10 +50,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from weakseg import __version__
+from weakseg.flows._runners import TaskRunnerKind, make_task_runner
 from weakseg.tasks import storage, tables
 from weakseg.tasks.corpus import ChunkSpec, iter_chunks
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
-from weakseg.tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_model, load_thresholds
+from weakseg.tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_model, load_thresholds, resolve_device
 from weakseg.tasks.listing import SourceError
 from weakseg.tasks.priors import default_thresholds, parse_priors
 from weakseg.tasks.segmenting import ChunkResult, SegmentOptions, segment_chunk
@@ -57,7 +78,8 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
             skip_existing: bool) -> dict[str, Any]:
     """Load the model (cached for the chunks), resolve thresholds, check the output, find run_date."""
     bundle = load_model(model, device)
-    tables.check_writable(out, run_id)
+    attempt = uuid.uuid4().hex[:12]  # scratch names per attempt: two live runs of one run_id never share them
+    tables.check_writable(out, f"{run_id}-{attempt}")
     resolved = {p: list(v) for p, v in bundle.thresholds.items()}
     sources = dict.fromkeys(resolved, "checkpoint")
     if thresholds:
@@ -71,7 +93,7 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
     run_date = tables.find_run_date(out, run_id) or datetime.now(UTC).date().isoformat()
     done_index, done = None, 0
     if skip_existing:
-        done_index = storage.join(out, "_state", f"done-{run_id}.parquet")
+        done_index = storage.join(out, "_state", f"done-{run_id}-{attempt}.parquet")
         done = tables.build_done_index(out, bundle.model_id, done_index, run_id)
         if not done:
             done_index = None
@@ -94,6 +116,75 @@ def _gpu_slot(device: str):
     from prefect.concurrency.sync import concurrency
 
     return concurrency("gpu", occupy=1)
+
+
+def _check_gpu_workers(logger) -> None:
+    """Chunks that ask for a ``GPU`` resource wait forever where no worker has one: fail now."""
+    runner = get_run_context().task_runner
+    workers = runner.client.scheduler_info(n_workers=-1).get("workers", {})
+    if not workers:
+        logger.warning("the Dask cluster has no workers yet; chunks wait for one started with --resources GPU=1")
+        return
+    if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values()):
+        raise ModelError(f"device cuda on Dask: none of the cluster's {len(workers)} workers declares a GPU "
+                         f"resource; start them with `dask worker ADDRESS --nthreads 1 --resources GPU=1`")
+
+
+@flow(name="segment-corpus-chunks")
+def segment_chunks(images: str, chunk_size: int, opts: SegmentOptions, workers: int,
+                   gpu_resources: bool = False) -> dict[str, Any]:
+    """Segment every chunk on this subflow's task runner, at most ``workers`` in flight.
+
+    Returns the chunk results, the failed chunks' messages, the number of chunks listed and
+    the fan-out's wall time (for the Prefect overhead: wall time minus the chunks' own).
+    """
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    if gpu_resources:
+        _check_gpu_workers(logger)
+    annotate = _gpu_annotation() if gpu_resources else contextlib.nullcontext()
+    results: list[ChunkResult] = []
+    failed_chunks: list[str] = []
+    pending: dict[Any, ChunkSpec] = {}
+    n_chunks = 0
+
+    def collect(future, spec: ChunkSpec) -> None:
+        try:
+            r = future.result()
+        except Exception as err:  # retries exhausted: the run goes on, its final state says Failed
+            logger.error("chunk %d failed after retries: %s: %s", spec.index, type(err).__name__, err)
+            failed_chunks.append(f"chunk {spec.index}: {type(err).__name__}: {err}")
+            return
+        results.append(r)
+        logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s", r.index, r.ok, r.failed, r.skipped,
+                    r.seconds)
+
+    for spec in iter_chunks(images, chunk_size):
+        n_chunks += 1
+        chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
+        with annotate:
+            future = segment_chunk_task.submit(spec, chunk_opts)
+        pending[future] = spec
+        if len(pending) >= workers:
+            done = next(iter(as_completed(list(pending))))
+            collect(done, pending.pop(done))
+    for future in as_completed(list(pending)):
+        collect(future, pending.pop(future))
+    return {"results": results, "failed_chunks": failed_chunks, "chunks": n_chunks,
+            "seconds": time.perf_counter() - t0}
+
+
+def _gpu_annotation():
+    import dask
+
+    return dask.annotate(resources={"GPU": 1})
+
+
+def _chunk_device(device: str, task_runner: str, dask_address: str | None) -> str:
+    """Where chunks run their forward pass: resolved here unless an existing cluster's workers decide."""
+    if task_runner == "dask" and dask_address:
+        return device
+    return str(resolve_device(device))  # fails fast on cuda without a CUDA device
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NONE)
@@ -162,9 +253,13 @@ def segment_corpus(
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
     thresholds: Annotated[str | None, Field(description="evaluate-segmentation thresholds JSON URL for bb/seg "
                                             "(default: the checkpoint's, else 0.5/K)")] = None,
-    task_runner: Annotated[Literal["threads"], Field(description="where chunks run (threads; dask comes "
-                                                      "with a later issue)")] = "threads",
-    workers: Annotated[int, Field(ge=1, le=16, description="chunks in flight at once")] = 2,
+    task_runner: Annotated[TaskRunnerKind, Field(description="where chunks run: threads, or Dask worker "
+                                                 "processes (one model per process)")] = "threads",
+    workers: Annotated[int, Field(ge=1, le=256, description="chunks in flight at once (threads or local "
+                                  "Dask worker processes)")] = 2,
+    dask_address: Annotated[
+        str | None, Field(description="join this Dask scheduler instead of starting a local cluster")
+    ] = None,
     thumbnails: Annotated[int, Field(ge=0, le=32, description="overlay thumbnails in the markdown artifact")] = 4,
 ) -> dict[str, Any]:
     """Segment a corpus; returns the run summary (the ``runs`` row)."""
@@ -174,42 +269,28 @@ def segment_corpus(
     prior_list = parse_priors(priors)
     flow_run_id = str(get_run_context().flow_run.id)
     run_id = run_id or f"{started_at:%Y%m%dT%H%M%SZ}-{flow_run_id.replace('-', '')[-8:]}"  # uuid7: random tail
-    info = prepare(model, device, out, run_id, thresholds, prior_list, skip_existing)
+    chunk_device = _chunk_device(device, task_runner, dask_address)
+    # On Dask the flow process only reads the model's metadata; the workers run it.
+    info = prepare(model, "cpu" if task_runner == "dask" else device, out, run_id, thresholds, prior_list,
+                   skip_existing)
+    if task_runner == "threads":
+        chunk_device = info["device"]
     if skip_existing:
         logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info["done"],
                     info["model_id"])
-    opts = SegmentOptions(out=out, run_id=run_id, run_date=info["run_date"], model=model, device=info["device"],
+    opts = SegmentOptions(out=out, run_id=run_id, run_date=info["run_date"], model=model, device=chunk_device,
                           priors=prior_list, batch_size=batch_size, max_side=max_side, max_pixels=max_pixels,
                           thresholds={p: tuple(v) for p, v in info["thresholds"].items()},
                           done_index=info["done_index"], thumbnails=thumbnails)
-    logger.info("run %s: model %s (%d classes), priors %s, writing to %s/*/run_date=%s/", run_id, info["model_id"],
-                len(info["classes"]), ",".join(prior_list) or "none", _public(out), info["run_date"])
-    results: list[ChunkResult] = []
-    failed_chunks: list[str] = []
-    pending: dict[Any, ChunkSpec] = {}
-    n_chunks = 0
-
-    def collect(future, spec: ChunkSpec) -> None:
-        try:
-            r = future.result()
-        except Exception as err:  # retries exhausted: the run goes on, its final state says Failed
-            logger.error("chunk %d failed after retries: %s: %s", spec.index, type(err).__name__, err)
-            failed_chunks.append(f"chunk {spec.index}: {type(err).__name__}: {err}")
-            return
-        results.append(r)
-        logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s", r.index, r.ok, r.failed, r.skipped,
-                    r.seconds)
-
-    for spec in iter_chunks(images, chunk_size):
-        n_chunks += 1
-        chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
-        future = segment_chunk_task.submit(spec, chunk_opts)
-        pending[future] = spec
-        if len(pending) >= workers:
-            done = next(iter(as_completed(list(pending))))
-            collect(done, pending.pop(done))
-    for future in as_completed(list(pending)):
-        collect(future, pending.pop(future))
+    logger.info("run %s: model %s (%d classes), priors %s, writing to %s/*/run_date=%s/ (%s, %d workers, %s)",
+                run_id, info["model_id"], len(info["classes"]), ",".join(prior_list) or "none", _public(out),
+                info["run_date"], task_runner, workers, chunk_device)
+    gpu = task_runner == "dask" and chunk_device.startswith("cuda")
+    runner = make_task_runner(task_runner, workers, dask_address, resources={"GPU": 1} if gpu else None)
+    fanout = segment_chunks.with_options(task_runner=runner)(images, chunk_size, opts, workers, gpu_resources=gpu)
+    results: list[ChunkResult] = fanout["results"]
+    failed_chunks: list[str] = fanout["failed_chunks"]
+    n_chunks: int = fanout["chunks"]
     if n_chunks == 0:
         raise SourceError(f"--images {images} holds no images")
     counts = {"ok": sum(r.ok for r in results), "failed": sum(r.failed for r in results),
@@ -219,8 +300,9 @@ def segment_corpus(
     state_name = "Failed" if failed_chunks else "CompletedWithErrors" if counts["failed"] else "Completed"
     parameters = {"images": _public(images), "model": _public(model), "out": _public(out), "priors": priors,
                   "batch_size": batch_size, "skip_existing": skip_existing, "chunk_size": chunk_size,
-                  "max_side": max_side, "max_pixels": max_pixels, "device": info["device"],
-                  "thresholds": _public(thresholds), "task_runner": task_runner, "workers": workers}
+                  "max_side": max_side, "max_pixels": max_pixels, "device": chunk_device,
+                  "thresholds": _public(thresholds), "task_runner": task_runner, "workers": workers,
+                  "dask_address": _public(dask_address)}
     row = {"run_id": run_id, "flow_run_id": flow_run_id, "model_id": info["model_id"], "model_uri": _public(model),
            "classes": info["classes"], "priors": ",".join(prior_list) or "none",
            "parameters": tables.dumps(parameters),
@@ -236,7 +318,10 @@ def segment_corpus(
                "prior_ms_per_image": {k: round(sum(r.prior_ms.get(k, 0.0) for r in results) / max(counts["ok"], 1), 2)
                                       for k in sorted({k for r in results for k in r.prior_ms})},
                "errors_by_type": {k: sum(r.errors_by_type.get(k, 0) for r in results)
-                                  for k in sorted({k for r in results for k in r.errors_by_type})}}
+                                  for k in sorted({k for r in results for k in r.errors_by_type})},
+               "timing": {"fanout_seconds": fanout["seconds"], "chunk_seconds": sum(r.seconds for r in results),
+                          "chunks_done": len(results), "workers": sorted({r.worker for r in results}),
+                          "model_loads": sum(r.model_loads for r in results)}}
     logger.info("run %s: %d ok, %d failed, %d skipped, %d chunks (%d failed) in %.1f s (%.2f images/s)", run_id,
                 counts["ok"], counts["failed"], counts["skipped"], n_chunks, len(failed_chunks), seconds,
                 row["images_per_second"])

@@ -47,6 +47,7 @@ __all__ = [
     "compute_prior_inputs",
     "load_model",
     "load_thresholds",
+    "model_loads",
     "predict",
     "resolve_device",
     "segment_image",
@@ -95,6 +96,12 @@ class ModelBundle:
 
 _CACHE: dict[tuple[str, str, str], ModelBundle] = {}
 _CACHE_LOCK = threading.Lock()
+_LOADS = 0  # checkpoints actually read by this process (cache misses)
+
+
+def model_loads() -> int:
+    """How many times this process read a checkpoint (the cache is per process: per Dask worker)."""
+    return _LOADS
 
 
 def _fingerprint(info: Mapping[str, Any]) -> str:
@@ -134,6 +141,7 @@ def load_model(url: str, device: str = "auto") -> ModelBundle:
     if info.get("type") == "directory":
         raise ModelError(f"model {url} is a folder; pass the checkpoint file (e.g. {url.rstrip('/')}/model.pt)")
     key = (url, str(dev), _fingerprint(info))
+    global _LOADS
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -148,6 +156,7 @@ def load_model(url: str, device: str = "auto") -> ModelBundle:
             bundle.thresholds_source = "checkpoint"
         _CACHE.clear()  # one model per process: a new file replaces the old one
         _CACHE[key] = bundle
+        _LOADS += 1
         return bundle
 
 

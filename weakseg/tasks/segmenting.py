@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +24,15 @@ import numpy as np
 from . import tables
 from .corpus import ChunkSpec, InputRecord, read_chunk
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from .inference import DEFAULT_MAX_SIDE, ModelBundle, Prediction, compute_prior_inputs, load_model, predict
+from .inference import (
+    DEFAULT_MAX_SIDE,
+    ModelBundle,
+    Prediction,
+    compute_prior_inputs,
+    load_model,
+    model_loads,
+    predict,
+)
 from .listing import image_key
 from .priors import UNLABELLED, apply_priors, superpixel_vote
 
@@ -62,6 +72,8 @@ class ChunkResult:
     prior_ms: dict[str, float] = field(default_factory=dict)  # summed over the chunk's images
     errors_by_type: dict[str, int] = field(default_factory=dict)
     thumbnails: list[dict[str, str]] = field(default_factory=list)
+    worker: str = ""  # host:pid of the process that ran the chunk
+    model_loads: int = 0  # checkpoint reads this chunk caused (0 when the process's cached model served)
 
 
 @dataclass
@@ -228,11 +240,13 @@ def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSp
 def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | None = None) -> ChunkResult:
     """Segment every input of one chunk and write its four table files (see module doc)."""
     started = time.perf_counter()
+    loads = model_loads()
     bundle = bundle or load_model(opts.model, opts.device)
+    loads = model_loads() - loads
     classes = bundle.classes
     thresholds = {p: np.asarray(v, dtype=np.float64) for p, v in opts.thresholds.items()} or bundle.thresholds
     priors_text = ",".join(opts.priors) or "none"
-    result = ChunkResult(spec.index)
+    result = ChunkResult(spec.index, worker=f"{socket.gethostname()}:{os.getpid()}", model_loads=loads)
     writer = _ChunkWriter(opts, spec)
     for batch in _decoded(read_chunk(spec), opts, spec, writer, result):
         t0 = time.perf_counter()

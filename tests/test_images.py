@@ -81,3 +81,12 @@ def test_pixel_limit_refuses_before_decoding():
 def test_resize_shorter_side_never_enlarges():
     assert resize_shorter_side(photo(64, 48), 100).size == (64, 48)
     assert resize_shorter_side(photo(200, 100), 50).size == (100, 50)
+
+
+def test_max_pixels_is_ours_not_pillows():
+    # 100M pixels is over Pillow's default bomb limit (89.5M) but within ours: the header is
+    # read, the limit decides. A lower limit refuses the same file with our message.
+    big = _encode(Image.new("L", (10_000, 10_000)), "PNG")
+    with pytest.raises(ImageError, match="over the limit of 99,999,999"):
+        decode_image(big, max_pixels=99_999_999)
+    assert decode_image(big, max_pixels=100_000_000).image.size == (10_000, 10_000)

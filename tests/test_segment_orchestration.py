@@ -175,3 +175,50 @@ def test_concurrent_runs_on_one_output_do_not_corrupt_each_other(prefect_harness
     runs = [r["run_id"] for r in tables.read_table(out, "runs").to_pylist()]
     assert sorted(runs) == ["run-a", "run-b", "shared"]
     assert not list((Path(out) / "_state").glob("*"))  # probes and skip indexes cleaned up
+
+
+def _restrictions_plugin():
+    """A scheduler plugin that records each submitted task's resource restrictions (in-process cluster)."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class Restrictions(SchedulerPlugin):
+        name = "weakseg-test-restrictions"
+
+        def __init__(self) -> None:
+            self.seen: list[dict] = []
+
+        def update_graph(self, scheduler, *, keys, **kwargs) -> None:
+            for key in keys:
+                ts = scheduler.tasks.get(key)
+                if ts is not None:
+                    self.seen.append(dict(ts.resource_restrictions or {}))
+
+    return Restrictions()
+
+
+def test_cuda_chunks_ask_dask_for_a_gpu_and_fail_fast_without_one(prefect_harness, tmp_path, model_path,
+                                                                 monkeypatch):
+    from distributed import LocalCluster
+
+    from weakseg.tasks import inference
+
+    images = str(tmp_path / "corpus")
+    write_images(tmp_path / "corpus", 6)
+    kw = {"device": "cuda", "task_runner": "dask", "chunk_size": 3, "priors": "ilp"}
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None, protocol="tcp",
+                      host="127.0.0.1") as cpu_only:
+        state = run(images, model_path, str(tmp_path / "none"), dask_address=cpu_only.scheduler_address, **kw)
+    assert state.is_failed() and "--resources GPU=1" in state.message, state.message
+    assert not (tmp_path / "none" / "images").exists()
+
+    # Workers in this process, so "cuda" can be mapped to the CPU here: the restriction is what is checked.
+    real = inference.resolve_device
+    monkeypatch.setattr(inference, "resolve_device", lambda d: real("cpu") if d == "cuda" else real(d))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None, protocol="tcp",
+                      host="127.0.0.1", resources={"GPU": 1}) as gpu:
+        plugin = _restrictions_plugin()
+        gpu.scheduler.add_plugin(plugin)
+        state = run(images, model_path, str(tmp_path / "gpu"), dask_address=gpu.scheduler_address, **kw)
+    assert state.is_completed(), state.message
+    assert state.result()["counts"]["ok"] == 6
+    assert plugin.seen and all(r == {"GPU": 1} for r in plugin.seen), plugin.seen

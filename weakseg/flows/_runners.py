@@ -3,14 +3,17 @@
 Prefect fixes a flow's task runner at decoration time, so the flows that fan out run their
 chunks in a subflow built here with the runner the parameters ask for. ``dask`` starts a
 LocalCluster of worker processes on 127.0.0.1, or joins an existing cluster by address.
+Tasks submitted to worker processes must be submitted inside :func:`api_for_workers`.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-__all__ = ["TaskRunnerKind", "make_task_runner"]
+__all__ = ["TaskRunnerKind", "api_for_workers", "make_task_runner"]
 
 TaskRunnerKind = Literal["threads", "dask"]
 
@@ -33,3 +36,24 @@ def make_task_runner(kind: TaskRunnerKind, workers: int, address: str | None = N
         "n_workers": workers, "threads_per_worker": 1, "processes": True,
         "host": "127.0.0.1", "dashboard_address": None, **({"resources": resources} if resources else {}),
     })
+
+
+@contextlib.contextmanager
+def api_for_workers() -> Iterator[None]:
+    """Tasks submitted here tell worker processes which Prefect API this flow run uses.
+
+    Without ``PREFECT_API_URL`` the flow talks to an ephemeral server that only its own
+    process knows; each Dask worker process would start another one (timeouts, port
+    clashes, task runs recorded nowhere). Task submission carries the current settings
+    to the worker, so the ephemeral server's URL is put into them for the block. A Dask
+    cluster on other machines needs a real server (``PREFECT_API_URL``) all can reach.
+    """
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    ctx = FlowRunContext.get()
+    if PREFECT_API_URL.value() or ctx is None or ctx.client is None:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: str(ctx.client.api_url).rstrip("/")}):
+        yield

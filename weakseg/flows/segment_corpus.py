@@ -50,7 +50,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from weakseg import __version__
-from weakseg.flows._runners import TaskRunnerKind, make_task_runner
+from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage, tables
 from weakseg.tasks.corpus import ChunkSpec, iter_chunks
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
@@ -142,7 +142,6 @@ def segment_chunks(images: str, chunk_size: int, opts: SegmentOptions, workers: 
     t0 = time.perf_counter()
     if gpu_resources:
         _check_gpu_workers(logger)
-    annotate = _gpu_annotation() if gpu_resources else contextlib.nullcontext()
     results: list[ChunkResult] = []
     failed_chunks: list[str] = []
     pending: dict[Any, ChunkSpec] = {}
@@ -162,7 +161,7 @@ def segment_chunks(images: str, chunk_size: int, opts: SegmentOptions, workers: 
     for spec in iter_chunks(images, chunk_size):
         n_chunks += 1
         chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
-        with annotate:
+        with _gpu_annotation() if gpu_resources else contextlib.nullcontext(), api_for_workers():
             future = segment_chunk_task.submit(spec, chunk_opts)
         pending[future] = spec
         if len(pending) >= workers:

@@ -12,7 +12,7 @@ from prefect.futures import as_completed
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from weakseg.flows._runners import TaskRunnerKind, make_task_runner
+from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
 from weakseg.tasks.label_maps import LabelMap, build_label_map
@@ -52,7 +52,8 @@ def write_shards(plans: list[ShardPlan], dest: str, classes: list[str], options:
                  fp: str) -> list[ShardResult]:
     """Write every planned shard on this subflow's task runner, with progress."""
     progress = create_progress_artifact(0.0, key="shard-imagenet-progress", description="shards written")
-    futures = [write_shard.submit(plan, dest, classes, options, fp) for plan in plans]
+    with api_for_workers():
+        futures = [write_shard.submit(plan, dest, classes, options, fp) for plan in plans]
     results: list[ShardResult] = []
     with tqdm(total=len(plans), unit="shard", desc="shard-imagenet") as bar:
         for future in as_completed(futures):

@@ -113,7 +113,7 @@ def demo(
     n_train: Annotated[int, Field(ge=16, description="synthetic training images")] = 400,
     n_val: Annotated[int, Field(ge=4, description="synthetic validation images (the scored ones)")] = 48,
     size: Annotated[int, Field(ge=64, description="image side in pixels")] = 160,
-    epochs: Annotated[int, Field(ge=1, description="training epochs")] = 4,
+    epochs: Annotated[int, Field(ge=1, description="training epochs")] = 8,
     seed: Annotated[int, Field(description="data seed")] = 0,
 ) -> dict[str, Any]:
     """Run the whole pipeline and print a report; returns it."""
@@ -127,7 +127,7 @@ def demo(
         logger.info("reusing the trained model %s", model)
     else:
         train_mil(shards=shards, out=model_dir, epochs=epochs, batch_size=16, input_size=size,
-                  head_widths=[256, 256, 256], output_stride=8, lr=0.01, num_workers=2, checkpoint_every=0,
+                  head_widths=[256, 256, 256], output_stride=8, lr=1e-3, num_workers=2, checkpoint_every=0,
                   rotation=5.0, scale=[0.9, 1.1])
     thresholds = choose_thresholds(model, data, 48, workdir)
     images = list_split(data, "val", storage.join(workdir, "val-images.txt"))

@@ -9,7 +9,8 @@ generator of ``bench/segment.py``) and the same model (a small 32/32/32 head) ar
 
 Per setting: ``images_per_second`` around the whole flow call (Prefect runs, cluster start,
 listing, runs row, artifacts), ``in_fanout`` = images / the chunk fan-out's wall time (the
-cluster is up by then), the chunks' own summed work, and the Prefect overhead per chunk:
+cluster is up by then; its start is ``cluster_start_seconds``), the chunks' own summed
+work, and the Prefect overhead per chunk:
 ``(fanout wall x slots - sum of chunk work) / chunks``, the slot-seconds a chunk costs
 beyond its own work (task run creation and state changes, Dask scheduling, result return,
 the listing between submissions, idle slots at the tail). With one slot it is plainly
@@ -57,7 +58,8 @@ def figures(summary: dict, wall: float, slots: int) -> dict:
         "in_fanout_images_per_second": round(ok / t["fanout_seconds"], 2),
         "chunk_work_seconds": round(t["chunk_seconds"], 2),
         "prefect_overhead_ms_per_chunk": round(1000 * (t["fanout_seconds"] * slots - t["chunk_seconds"]) / chunks, 1),
-        "startup_seconds": round(wall - t["fanout_seconds"], 2),  # cluster start, prepare, runs row, artifacts
+        "cluster_start_seconds": round(t["runner_start_seconds"], 2),
+        "other_seconds": round(wall - t["fanout_seconds"] - t["runner_start_seconds"], 2),  # prepare, runs row...
         "worker_processes": len(t["workers"]), "model_loads": t["model_loads"],
     }
 

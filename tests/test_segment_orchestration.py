@@ -222,3 +222,48 @@ def test_cuda_chunks_ask_dask_for_a_gpu_and_fail_fast_without_one(prefect_harnes
     assert state.is_completed(), state.message
     assert state.result()["counts"]["ok"] == 6
     assert plugin.seen and all(r == {"GPU": 1} for r in plugin.seen), plugin.seen
+
+
+def _dask_worker_pids() -> list[int]:
+    """This process's spawned children that are Dask worker processes (the nannies live here)."""
+    import psutil
+
+    pids = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "spawn_main" in cmd:
+            pids.append(child.pid)
+    return pids
+
+
+def test_a_killed_dask_worker_process_loses_no_image(prefect_harness, tmp_path, model_path):
+    n = 40
+    write_images(tmp_path / "corpus", n, side=160)
+    out = tmp_path / "out"
+    box: dict[str, object] = {}
+
+    def go() -> None:
+        box["state"] = run(str(tmp_path / "corpus"), model_path, str(out), run_id="dk", chunk_size=2, batch_size=2,
+                           max_side=160, task_runner="dask", workers=2)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    deadline = time.monotonic() + 120
+    killed = None
+    while thread.is_alive() and time.monotonic() < deadline:
+        if list((out / "images").rglob("dk-000000.parquet")) and (pids := _dask_worker_pids()):
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    thread.join(timeout=240)
+    assert killed is not None, "no worker process to kill"
+    # The nanny restarts the worker and the scheduler gives its chunk to a live one (the chunk's
+    # files have fixed names, so a half-done attempt is simply redone): the run completes as is.
+    state = box["state"]
+    assert state.is_completed(), state.message
+    assert state.result()["counts"]["ok"] == n and state.result()["counts"]["chunks_failed"] == 0
+    assert_one_row_per_image(str(out), "dk", n)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from typing import Annotated, Any
 
 import duckdb
@@ -118,6 +119,8 @@ def demo(
 ) -> dict[str, Any]:
     """Run the whole pipeline and print a report; returns it."""
     logger = get_run_logger()
+    if "://" not in workdir:  # manifests below list image paths: make them absolute
+        workdir = os.path.abspath(workdir)
     data, shards = storage.join(workdir, "data"), storage.join(workdir, "shards")
     model_dir, segmentation = storage.join(workdir, "model"), storage.join(workdir, "segmentation")
     make_data(data, n_train, n_val, size, seed)

@@ -18,6 +18,7 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
+from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.tasks import storage
 from weakseg.tasks.evaluation import (
     ClassAlignment,
@@ -40,33 +41,22 @@ from weakseg.tasks.evaluation import (
 
 __all__ = ["evaluate_segmentation"]
 
-_RETRY = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "cache_policy": NONE}
+_RETRY = {**IO_RETRIES, "cache_policy": NONE}
 
 
-def _retry_unless_value_error(task, task_run, state) -> bool:
-    """Retry I/O hiccups, not a missing split, run or table (retrying cannot fix those)."""
-    try:
-        state.result()
-    except ValueError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(**_RETRY, retry_condition_fn=_retry_unless_value_error)
+@task(**_RETRY, retry_condition_fn=retry_unless(ValueError))
 def read_ground_truth(ground_truth: str, split: str) -> tuple[tuple[str, ...], list[str]]:
     """Class names and the split's image ids (I/O: retried)."""
     return read_gt_classes(ground_truth), read_split_ids(ground_truth, split)
 
 
-@task(**_RETRY, retry_condition_fn=_retry_unless_value_error)
+@task(**_RETRY, retry_condition_fn=retry_unless(ValueError))
 def read_run(predictions: str, run_id: str | None) -> dict[str, Any]:
     """The runs-table row of the run to score (I/O: retried)."""
     return latest_run(read_runs(predictions), run_id)
 
 
-@task(**_RETRY, retry_condition_fn=_retry_unless_value_error)
+@task(**_RETRY, retry_condition_fn=retry_unless(ValueError))
 def read_masks(predictions: str, run_id: str, image_ids: list[str]) -> tuple[dict[str, PredictedMask], dict]:
     """The run's masks for the split's images (I/O: retried)."""
     return find_predicted_masks(predictions, run_id, image_ids)

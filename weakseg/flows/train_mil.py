@@ -22,6 +22,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import Field
 
+from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import ModelConfig
 from weakseg.tasks.augment import AugmentConfig
 from weakseg.tasks.manifest import ManifestError, load_manifest
@@ -30,18 +31,7 @@ from weakseg.tasks.trainer import TrainConfig, resolve_device, run_training
 __all__ = ["train_mil"]
 
 
-def _retry_unless_bad_manifest(task, task_run, state) -> bool:
-    """Retry I/O hiccups, not a missing or invalid manifest (retrying cannot fix those)."""
-    try:
-        state.result()
-    except ManifestError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_retry_unless_bad_manifest, cache_policy=NONE)
+@task(**IO_RETRIES, retry_condition_fn=retry_unless(ManifestError), cache_policy=NONE)
 def read_manifest(shards: str) -> dict[str, Any]:
     """The shard manifest (I/O: retried)."""
     return load_manifest(shards)

@@ -36,6 +36,7 @@ from ..models import Checkpoint, CheckpointError, load_checkpoint
 from . import storage
 from .priors import VARIANTS, apply_priors, default_thresholds, parse_priors
 from .proposals import box_objectness_map, segment_objectness_map, superpixels
+from .thresholds import read_thresholds
 from .training import normalize
 
 __all__ = [
@@ -163,22 +164,13 @@ def load_model(url: str, device: str = "auto") -> ModelBundle:
 def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray]:
     """Read an evaluate-segmentation thresholds file; returns ``(prior, δ[K])`` in class order."""
     try:
-        obj = storage.read_json(url)
-    except FileNotFoundError:
-        raise ModelError(f"thresholds file {url} does not exist") from None
+        doc = read_thresholds(url)
     except ValueError as err:
-        raise ModelError(f"thresholds file {url} is not JSON: {err}") from None
-    if not isinstance(obj, dict) or obj.get("format") != "weakseg.thresholds":
-        raise ModelError(f"{url} is not a weakseg thresholds file (format 'weakseg.thresholds')")
-    if int(obj.get("format_version", 0)) > 1:
-        raise ModelError(f"{url}: thresholds format version {obj.get('format_version')} is newer than supported (1)")
-    prior = obj.get("prior")
-    if prior not in ("bb", "seg"):
-        raise ModelError(f"{url}: prior must be bb or seg, got {prior!r}")
-    if obj.get("classes") is not None and list(obj["classes"]) != list(classes):
-        raise ModelError(f"{url}: thresholds were chosen for classes {obj['classes'][:5]}..., "
+        raise ModelError(str(err)) from None
+    if list(doc["classes"]) != list(classes):
+        raise ModelError(f"{url}: thresholds were chosen for classes {doc['classes'][:5]}..., "
                          f"not this model's {list(classes)[:5]}...")
-    return prior, _threshold_vector(obj.get("thresholds") or {}, classes, url)
+    return doc["prior"], _threshold_vector(doc["thresholds"], classes, url)
 
 
 @dataclass

@@ -92,7 +92,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(args.out, model, config, classes, input_size=args.crop,
                     metrics={"supervised": True, "steps": args.steps, "final_loss": float(np.mean(losses[-20:]))})

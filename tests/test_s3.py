@@ -67,3 +67,27 @@ def test_transient_s3_failures_are_retried(prefect_harness, s3, monkeypatch):
     assert manifest["splits"]["train"]["samples"] == 9 and manifest["errors"]["count"] == 0
     for shard in manifest["shards"]:
         assert s3.info(f"weakseg-test/flaky-shards/{shard['name']}")["size"] == shard["bytes"]
+
+
+@pytest.mark.slow
+def test_shard_train_segment_evaluate_all_on_s3(prefect_harness, s3):
+    from weakseg.flows.evaluate_segmentation import evaluate_segmentation
+    from weakseg.flows.segment_corpus import segment_corpus
+    from weakseg.tasks.synthetic import write_synthetic_dataset
+
+    root = "s3://weakseg-test/pipeline"
+    write_synthetic_dataset(f"{root}/voc", n_train=12, n_val=4, size=96, seed=1)
+    shard_imagenet(source=f"{root}/voc/labels.csv", dest=f"{root}/shards", max_side=96)
+    train_mil(shards=f"{root}/shards", out=f"{root}/model", epochs=1, steps_per_epoch=2, batch_size=4,
+              input_size=96, head_widths=[16, 16, 16], output_stride=8, num_workers=0, progress=False,
+              checkpoint_every=0)
+    run = segment_corpus(images=f"{root}/voc/JPEGImages", model=f"{root}/model/model.pt", out=f"{root}/tables",
+                         priors="ilp,sppxl", run_id="s3-run", device="cpu")
+    assert run["counts"]["ok"] == 16
+    metrics = evaluate_segmentation(predictions=f"{root}/tables", ground_truth=f"{root}/voc", split="val",
+                                    run_id="s3-run")
+    assert metrics["images"]["scored"] == 4 and metrics["images"]["masks_without_ground_truth"] == 12
+    assert 0.0 <= metrics["mean_iou"] <= 1.0
+    assert s3.exists("weakseg-test/pipeline/tables/evaluation/metrics.json")
+    for name, data in _all_objects(s3, "weakseg-test/pipeline").items():
+        assert S3_SECRET.encode() not in data and S3_KEY_ID.encode() not in data, name

@@ -43,6 +43,7 @@ S3_KEY_ID = "AKIAWEAKSEGTESTKEY01"
 def s3():
     """A real S3 API: moto's server on 127.0.0.1, found through the standard AWS variables."""
     import socket
+    import urllib.request
 
     import s3fs
     from moto.server import ThreadedMotoServer
@@ -58,6 +59,8 @@ def s3():
         mp.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         s3fs.S3FileSystem.clear_instance_cache()
+        # moto keeps its backends per process, across server instances: start each module clean.
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
         fs = s3fs.S3FileSystem()
         fs.mkdir("weakseg-test")
         yield fs

@@ -16,9 +16,10 @@ import torch
 
 from weakseg.models import ModelConfig, create_model
 from weakseg.tasks.augment import AugmentConfig, TrainTransform
+from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.manifest import load_manifest, shard_urls
 from weakseg.tasks.shard_dataset import make_loader, train_pipeline, write_synthetic_shards
-from weakseg.tasks.trainer import _Runtime, optimizer_step, resolve_device
+from weakseg.tasks.trainer import _Runtime, optimizer_step
 from weakseg.tasks.training import make_optimizer
 
 

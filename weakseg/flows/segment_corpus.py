@@ -50,11 +50,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from weakseg import __version__
+from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage, tables
 from weakseg.tasks.corpus import ChunkSpec, iter_chunks
+from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
-from weakseg.tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_model, load_thresholds, resolve_device
+from weakseg.tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_model, load_thresholds
 from weakseg.tasks.listing import SourceError
 from weakseg.tasks.priors import default_thresholds, parse_priors
 from weakseg.tasks.segmenting import ChunkResult, SegmentOptions, segment_chunk
@@ -62,15 +64,8 @@ from weakseg.tasks.segmenting import ChunkResult, SegmentOptions, segment_chunk
 __all__ = ["segment_corpus"]
 
 
-def _retry_io_only(task, task_run, state) -> bool:
-    """Retry I/O hiccups, never a missing model, a bad thresholds file or an unusable output."""
-    try:
-        state.result()
-    except (ModelError, SourceError, tables.OutputError, ValueError):
-        return False
-    except Exception:
-        return True
-    return False
+# Retry I/O hiccups, never a missing model, a bad thresholds file or an unusable output.
+_retry_io_only = retry_unless(ModelError, SourceError, tables.OutputError, ValueError)
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_io_only)
@@ -192,7 +187,7 @@ def _chunk_device(device: str, task_runner: str, dask_address: str | None) -> st
     return str(resolve_device(device))  # fails fast on cuda without a CUDA device
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NONE)
+@task(**IO_RETRIES, cache_policy=NONE)
 def finish_run(out: str, run_date: str, run_id: str, n_chunks: int, row: dict[str, Any],
                done_index: str | None) -> str:
     """Drop stale chunk files of this run, write its ``runs`` row, remove the skip index."""

@@ -12,6 +12,7 @@ from prefect.futures import as_completed
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from weakseg.flows._retries import IO_RETRIES
 from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
@@ -24,7 +25,7 @@ from weakseg.tasks.sharding import write_shard as _write_shard
 __all__ = ["shard_imagenet"]
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**IO_RETRIES)
 def list_images(source: str, layout: str) -> tuple[list[Item], str]:
     return list_source(source, layout)  # type: ignore[arg-type]
 
@@ -35,12 +36,12 @@ def map_labels(items: list[Item], spec: str, background_fraction: float, seed: i
                            read_text=lambda url: storage.read_bytes(url).decode("utf-8-sig"))
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15], task_run_name="write-{plan.split}-{plan.index:06d}")
+@task(**IO_RETRIES, task_run_name="write-{plan.split}-{plan.index:06d}")
 def write_shard(plan: ShardPlan, dest: str, classes: list[str], options: EncodeOptions, fp: str) -> ShardResult:
     return _write_shard(plan, dest, classes, options, fp)
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**IO_RETRIES)
 def write_manifest(dest: str, results: list[ShardResult], label_map: LabelMap, parameters: dict,
                    source_fp: str, dropped: int, multilabel: bool) -> dict:
     return _write_manifest(dest, results, list(label_map.classes), label_map.describe(), parameters, source_fp,

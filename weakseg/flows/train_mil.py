@@ -25,8 +25,9 @@ from pydantic import Field
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import ModelConfig
 from weakseg.tasks.augment import AugmentConfig
+from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.manifest import ManifestError, load_manifest
-from weakseg.tasks.trainer import TrainConfig, resolve_device, run_training
+from weakseg.tasks.trainer import TrainConfig, run_training
 
 __all__ = ["train_mil"]
 

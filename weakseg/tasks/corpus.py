@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from . import storage
 from .images import IMAGE_EXTENSIONS
@@ -51,10 +50,6 @@ class InputRecord:
     error: BaseException | None = None
 
 
-def _url(fs, path: str) -> str:
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-
-
 class _Rebase:
     """Found paths as URLs in the user's own spelling of the base (``memory://a`` stays so)."""
 
@@ -66,7 +61,7 @@ class _Rebase:
     def __call__(self, path: str) -> str:
         if self.path and (path == self.path or path.startswith(self.path + "/")):
             return self.url + path[len(self.path):]
-        return _url(self.fs, path)
+        return storage.to_url(self.fs, path)
 
 
 def _is_glob(url: str) -> bool:

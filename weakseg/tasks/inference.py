@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..models import Checkpoint, CheckpointError, load_checkpoint
 from . import storage
+from .devices import resolve_device
 from .priors import VARIANTS, apply_priors, default_thresholds, parse_priors
 from .proposals import box_objectness_map, segment_objectness_map, superpixels
 from .thresholds import read_thresholds
@@ -50,7 +51,6 @@ __all__ = [
     "load_thresholds",
     "model_loads",
     "predict",
-    "resolve_device",
     "segment_image",
     "segment_variants",
 ]
@@ -61,14 +61,6 @@ MIN_CELLS = 4  # smaller inputs are enlarged to at least this many score cells p
 
 class ModelError(ValueError):
     """The model cannot be used (missing, unreadable, not a checkpoint, bad thresholds)."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device cuda requested but torch sees no CUDA device")
-    return torch.device(device)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from . import storage
 
@@ -49,10 +48,6 @@ def image_key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:24]
 
 
-def _url(fs, path: str) -> str:
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-
-
 def _files(fs, root: str) -> dict[str, int]:
     """Non-hidden files below ``root`` with their sizes."""
     found = fs.find(root, detail=True)
@@ -70,7 +65,7 @@ def _folder_items(fs, root: str, split: str | None) -> list[Item]:
         rel = posixpath.relpath(path, root).split("/")
         if len(rel) < 2:
             continue  # files beside the class folders are not samples
-        items.append(Item(_url(fs, path), (rel[0],), split, size))
+        items.append(Item(storage.to_url(fs, path), (rel[0],), split, size))
     return items
 
 
@@ -117,7 +112,7 @@ def _list_ilsvrc(fs, root: str) -> list[Item]:
         for path, size in files.items():
             rel = posixpath.relpath(path, val_root).split("/")
             if len(rel) >= 2:  # val/<wnid>/image
-                items.append(Item(_url(fs, path), (rel[0],), "val", size))
+                items.append(Item(storage.to_url(fs, path), (rel[0],), "val", size))
                 continue
             stem = rel[0].rsplit(".", 1)[0]
             if stem not in labels:
@@ -126,7 +121,7 @@ def _list_ilsvrc(fs, root: str) -> list[Item]:
                     f"ILSVRC2012_validation_ground_truth.txt with meta.mat) in {root}, or sort val/ into "
                     "val/<wnid>/ folders"
                 )
-            items.append(Item(_url(fs, path), (labels[stem],), "val", size))
+            items.append(Item(storage.to_url(fs, path), (labels[stem],), "val", size))
     return items
 
 
@@ -137,7 +132,7 @@ def _list_synset_tars(fs, root: str) -> list[Item]:
         if not name.lower().endswith(".tar"):
             continue
         label = name[: -len(".tar")]
-        tar_url = _url(fs, path)
+        tar_url = storage.to_url(fs, path)
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar.getmembers():
                 if member.isfile() and not posixpath.basename(member.name).startswith("."):
@@ -175,7 +170,7 @@ def _list_manifest(fs, path: str) -> list[Item]:
             ref = posixpath.join(base, "JPEGImages", f"{ref}.jpg")
         elif "://" not in ref and not ref.startswith("/"):
             ref = posixpath.join(base, ref)
-        uri = ref if "://" in ref or isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(ref)
+        uri = ref if "://" in ref else storage.to_url(fs, ref)
         items.append(Item(uri, labels, (row.get("split") or None), 0))
     return items
 

@@ -16,12 +16,17 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .._atomic import atomic_write
 
-__all__ = ["exists", "join", "read_bytes", "read_json", "url_to_fs", "write_bytes", "write_json"]
+__all__ = ["exists", "join", "read_bytes", "read_json", "to_url", "url_to_fs", "write_bytes", "write_json"]
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path inside it for ``url``."""
     return fsspec.core.url_to_fs(os.fspath(url))
+
+
+def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path that ``fs`` returned, as a URL: plain for local files, with the protocol otherwise."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def join(url: str, *parts: str) -> str:

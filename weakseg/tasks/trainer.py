@@ -51,6 +51,7 @@ from ..models import ModelConfig, WeakSegNet, checkpoint_bytes, create_model, lo
 from ..models.losses import MultiLabelLoss
 from . import storage
 from .augment import AugmentConfig, EvalTransform, TrainTransform
+from .devices import resolve_device
 from .manifest import ManifestError, shard_urls
 from .shard_dataset import eval_pipeline, make_loader, train_pipeline
 from .training import make_optimizer, normalize
@@ -65,7 +66,6 @@ __all__ = [
     "list_checkpoints",
     "lr_at",
     "optimizer_step",
-    "resolve_device",
     "run_training",
     "setup_distributed",
 ]
@@ -114,16 +114,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device auto or cpu")
-    return device
 
 
 def setup_distributed(device_name: str) -> DistInfo:

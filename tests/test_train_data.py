@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from weakseg.tasks.augment import AugmentConfig, EvalTransform, TrainTransform
+from weakseg.tasks.augment import AugmentConfig, EvalTransform, TrainTransform, resolve_crop
 from weakseg.tasks.manifest import ManifestError, load_manifest, shard_urls
 from weakseg.tasks.shard_dataset import (
     Collate,
@@ -48,6 +48,38 @@ def test_small_scale_pads_and_marks_padding_invalid():
     t = TrainTransform(AugmentConfig(input_size=64, rotation=0, scale=(0.5, 0.5)))
     _, valid = t(_image(64, 64), random.Random(0))
     assert valid.sum() == 32 * 32
+
+
+def test_whole_crop_keeps_every_region_of_a_wide_image():
+    # Left third red, right third blue: the paper's crop (shorter side to 64, a 64 square of
+    # a 96-wide image) always loses part of one end; "whole" keeps both ends, in proportion.
+    rgb = np.zeros((80, 120, 3), np.uint8)
+    rgb[:, :40, 0] = 255
+    rgb[:, 80:, 2] = 255
+    img = Image.fromarray(rgb)
+    fixed = dict(input_size=64, hflip=False, rotation=0, scale=(1, 1), brightness=0, contrast=0)
+    image, valid = TrainTransform(AugmentConfig(**fixed, crop="whole"))(img, random.Random(0))
+    assert valid.sum() == 64 * 43 and (valid.sum(0) > 0).all()  # 120x80 -> 64x43, every column
+    red = (image[..., 0] > 200) & valid
+    blue = (image[..., 2] > 200) & valid
+    assert abs(int(red.sum()) - int(blue.sum())) <= 43 and red.sum() > 0.3 * valid.sum()
+    lost = 0
+    for seed in range(20):
+        image, valid = TrainTransform(AugmentConfig(**fixed, crop="random"))(img, random.Random(seed))
+        red = ((image[..., 0] > 200) & valid).sum()
+        blue = ((image[..., 2] > 200) & valid).sum()
+        lost += min(red, blue) < 0.3 * valid.sum()
+    assert valid.all() and lost > 0
+    with pytest.raises(ValueError):
+        AugmentConfig(crop="centre")
+
+
+def test_auto_crop_keeps_whole_images_for_multilabel_data():
+    assert resolve_crop("auto", multilabel=True) == "whole"
+    assert resolve_crop("auto", multilabel=False) == "random"
+    assert resolve_crop("random", multilabel=True) == "random"
+    with pytest.raises(ValueError, match="crop"):
+        resolve_crop("centre", multilabel=False)
 
 
 def test_eval_transform_keeps_aspect_and_pads():

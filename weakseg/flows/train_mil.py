@@ -24,7 +24,7 @@ from pydantic import Field
 
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import ModelConfig
-from weakseg.tasks.augment import AugmentConfig
+from weakseg.tasks.augment import AugmentConfig, resolve_crop
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.manifest import ManifestError, load_manifest
 from weakseg.tasks.trainer import TrainConfig, run_training
@@ -98,6 +98,9 @@ def train_mil(
     rotation: Annotated[float, Field(ge=0, le=180, description="max rotation in degrees")] = 10.0,
     scale: Annotated[list[float], Field(min_length=2, max_length=2, description="scale range low,high")] = (
         0.8, 1.2),
+    crop: Annotated[Literal["auto", "random", "whole"], Field(
+        description="random: the paper's crop of the shorter side; whole: fit the longer side, keeping every "
+                    "tagged region; auto: whole for multi-label shards, random otherwise")] = "auto",
     brightness: Annotated[float, Field(ge=0, lt=1, description="brightness jitter (factor 1 +- b)")] = 0.2,
     contrast: Annotated[float, Field(ge=0, lt=1, description="contrast jitter (factor 1 +- c)")] = 0.2,
     mean: Annotated[list[float], Field(description="per-channel mean; empty: the backbone's")] = (),
@@ -122,7 +125,8 @@ def train_mil(
         lse_r=lse_r, output_stride=output_stride, finetune_from=finetune_from, mean=tuple(mean), std=tuple(std),
     )
     augment = AugmentConfig(input_size=input_size, hflip=hflip, rotation=rotation, scale=(scale[0], scale[1]),
-                            brightness=brightness, contrast=contrast)
+                            brightness=brightness, contrast=contrast,
+                            crop=resolve_crop(crop, bool(manifest.get("multilabel"))))
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, momentum=momentum,
         weight_decay=weight_decay, lr_decay=lr_decay, lr_decay_every_samples=lr_decay_every_samples,

@@ -6,6 +6,18 @@ size is taken from the deformed image. Where the crop reaches past the deformed 
 (rotation corners, an image smaller than the crop) the pixels are zero and the returned
 validity mask is false, so LSE does not count them in ``h*w``.
 
+Two ways to size the image before the crop (``crop``):
+
+- ``"random"`` (the paper): the *shorter* side becomes ``input_size * U(scale)``, so the
+  crop keeps a random square of the image. Right for ImageNet-style single-label photos,
+  where the labelled object fills the frame.
+- ``"whole"``: the *longer* side becomes ``input_size * U(scale)``, so at scale <= 1 the
+  whole image is inside the canvas (the rest is padding, invalid for LSE) and above 1 at
+  most ``1 - 1/scale`` of the longer side is cut. For multi-label data: a random square
+  of a landscape photo can cut away a tagged region (the cow at the edge) while its tag
+  stays in the target, teaching the network that cows look like grass. It also trains at
+  the scale inference sees (segment-corpus resizes by the longer side).
+
 Per-channel normalisation happens on the device, after the uint8 batch is transferred
 (:func:`weakseg.tasks.training.normalize`): four times less to copy than float32.
 
@@ -20,7 +32,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance
 
-__all__ = ["AugmentConfig", "EvalTransform", "TrainTransform"]
+__all__ = ["CROPS", "AugmentConfig", "EvalTransform", "TrainTransform", "resolve_crop"]
+
+CROPS = ("random", "whole")
+
+
+def resolve_crop(crop: str, multilabel: bool) -> str:
+    """``"auto"`` -> ``"whole"`` for multi-label data (several tags per image), else ``"random"``."""
+    if crop == "auto":
+        return "whole" if multilabel else "random"
+    if crop not in CROPS:
+        raise ValueError(f"crop must be auto or one of {CROPS}, got {crop!r}")
+    return crop
 
 
 @dataclass(frozen=True)
@@ -33,8 +56,11 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.8, 1.2)  # shorter side = input_size * U(scale)
     brightness: float = 0.2  # factor uniform in [1 - b, 1 + b]
     contrast: float = 0.2  # factor uniform in [1 - c, 1 + c]
+    crop: str = "random"  # "random": shorter side scaled (the paper); "whole": longer side
 
     def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
         if self.input_size < 1:
             raise ValueError(f"input_size must be positive, got {self.input_size}")
         lo, hi = self.scale
@@ -76,7 +102,8 @@ class TrainTransform:
         c = self.config
         img = img.convert("RGB")
         w, h = img.size
-        factor = c.input_size / min(w, h) * rng.uniform(*c.scale)
+        side = min(w, h) if c.crop == "random" else max(w, h)
+        factor = c.input_size / side * rng.uniform(*c.scale)
         size = (max(1, round(w * factor)), max(1, round(h * factor)))
         img = img.resize(size, Image.BILINEAR)
         if c.hflip and rng.random() < 0.5:

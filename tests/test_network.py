@@ -41,6 +41,9 @@ def test_network_shapes_and_geometry(output_stride):
         model(torch.randn(1, 3, side - output_stride, side))
     # tiny inputs still give a dense map covering them
     assert model.dense_maps(torch.randn(1, 3, 5, 7)).shape[-2:] == (1, 1)
+    # dense maps pad the features, not the image: the interior equals the plain maps
+    assert torch.equal(model(x, dense=True), dense)
+    assert torch.allclose(dense[..., 4:-4, 4:-4], maps, atol=1e-5)
 
 
 def test_validity_mask_follows_cell_centres():
@@ -52,6 +55,11 @@ def test_validity_mask_follows_cell_centres():
     assert torch.equal(mask[0, 0], centres < 160)
     maps = torch.randn(1, 2, 8, 8)
     assert torch.allclose(model.image_scores(maps, valid), model.pool(maps[..., : int((centres < 160).sum())]))
+    # dense maps (what training and inference use): cell i sits over pixel i * stride,
+    # so the first 10 of 16 columns lie on the 160 valid pixels
+    dense = torch.randn(1, 2, 16, 16)
+    assert torch.equal(model.map_mask(valid, (16, 16), dense=True)[0, 0], torch.arange(16) * 16 < 160)
+    assert torch.allclose(model.image_scores(dense, valid, dense=True), model.pool(dense[..., :10]))
 
 
 def test_frozen_backbone_has_no_grad_and_stays_in_eval():

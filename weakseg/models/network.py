@@ -74,24 +74,31 @@ class WeakSegNet(nn.Module):
         """Smallest input side that gives a 1x1 score map."""
         return (self.head.min_cells - 1) * self.stride + 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """Score maps ``[B, K, h, w]``; ``dense=True`` covers the whole input (see :meth:`dense_maps`)."""
+        features = self.backbone(x)
+        if dense:
+            m = self.margin
+            mode = "reflect" if min(features.shape[-2:]) > m else "replicate"
+            features = F.pad(features, (m, m, m, m), mode=mode)
+        return self.head(features)
 
-    def image_scores(self, maps: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def image_scores(self, maps: torch.Tensor, valid: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
         """LSE scores ``[B, K]``; ``valid`` is the input's pixel mask ``[B, H, W]``."""
-        mask = None if valid is None else self.map_mask(valid, maps.shape[-2:])
+        mask = None if valid is None else self.map_mask(valid, maps.shape[-2:], dense=dense)
         return self.pool(maps, mask)
 
     def dense_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Score maps that cover the whole input, for inference.
+        """Score maps that cover the whole input: one cell per feature cell.
 
-        The unpadded head sees only the interior of a plain forward pass; padding the
-        input by ``margin * stride`` pixels (mirrored) first puts score cell i over input
-        pixel ``i * stride`` (see :meth:`cell_centers` with ``dense=True``).
+        The unpadded head (Table 1) loses ``margin`` cells on each side, so a plain forward
+        pass only scores the interior (a 288 px crop at stride 16: the central 160 px).
+        Mirroring the *features* by ``margin`` cells puts score cell i over input pixel
+        ``i * stride`` (see :meth:`cell_centers` with ``dense=True``). Training uses it too,
+        so the LSE sees every tagged region and the head learns the borders it is asked to
+        label at inference. Padding features rather than the image costs no backbone work.
         """
-        pad = self.margin * self.stride
-        mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
-        return self(F.pad(x, (pad, pad, pad, pad), mode=mode))
+        return self(x, dense=True)
 
     def cell_centers(self, size: int, dense: bool = False) -> torch.Tensor:
         """Input pixel coordinate of the centre of each of ``size`` score cells along an axis."""
@@ -99,11 +106,11 @@ class WeakSegNet(nn.Module):
         offset = 0 if dense else self.margin
         return (idx + offset) * self.stride
 
-    def map_mask(self, valid: torch.Tensor, map_hw: Sequence[int]) -> torch.Tensor:
+    def map_mask(self, valid: torch.Tensor, map_hw: Sequence[int], dense: bool = False) -> torch.Tensor:
         """Downsample a pixel validity mask to score cells by each cell's centre pixel."""
         h, w = valid.shape[-2:]
-        ys = self.cell_centers(map_hw[0]).round().long().clamp_(0, h - 1).to(valid.device)
-        xs = self.cell_centers(map_hw[1]).round().long().clamp_(0, w - 1).to(valid.device)
+        ys = self.cell_centers(map_hw[0], dense).round().long().clamp_(0, h - 1).to(valid.device)
+        xs = self.cell_centers(map_hw[1], dense).round().long().clamp_(0, w - 1).to(valid.device)
         return valid[..., ys[:, None], xs[None, :]].to(torch.bool)
 
     def param_groups(self) -> list[dict[str, Any]]:

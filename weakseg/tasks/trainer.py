@@ -220,8 +220,8 @@ def optimizer_step(rt: _Runtime, batches: Iterator[dict[str, Any]], grad_accum: 
         sync = rt.net.no_sync() if i < grad_accum - 1 and hasattr(rt.net, "no_sync") else contextlib.nullcontext()
         with sync:
             with rt.autocast():
-                maps = rt.net(x)
-            loss = mil_loss(rt.model.image_scores(maps.float(), valid), target, rt.loss_kind) / grad_accum
+                maps = rt.net(x, dense=True)  # the maps inference reads: every tagged region counts
+            loss = mil_loss(rt.model.image_scores(maps.float(), valid, dense=True), target, rt.loss_kind) / grad_accum
             loss.backward()
         total += float(loss.detach())
         n += x.shape[0]
@@ -238,8 +238,8 @@ def evaluate(rt: _Runtime, loader: Iterator[dict[str, Any]]) -> dict[str, Any]:
         errors += len(batch["errors"])
         x, valid, target = rt.inputs(batch)
         with rt.autocast():
-            maps = rt.model(x)
-        s = rt.model.image_scores(maps.float(), valid).float()
+            maps = rt.model(x, dense=True)
+        s = rt.model.image_scores(maps.float(), valid, dense=True).float()
         loss_sum += float(mil_loss(s, target, rt.loss_kind)) * x.shape[0]
         scores.append(s.cpu())
         targets.append(batch["target"])

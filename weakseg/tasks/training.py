@@ -39,8 +39,8 @@ def train_step(
 ) -> float:
     """Forward, LSE, loss, backward, step; returns the loss."""
     model.train()
-    maps = model(images)
-    loss = mil_loss(model.image_scores(maps, valid), target, multilabel)
+    maps = model(images, dense=True)  # as the trainer: the maps inference reads
+    loss = mil_loss(model.image_scores(maps, valid, dense=True), target, multilabel)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -45,9 +45,12 @@ def main() -> None:
                 ModelConfig(num_classes=21, backbone=args.backbone, head_widths=widths, output_stride=stride)
             )
             model.eval()
-            backbone, full = _best_rates([model.backbone, lambda t, m=model: m.image_scores(m(t))], x, args.repeats)
+            def network(t, m=model):  # what training and inference run: dense maps, then LSE
+                return m.image_scores(m(t, dense=True), dense=True)
+
+            backbone, full = _best_rates([model.backbone, network], x, args.repeats)
             with torch.inference_mode():
-                maps = model(x)
+                maps = model(x, dense=True)
             results.append({
                 "head_widths": list(widths),
                 "output_stride": stride,

@@ -17,9 +17,10 @@ from weakseg.tasks.segmenting import image_statistics, label_image
 CLASSES = ["background", "disk", "square", "stripes"]
 
 
-def make_checkpoint(path, classes=CLASSES, metrics=None) -> str:
+def make_checkpoint(path, classes=CLASSES, metrics=None, image_prior="softmax") -> str:
     torch.manual_seed(0)
-    config = ModelConfig(num_classes=len(classes), head_widths=(32, 32, 32), output_stride=16)
+    config = ModelConfig(num_classes=len(classes), head_widths=(32, 32, 32), output_stride=16,
+                         image_prior=image_prior)
     model, config = create_model(config, pretrained="none")
     save_checkpoint(path, model, config, classes, input_size=128, metrics=metrics)
     return str(path)
@@ -70,6 +71,21 @@ def test_batch_padding_is_excluded_from_the_lse(bundle):
     np.testing.assert_allclose(batched.image_probs, expected, atol=1e-5)
     # Only the receptive field's view of the padding differs between batch-mates (edge pixels).
     np.testing.assert_allclose(alone.image_probs, batched.image_probs, atol=0.05)
+
+
+def test_multilabel_model_gives_presence_probabilities(tmp_path, bundle):
+    # Same weights, but trained (as the config says) with a BCE term: p(k|I) = sigmoid(s_k),
+    # which the image-level prior and the images table then use.
+    presence = load_model(make_checkpoint(tmp_path / "ml.pt", image_prior="sigmoid"), "cpu")
+    im = _img(90, 120, 7)
+    soft, sig = predict(bundle, [im])[0], predict(presence, [im])[0]
+    scores = np.log(soft.image_probs)  # softmax is shift-invariant: recover s up to a constant
+    assert sig.image_probs.sum() != pytest.approx(1.0)
+    np.testing.assert_allclose(np.argsort(sig.image_probs), np.argsort(scores))
+    np.testing.assert_allclose(np.log(sig.image_probs / (1 - sig.image_probs)) - scores,
+                               np.full(4, np.log(sig.image_probs[0] / (1 - sig.image_probs[0])) - scores[0]),
+                               atol=1e-6)
+    np.testing.assert_allclose(sig.probs(), soft.probs())  # pixel probabilities stay a softmax
 
 
 def test_model_cache_and_clear_errors(tmp_path, bundle):

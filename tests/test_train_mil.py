@@ -101,9 +101,11 @@ def test_resume_refuses_a_manifest_with_other_classes(shards, tmp_path):
 def test_multilabel_manifest_trains_and_reports_map(tmp_path):
     shards = str(tmp_path / "shards")
     write_synthetic_shards(shards, n_train=16, n_val=8, size=SIZE, multilabel=True)
-    for loss in ("softmax", "bce"):
+    for loss, prior in (("softmax", "softmax"), ("bce", "sigmoid"), ("softmax+bce", "sigmoid")):
         result = _train(shards, str(tmp_path / loss), epochs=1, steps_per_epoch=2, multilabel_loss=loss)
         assert 0 <= result["last"]["val_map"] <= 1 and result["multilabel"]
+        # the checkpoint says how inference turns LSE scores into the image-level prior
+        assert load_checkpoint(result["checkpoint"]).config.image_prior == prior
 
 
 def test_clear_errors(shards, tmp_path):

@@ -92,8 +92,9 @@ def train_mil(
     dropout: Annotated[float, Field(ge=0, lt=1, description="dropout after the head's hidden layers")] = 0.5,
     output_stride: Annotated[Literal[8, 16, 32], Field(description="backbone stride (8, 16 dilate)")] = 16,
     finetune_from: Annotated[int | None, Field(ge=0, description="train backbone stages from this one on")] = None,
-    multilabel_loss: Annotated[
-        Literal["softmax", "bce"], Field(description="loss for multi-label manifests")] = "softmax",
+    multilabel_loss: Annotated[Literal["softmax", "bce", "softmax+bce"], Field(
+        description="loss for multi-label shards; with bce in it, the image prior is the per-class sigmoid")
+    ] = "softmax+bce",
     hflip: Annotated[bool, Field(description="random horizontal flips")] = True,
     rotation: Annotated[float, Field(ge=0, le=180, description="max rotation in degrees")] = 10.0,
     scale: Annotated[list[float], Field(min_length=2, max_length=2, description="scale range low,high")] = (

@@ -31,6 +31,10 @@ class ModelConfig:
     lse_r: float = 5.0
     output_stride: int | None = 16
     finetune_from: int | None = None
+    # How LSE scores become the image-level prior p(k|I): "softmax" (the paper; one label
+    # per image) or "sigmoid" (presence probabilities of a multi-label model trained with a
+    # BCE term; see weakseg.models.losses). Set by the trainer from the manifest and loss.
+    image_prior: str = "softmax"
     # Filled in from the backbone when the model is built.
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())

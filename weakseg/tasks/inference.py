@@ -2,8 +2,9 @@
 
 One forward pass per batch gives, for every image, ``probs[K, H, W]`` at the image's full
 resolution (softmax of the dense score maps, bilinearly resampled from the score cells'
-centres) and ``image_probs[K]`` (softmax of the LSE scores over the cells that lie on the
-image, so padding never counts). Around the forward pass:
+centres) and ``image_probs[K]``, the image-level prior p(k|I) from the LSE scores over the
+cells that lie on the image, so padding never counts: their softmax (the paper), or their
+sigmoid for a multi-label model trained with a BCE term (``ModelConfig.image_prior``). Around the forward pass:
 
 - Normalisation is training's (:func:`weakseg.tasks.training.normalize`, the checkpoint's
   mean/std).
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import Checkpoint, CheckpointError, load_checkpoint
+from ..models import Checkpoint, CheckpointError, image_probabilities, load_checkpoint
 from . import storage
 from .devices import resolve_device
 from .priors import VARIANTS, apply_priors, default_thresholds, parse_priors
@@ -170,7 +171,7 @@ class Prediction:
     """One image's network output; full-resolution probabilities are made on demand."""
 
     cells: torch.Tensor  # [K, ch, cw] per-cell class probabilities (cell i over forward pixel i·stride)
-    image_probs: np.ndarray  # float64 [K], softmax of the LSE scores
+    image_probs: np.ndarray  # float64 [K], p(k|I): softmax (or sigmoid, see above) of the LSE scores
     size: tuple[int, int]  # (h, w) of the original image
     forward_size: tuple[int, int]  # (h, w) fed to the network
     stride: int
@@ -228,7 +229,7 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = D
     for i, (im, (fh, fw)) in enumerate(zip(images, sizes, strict=True)):
         ch, cw = -(-fh // stride), -(-fw // stride)  # cells whose centre lies on the image
         m = maps[i, :, :ch, :cw].float()
-        image_probs = model.pool(m[None]).double().softmax(-1)[0]
+        image_probs = image_probabilities(model.pool(m[None]).double(), bundle.checkpoint.config.image_prior)[0]
         out.append(Prediction(m.softmax(0), image_probs.cpu().numpy(), tuple(im.shape[:2]), (fh, fw), stride,
                               forward_ms))
     return out

@@ -39,7 +39,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..models import ModelConfig, WeakSegNet, checkpoint_bytes, create_model, load_checkpoint, mil_loss
+from ..models import ModelConfig, WeakSegNet, checkpoint_bytes, create_model, image_prior_for, load_checkpoint, mil_loss
 from ..models.losses import MultiLabelLoss
 from . import storage
 from .augment import AugmentConfig, EvalTransform, TrainTransform
@@ -89,7 +89,7 @@ class TrainConfig:
     weight_decay: float = 5e-5
     lr_decay: float = 0.8
     lr_decay_every_samples: int = 5_000_000
-    multilabel_loss: MultiLabelLoss = "softmax"
+    multilabel_loss: MultiLabelLoss = "softmax+bce"
     steps_per_epoch: int = 0  # 0: one pass over the train split at the effective batch
     val_every: int = 1  # epochs; 0 = never
     checkpoint_every: int = 1000  # steps; 0 = only at epoch ends
@@ -341,6 +341,8 @@ def run_training(
     if model_config.num_classes != len(classes):
         raise ValueError(f"model has {model_config.num_classes} classes, the manifest {len(classes)}")
     multilabel = bool(manifest.get("multilabel", False))
+    # the loss decides what the LSE scores mean at inference (a distribution or presences)
+    model_config = replace(model_config, image_prior=image_prior_for(multilabel, cfg.multilabel_loss))
     train_urls = shard_urls(shards, manifest, "train")
     try:
         val_urls = shard_urls(shards, manifest, "val") if cfg.val_every else []
@@ -362,7 +364,7 @@ def run_training(
         url = existing[-1][1]
         ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(url)))
         _check_resume(ckpt.classes, ckpt.config, classes, model_config, url)
-        model, config = ckpt.model, ckpt.config
+        model, config = ckpt.model, replace(ckpt.config, image_prior=model_config.image_prior)
         ts = ckpt.training_state
         state.update(step=int(ts["step"]), samples_seen=int(ts["samples_seen"]), skipped=int(ts.get("skipped", 0)),
                      history=list(ckpt.metrics.get("history", [])))

@@ -130,7 +130,7 @@ def demo(
         logger.info("reusing the trained model %s", model)
     else:
         train_mil(shards=shards, out=model_dir, epochs=epochs, batch_size=16, input_size=size,
-                  head_widths=[256, 256, 256], output_stride=8, lr=1e-3, num_workers=2, checkpoint_every=0,
+                  head_widths=[128, 128, 128], output_stride=8, lr=1e-3, num_workers=2, checkpoint_every=0,
                   rotation=5.0, scale=[0.9, 1.1])
     thresholds = choose_thresholds(model, data, 48, workdir)
     images = list_split(data, "val", storage.join(workdir, "val-images.txt"))

@@ -35,7 +35,7 @@ def train(args, shards: str, out: str) -> str:
     if not storage.exists(storage.join(out, "model.pt")):
         train_mil(shards=shards, out=out, epochs=args.epochs, batch_size=16, input_size=args.input_size,
                   head_widths=[int(w) for w in args.head_widths.split(",")], output_stride=args.output_stride,
-                  lr=args.lr, num_workers=2, checkpoint_every=0, progress=False)
+                  lr=args.lr, crop=args.crop, num_workers=2, checkpoint_every=0, progress=False)
     return storage.join(out, "model.pt")
 
 
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--head-widths", default="256,256,256")
     parser.add_argument("--output-stride", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--crop", default="auto", choices=("auto", "random", "whole"))
     parser.add_argument("--threshold-images", type=int, default=80)
     parser.add_argument("--limit", type=int, default=None, help="score only the first N val images")
     args = parser.parse_args()

@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--output-stride", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--crop", default="auto", choices=("auto", "random", "whole"))
-    parser.add_argument("--threshold-images", type=int, default=80)
+    parser.add_argument("--threshold-images", type=int, default=None,
+                        help="choose δ_k on the first N train images (default: all 355; 80 overfit SP-seg's δ)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N val images")
     args = parser.parse_args()
     if not (Path(args.data) / "JPEGImages").is_dir():

@@ -21,7 +21,7 @@ SMALL = {"head_widths": (32, 32, 32), "output_stride": 8}
 def _train(shards, out, *, multilabel_loss="softmax", pretrained="auto", model=None, **options):
     manifest = load_manifest(shards)
     config = ModelConfig(num_classes=len(manifest["classes"]), **{**SMALL, **(model or {})})
-    cfg = TrainConfig(**{"epochs": 3, "batch_size": 8, "lr": 3e-3, "num_workers": 0, "shuffle_buffer": 32,
+    cfg = TrainConfig(**{"epochs": 3, "batch_size": 8, "lr": 1e-3, "num_workers": 0, "shuffle_buffer": 32,
                          "progress": False, "multilabel_loss": multilabel_loss, **options})
     return run_training(shards, out, manifest, config, AugmentConfig(input_size=SIZE), cfg, pretrained=pretrained)
 

@@ -34,7 +34,7 @@ bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 # MSRC-21 quality table (weak training on tags, every prior variant) and the fully
-# supervised ceiling; about an hour on 2 CPU cores. Writes quality-output/.
+# supervised ceiling; about 40 minutes on 2 CPU cores. Writes quality-output/.
 quality: $(STAMP)
 	$(BIN)/python bench/quality.py --workdir quality-output
 	$(BIN)/python bench/supervised.py --out quality-output/supervised.pt --weak-quality quality-output/quality.json

@@ -50,6 +50,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from weakseg import __version__
+from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage, tables
@@ -100,17 +101,8 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, task_run_name="segment-chunk-{spec.index:06d}")
 def segment_chunk_task(spec: ChunkSpec, opts: SegmentOptions) -> ChunkResult:
     """One chunk: read, decode, infer, apply priors, write its files (retried whole: same names)."""
-    with _gpu_slot(opts.device):
+    with gpu_slot(opts.device):
         return segment_chunk(spec, opts)
-
-
-def _gpu_slot(device: str):
-    """One slot of the ``gpu`` concurrency limit on CUDA (as train-mil); nothing on CPU."""
-    if not device.startswith("cuda"):
-        return contextlib.nullcontext()
-    from prefect.concurrency.sync import concurrency
-
-    return concurrency("gpu", occupy=1)
 
 
 def _check_gpu_workers(logger) -> None:

@@ -14,7 +14,6 @@ with no such limit the slot is not enforced.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -22,8 +21,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import Field
 
+from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import ModelConfig
+from weakseg.models.losses import MultiLabelLoss
 from weakseg.tasks.augment import AugmentConfig, resolve_crop
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.manifest import ManifestError, load_manifest
@@ -61,15 +62,6 @@ def publish_metrics(result: dict[str, Any]) -> None:
     )
 
 
-def _gpu_slot(device: str):
-    """One slot of the ``gpu`` concurrency limit on CUDA; nothing on CPU (no server needed)."""
-    if resolve_device(device).type != "cuda":
-        return contextlib.nullcontext()
-    from prefect.concurrency.sync import concurrency
-
-    return concurrency("gpu", occupy=1)
-
-
 @flow(name="train-mil")
 def train_mil(
     shards: Annotated[str, Field(description="folder URL of the shards and their manifest.json (weakseg shard)")],
@@ -92,7 +84,7 @@ def train_mil(
     dropout: Annotated[float, Field(ge=0, lt=1, description="dropout after the head's hidden layers")] = 0.5,
     output_stride: Annotated[Literal[8, 16, 32], Field(description="backbone stride (8, 16 dilate)")] = 16,
     finetune_from: Annotated[int | None, Field(ge=0, description="train backbone stages from this one on")] = None,
-    multilabel_loss: Annotated[Literal["softmax", "bce", "softmax+bce"], Field(
+    multilabel_loss: Annotated[MultiLabelLoss, Field(
         description="loss for multi-label shards; with bce in it, the image prior is the per-class sigmoid")
     ] = "softmax+bce",
     hflip: Annotated[bool, Field(description="random horizontal flips")] = True,
@@ -137,7 +129,7 @@ def train_mil(
     )
     logger.info("training %s on %d classes (%s) from %s into %s", backbone, len(manifest["classes"]),
                 "multi-label" if manifest.get("multilabel") else "single-label", shards, out)
-    with _gpu_slot(device):
+    with gpu_slot(str(resolve_device(device))):
         result = train(shards, out, manifest, model_config, augment, config, pretrained)
     publish_metrics(result)
     logger.info("final checkpoint %s (step %d, last epoch: %s)", result["checkpoint"], result["step"], result["last"])

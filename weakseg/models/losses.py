@@ -19,7 +19,7 @@ Multi-label (several tags per image):
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ __all__ = ["IMAGE_PRIORS", "MULTILABEL_LOSSES", "MultiLabelLoss", "image_prior_f
            "labels_to_target", "mil_loss"]
 
 MultiLabelLoss = Literal["softmax", "bce", "softmax+bce"]
-MULTILABEL_LOSSES: tuple[str, ...] = ("softmax", "bce", "softmax+bce")
+MULTILABEL_LOSSES: tuple[str, ...] = get_args(MultiLabelLoss)
 IMAGE_PRIORS: tuple[str, ...] = ("softmax", "sigmoid")
 
 

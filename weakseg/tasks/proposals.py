@@ -45,13 +45,20 @@ __all__ = [
 FH_LEVELS = (50.0, 150.0, 400.0)  # Felzenszwalb scales of the proposal hierarchy, fine to coarse
 
 
-def _shrink(rgb: np.ndarray, side: int) -> tuple[np.ndarray, float]:
-    h, w = rgb.shape[:2]
+def _work_shape(h: int, w: int, side: int) -> tuple[int, int]:
+    """``(h, w)`` shrunk so the longer side is at most ``side`` (never enlarged)."""
     scale = min(1.0, side / max(h, w))
     if scale >= 1.0:
+        return h, w
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _shrink(rgb: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    h, w = rgb.shape[:2]
+    sh, sw = _work_shape(h, w, side)
+    if (sh, sw) == (h, w):
         return rgb, 1.0
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), scale
+    return cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA), min(1.0, side / max(h, w))
 
 
 def superpixels(rgb: np.ndarray, scale: float = 100.0, sigma: float = 0.5, min_size: int = 50,
@@ -175,8 +182,7 @@ def box_objectness_map(rgb: np.ndarray, work_side: int = 128) -> np.ndarray:
     """p_ij(Obj) from :func:`box_proposals`, computed at the working resolution and resized."""
     h, w = rgb.shape[:2]
     boxes, scores = box_proposals(rgb, work_side)
-    s = min(1.0, work_side / max(h, w))
-    sh, sw = (max(1, round(h * s)), max(1, round(w * s))) if s < 1.0 else (h, w)
+    sh, sw = _work_shape(h, w, work_side)  # the resolution box_proposals worked at
     obj = box_objectness(boxes * np.array([sw / w, sh / h, sw / w, sh / h]), scores, (sh, sw))
     if (sh, sw) != (h, w):
         obj = cv2.resize(obj, (w, h), interpolation=cv2.INTER_LINEAR)

@@ -1,10 +1,10 @@
 """The paper's Table 4 on real photos: MSRC-21, weak training on image tags only.
 
 shard MSRC-21's labels.csv (train/val split of the data set) -> train-mil on the train tags
--> δ_k of SP-bb / SP-seg chosen on train-split images (the network never sees a mask) ->
-every prior variant on the 236 val images, scored against the val masks. Prints JSON and a
-markdown table: mean IoU, pixel accuracy and per-class IoU per variant, plus the model's
-image-level mAP. `make quality` runs it; `--model` reuses a checkpoint.
+-> δ_k of SP-bb / SP-seg chosen on train-split images, for each variant that has them
+(the network never sees a mask) -> every prior variant on the 236 val images, scored
+against the val masks. Prints JSON and a markdown table: mean IoU, pixel accuracy and
+per-class IoU per variant, plus the model's image-level mAP. `make quality` runs it; `--model` reuses a checkpoint.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from weakseg.tasks import storage
 from weakseg.tasks.evaluation import read_split_ids
 from weakseg.tasks.inference import load_model
 from weakseg.tasks.priors import VARIANTS
-from weakseg.tasks.quality import fit_thresholds, score_variants
+from weakseg.tasks.quality import fit_thresholds, score_variants, thresholds_by_variant
 
 MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
 
@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--crop", default="auto", choices=("auto", "random", "whole"))
     parser.add_argument("--threshold-images", type=int, default=None,
                         help="choose δ_k on the first N train images (default: all 355; 80 overfit SP-seg's δ)")
+    parser.add_argument("--min-side", type=int, default=0,
+                        help="inference: enlarge images to this longer side (MSRC's are 320 px; 0 = as they are)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N val images")
     args = parser.parse_args()
     if not (Path(args.data) / "JPEGImages").is_dir():
@@ -74,12 +76,10 @@ def main() -> None:
     model = args.model or train(args, str(Path(args.workdir) / "shards"), str(Path(args.workdir) / "model"))
     bundle = load_model(model, "cpu")
     ids = read_split_ids(args.data, "train")[: args.threshold_images]
-    thresholds, searches = {}, {}
-    for prior in ("bb", "seg"):
-        found, searches[prior] = fit_thresholds(bundle, args.data, ids, prior, max_side=args.max_side)
-        thresholds[prior] = np.array([found.get(c, 0.0) for c in bundle.classes])
-    results = score_variants(bundle, args.data, "val", thresholds, tuple(VARIANTS), max_side=args.max_side,
-                             limit=args.limit)
+    sides = {"max_side": max(args.max_side, args.min_side), "min_side": args.min_side}
+    found = fit_thresholds(bundle, args.data, ids, tuple(VARIANTS), **sides)
+    results = score_variants(bundle, args.data, "val", thresholds_by_variant(found, bundle.classes),
+                             tuple(VARIANTS), limit=args.limit, **sides)
     metrics = load_checkpoint(model).metrics
     last = metrics.get("last") or (metrics.get("history") or [{}])[-1]
     gt_classes = [c for c in next(iter(results.values()))["per_class"]]
@@ -88,7 +88,8 @@ def main() -> None:
         "model": model,
         "train": {k: last.get(k) for k in ("epoch", "step", "val_map", "val_accuracy", "train_loss")},
         "image_level_map": last.get("val_map"),
-        "thresholds": {p: s for p, s in searches.items()},
+        "inference": sides,
+        "thresholds": {v: {"search": search, "delta": deltas} for v, (deltas, search) in found.items()},
         "mean_iou": {v: round(m["mean_iou"], 4) for v, m in results.items()},
         "pixel_accuracy": {v: round(m["pixel_accuracy"], 4) for v, m in results.items()},
         "per_class_iou": {v: {c: round(x["iou"], 4) for c, x in m["per_class"].items()} for v, m in results.items()},

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from weakseg.models import ModelConfig, create_model, save_checkpoint
+from weakseg.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
 from weakseg.tasks.evaluation import read_gt_classes, read_split_ids
 from weakseg.tasks.inference import load_model
 from weakseg.tasks.quality import iter_voc, score_variants
@@ -60,20 +60,8 @@ def batch(samples, rng: np.random.Generator, n: int, crop: int) -> tuple[torch.T
     return torch.stack(xs), torch.stack(ys)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", default=os.environ.get("WEAKSEG_MSRC21", str(MSRC)))
-    parser.add_argument("--out", default="quality-output/supervised.pt")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--max-side", type=int, default=320)
-    parser.add_argument("--head-widths", default="256,256,256")
-    parser.add_argument("--output-stride", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weak-quality", default=None, help="bench/quality.py JSON, for the weak/full ratio")
-    args = parser.parse_args()
-    started = time.perf_counter()
+def train(args: argparse.Namespace) -> list[float]:
+    """Train the head on the train split's pixel labels; saves ``args.out``; returns the losses."""
     torch.manual_seed(0)
     classes = sorted(c for c in read_gt_classes(args.data))
     config = ModelConfig(num_classes=len(classes), head_widths=tuple(int(w) for w in args.head_widths.split(",")),
@@ -96,12 +84,39 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(args.out, model, config, classes, input_size=args.crop,
                     metrics={"supervised": True, "steps": args.steps, "final_loss": float(np.mean(losses[-20:]))})
+    return losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", default=os.environ.get("WEAKSEG_MSRC21", str(MSRC)))
+    parser.add_argument("--out", default="quality-output/supervised.pt")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--max-side", type=int, default=320)
+    parser.add_argument("--head-widths", default="256,256,256")
+    parser.add_argument("--output-stride", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--min-side", type=int, default=0,
+                        help="inference: enlarge images to this longer side, as bench/quality.py does (0 = off)")
+    parser.add_argument("--model", default=None, help="score this supervised checkpoint instead of training one")
+    parser.add_argument("--weak-quality", default=None, help="bench/quality.py JSON, for the weak/full ratio")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if args.model:
+        args.out = args.model
+        steps, losses = load_checkpoint(args.model).metrics.get("steps"), []
+    else:
+        steps, losses = args.steps, train(args)
     result = score_variants(load_model(args.out, "cpu"), args.data, "val", variants=("base",),
-                            max_side=args.max_side)["base"]
+                            max_side=max(args.max_side, args.min_side), min_side=args.min_side)["base"]
     report = {
         "benchmark": "supervised_ceiling_msrc21",
-        "steps": args.steps, "batch_size": args.batch_size, "crop": args.crop,
-        "loss_first": round(float(np.mean(losses[:20])), 4), "loss_last": round(float(np.mean(losses[-20:])), 4),
+        "model": args.out, "steps": steps, "batch_size": args.batch_size, "crop": args.crop,
+        "inference": {"max_side": max(args.max_side, args.min_side), "min_side": args.min_side},
+        "loss_first": round(float(np.mean(losses[:20])), 4) if losses else None,
+        "loss_last": round(float(np.mean(losses[-20:])), 4) if losses else None,
         "mean_iou": round(result["mean_iou"], 4), "pixel_accuracy": round(result["pixel_accuracy"], 4),
         "per_class_iou": {c: round(x["iou"], 4) for c, x in result["per_class"].items()},
         "seconds": round(time.perf_counter() - started, 1),

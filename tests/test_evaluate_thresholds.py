@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from weakseg.tasks import storage
+from weakseg.tasks import priors, storage
 from weakseg.tasks.thresholds import (
     FORMAT,
+    ThresholdFit,
     ThresholdSample,
     read_thresholds,
     search_thresholds,
@@ -63,6 +64,33 @@ def test_threshold_sample_from_score_maps():
         threshold_sample(scores, np.ones((2, 2)), np.zeros((1, 2), np.uint8))
 
 
+def test_samples_follow_the_rule_the_priors_apply():
+    """For any δ, thresholding a sample gives exactly the labels apply_priors gives, with or without sppxl."""
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(4), size=(12, 16)).transpose(2, 0, 1).astype(np.float32)
+    image_probs = rng.dirichlet(np.ones(4))
+    obj = rng.random((12, 16)).astype(np.float32)
+    segs = np.repeat(np.repeat(np.arange(12).reshape(3, 4), 4, axis=0), 4, axis=1)
+    gt = rng.integers(0, 4, (12, 16)).astype(np.uint8)
+    scores = priors.image_level_prior(probs, image_probs)
+    delta = np.array([0.02, 0.05, 0.08, 0.03])
+    for chain, sp in ((("ilp", "bb"), None), (("ilp", "sppxl", "bb"), segs)):
+        sample = threshold_sample(scores, obj, gt, sp)
+        expected = np.where(sample.score > delta[sample.label], sample.label, 255)
+        got = priors.apply_priors(probs, image_probs, chain, superpixels=segs, box_obj=obj,
+                                  thresholds={"bb": delta}, background_index=None)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_one_fit_fed_sample_by_sample_equals_the_search():
+    samples = [_sample([(1, 1, 0.5, 10), (0, 1, 0.6, 2)]), _sample([(0, 1, 0.2, 20), (0, 0, 0.9, 30)])]
+    fit = ThresholdFit(("background", "a"), grid=GRID)
+    for s in samples:
+        fit.add(s)
+    assert fit.samples == 2
+    assert fit.search() == search_thresholds(samples, ("background", "a"), grid=GRID)
+
+
 def test_bad_samples_are_value_errors():
     with pytest.raises(ValueError, match="no validation samples"):
         search_thresholds([], ("a",))
@@ -82,6 +110,10 @@ def test_file_round_trip_and_validation(tmp_path):
         write_thresholds(url, "box", ["cat"], {})
     with pytest.raises(ValueError, match="not in the class list"):
         write_thresholds(url, "seg", ["cat"], {"dog": 0.1})
+    chained = write_thresholds(url, "seg", ["cat"], {"cat": 0.1}, priors=("ilp", "sppxl", "seg"))
+    assert read_thresholds(url)["priors"] == chained["priors"] == ["ilp", "sppxl", "seg"]
+    with pytest.raises(ValueError, match="prior chain"):
+        write_thresholds(url, "seg", ["cat"], {"cat": 0.1}, priors=("ilp", "bb"))
     bad = tmp_path / "bad.json"
     for text, message in [('{"format": "x"}', "not a weakseg thresholds file"),
                           ('{"format": "weakseg.thresholds", "format_version": 2, "prior": "bb"}', "version 2"),

@@ -142,3 +142,63 @@ def test_proposals_on_a_photo():
     tiny = proposals.box_objectness_map(np.zeros((3, 5, 3), np.uint8))  # degenerate images still work
     assert tiny.shape == (3, 5)
     assert proposals.segment_objectness_map(np.zeros((1, 1, 3), np.uint8)).shape == (1, 1)
+
+
+def test_superpixel_mean():
+    values = np.array([[1.0, 3.0, 5.0], [2.0, 7.0, 9.0]])
+    segments = np.array([[4, 4, 8], [4, 8, 8]])
+    out = P.superpixel_mean(values, segments)
+    np.testing.assert_allclose(out, [[2.0, 2.0, 7.0], [2.0, 7.0, 7.0]])
+    assert out.dtype == np.float32
+    with pytest.raises(ValueError, match="shape"):
+        P.superpixel_mean(values, segments[:1])
+
+
+def test_sppxl_with_objectness_tests_the_smoothed_labels():
+    # Superpixel 0 = the first row, superpixel 1 = the second. ILP argmax per pixel:
+    # [[1, 1], [2, 1]]; the second row's vote is a tie, 1 vs 2, which goes to 1.
+    probs, image_probs = _probs()
+    scores = P.image_level_prior(probs, image_probs)
+    segs = np.array([[0, 0], [1, 1]])
+    obj = np.array([[1.0, 0.2], [0.0, 1.0]], dtype=np.float32)  # per-superpixel means: 0.6 and 0.5
+    delta = np.array([0.05, 0.1, 0.05])
+    labels, smoothed = P.objectness_inputs(scores, obj, segs)
+    assert labels.tolist() == [[1, 1], [1, 1]]
+    np.testing.assert_allclose(smoothed, [[0.6, 0.6], [0.5, 0.5]])
+    # Scores of class 1: .21 .35 / .07 .21; times objectness .126 .21 / .035 .105 -> (1, 0) fails δ = .1.
+    chained = P.apply_priors(probs, image_probs, ["ilp", "sppxl", "bb"], superpixels=segs, box_obj=obj,
+                             thresholds={"bb": delta}, background_index=None)
+    assert chained.tolist() == [[1, 1], [255, 1]]
+    assert P.objectness_labels(scores, obj, delta, None, segs).tolist() == chained.tolist()
+    # Without sppxl the test acts on the raw argmax and the raw map: (0, 1) .35*.2 = .07 fails,
+    # (1, 0) is class 2 with .08*0 = 0 < .05.
+    paper = P.apply_priors(probs, image_probs, ["ilp", "bb"], box_obj=obj, thresholds={"bb": delta},
+                           background_index=None)
+    assert paper.tolist() == [[1, 255], [255, 1]]
+    # keep_objects works on given labels (any band); unlabelled input stays unlabelled.
+    kept = P.keep_objects(scores, np.array([[1, 255], [2, 0]], np.uint8), np.ones((2, 2)), delta, None)
+    assert kept.tolist() == [[1, 255], [2, 0]]  # class 2 at (1, 0): .08 > .05; class 0 at (1, 1): .06 > .05
+    strict = P.keep_objects(scores, np.array([[1, 255], [2, 0]], np.uint8), np.ones((2, 2)), np.full(3, 0.1), 0)
+    assert strict.tolist() == [[1, 0], [0, 0]]  # background index 0 fills the refused pixels
+
+
+def test_boundary_connectivity_scores_objects_over_stuff():
+    # A framed photo-like image: "sky" on top, "grass" below, a red object in the middle.
+    img = np.zeros((96, 128, 3), np.uint8)
+    img[:48] = (110, 160, 230)
+    img[48:] = (60, 150, 60)
+    img[40:72, 50:82] = (200, 30, 30)
+    layers, shape = proposals.segment_proposals(img, work_side=128)
+    assert shape == (96, 128)
+    seg, scores = layers[0]
+    obj_score = scores[seg[56, 66]]
+    assert obj_score > 0.9 > 0.05 > max(scores[seg[5, 5]], scores[seg[90, 5]])
+    obj = proposals.segment_objectness_map(img)
+    assert obj[56, 66] > 0.5 > obj[5, 5]
+    # The same cue for boxes: a box with sides on the border scores lower than an inner one.
+    boxes, box_scores = proposals.box_proposals(img, work_side=128)
+    inner = (boxes[:, 0] > 0) & (boxes[:, 1] > 0) & (boxes[:, 2] < 128) & (boxes[:, 3] < 96)
+    assert box_scores[inner].max() > box_scores[~inner].max()
+    assert proposals.box_objectness_map(img)[56, 66] > proposals.box_objectness_map(img)[5, 5]
+    np.testing.assert_allclose(proposals.boundary_score(np.array([0, 10, 40]), np.array([100, 100, 100])),
+                               np.exp(-0.5 * np.array([0.0, 1.0, 4.0]) ** 2))

@@ -169,10 +169,14 @@ def test_local_corpus_bad_files_rerun_and_skip_existing(prefect_harness, tmp_pat
     write_corpus(root, more)
     storage.write_bytes(storage.join(root, "a_rgb.jpg"), changed)
     files = {**files, **more, "a_rgb.jpg": (changed, (120, 90))}
-    state = run(root, model, out, run_id="r2", skip_existing=True, priors="ilp")
+    state = run(root, model, out, run_id="r2", skip_existing=True, priors="ilp", min_side=192)
     summary = state.result()
     assert summary["counts"]["ok"] == 3 and summary["counts"]["skipped"] == len(GOOD) - 1
-    check_tables(out, "r2", files, {"n_new1.jpg", "n_new2.png", "a_rgb.jpg"})
+    t3 = check_tables(out, "r2", files, {"n_new1.jpg", "n_new2.png", "a_rgb.jpg"})
+    forward = {r["image_uri"].rsplit("/", 1)[-1]: (r["forward_width"], r["forward_height"])
+               for r in t3["images"].to_pylist() if r["run_id"] == "r2"}
+    assert forward["n_new1.jpg"] == (192, 192) and forward["a_rgb.jpg"] == (192, 144)  # enlarged to min_side
+    assert run(root, model, out, run_id="r3", min_side=512).is_failed()  # over max_side (256 here)
     assert not (tmp_path / "out" / "_state" / "done-r2.parquet").exists()
 
 

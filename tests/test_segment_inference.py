@@ -47,6 +47,9 @@ def test_predictions_come_back_at_full_size_for_any_size(bundle):
         assert max(p.forward_size) <= 256 or min(im.shape[:2]) < 64
         assert min(p.forward_size) >= 4 * bundle.model.stride  # tiny inputs are enlarged, not refused
     assert preds[2].forward_size == (256, 110)  # shrunk to max_side for the forward pass
+    up = predict(bundle, images, max_side=256, min_side=200)
+    assert [p.forward_size for p in up] == [(120, 200), (200, 160), (256, 110), (200, 200)]
+    assert all(p.probs().shape == (4, *im.shape[:2]) for im, p in zip(images, up, strict=True))
     # Row bands equal the whole.
     np.testing.assert_allclose(preds[1].probs(10, 30), preds[1].probs()[:, 10:30], atol=1e-6)
 
@@ -104,8 +107,13 @@ def test_thresholds_from_file_and_checkpoint(tmp_path):
     doc = {"format": "weakseg.thresholds", "format_version": 1, "prior": "seg", "classes": CLASSES,
            "thresholds": {"background": 0.1, "disk": 0.2, "square": 0.3, "stripes": 0.4}}
     (tmp_path / "t.json").write_text(json.dumps(doc))
-    prior, vec = load_thresholds(str(tmp_path / "t.json"), CLASSES)
-    assert prior == "seg" and vec.tolist() == [0.1, 0.2, 0.3, 0.4]
+    prior, vec, chain = load_thresholds(str(tmp_path / "t.json"), CLASSES)
+    assert prior == "seg" and vec.tolist() == [0.1, 0.2, 0.3, 0.4] and chain is None
+    (tmp_path / "chain.json").write_text(json.dumps({**doc, "priors": ["ilp", "sppxl", "seg"]}))
+    assert load_thresholds(str(tmp_path / "chain.json"), CLASSES)[2] == ("ilp", "sppxl", "seg")
+    (tmp_path / "wrong-chain.json").write_text(json.dumps({**doc, "priors": ["ilp", "bb"]}))
+    with pytest.raises(ModelError, match="chain"):
+        load_thresholds(str(tmp_path / "wrong-chain.json"), CLASSES)
     (tmp_path / "bad.json").write_text(json.dumps({**doc, "classes": ["a", "b", "c", "d"]}))
     with pytest.raises(ModelError, match="classes"):
         load_thresholds(str(tmp_path / "bad.json"), CLASSES)
@@ -128,9 +136,11 @@ def test_segment_image_and_all_variants_from_one_forward_pass(bundle):
     single = segment_image(bundle, rgb, "ilp,sppxl", prediction=pred)
     np.testing.assert_array_equal(single.labels, variants["ilp+sppxl"])
     assert set(single.prior_ms) >= {"sppxl"}
-    # The flow's banded labelling gives the same labels as the one-shot API.
+    # The flow's banded labelling gives the same labels as the one-shot API, for every chain.
+    for name, chain in VARIANTS.items():
+        banded, _, _ = label_image(bundle, pred, rgb, chain, bundle.thresholds)
+        np.testing.assert_array_equal(banded, variants[name], err_msg=name)
     labels, prob_sum, _ = label_image(bundle, pred, rgb, ("ilp", "sppxl"), {})
-    np.testing.assert_array_equal(labels, variants["ilp+sppxl"])
     regions = image_statistics(labels, prob_sum, pred.image_probs, CLASSES)
     assert sum(r["pixel_count"] for r in regions) == 90 * 120
     assert sum(r["area_fraction"] for r in regions) == pytest.approx(1.0)
@@ -147,11 +157,14 @@ def test_banded_labels_match_for_large_images(bundle, monkeypatch):
 
     rgb = _img(300, 200, 4)
     pred = predict(bundle, [rgb])[0]
-    whole = label_image(bundle, pred, rgb, ("ilp", "bb"), {})
-    monkeypatch.setattr(segmenting, "BAND_BYTES", 4 * 4 * 200 * 7)  # 7-row bands
-    banded = label_image(bundle, pred, rgb, ("ilp", "bb"), {})
-    np.testing.assert_array_equal(whole[0], banded[0])
-    np.testing.assert_allclose(whole[1], banded[1], rtol=1e-5)
+    for chain in (("ilp", "bb"), ("ilp", "sppxl", "seg")):
+        whole = label_image(bundle, pred, rgb, chain, {})
+        with monkeypatch.context() as m:
+            m.setattr(segmenting, "BAND_BYTES", 4 * 4 * 200 * 7)  # 7-row bands
+            banded = label_image(bundle, pred, rgb, chain, {})
+        np.testing.assert_array_equal(whole[0], banded[0])
+        np.testing.assert_allclose(whole[1], banded[1], rtol=1e-5)
+        np.testing.assert_array_equal(whole[0], segment_image(bundle, rgb, chain, prediction=pred).labels)
 
 
 def test_corpus_listing_kinds(tmp_path):

@@ -27,7 +27,7 @@ from weakseg.tasks import storage
 from weakseg.tasks.evaluation import read_split_ids
 from weakseg.tasks.inference import load_model
 from weakseg.tasks.priors import VARIANTS
-from weakseg.tasks.quality import fit_thresholds
+from weakseg.tasks.quality import fit_thresholds, threshold_variants
 from weakseg.tasks.synthetic import voc_palette, write_synthetic_dataset
 from weakseg.tasks.thresholds import write_thresholds
 
@@ -53,16 +53,15 @@ def list_split(data: str, split: str, dest: str) -> str:
 
 @task
 def choose_thresholds(model: str, data: str, n_images: int, out: str) -> dict[str, str]:
-    """δ_k of SP-bb and SP-seg on training images (never the scored ones)."""
-    bundle = load_model(model, "cpu")
-    ids = read_split_ids(data, "train")[:n_images]
-    urls = {}
-    for prior in ("bb", "seg"):
-        url = storage.join(out, f"thresholds-{prior}.json")
-        if not storage.exists(url):
-            thresholds, search = fit_thresholds(bundle, data, ids, prior)
-            write_thresholds(url, prior, bundle.classes, thresholds, search)
-        urls[prior] = url
+    """δ_k of every variant with SP-bb or SP-seg, on training images (never the scored ones)."""
+    urls = {v: storage.join(out, f"thresholds-{v.replace('+', '-')}.json") for v in threshold_variants()}
+    missing = [v for v, url in urls.items() if not storage.exists(url)]
+    if missing:
+        bundle = load_model(model, "cpu")
+        ids = read_split_ids(data, "train")[:n_images]
+        for v, (thresholds, search) in fit_thresholds(bundle, data, ids, missing).items():
+            prior = "bb" if "bb" in VARIANTS[v] else "seg"
+            write_thresholds(urls[v], prior, bundle.classes, thresholds, search, priors=VARIANTS[v])
     return urls
 
 
@@ -137,9 +136,8 @@ def demo(
     results = {}
     for variant, priors in VARIANTS.items():
         run_id = "demo-" + variant.replace("+", "-")
-        prior_file = next((thresholds[p] for p in priors if p in thresholds), None)
         segment_corpus(images=images, model=model, out=segmentation, priors=",".join(priors) or "none",
-                       run_id=run_id, thresholds=prior_file, device="cpu")
+                       run_id=run_id, thresholds=thresholds.get(variant), device="cpu")
         metrics = evaluate_segmentation(predictions=segmentation, ground_truth=data, split="val", run_id=run_id,
                                         out=storage.join(workdir, "evaluation", run_id))
         results[variant] = metrics

@@ -79,7 +79,11 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
     resolved = {p: list(v) for p, v in bundle.thresholds.items()}
     sources = dict.fromkeys(resolved, "checkpoint")
     if thresholds:
-        prior, vec = load_thresholds(thresholds, bundle.classes)
+        prior, vec, chain = load_thresholds(thresholds, bundle.classes)
+        if chain is not None and parse_priors(chain) != priors:
+            get_run_logger().warning("%s holds δ chosen for priors %s; this run applies %s (the test then acts "
+                                     "on other labels, so δ may not be the best)", thresholds, ",".join(chain),
+                                     ",".join(priors) or "none")
         resolved[prior] = list(vec)
         sources[prior] = thresholds
     for prior in ("bb", "seg"):
@@ -239,6 +243,8 @@ def segment_corpus(
     chunk_size: Annotated[int, Field(ge=1, description="images per chunk (one task, one file per table)")] = 512,
     max_side: Annotated[int, Field(ge=32, description="forward-pass longer side; results come back at "
                                    "full size")] = DEFAULT_MAX_SIDE,
+    min_side: Annotated[int, Field(ge=0, description="enlarge images whose longer side is under this for the "
+                                   "forward pass: finer maps for small photos, slower (0: never)")] = 0,
     max_pixels: Annotated[
         int, Field(ge=1, description="refuse larger images (decompression bombs)")
     ] = DEFAULT_MAX_PIXELS,
@@ -259,6 +265,8 @@ def segment_corpus(
     started_at = datetime.now(UTC)
     t_start = time.perf_counter()
     prior_list = parse_priors(priors)
+    if min_side > max_side:
+        raise ValueError(f"min_side {min_side} is over max_side {max_side}")
     flow_run_id = str(get_run_context().flow_run.id)
     run_id = run_id or f"{started_at:%Y%m%dT%H%M%SZ}-{flow_run_id.replace('-', '')[-8:]}"  # uuid7: random tail
     chunk_device = _chunk_device(device, task_runner, dask_address)
@@ -271,8 +279,8 @@ def segment_corpus(
         logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info["done"],
                     info["model_id"])
     opts = SegmentOptions(out=out, run_id=run_id, run_date=info["run_date"], model=model, device=chunk_device,
-                          priors=prior_list, batch_size=batch_size, max_side=max_side, max_pixels=max_pixels,
-                          thresholds={p: tuple(v) for p, v in info["thresholds"].items()},
+                          priors=prior_list, batch_size=batch_size, max_side=max_side, min_side=min_side,
+                          max_pixels=max_pixels, thresholds={p: tuple(v) for p, v in info["thresholds"].items()},
                           done_index=info["done_index"], thumbnails=thumbnails)
     logger.info("run %s: model %s (%d classes), priors %s, writing to %s/*/run_date=%s/ (%s, %d workers, %s)",
                 run_id, info["model_id"], len(info["classes"]), ",".join(prior_list) or "none", _public(out),
@@ -292,7 +300,7 @@ def segment_corpus(
     state_name = "Failed" if failed_chunks else "CompletedWithErrors" if counts["failed"] else "Completed"
     parameters = {"images": _public(images), "model": _public(model), "out": _public(out), "priors": priors,
                   "batch_size": batch_size, "skip_existing": skip_existing, "chunk_size": chunk_size,
-                  "max_side": max_side, "max_pixels": max_pixels, "device": chunk_device,
+                  "max_side": max_side, "min_side": min_side, "max_pixels": max_pixels, "device": chunk_device,
                   "thresholds": _public(thresholds), "task_runner": task_runner, "workers": workers,
                   "dask_address": _public(dask_address)}
     row = {"run_id": run_id, "flow_run_id": flow_run_id, "model_id": info["model_id"], "model_uri": _public(model),

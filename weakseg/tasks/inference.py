@@ -9,8 +9,10 @@ sigmoid for a multi-label model trained with a BCE term (``ModelConfig.image_pri
 - Normalisation is training's (:func:`weakseg.tasks.training.normalize`, the checkpoint's
   mean/std).
 - Images whose longer side is over ``max_side`` (default :data:`DEFAULT_MAX_SIDE`) are
-  shrunk for the forward pass; a side under ``min_side`` (default: 4 score cells,
-  ``4 x stride`` px) is enlarged, so a 3x5 image still gets a prediction. The probabilities
+  shrunk for the forward pass; with ``min_side`` set, those whose longer side is under it
+  are enlarged to it (finer score maps for small photos: one score cell then covers
+  fewer of the image's pixels); any side under 4 score cells (``4 x stride`` px) is
+  enlarged, so a 3x5 image still gets a prediction. The probabilities
   are always brought back to the original size.
 - A batch is padded (edge pixels repeated) to a common size that is a multiple of the
   stride; the padded cells are cut off before the LSE and the upsampling.
@@ -154,8 +156,11 @@ def load_model(url: str, device: str = "auto") -> ModelBundle:
         return bundle
 
 
-def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray]:
-    """Read an evaluate-segmentation thresholds file; returns ``(prior, δ[K])`` in class order."""
+def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray, tuple[str, ...] | None]:
+    """Read an evaluate-segmentation thresholds file: ``(prior, δ[K] in class order, chain or None)``.
+
+    The chain is the prior list δ was chosen for, when the file records it.
+    """
     try:
         doc = read_thresholds(url)
     except ValueError as err:
@@ -163,7 +168,8 @@ def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray]:
     if list(doc["classes"]) != list(classes):
         raise ModelError(f"{url}: thresholds were chosen for classes {doc['classes'][:5]}..., "
                          f"not this model's {list(classes)[:5]}...")
-    return doc["prior"], _threshold_vector(doc["thresholds"], classes, url)
+    chain = tuple(doc["priors"]) if doc.get("priors") is not None else None
+    return doc["prior"], _threshold_vector(doc["thresholds"], classes, url), chain
 
 
 @dataclass
@@ -182,11 +188,14 @@ class Prediction:
         return _upsample(self.cells, self.forward_size, self.size, self.stride, row0, row1).cpu().numpy()
 
 
-def forward_size(h: int, w: int, stride: int, max_side: int) -> tuple[int, int]:
-    """Size fed to the network: shrunk to ``max_side`` (longer side), each side ≥ 4 cells."""
-    scale = min(1.0, max_side / max(h, w))
-    min_side = MIN_CELLS * stride
-    return max(min_side, round(h * scale)), max(min_side, round(w * scale))
+def forward_size(h: int, w: int, stride: int, max_side: int, min_side: int = 0) -> tuple[int, int]:
+    """Size fed to the network: longer side brought into [min_side, max_side], each side ≥ 4 cells."""
+    longer = max(h, w)
+    scale = min(1.0, max_side / longer)
+    if longer * scale < min_side:
+        scale = min(min_side, max_side) / longer
+    cells = MIN_CELLS * stride
+    return max(cells, round(h * scale)), max(cells, round(w * scale))
 
 
 def _upsample(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], stride: int, row0: int = 0,
@@ -206,13 +215,14 @@ def _upsample(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], strid
 
 
 @torch.no_grad()
-def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = DEFAULT_MAX_SIDE) -> list[Prediction]:
-    """One batched forward pass over RGB ``uint8[H, W, 3]`` images of any sizes."""
+def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = DEFAULT_MAX_SIDE,
+            min_side: int = 0) -> list[Prediction]:
+    """One batched forward pass over RGB ``uint8[H, W, 3]`` images of any sizes (see :func:`forward_size`)."""
     if not images:
         return []
     model, stride = bundle.model, bundle.model.stride
     started = time.perf_counter()
-    sizes = [forward_size(im.shape[0], im.shape[1], stride, max_side) for im in images]
+    sizes = [forward_size(im.shape[0], im.shape[1], stride, max_side, min_side) for im in images]
     bh = -(-max(s[0] for s in sizes) // stride) * stride
     bw = -(-max(s[1] for s in sizes) // stride) * stride
     batch = np.empty((len(images), bh, bw, 3), dtype=np.uint8)
@@ -264,10 +274,10 @@ def _labels(bundle: ModelBundle, pred: Prediction, priors: Sequence[str], inputs
 
 def segment_image(bundle: ModelBundle, rgb: np.ndarray, priors: str | Sequence[str] = ("ilp", "sppxl"),
                   thresholds: Mapping[str, np.ndarray] | None = None, max_side: int = DEFAULT_MAX_SIDE,
-                  prediction: Prediction | None = None) -> SegmentResult:
+                  prediction: Prediction | None = None, min_side: int = 0) -> SegmentResult:
     """Segment one RGB image with the given priors (the flow does the same per batch)."""
     priors = parse_priors(priors)
-    pred = prediction or predict(bundle, [rgb], max_side)[0]
+    pred = prediction or predict(bundle, [rgb], max_side, min_side)[0]
     inputs, ms = compute_prior_inputs(rgb, priors)
     t0 = time.perf_counter()
     labels = _labels(bundle, pred, priors, inputs, thresholds)
@@ -277,13 +287,16 @@ def segment_image(bundle: ModelBundle, rgb: np.ndarray, priors: str | Sequence[s
 
 def segment_variants(bundle: ModelBundle, rgb: np.ndarray, thresholds: Mapping[str, np.ndarray] | None = None,
                      max_side: int = DEFAULT_MAX_SIDE, variants: Sequence[str] = tuple(VARIANTS),
-                     prediction: Prediction | None = None) -> dict[str, np.ndarray]:
-    """The paper's variants (base, ilp, ilp+sppxl, ilp+bb, ilp+seg) from one forward pass.
+                     prediction: Prediction | None = None,
+                     variant_thresholds: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                     min_side: int = 0) -> dict[str, np.ndarray]:
+    """The prior variants of :data:`~weakseg.tasks.priors.VARIANTS` from one forward pass.
 
     Returns ``{variant: uint8[H, W] labels}``. Superpixels and proposals are computed once
     and shared. ``thresholds``: ``{"bb": δ[K], "seg": δ[K]}``; by default the model's.
+    ``variant_thresholds``: ``{variant: {"bb": δ[K]}}``, for a variant, instead of those.
     """
-    pred = prediction or predict(bundle, [rgb], max_side)[0]
+    pred = prediction or predict(bundle, [rgb], max_side, min_side)[0]
     needed = sorted({p for v in variants for p in VARIANTS[v]})
     inputs, _ = compute_prior_inputs(rgb, needed)
     out = {}
@@ -291,5 +304,5 @@ def segment_variants(bundle: ModelBundle, rgb: np.ndarray, thresholds: Mapping[s
         priors = VARIANTS[v]
         names = {"sppxl": "superpixels", "bb": "box_obj", "seg": "seg_obj"}
         own = {names[p]: inputs[names[p]] for p in priors if p in names}
-        out[v] = _labels(bundle, pred, priors, own, thresholds)
+        out[v] = _labels(bundle, pred, priors, own, (variant_thresholds or {}).get(v) or thresholds)
     return out

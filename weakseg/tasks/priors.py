@@ -14,7 +14,9 @@ score maps, upsampled to the image) and the image-level probabilities ``image_pr
   else background.
 
 The paper's variants chain them (see :func:`apply_priors`): base, ilp, ilp+sppxl, ilp+bb,
-ilp+seg. Proposal generators live in :mod:`weakseg.tasks.proposals`.
+ilp+seg; and, beyond the paper, ilp+sppxl+bb and ilp+sppxl+seg, where the objectness test
+acts on the superpixel-smoothed labelling. Proposal generators live in
+:mod:`weakseg.tasks.proposals`.
 """
 from __future__ import annotations
 
@@ -31,21 +33,29 @@ __all__ = [
     "box_objectness",
     "default_thresholds",
     "image_level_prior",
+    "keep_objects",
+    "label_score",
+    "objectness_inputs",
     "objectness_labels",
+    "objectness_prior",
     "parse_priors",
     "segment_objectness",
+    "superpixel_mean",
     "superpixel_vote",
 ]
 
 UNLABELLED = 255
 PRIORS = ("ilp", "sppxl", "bb", "seg")
-# The paper's five variants (Table 3), each a tuple of priors for apply_priors.
+# The paper's five variants (its Table 4) and the two chains that smooth before the objectness
+# test, each a tuple of priors for apply_priors.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "base": (),
     "ilp": ("ilp",),
     "ilp+sppxl": ("ilp", "sppxl"),
     "ilp+bb": ("ilp", "bb"),
     "ilp+seg": ("ilp", "seg"),
+    "ilp+sppxl+bb": ("ilp", "sppxl", "bb"),
+    "ilp+sppxl+seg": ("ilp", "sppxl", "seg"),
 }
 
 
@@ -75,6 +85,21 @@ def argmax_labels(scores: np.ndarray) -> np.ndarray:
     return scores.argmax(axis=0).astype(np.uint8)
 
 
+def _dense_ids(segments: np.ndarray) -> tuple[np.ndarray, int]:
+    """Superpixel ids as 0..S-1 (flat) and S."""
+    seg = np.unique(segments.ravel(), return_inverse=True)[1].ravel()
+    return seg, int(seg.max()) + 1 if seg.size else 0
+
+
+def superpixel_mean(values: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Every pixel of ``values[H, W]`` replaced by its superpixel's mean (float32)."""
+    if values.shape != segments.shape:
+        raise ValueError(f"values {values.shape} and segments {segments.shape} differ in shape")
+    seg, n = _dense_ids(segments)
+    sums = np.bincount(seg, weights=values.ravel().astype(np.float64), minlength=n)
+    return (sums / np.maximum(np.bincount(seg, minlength=n), 1))[seg].reshape(values.shape).astype(np.float32)
+
+
 def superpixel_vote(labels: np.ndarray, segments: np.ndarray) -> np.ndarray:
     """SP-sppxl: each superpixel takes the most frequent label among its pixels.
 
@@ -83,9 +108,9 @@ def superpixel_vote(labels: np.ndarray, segments: np.ndarray) -> np.ndarray:
     """
     if labels.shape != segments.shape:
         raise ValueError(f"labels {labels.shape} and segments {segments.shape} differ in shape")
-    seg = np.unique(segments.ravel(), return_inverse=True)[1].ravel()  # ids -> 0..S-1
+    seg, n_seg = _dense_ids(segments)
     lab = labels.ravel().astype(np.int64)
-    n_seg, n_lab = int(seg.max()) + 1, 256
+    n_lab = 256
     votes = np.bincount(seg * n_lab + lab, minlength=n_seg * n_lab).reshape(n_seg, n_lab)
     winner = votes.argmax(axis=1).astype(np.uint8)
     return winner[seg].reshape(labels.shape)
@@ -147,25 +172,91 @@ def segment_objectness(layers: Sequence[tuple[np.ndarray, np.ndarray]], shape: t
     return out
 
 
+def objectness_inputs(
+    scores: np.ndarray, objectness: np.ndarray, superpixels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The labels SP-bb / SP-seg test and the objectness they are tested with: ``(uint8[H, W], float[H, W])``.
+
+    Without ``superpixels`` the label is the per-pixel argmax and p(Obj) the map itself
+    (the paper). With them the labels are first smoothed (:func:`superpixel_vote`) and
+    p(Obj) averaged over each superpixel, so the test acts on the labelling SP-sppxl
+    produced and a superpixel's objectness follows image edges rather than box corners.
+    :func:`apply_priors` and the threshold search both use this rule.
+    """
+    if objectness.shape != scores.shape[1:]:
+        raise ValueError(f"objectness {objectness.shape} does not match the score maps {scores.shape}")
+    labels = argmax_labels(scores)
+    if superpixels is not None:
+        labels = superpixel_vote(labels, superpixels)
+        objectness = superpixel_mean(objectness, superpixels)
+    return labels, objectness
+
+
+def label_score(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """ŷ'_ij(labels_ij): each pixel's score for its label (255 = unlabelled scores 0)."""
+    idx = np.minimum(labels, scores.shape[0] - 1).astype(np.int64)
+    return np.where(labels < scores.shape[0], np.take_along_axis(scores, idx[None], axis=0)[0], 0.0)
+
+
+def keep_objects(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    objectness: np.ndarray,
+    thresholds: np.ndarray,
+    background_index: int | None,
+) -> np.ndarray:
+    """The SP-bb / SP-seg test on given labels: keep k where ŷ'(k) · p(Obj) > δ_k, else background.
+
+    Works on any row band of an image (the flow labels large images band by band).
+    """
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.shape != (scores.shape[0],):
+        raise ValueError(f"need {scores.shape[0]} thresholds, got shape {thresholds.shape}")
+    fill = UNLABELLED if background_index is None else background_index
+    delta = np.append(thresholds, np.inf)[np.minimum(labels, scores.shape[0])]
+    return np.where(label_score(scores, labels) * objectness > delta, labels, np.uint8(fill)).astype(np.uint8)
+
+
 def objectness_labels(
     scores: np.ndarray,
     objectness: np.ndarray,
     thresholds: np.ndarray,
     background_index: int | None,
+    superpixels: np.ndarray | None = None,
 ) -> np.ndarray:
     """SP-bb / SP-seg: k = argmax ŷ'(k) if ŷ'(k) · p(Obj) > δ_k, else background.
 
     ``scores[K, H, W]`` (ILP scores ŷ'), ``objectness[H, W]``, ``thresholds[K]`` (δ).
     Background is ``background_index`` or :data:`UNLABELLED` when the model has none.
+    ``superpixels``: test the superpixel-smoothed labels instead (see :func:`objectness_inputs`).
     """
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    if thresholds.shape != (scores.shape[0],):
-        raise ValueError(f"need {scores.shape[0]} thresholds, got shape {thresholds.shape}")
-    labels = argmax_labels(scores)
-    best = np.take_along_axis(scores, labels[None].astype(np.int64), axis=0)[0]
-    keep = best * objectness > thresholds[labels]
-    fill = UNLABELLED if background_index is None else background_index
-    return np.where(keep, labels, np.uint8(fill)).astype(np.uint8)
+    labels, objectness = objectness_inputs(scores, objectness, superpixels)
+    return keep_objects(scores, labels, objectness, thresholds, background_index)
+
+
+def objectness_prior(
+    priors: Sequence[str],
+    box_obj: np.ndarray | None,
+    seg_obj: np.ndarray | None,
+    thresholds: Mapping[str, np.ndarray] | None,
+    num_classes: int,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(p(Obj)[H, W], δ[K])`` for the chain ``priors``, or None without bb / seg.
+
+    bb and seg together: the mean of the two maps, with the ``bb`` thresholds. δ falls
+    back to :func:`default_thresholds`.
+    """
+    maps = []
+    for prior, obj in (("bb", box_obj), ("seg", seg_obj)):
+        if prior in priors:
+            if obj is None:
+                raise ValueError(f"prior {prior} needs {'box_obj' if prior == 'bb' else 'seg_obj'}")
+            maps.append(obj)
+    if not maps:
+        return None
+    delta = (thresholds or {}).get("bb" if "bb" in priors else "seg")
+    return (maps[0] if len(maps) == 1 else np.mean(maps, axis=0)), (
+        default_thresholds(num_classes) if delta is None else np.asarray(delta))
 
 
 def default_thresholds(num_classes: int) -> np.ndarray:
@@ -191,33 +282,19 @@ def apply_priors(
 ) -> np.ndarray:
     """Chain the priors the way the paper's variants do; returns ``uint8[H, W]`` labels.
 
-    ``ilp`` rescales the scores; ``bb`` / ``seg`` threshold the (ILP) scores times the
-    objectness (both: the mean of the two objectness maps, with the ``bb`` thresholds);
-    ``sppxl`` finally takes the majority label in each superpixel. The caller computes the
-    superpixels and objectness maps the chosen priors need (see ``proposals``).
+    ``ilp`` rescales the scores; ``sppxl`` gives each superpixel its majority label;
+    ``bb`` / ``seg`` then send pixels whose (ILP) score for their label times objectness is
+    under δ_k to background (:func:`objectness_prior`; with ``sppxl``, objectness averaged
+    per superpixel, see :func:`objectness_inputs`). The caller computes the superpixels
+    and objectness maps the chosen priors need (see ``proposals``).
     """
     priors = parse_priors(priors)
     scores = image_level_prior(probs, image_probs) if "ilp" in priors else probs
-    objectness_maps = []
-    if "bb" in priors:
-        if box_obj is None:
-            raise ValueError("prior bb needs box_obj")
-        objectness_maps.append(box_obj)
-    if "seg" in priors:
-        if seg_obj is None:
-            raise ValueError("prior seg needs seg_obj")
-        objectness_maps.append(seg_obj)
-    if objectness_maps:
-        objectness = objectness_maps[0] if len(objectness_maps) == 1 else np.mean(objectness_maps, axis=0)
-        which = "bb" if "bb" in priors else "seg"
-        delta = (thresholds or {}).get(which)
-        if delta is None:
-            delta = default_thresholds(probs.shape[0])
-        labels = objectness_labels(scores, objectness, delta, background_index)
-    else:
+    if "sppxl" in priors and superpixels is None:
+        raise ValueError("prior sppxl needs superpixels")
+    smoothing = superpixels if "sppxl" in priors else None
+    objectness = objectness_prior(priors, box_obj, seg_obj, thresholds, probs.shape[0])
+    if objectness is None:
         labels = argmax_labels(scores)
-    if "sppxl" in priors:
-        if superpixels is None:
-            raise ValueError("prior sppxl needs superpixels")
-        labels = superpixel_vote(labels, superpixels)
-    return labels
+        return labels if smoothing is None else superpixel_vote(labels, smoothing)
+    return objectness_labels(scores, objectness[0], objectness[1], background_index, smoothing)

@@ -34,7 +34,15 @@ from .inference import (
     predict,
 )
 from .listing import image_key
-from .priors import UNLABELLED, apply_priors, superpixel_vote
+from .priors import (
+    UNLABELLED,
+    argmax_labels,
+    image_level_prior,
+    keep_objects,
+    objectness_prior,
+    superpixel_mean,
+    superpixel_vote,
+)
 
 __all__ = ["ChunkResult", "SegmentOptions", "image_statistics", "overlay_thumbnail", "segment_chunk"]
 
@@ -53,6 +61,7 @@ class SegmentOptions:
     priors: tuple[str, ...] = ("ilp", "sppxl")
     batch_size: int = 8
     max_side: int = DEFAULT_MAX_SIDE
+    min_side: int = 0  # enlarge smaller images to this longer side for the forward pass (0: never)
     max_pixels: int = DEFAULT_MAX_PIXELS
     thresholds: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     done_index: str | None = None  # skip-existing: URL of the (image_uri, content_sha256) index
@@ -105,21 +114,33 @@ def label_image(bundle: ModelBundle, pred: Prediction, rgb: np.ndarray, priors: 
                 thresholds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Labels ``uint8[H, W]``, per-class mean probability over each label's pixels, prior timings.
 
-    Works in row bands so memory is O(K · band) even for very large images; the superpixel
-    vote (which needs the whole label map) runs after the bands.
+    Works in row bands so memory is O(K · band) even for very large images: argmax (after
+    ILP) band by band, the superpixel vote on the whole label map, then the objectness test
+    band by band, the order :func:`~weakseg.tasks.priors.apply_priors` uses.
     """
     k = len(bundle.classes)
     inputs, ms = compute_prior_inputs(rgb, priors)
     t0 = time.perf_counter()
     h, w = pred.size
     labels = np.empty((h, w), dtype=np.uint8)
-    banded = tuple(p for p in priors if p != "sppxl")
+    ilp = "ilp" in priors
+
+    def scores(r0: int, r1: int) -> np.ndarray:
+        p = pred.probs(r0, r1)
+        return image_level_prior(p, pred.image_probs) if ilp else p
+
     for r0, r1 in _bands(pred, k):
-        band = {n: v[r0:r1] for n, v in inputs.items() if n != "superpixels"}
-        labels[r0:r1] = apply_priors(pred.probs(r0, r1), pred.image_probs, banded, thresholds=thresholds,
-                                     background_index=bundle.background_index, **band)
+        labels[r0:r1] = argmax_labels(scores(r0, r1))
+    superpixels = inputs.get("superpixels")
     if "sppxl" in priors:
-        labels = superpixel_vote(labels, inputs["superpixels"])
+        labels = superpixel_vote(labels, superpixels)
+    objectness = objectness_prior(priors, inputs.get("box_obj"), inputs.get("seg_obj"), thresholds, k)
+    if objectness is not None:
+        obj, delta = objectness
+        if "sppxl" in priors:
+            obj = superpixel_mean(obj, superpixels)
+        for r0, r1 in _bands(pred, k):
+            labels[r0:r1] = keep_objects(scores(r0, r1), labels[r0:r1], obj[r0:r1], delta, bundle.background_index)
     prob_sum = np.zeros(256)
     for r0, r1 in _bands(pred, k):
         p = pred.probs(r0, r1)
@@ -251,7 +272,7 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
     for batch in _decoded(read_chunk(spec), opts, spec, writer, result):
         t0 = time.perf_counter()
         try:
-            preds = predict(bundle, [d.rgb for d in batch], opts.max_side)
+            preds = predict(bundle, [d.rgb for d in batch], opts.max_side, opts.min_side)
         except Exception as err:  # e.g. out of memory on one odd batch: record, go on
             _logger.warning("chunk %d: forward pass failed for %d images: %s", spec.index, len(batch), err)
             for d in batch:

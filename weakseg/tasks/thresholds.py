@@ -1,10 +1,11 @@
 """Choosing the per-class thresholds δ_k of the SP-bb / SP-seg priors on validation data.
 
 The priors label a pixel k = argmax_k ŷ'_ij(k) when s_ij = max_k ŷ'_ij(k) · p_ij(Obj) > δ_k,
-else background (255 when the model has no ``background`` class). Given, per validation
-image, ``s`` and the argmax label (:func:`threshold_sample` builds them from the ILP score
-maps and the objectness map) and the ground truth, :func:`search_thresholds` picks δ from a
-grid:
+else background (255 when the model has no ``background`` class); in the chains with
+SP-sppxl the label is the superpixel vote's and p(Obj) its superpixel mean. Given, per
+validation image, ``s`` and the label (:func:`threshold_sample` builds them from the ILP
+score maps, the objectness map and, for a chain, the superpixels, with the rule the priors
+apply) and the ground truth, :func:`search_thresholds` picks δ from a grid:
 
 1. one shared δ for every class, the grid value with the best mean IoU (a start that
    already beats any fixed default), then
@@ -16,14 +17,16 @@ grid:
 Mean IoU, not each class's own IoU, is the objective because δ_k also changes the
 background's IoU (and, through it, the mean). Metric conventions are those of
 :mod:`weakseg.tasks.evaluation`. The images are reduced in one pass to a histogram over
-(argmax class, grid bin, ground-truth class), so the search costs the same for 10 or 10,000
-images and never holds more than one image.
+(argmax class, grid bin, ground-truth class) (:class:`ThresholdFit`), so the search costs
+the same for 10 or 10,000 images, never holds more than one image, and one pass can feed
+the searches of several prior chains.
 
 The chosen values go to a small JSON file, read by ``weakseg segment --thresholds URL``::
 
     {"format": "weakseg.thresholds", "format_version": 1, "prior": "bb",
      "classes": ["background", "aeroplane", ...],   # the model's classes, index order
      "thresholds": {"aeroplane": 0.031, ...},        # δ by class name (background has none)
+     "priors": ["ilp", "sppxl", "bb"],               # optional: the chain δ was chosen for
      "search": {...}}                                # optional: how they were chosen
 """
 from __future__ import annotations
@@ -37,11 +40,13 @@ import numpy as np
 
 from . import storage
 from .evaluation import VOID, align_classes
+from .priors import label_score, objectness_inputs
 
 __all__ = [
     "DEFAULT_GRID",
     "FORMAT",
     "FORMAT_VERSION",
+    "ThresholdFit",
     "ThresholdSample",
     "ThresholdSearch",
     "read_thresholds",
@@ -65,15 +70,19 @@ class ThresholdSample:
     gt: np.ndarray  # uint8 [H, W], index into the ground-truth classes, 255 = void
 
 
-def threshold_sample(ilp_scores: np.ndarray, objectness: np.ndarray, gt: np.ndarray) -> ThresholdSample:
-    """From ILP score maps ``[K, H, W]`` and objectness ``[H, W]`` (both at the gt's size)."""
+def threshold_sample(ilp_scores: np.ndarray, objectness: np.ndarray, gt: np.ndarray,
+                     superpixels: np.ndarray | None = None) -> ThresholdSample:
+    """From ILP score maps ``[K, H, W]`` and objectness ``[H, W]`` (both at the gt's size).
+
+    ``superpixels``: choose δ for the chain ilp+sppxl+bb/seg, whose objectness test acts
+    on the superpixel-smoothed labels (the same rule as :func:`~weakseg.tasks.priors.objectness_inputs`).
+    """
     ilp_scores, objectness = np.asarray(ilp_scores), np.asarray(objectness)
     if ilp_scores.ndim != 3 or ilp_scores.shape[1:] != objectness.shape or objectness.shape != np.shape(gt):
         raise ValueError(f"scores {ilp_scores.shape}, objectness {objectness.shape} and ground truth "
                          f"{np.shape(gt)} do not line up")
-    label = ilp_scores.argmax(axis=0)
-    best = np.take_along_axis(ilp_scores, label[None], axis=0)[0]
-    return ThresholdSample(best * objectness, label, np.asarray(gt))
+    label, objectness = objectness_inputs(ilp_scores, objectness, superpixels)
+    return ThresholdSample(label_score(ilp_scores, label) * objectness, label, np.asarray(gt))
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,90 @@ def _mean_iou(conf: np.ndarray) -> np.ndarray:
     return np.where(n > 0, iou.sum(axis=-1) / np.maximum(n, 1), 0.0)
 
 
+class ThresholdFit:
+    """The search's one pass over the images: :meth:`add` each sample, then :meth:`search`.
+
+    Samples are reduced to a histogram over (argmax class, grid bin, ground-truth class), so
+    several fits (one per prior chain) can share one pass over the images.
+    ``gt_classes`` defaults to ``classes``; classes are matched by name as in evaluation.
+    """
+
+    def __init__(self, classes: Sequence[str], gt_classes: Sequence[str] | None = None,
+                 grid: Sequence[float] = DEFAULT_GRID, unlabelled_as_background: bool = True) -> None:
+        self.grid = np.unique(np.asarray(grid, np.float64))
+        if self.grid.size == 0 or not np.isfinite(self.grid).all():
+            raise ValueError("the threshold grid must hold finite values")
+        self.classes = tuple(classes)
+        self.alignment = align_classes(gt_classes if gt_classes is not None else self.classes, self.classes,
+                                       unlabelled_as_background)
+        self._kp, self._kg, self._nb = len(self.classes), len(self.alignment.gt_classes), self.grid.size + 1
+        self._hist = np.zeros(self._kp * self._nb * self._kg, np.int64)  # flat [k, b, g]
+        self.samples = 0
+
+    def add(self, sample: ThresholdSample) -> None:
+        score, label, gt = np.asarray(sample.score), np.asarray(sample.label), np.asarray(sample.gt)
+        if not score.shape == label.shape == gt.shape:
+            raise ValueError(f"sample shapes differ: score {score.shape}, label {label.shape}, gt {gt.shape}")
+        kp, kg, nb = self._kp, self._kg, self._nb
+        valid = gt != VOID
+        g, lab = gt[valid].astype(np.int64), label[valid].astype(np.int64)
+        if g.size and g.max() >= kg:
+            raise ValueError(f"ground truth has class values up to {int(g.max())} but {kg} classes")
+        if lab.size and (lab.min() < 0 or lab.max() >= kp):
+            raise ValueError(f"labels must index the {kp} classes, got {int(lab.min())}..{int(lab.max())}")
+        b = np.searchsorted(self.grid, score[valid], side="left")  # s > grid[t]  <=>  b > t
+        self._hist += np.bincount((lab * nb + b) * kg + g, minlength=self._hist.size)
+        self.samples += 1
+
+    def search(self, max_sweeps: int = 10) -> ThresholdSearch:
+        """δ_k per class of ``classes`` (the model's), maximising mean IoU over the samples added."""
+        if self.samples == 0:
+            raise ValueError("no validation samples")
+        classes, alignment, grid_arr = self.classes, self.alignment, self.grid
+        kp, kg, nc, nb = self._kp, self._kg, len(alignment.columns), self._nb
+        background = next((i for i, c in enumerate(classes) if c.strip().lower() == "background"), None)
+        fill = int(alignment.lut[background if background is not None else VOID])
+        hist = self._hist.reshape(kp, nb, kg)
+        # above[k, t, g]: pixels of argmax k with s > grid[t]; below = total - above
+        suffix = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
+        above = suffix[:, 1:, :]  # t = 0 .. len(grid) - 1
+        total = hist.sum(axis=1)
+        columns = alignment.lut[:kp]
+
+        def contribution(k: int, t: np.ndarray) -> np.ndarray:
+            """[len(t), kg, nc]: class k's pixels in the confusion matrix for thresholds grid[t]."""
+            out = np.zeros((t.size, kg, nc), np.int64)
+            out[:, :, columns[k]] += above[k, t]
+            out[:, :, fill] += total[k] - above[k, t]
+            return out
+
+        every = np.arange(grid_arr.size)
+        shared = sum(contribution(k, every) for k in range(kp))
+        shared_scores = _mean_iou(shared)
+        start = int(np.argmax(shared_scores))
+        choice = np.full(kp, start)
+        parts = [contribution(k, np.array([start]))[0] for k in range(kp)]
+        best = float(shared_scores[start])
+        sweeps = 0
+        for _ in range(max_sweeps):
+            sweeps += 1
+            moved = False
+            for k in range(kp):
+                if k == background or total[k].sum() == 0:
+                    continue
+                rest = sum(parts) - parts[k]
+                candidates = rest[None] + contribution(k, every)
+                scores = _mean_iou(candidates)
+                t = int(np.argmax(scores))
+                if scores[t] > best + 1e-12:
+                    choice[k], parts[k], best, moved = t, candidates[t], float(scores[t]), True
+            if not moved:
+                break
+        thresholds = {c: float(grid_arr[choice[k]]) for k, c in enumerate(classes) if k != background}
+        return ThresholdSearch(thresholds, best, float(grid_arr[start]), float(shared_scores[start]), sweeps,
+                               tuple(float(v) for v in grid_arr))
+
+
 def search_thresholds(
     samples: Iterable[ThresholdSample],
     classes: Sequence[str],
@@ -114,76 +207,20 @@ def search_thresholds(
 
     ``gt_classes`` defaults to ``classes``; classes are matched by name as in evaluation.
     """
-    grid_arr = np.unique(np.asarray(grid, np.float64))
-    if grid_arr.size == 0 or not np.isfinite(grid_arr).all():
-        raise ValueError("the threshold grid must hold finite values")
-    classes = tuple(classes)
-    alignment = align_classes(gt_classes if gt_classes is not None else classes, classes, unlabelled_as_background)
-    kp, kg, nc, nb = len(classes), len(alignment.gt_classes), len(alignment.columns), grid_arr.size + 1
-    background = next((i for i, c in enumerate(classes) if c.strip().lower() == "background"), None)
-    fill = int(alignment.lut[background if background is not None else VOID])
-    # hist[k, b, g]: pixels with argmax k, bin b (= number of grid values below s), ground truth g
-    hist = np.zeros(kp * nb * kg, np.int64)
-    seen = 0
+    fit = ThresholdFit(classes, gt_classes, grid, unlabelled_as_background)
     for sample in samples:
-        score, label, gt = np.asarray(sample.score), np.asarray(sample.label), np.asarray(sample.gt)
-        if not score.shape == label.shape == gt.shape:
-            raise ValueError(f"sample shapes differ: score {score.shape}, label {label.shape}, gt {gt.shape}")
-        valid = gt != VOID
-        g, lab = gt[valid].astype(np.int64), label[valid].astype(np.int64)
-        if g.size and g.max() >= kg:
-            raise ValueError(f"ground truth has class values up to {int(g.max())} but {kg} classes")
-        if lab.size and (lab.min() < 0 or lab.max() >= kp):
-            raise ValueError(f"labels must index the {kp} classes, got {int(lab.min())}..{int(lab.max())}")
-        b = np.searchsorted(grid_arr, score[valid], side="left")  # s > grid[t]  <=>  b > t
-        hist += np.bincount((lab * nb + b) * kg + g, minlength=hist.size)
-        seen += 1
-    if seen == 0:
-        raise ValueError("no validation samples")
-    hist = hist.reshape(kp, nb, kg)
-    # above[k, t, g]: pixels of argmax k with s > grid[t]; below = total - above
-    suffix = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
-    above = suffix[:, 1:, :]  # t = 0 .. len(grid) - 1
-    total = hist.sum(axis=1)
-    columns = alignment.lut[:kp]
-
-    def contribution(k: int, t: np.ndarray) -> np.ndarray:
-        """[len(t), kg, nc]: class k's pixels in the confusion matrix for thresholds grid[t]."""
-        out = np.zeros((t.size, kg, nc), np.int64)
-        out[:, :, columns[k]] += above[k, t]
-        out[:, :, fill] += total[k] - above[k, t]
-        return out
-
-    every = np.arange(grid_arr.size)
-    shared = sum(contribution(k, every) for k in range(kp))
-    shared_scores = _mean_iou(shared)
-    start = int(np.argmax(shared_scores))
-    choice = np.full(kp, start)
-    parts = [contribution(k, np.array([start]))[0] for k in range(kp)]
-    best = float(shared_scores[start])
-    sweeps = 0
-    for _ in range(max_sweeps):
-        sweeps += 1
-        moved = False
-        for k in range(kp):
-            if k == background or total[k].sum() == 0:
-                continue
-            rest = sum(parts) - parts[k]
-            candidates = rest[None] + contribution(k, every)
-            scores = _mean_iou(candidates)
-            t = int(np.argmax(scores))
-            if scores[t] > best + 1e-12:
-                choice[k], parts[k], best, moved = t, candidates[t], float(scores[t]), True
-        if not moved:
-            break
-    thresholds = {c: float(grid_arr[choice[k]]) for k, c in enumerate(classes) if k != background}
-    return ThresholdSearch(thresholds, best, float(grid_arr[start]), float(shared_scores[start]), sweeps,
-                           tuple(float(v) for v in grid_arr))
+        fit.add(sample)
+    return fit.search(max_sweeps)
 
 
-def _validate(prior: str, classes: Sequence[str], thresholds: Mapping[str, float], where: str) -> None:
+def _validate(prior: str, classes: Sequence[str], thresholds: Mapping[str, float], where: str,
+              priors: Any = None) -> None:
     if prior not in ("bb", "seg"):
         raise ValueError(f"{where}: prior must be 'bb' or 'seg', got {prior!r}")
+    if priors is not None and (not isinstance(priors, list) or prior not in priors
+                               or not set(priors) <= {"ilp", "sppxl", "bb", "seg"}):
+        raise ValueError(f"{where}: 'priors' must list the prior chain the thresholds were chosen for, "
+                         f"including {prior!r}; got {priors!r}")
     if not classes or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
         raise ValueError(f"{where}: classes must be distinct non-empty names")
     unknown = [c for c in thresholds if c not in classes]
@@ -196,12 +233,19 @@ def _validate(prior: str, classes: Sequence[str], thresholds: Mapping[str, float
 
 
 def write_thresholds(url: str, prior: Literal["bb", "seg"], classes: Sequence[str], thresholds: Mapping[str, float],
-                     search: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write the thresholds file atomically; ``classes`` are the model's, in index order."""
+                     search: Mapping[str, Any] | None = None, priors: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write the thresholds file atomically; ``classes`` are the model's, in index order.
+
+    ``priors``: the chain δ was chosen for (e.g. ``["ilp", "sppxl", "bb"]``), recorded so
+    segment-corpus can say when a run uses the file with another chain.
+    """
     classes, thresholds = list(classes), {str(k): float(v) for k, v in thresholds.items()}
-    _validate(prior, classes, thresholds, url)
+    chain = None if priors is None else list(priors)
+    _validate(prior, classes, thresholds, url, chain)
     doc: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "prior": prior, "classes": classes,
                            "thresholds": {c: thresholds[c] for c in classes if c in thresholds}}
+    if chain is not None:
+        doc["priors"] = chain
     if search:
         doc["search"] = dict(search)
     storage.write_json(url, doc)
@@ -223,5 +267,5 @@ def read_thresholds(url: str) -> dict[str, Any]:
         raise ValueError(f"{url}: thresholds format version {version!r} is not supported (1..{FORMAT_VERSION})")
     if not isinstance(doc.get("classes"), list) or not isinstance(doc.get("thresholds"), dict):
         raise ValueError(f"{url}: needs a 'classes' list and a 'thresholds' object")
-    _validate(doc.get("prior"), doc["classes"], doc["thresholds"], url)
+    _validate(doc.get("prior"), doc["classes"], doc["thresholds"], url, doc.get("priors"))
     return doc

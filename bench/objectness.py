@@ -4,7 +4,8 @@ The objectness test of SP-bb / SP-seg can only help when p(Obj) is high on objec
 on stuff (sky, grass, road, ...). For every map this prints the ROC AUC of "object pixel
 vs stuff pixel" over the val masks (0.5 = no information, 1 = perfect), raw and averaged
 over SP-sppxl's superpixels (as the ilp+sppxl+bb/seg chains use it). No network involved:
-the maps come from the image alone. Prints JSON.
+the maps come from the image alone. Also prints the median cost per image of each
+prior's input (superpixels, box and segment objectness maps). Prints JSON.
 """
 from __future__ import annotations
 
@@ -47,8 +48,11 @@ def main() -> None:
     is_object = np.array([c not in stuff for c in classes] + [False] * (256 - len(classes)))
     ids = read_split_ids(args.data, args.split)[:: args.every]
     labels, maps = [], {"bb": [], "seg": [], "bb_superpixel_mean": [], "seg_superpixel_mean": []}
+    costs: dict[str, list[float]] = {}
     for _, rgb, gt in iter_voc(args.data, ids):
-        inputs, _ = compute_prior_inputs(rgb, ["sppxl", "bb", "seg"])
+        inputs, ms = compute_prior_inputs(rgb, ["sppxl", "bb", "seg"])
+        for prior, t in ms.items():
+            costs.setdefault(prior, []).append(t)
         valid = gt != 255
         labels.append(is_object[gt[valid]])
         for prior, name in (("bb", "box_obj"), ("seg", "seg_obj")):
@@ -61,6 +65,7 @@ def main() -> None:
         "object_pixels": int(positive.sum()),
         "stuff_pixels": int(positive.size - positive.sum()),
         "roc_auc_object_vs_stuff": {k: round(roc_auc(positive, np.concatenate(v)), 3) for k, v in maps.items()},
+        "median_ms_per_image": {k: round(float(np.median(v)), 1) for k, v in costs.items()},
     }
     print(json.dumps(report, indent=2))
 

@@ -18,7 +18,7 @@ sigmoid for a multi-label model trained with a BCE term (``ModelConfig.image_pri
   stride; the padded cells are cut off before the LSE and the upsampling.
 
 :func:`segment_image` and :func:`segment_variants` add the priors for one image; they are
-the API for evaluation code (all five paper variants from one forward pass).
+the API for evaluation code (every prior variant from one forward pass).
 """
 from __future__ import annotations
 

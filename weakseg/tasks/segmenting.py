@@ -114,39 +114,44 @@ def label_image(bundle: ModelBundle, pred: Prediction, rgb: np.ndarray, priors: 
                 thresholds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Labels ``uint8[H, W]``, per-class mean probability over each label's pixels, prior timings.
 
-    Works in row bands so memory is O(K · band) even for very large images: argmax (after
-    ILP) band by band, the superpixel vote on the whole label map, then the objectness test
-    band by band, the order :func:`~weakseg.tasks.priors.apply_priors` uses.
+    Works in row bands so memory is O(K · band) even for very large images, in the order
+    :func:`~weakseg.tasks.priors.apply_priors` uses: argmax (after ILP) band by band; with
+    sppxl, the vote on the whole label map and a second pass over the bands; then, per
+    band, the objectness test and the mean probabilities.
     """
     k = len(bundle.classes)
     inputs, ms = compute_prior_inputs(rgb, priors)
     t0 = time.perf_counter()
     h, w = pred.size
     labels = np.empty((h, w), dtype=np.uint8)
-    ilp = "ilp" in priors
-
-    def scores(r0: int, r1: int) -> np.ndarray:
-        p = pred.probs(r0, r1)
-        return image_level_prior(p, pred.image_probs) if ilp else p
-
-    for r0, r1 in _bands(pred, k):
-        labels[r0:r1] = argmax_labels(scores(r0, r1))
-    superpixels = inputs.get("superpixels")
-    if "sppxl" in priors:
-        labels = superpixel_vote(labels, superpixels)
-    objectness = objectness_prior(priors, inputs.get("box_obj"), inputs.get("seg_obj"), thresholds, k)
-    if objectness is not None:
-        obj, delta = objectness
-        if "sppxl" in priors:
-            obj = superpixel_mean(obj, superpixels)
-        for r0, r1 in _bands(pred, k):
-            labels[r0:r1] = keep_objects(scores(r0, r1), labels[r0:r1], obj[r0:r1], delta, bundle.background_index)
     prob_sum = np.zeros(256)
-    for r0, r1 in _bands(pred, k):
+    objectness = objectness_prior(priors, inputs.get("box_obj"), inputs.get("seg_obj"), thresholds, k)
+    obj, delta = objectness if objectness is not None else (None, None)
+
+    def band_scores(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         p = pred.probs(r0, r1)
+        return p, image_level_prior(p, pred.image_probs) if "ilp" in priors else p
+
+    def finish(r0: int, r1: int, p: np.ndarray, scores: np.ndarray) -> None:
+        if obj is not None:
+            labels[r0:r1] = keep_objects(scores, labels[r0:r1], obj[r0:r1], delta, bundle.background_index)
         lab = labels[r0:r1].astype(np.int64)
         picked = np.take_along_axis(p, np.minimum(lab, k - 1)[None], axis=0)[0]
-        prob_sum += np.bincount(lab.ravel(), weights=picked.ravel(), minlength=256)
+        prob_sum[:] += np.bincount(lab.ravel(), weights=picked.ravel(), minlength=256)
+
+    if "sppxl" in priors:
+        for r0, r1 in _bands(pred, k):
+            labels[r0:r1] = argmax_labels(band_scores(r0, r1)[1])
+        labels[:] = superpixel_vote(labels, inputs["superpixels"])
+        if obj is not None:
+            obj = superpixel_mean(obj, inputs["superpixels"])
+        for r0, r1 in _bands(pred, k):
+            finish(r0, r1, *band_scores(r0, r1))
+    else:
+        for r0, r1 in _bands(pred, k):
+            p, scores = band_scores(r0, r1)
+            labels[r0:r1] = argmax_labels(scores)
+            finish(r0, r1, p, scores)
     ms["labels"] = (time.perf_counter() - t0) * 1000  # upsampling + applying the priors + mean probs
     return labels, prob_sum, ms
 

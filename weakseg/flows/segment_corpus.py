@@ -80,7 +80,7 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
     sources = dict.fromkeys(resolved, "checkpoint")
     if thresholds:
         prior, vec, chain = load_thresholds(thresholds, bundle.classes)
-        if chain is not None and parse_priors(chain) != priors:
+        if chain is not None and prior in priors and parse_priors(chain) != priors:
             get_run_logger().warning("%s holds δ chosen for priors %s; this run applies %s (the test then acts "
                                      "on other labels, so δ may not be the best)", thresholds, ",".join(chain),
                                      ",".join(priors) or "none")

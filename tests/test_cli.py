@@ -9,7 +9,7 @@ from weakseg.flows.cli import COMMANDS, main
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "weakseg.flows.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for name in ("shard", "train", "segment", "evaluate", "demo"):
+    for name in ("shard", "train", "segment", "evaluate", "thresholds", "demo"):
         assert name in out
 
 

@@ -38,6 +38,8 @@ COMMANDS: dict[str, Command] = {
                        "weakseg.flows.segment_corpus:segment_corpus"),
     "evaluate": Command("evaluate-segmentation", "score predictions against VOC-layout ground truth",
                         "weakseg.flows.evaluate_segmentation:evaluate_segmentation"),
+    "thresholds": Command("choose-thresholds", "choose the SP-bb/SP-seg thresholds on VOC-layout ground truth",
+                          "weakseg.flows.choose_thresholds:choose_thresholds"),
     "demo": Command("demo", "run the whole life cycle on synthetic data, offline", "weakseg.flows.demo:demo"),
 }
 

@@ -15,23 +15,39 @@ from . import storage
 from .evaluation import align_classes, confusion_matrix, decode_mask, gt_mask_url, read_gt_classes, read_split_ids
 from .images import decode_image
 from .inference import ModelBundle, compute_prior_inputs, predict, segment_variants
-from .priors import VARIANTS, image_level_prior, objectness_prior
+from .priors import VARIANTS, image_level_prior, objectness_prior, parse_priors
 from .thresholds import ThresholdFit, threshold_sample
 
-__all__ = ["fit_thresholds", "iter_voc", "score_variants", "threshold_variants", "thresholds_by_variant"]
+__all__ = [
+    "fit_chain_thresholds",
+    "fit_thresholds",
+    "iter_voc",
+    "read_voc",
+    "score_variants",
+    "threshold_variants",
+    "thresholds_by_variant",
+]
 
 OBJECTNESS = {"bb": "box_obj", "seg": "seg_obj"}
+
+
+def read_voc(ground_truth: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """RGB uint8 [H, W, 3] and ground truth uint8 [H, W] of one VOC-layout image.
+
+    Raises ``OSError`` (missing file) or ``ValueError`` (undecodable, sizes differ).
+    """
+    rgb = np.asarray(decode_image(storage.read_bytes(storage.join(ground_truth, "JPEGImages", f"{image_id}.jpg"))
+                                  ).image)
+    gt = decode_mask(storage.read_bytes(gt_mask_url(ground_truth, image_id)))
+    if gt.shape != rgb.shape[:2]:
+        raise ValueError(f"{image_id}: mask {gt.shape} and image {rgb.shape[:2]} differ in size")
+    return rgb, gt
 
 
 def iter_voc(ground_truth: str, ids: Sequence[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(id, RGB uint8 [H, W, 3], ground truth uint8 [H, W]) of VOC-layout images."""
     for image_id in ids:
-        rgb = np.asarray(decode_image(storage.read_bytes(storage.join(ground_truth, "JPEGImages", f"{image_id}.jpg"))
-                                      ).image)
-        gt = decode_mask(storage.read_bytes(gt_mask_url(ground_truth, image_id)))
-        if gt.shape != rgb.shape[:2]:
-            raise ValueError(f"{image_id}: mask {gt.shape} and image {rgb.shape[:2]} differ in size")
-        yield image_id, rgb, gt
+        yield image_id, *read_voc(ground_truth, image_id)
 
 
 def threshold_variants(variants: Sequence[str] = tuple(VARIANTS)) -> list[str]:
@@ -39,35 +55,57 @@ def threshold_variants(variants: Sequence[str] = tuple(VARIANTS)) -> list[str]:
     return [v for v in variants if set(VARIANTS[v]) & set(OBJECTNESS)]
 
 
-def fit_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[str],
-                   variants: Sequence[str] | None = None,
-                   max_side: int = 512, min_side: int = 0) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
-    """δ_k of each variant with bb or seg, maximising its mean IoU on ``ids``, in one pass.
+def fit_chain_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[str],
+                         chains: Mapping[str, Sequence[str]], max_side: int = 512,
+                         min_side: int = 0) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
+    """δ_k of each prior chain (``{name: ("ilp", "sppxl", "seg")}``), maximising its mean IoU on ``ids``.
 
-    Returns ``{variant: (δ by class name, how the search went)}``. Each variant's δ are
-    chosen for its own chain: ilp+sppxl+bb tests the smoothed labels, ilp+bb the raw ones.
+    One pass over the images for all chains. Returns ``{name: (δ by class name, how the
+    search went)}``; each chain's δ are chosen for that chain (ilp+sppxl+bb tests the
+    smoothed labels, ilp+bb the raw ones). An image that cannot be read (missing, corrupt,
+    mask of another size) is skipped and listed in the search's ``skipped``; it never stops
+    the search.
     """
-    variants = threshold_variants(variants if variants is not None else tuple(VARIANTS))
-    if not variants:
-        raise ValueError("none of the variants has an objectness prior (bb or seg) to choose δ for")
+    chains = {name: parse_priors(chain) for name, chain in chains.items()}
+    if not chains or any(not set(chain) & set(OBJECTNESS) for chain in chains.values()):
+        raise ValueError(f"every chain needs an objectness prior (bb or seg) to choose δ for; got {chains}")
     gt_classes = read_gt_classes(ground_truth)
-    fits = {v: ThresholdFit(bundle.classes, gt_classes) for v in variants}
-    needed = sorted({p for v in variants for p in VARIANTS[v]})
-    for _, rgb, gt in iter_voc(ground_truth, ids):
+    fits = {name: ThresholdFit(bundle.classes, gt_classes) for name in chains}
+    needed = sorted({p for chain in chains.values() for p in chain})
+    skipped: dict[str, str] = {}
+    for image_id in ids:
+        try:
+            rgb, gt = read_voc(ground_truth, image_id)
+        except (OSError, ValueError) as err:
+            skipped[image_id] = f"{type(err).__name__}: {err}"
+            continue
         pred = predict(bundle, [rgb], max_side, min_side)[0]
         inputs, _ = compute_prior_inputs(rgb, needed)
         ilp = image_level_prior(pred.probs(), pred.image_probs)
-        for v in variants:
-            priors = VARIANTS[v]
-            objectness, _ = objectness_prior(priors, inputs.get("box_obj"), inputs.get("seg_obj"), None,
+        for name, chain in chains.items():
+            objectness, _ = objectness_prior(chain, inputs.get("box_obj"), inputs.get("seg_obj"), None,
                                              len(bundle.classes))
-            smoothing = inputs["superpixels"] if "sppxl" in priors else None
-            fits[v].add(threshold_sample(ilp, objectness, gt, smoothing))
+            smoothing = inputs["superpixels"] if "sppxl" in chain else None
+            fits[name].add(threshold_sample(ilp, objectness, gt, smoothing))
+    if len(skipped) == len(ids):
+        raise ValueError(f"none of the {len(ids)} images of {ground_truth} could be read; first: "
+                         f"{next(iter(skipped.items()), None)}")
     out = {}
-    for v, fit in fits.items():
+    for name, fit in fits.items():
         search = fit.search()
-        out[v] = (search.thresholds, {**search.describe(), "priors": list(VARIANTS[v]), "images": len(ids)})
+        out[name] = (search.thresholds, {**search.describe(), "priors": list(chains[name]), "images": fit.samples,
+                                         "skipped": len(skipped), "skipped_images": dict(list(skipped.items())[:20])})
     return out
+
+
+def fit_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[str],
+                   variants: Sequence[str] | None = None,
+                   max_side: int = 512, min_side: int = 0) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
+    """:func:`fit_chain_thresholds` for the :data:`~weakseg.tasks.priors.VARIANTS` (by name) that have bb or seg."""
+    names = threshold_variants(variants if variants is not None else tuple(VARIANTS))
+    if not names:
+        raise ValueError("none of the variants has an objectness prior (bb or seg) to choose δ for")
+    return fit_chain_thresholds(bundle, ground_truth, ids, {v: VARIANTS[v] for v in names}, max_side, min_side)
 
 
 def thresholds_by_variant(found: Mapping[str, tuple[Mapping[str, float], Any]],

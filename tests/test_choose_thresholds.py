@@ -1,0 +1,51 @@
+"""choose-thresholds end to end through the CLI: a real model on a synthetic VOC set, a bad image, bad chains."""
+import json
+
+import pytest
+
+from weakseg.flows.cli import main
+from weakseg.models import ModelConfig, create_model, save_checkpoint
+from weakseg.tasks import storage
+from weakseg.tasks.inference import load_thresholds
+from weakseg.tasks.synthetic import write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def voc_and_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("thresholds")
+    gt = str(root / "voc")
+    desc = write_synthetic_dataset(gt, n_train=2, n_val=5, seed=4, size=64)
+    config = ModelConfig(num_classes=len(desc["classes"]), head_widths=(16, 16, 16), output_stride=8)
+    model, config = create_model(config, pretrained="none")
+    save_checkpoint(root / "model.pt", model, config, desc["classes"], input_size=64)
+    return gt, str(root / "model.pt"), desc["classes"], root
+
+
+@pytest.mark.slow
+def test_choose_thresholds_writes_a_file_segment_reads(prefect_harness, voc_and_model, capsys):
+    gt, model, classes, root = voc_and_model
+    storage.write_bytes(f"{gt}/JPEGImages/val_000002.jpg", b"not a jpeg")  # skipped, counted, not fatal
+    out = str(root / "t-seg.json")
+    assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", out, "--device", "cpu"]) == 0
+    doc = json.loads(storage.read_bytes(out))
+    assert doc["prior"] == "seg" and doc["priors"] == ["ilp", "sppxl", "seg"] and doc["classes"] == classes
+    assert set(doc["thresholds"]) == set(classes) - {"background"}
+    assert doc["search"]["images"] == 4 and doc["search"]["skipped"] == 1
+    assert "val_000002" in doc["search"]["skipped_images"]
+    assert doc["search"]["mean_iou"] >= doc["search"]["shared_mean_iou"]
+    prior, vec, chain = load_thresholds(out, classes)
+    assert prior == "seg" and chain == ("ilp", "sppxl", "seg") and len(vec) == len(classes)
+
+    out_bb = str(root / "t-bb.json")
+    assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", out_bb, "--priors", "bb,ilp",
+                 "--split", "train", "--device", "cpu"]) == 0
+    assert json.loads(storage.read_bytes(out_bb))["priors"] == ["ilp", "bb"]
+
+    capsys.readouterr()
+    assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", str(root / "x.json"),
+                 "--priors", "ilp,sppxl", "--device", "cpu"]) == 1
+    assert "no objectness prior" in capsys.readouterr().err
+    assert main(["thresholds", "--model", str(root / "none.pt"), "--ground-truth", gt, "--out",
+                 str(root / "x.json"), "--device", "cpu"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not (root / "x.json").exists()

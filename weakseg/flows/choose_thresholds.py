@@ -1,0 +1,96 @@
+"""choose-thresholds: the δ_k of SP-bb / SP-seg for one prior chain, chosen on a VOC-layout split.
+
+model + ground truth (``JPEGImages/``, ``SegmentationClass/``,
+``ImageSets/Segmentation/<split>.txt``) -> the chain's labels and objectness on every
+image of the split, in one pass -> one shared δ by grid search, then per-class coordinate
+ascent on mean IoU (:mod:`weakseg.tasks.thresholds`) -> the thresholds JSON that
+``weakseg segment --thresholds`` reads, and a table artifact of δ per class. δ belong to
+the chain they were chosen for (``ilp,sppxl,seg`` tests smoothed labels, ``ilp,seg`` raw
+ones); the file records it. Images that cannot be read are skipped and counted, never fatal.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+from pydantic import Field
+
+from weakseg.flows._retries import IO_RETRIES, retry_unless
+from weakseg.tasks.evaluation import read_split_ids
+from weakseg.tasks.inference import DEFAULT_MAX_SIDE, load_model
+from weakseg.tasks.priors import parse_priors
+from weakseg.tasks.quality import fit_chain_thresholds
+from weakseg.tasks.thresholds import write_thresholds
+
+__all__ = ["choose_thresholds"]
+
+
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless(ValueError))
+def read_split(ground_truth: str, split: str, limit: int | None) -> list[str]:
+    """The split's image ids (I/O: retried), the first ``limit`` of them."""
+    ids = read_split_ids(ground_truth, split)[:limit]
+    if not ids:
+        raise ValueError(f"split {split!r} of {ground_truth} lists no images")
+    return ids
+
+
+@task(cache_policy=NONE)
+def search(model: str, device: str, ground_truth: str, ids: list[str], chain: tuple[str, ...], max_side: int,
+           min_side: int) -> tuple[list[str], dict[str, float], dict[str, Any]]:
+    """Load the model and run the search over the images (CPU/GPU-bound, not retried)."""
+    bundle = load_model(model, device)
+    thresholds, how = fit_chain_thresholds(bundle, ground_truth, ids, {"chain": chain}, max_side, min_side)["chain"]
+    return list(bundle.classes), thresholds, how
+
+
+@task(cache_policy=NONE, **IO_RETRIES)
+def write(out: str, prior: Literal["bb", "seg"], classes: list[str], thresholds: dict[str, float],
+          how: dict[str, Any], chain: tuple[str, ...]) -> dict[str, Any]:
+    """The thresholds file, written atomically (I/O: retried)."""
+    return write_thresholds(out, prior, classes, thresholds, how, priors=chain)
+
+
+@flow(name="choose-thresholds")
+def choose_thresholds(
+    model: Annotated[str, Field(description="checkpoint URL (train-mil's model.pt)")],
+    ground_truth: Annotated[str, Field(description="VOC-layout folder URL (JPEGImages/, SegmentationClass/, "
+                                       "ImageSets/)")],
+    out: Annotated[str, Field(description="thresholds JSON URL to write (weakseg segment --thresholds reads it)")],
+    split: Annotated[str, Field(min_length=1, description="ImageSets/Segmentation/<split>.txt to choose on")] = "val",
+    priors: Annotated[str, Field(description="the chain segment will apply, with bb or seg: e.g. ilp,sppxl,seg "
+                                 "or ilp,bb")] = "ilp,sppxl,seg",
+    limit: Annotated[int | None, Field(ge=1, description="use only the first N images of the split")] = None,
+    max_side: Annotated[int, Field(ge=32, description="forward-pass longer side, as in segment")] = DEFAULT_MAX_SIDE,
+    min_side: Annotated[int, Field(ge=0, description="enlarge smaller images to this longer side, as in segment "
+                                   "(0: never)")] = 0,
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
+) -> dict[str, Any]:
+    """Choose δ_k for one chain; returns the thresholds document."""
+    logger = get_run_logger()
+    chain = parse_priors(priors)
+    if not {"bb", "seg"} & set(chain):
+        raise ValueError(f"priors {priors!r} have no objectness prior (bb or seg): there is no δ to choose")
+    if min_side > max_side:
+        raise ValueError(f"min_side {min_side} is over max_side {max_side}")
+    prior = "bb" if "bb" in chain else "seg"
+    ids = read_split(ground_truth, split, limit)
+    logger.info("choosing δ of %s for priors %s on %d %s images of %s", prior, ",".join(chain), len(ids), split,
+                ground_truth)
+    classes, thresholds, how = search(model, device, ground_truth, ids, chain, max_side, min_side)
+    doc = write(out, prior, classes, thresholds, how, chain)
+    if how["skipped"]:
+        logger.warning("%d of %d images could not be read and were skipped, e.g. %s", how["skipped"], len(ids),
+                       next(iter(how["skipped_images"].items())))
+    create_table_artifact(
+        key="choose-thresholds",
+        table=[{"class": c, "delta": v} for c, v in doc["thresholds"].items()],
+        description=(f"δ of {prior} for priors {','.join(chain)} on {how['images']} {split} images "
+                     f"({how['skipped']} skipped): mean IoU {how['mean_iou']:.4f} with them, "
+                     f"{how['shared_mean_iou']:.4f} with one shared δ = {how['shared_threshold']:.4g}. "
+                     f"{out}"),
+    )
+    logger.info("mean IoU on the split %.4f with per-class δ (%.4f with one shared δ) -> %s", how["mean_iou"],
+                how["shared_mean_iou"], out)
+    return doc

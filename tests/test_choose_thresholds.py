@@ -1,7 +1,10 @@
 """choose-thresholds end to end through the CLI: a real model on a synthetic VOC set, a bad image, bad chains."""
+import io
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from weakseg.flows.cli import main
 from weakseg.models import ModelConfig, create_model, save_checkpoint
@@ -25,13 +28,17 @@ def voc_and_model(tmp_path_factory):
 def test_choose_thresholds_writes_a_file_segment_reads(prefect_harness, voc_and_model, capsys):
     gt, model, classes, root = voc_and_model
     storage.write_bytes(f"{gt}/JPEGImages/val_000002.jpg", b"not a jpeg")  # skipped, counted, not fatal
+    bad_mask = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 200, np.uint8), "L").save(bad_mask, format="PNG")  # class 200: unknown
+    storage.write_bytes(f"{gt}/SegmentationClass/val_000003.png", bad_mask.getvalue())
     out = str(root / "t-seg.json")
     assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", out, "--device", "cpu"]) == 0
     doc = json.loads(storage.read_bytes(out))
     assert doc["prior"] == "seg" and doc["priors"] == ["ilp", "sppxl", "seg"] and doc["classes"] == classes
     assert set(doc["thresholds"]) == set(classes) - {"background"}
-    assert doc["search"]["images"] == 4 and doc["search"]["skipped"] == 1
-    assert "val_000002" in doc["search"]["skipped_images"]
+    assert doc["search"]["images"] == 3 and doc["search"]["skipped"] == 2
+    assert set(doc["search"]["skipped_images"]) == {"val_000002", "val_000003"}
+    assert "class values up to 200" in doc["search"]["skipped_images"]["val_000003"]
     assert doc["search"]["mean_iou"] >= doc["search"]["shared_mean_iou"]
     prior, vec, chain = load_thresholds(out, classes)
     assert prior == "seg" and chain == ("ilp", "sppxl", "seg") and len(vec) == len(classes)

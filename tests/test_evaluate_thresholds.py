@@ -123,3 +123,13 @@ def test_file_round_trip_and_validation(tmp_path):
             read_thresholds(str(bad))
     with pytest.raises(ValueError, match="does not exist"):
         read_thresholds(str(tmp_path / "none.json"))
+
+
+def test_chain_in_the_file_must_match_its_prior():
+    url = "memory://thresholds/chain.json"
+    with pytest.raises(ValueError, match="prior chain"):
+        write_thresholds(url, "seg", ["cat"], {"cat": 0.1}, priors=("ilp", "bb", "seg"))  # such a chain uses bb's δ
+    storage.write_json(url, {"format": FORMAT, "format_version": 1, "prior": "bb", "classes": ["cat"],
+                             "thresholds": {"cat": 0.1}, "priors": ["bb", {}]})
+    with pytest.raises(ValueError, match="prior chain"):
+        read_thresholds(url)

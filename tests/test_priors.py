@@ -202,3 +202,14 @@ def test_boundary_connectivity_scores_objects_over_stuff():
     assert proposals.box_objectness_map(img)[56, 66] > proposals.box_objectness_map(img)[5, 5]
     np.testing.assert_allclose(proposals.boundary_score(np.array([0, 10, 40]), np.array([100, 100, 100])),
                                np.exp(-0.5 * np.array([0.0, 1.0, 4.0]) ** 2))
+
+
+def test_chain_helpers():
+    probs, image_probs = _probs()
+    ilp = P.chain_scores(probs, image_probs, ("ilp", "seg"))
+    np.testing.assert_allclose(ilp, P.image_level_prior(probs, image_probs))
+    assert P.chain_scores(probs, image_probs, ("sppxl", "bb")) is probs  # no ILP in the chain: the probabilities
+    assert P.threshold_prior(("ilp", "sppxl", "seg")) == "seg" and P.threshold_prior(("bb", "seg")) == "bb"
+    assert P.has_objectness(("ilp", "bb")) and not P.has_objectness(("ilp", "sppxl"))
+    with pytest.raises(ValueError, match="no objectness prior"):
+        P.threshold_prior(("ilp",))

@@ -20,7 +20,7 @@ from pydantic import Field
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.tasks.evaluation import read_split_ids
 from weakseg.tasks.inference import DEFAULT_MAX_SIDE, load_model
-from weakseg.tasks.priors import parse_priors
+from weakseg.tasks.priors import has_objectness, parse_priors, threshold_prior
 from weakseg.tasks.quality import fit_chain_thresholds
 from weakseg.tasks.thresholds import write_thresholds
 
@@ -45,7 +45,7 @@ def search(model: str, device: str, ground_truth: str, ids: list[str], chain: tu
     return list(bundle.classes), thresholds, how
 
 
-@task(cache_policy=NONE, **IO_RETRIES)
+@task(cache_policy=NONE, **IO_RETRIES, retry_condition_fn=retry_unless(ValueError))
 def write(out: str, prior: Literal["bb", "seg"], classes: list[str], thresholds: dict[str, float],
           how: dict[str, Any], chain: tuple[str, ...]) -> dict[str, Any]:
     """The thresholds file, written atomically (I/O: retried)."""
@@ -70,11 +70,11 @@ def choose_thresholds(
     """Choose δ_k for one chain; returns the thresholds document."""
     logger = get_run_logger()
     chain = parse_priors(priors)
-    if not {"bb", "seg"} & set(chain):
+    if not has_objectness(chain):
         raise ValueError(f"priors {priors!r} have no objectness prior (bb or seg): there is no δ to choose")
     if min_side > max_side:
         raise ValueError(f"min_side {min_side} is over max_side {max_side}")
-    prior = "bb" if "bb" in chain else "seg"
+    prior = threshold_prior(chain)
     ids = read_split(ground_truth, split, limit)
     logger.info("choosing δ of %s for priors %s on %d %s images of %s", prior, ",".join(chain), len(ids), split,
                 ground_truth)

@@ -26,7 +26,7 @@ from weakseg.flows.train_mil import train_mil
 from weakseg.tasks import storage
 from weakseg.tasks.evaluation import read_split_ids
 from weakseg.tasks.inference import load_model
-from weakseg.tasks.priors import VARIANTS
+from weakseg.tasks.priors import VARIANTS, threshold_prior
 from weakseg.tasks.quality import fit_thresholds, threshold_variants
 from weakseg.tasks.synthetic import voc_palette, write_synthetic_dataset
 from weakseg.tasks.thresholds import write_thresholds
@@ -60,8 +60,8 @@ def choose_thresholds(model: str, data: str, n_images: int, out: str) -> dict[st
         bundle = load_model(model, "cpu")
         ids = read_split_ids(data, "train")[:n_images]
         for v, (thresholds, search) in fit_thresholds(bundle, data, ids, missing).items():
-            prior = "bb" if "bb" in VARIANTS[v] else "seg"
-            write_thresholds(urls[v], prior, bundle.classes, thresholds, search, priors=VARIANTS[v])
+            write_thresholds(urls[v], threshold_prior(VARIANTS[v]), bundle.classes, thresholds, search,
+                             priors=VARIANTS[v])
     return urls
 
 

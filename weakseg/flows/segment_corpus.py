@@ -249,7 +249,7 @@ def segment_corpus(
         int, Field(ge=1, description="refuse larger images (decompression bombs)")
     ] = DEFAULT_MAX_PIXELS,
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
-    thresholds: Annotated[str | None, Field(description="evaluate-segmentation thresholds JSON URL for bb/seg "
+    thresholds: Annotated[str | None, Field(description="thresholds JSON URL (weakseg thresholds) for bb/seg "
                                             "(default: the checkpoint's, else 0.5/K)")] = None,
     task_runner: Annotated[TaskRunnerKind, Field(description="where chunks run: threads, or Dask worker "
                                                  "processes (one model per process)")] = "threads",

@@ -157,7 +157,7 @@ def load_model(url: str, device: str = "auto") -> ModelBundle:
 
 
 def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray, tuple[str, ...] | None]:
-    """Read an evaluate-segmentation thresholds file: ``(prior, δ[K] in class order, chain or None)``.
+    """Read a thresholds file (weakseg thresholds writes them): ``(prior, δ[K] in class order, chain or None)``.
 
     The chain is the prior list δ was chosen for, when the file records it.
     """

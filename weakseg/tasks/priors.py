@@ -31,7 +31,9 @@ __all__ = [
     "apply_priors",
     "argmax_labels",
     "box_objectness",
+    "chain_scores",
     "default_thresholds",
+    "has_objectness",
     "image_level_prior",
     "keep_objects",
     "label_score",
@@ -40,8 +42,10 @@ __all__ = [
     "objectness_prior",
     "parse_priors",
     "segment_objectness",
+    "smooth_for_objectness",
     "superpixel_mean",
     "superpixel_vote",
+    "threshold_prior",
 ]
 
 UNLABELLED = 255
@@ -172,6 +176,29 @@ def segment_objectness(layers: Sequence[tuple[np.ndarray, np.ndarray]], shape: t
     return out
 
 
+def chain_scores(probs: np.ndarray, image_probs: np.ndarray, priors: Sequence[str]) -> np.ndarray:
+    """The scores a chain labels by: ŷ' (ILP) when ``ilp`` is in ``priors``, else the probabilities."""
+    return image_level_prior(probs, image_probs) if "ilp" in priors else probs
+
+
+def has_objectness(priors: Sequence[str]) -> bool:
+    """Whether the chain has an objectness prior (bb or seg), i.e. thresholds δ_k."""
+    return bool({"bb", "seg"} & set(priors))
+
+
+def threshold_prior(priors: Sequence[str]) -> str:
+    """Whose δ a chain uses: ``bb`` when it has bb (also with seg: the mean map), else ``seg``."""
+    if not has_objectness(priors):
+        raise ValueError(f"priors {','.join(priors) or 'none'} have no objectness prior (bb or seg)")
+    return "bb" if "bb" in priors else "seg"
+
+
+def smooth_for_objectness(labels: np.ndarray, objectness: np.ndarray,
+                          superpixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SP-sppxl before SP-bb / SP-seg: the superpixel vote of ``labels`` and p(Obj) averaged per superpixel."""
+    return superpixel_vote(labels, superpixels), superpixel_mean(objectness, superpixels)
+
+
 def objectness_inputs(
     scores: np.ndarray, objectness: np.ndarray, superpixels: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -179,16 +206,16 @@ def objectness_inputs(
 
     Without ``superpixels`` the label is the per-pixel argmax and p(Obj) the map itself
     (the paper). With them the labels are first smoothed (:func:`superpixel_vote`) and
-    p(Obj) averaged over each superpixel, so the test acts on the labelling SP-sppxl
-    produced and a superpixel's objectness follows image edges rather than box corners.
-    :func:`apply_priors` and the threshold search both use this rule.
+    p(Obj) averaged over each superpixel (:func:`smooth_for_objectness`), so the test acts
+    on the labelling SP-sppxl produced and a superpixel's objectness follows image edges
+    rather than box corners. :func:`apply_priors`, the threshold search and the flow's
+    banded labelling (``segmenting.label_image``) all follow this rule.
     """
     if objectness.shape != scores.shape[1:]:
         raise ValueError(f"objectness {objectness.shape} does not match the score maps {scores.shape}")
     labels = argmax_labels(scores)
     if superpixels is not None:
-        labels = superpixel_vote(labels, superpixels)
-        objectness = superpixel_mean(objectness, superpixels)
+        labels, objectness = smooth_for_objectness(labels, objectness, superpixels)
     return labels, objectness
 
 
@@ -254,7 +281,7 @@ def objectness_prior(
             maps.append(obj)
     if not maps:
         return None
-    delta = (thresholds or {}).get("bb" if "bb" in priors else "seg")
+    delta = (thresholds or {}).get(threshold_prior(priors))
     return (maps[0] if len(maps) == 1 else np.mean(maps, axis=0)), (
         default_thresholds(num_classes) if delta is None else np.asarray(delta))
 
@@ -289,7 +316,7 @@ def apply_priors(
     and objectness maps the chosen priors need (see ``proposals``).
     """
     priors = parse_priors(priors)
-    scores = image_level_prior(probs, image_probs) if "ilp" in priors else probs
+    scores = chain_scores(probs, image_probs, priors)
     if "sppxl" in priors and superpixels is None:
         raise ValueError("prior sppxl needs superpixels")
     smoothing = superpixels if "sppxl" in priors else None

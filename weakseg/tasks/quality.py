@@ -15,8 +15,8 @@ from . import storage
 from .evaluation import align_classes, confusion_matrix, decode_mask, gt_mask_url, read_gt_classes, read_split_ids
 from .images import decode_image
 from .inference import ModelBundle, compute_prior_inputs, predict, segment_variants
-from .priors import VARIANTS, image_level_prior, objectness_prior, parse_priors
-from .thresholds import ThresholdFit, threshold_sample
+from .priors import VARIANTS, chain_scores, has_objectness, objectness_prior, parse_priors, threshold_prior
+from .thresholds import ThresholdFit, ThresholdSample, threshold_sample
 
 __all__ = [
     "fit_chain_thresholds",
@@ -27,8 +27,6 @@ __all__ = [
     "threshold_variants",
     "thresholds_by_variant",
 ]
-
-OBJECTNESS = {"bb": "box_obj", "seg": "seg_obj"}
 
 
 def read_voc(ground_truth: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +50,7 @@ def iter_voc(ground_truth: str, ids: Sequence[str]) -> Iterator[tuple[str, np.nd
 
 def threshold_variants(variants: Sequence[str] = tuple(VARIANTS)) -> list[str]:
     """The variants among ``variants`` that have δ_k to choose (those with bb or seg)."""
-    return [v for v in variants if set(VARIANTS[v]) & set(OBJECTNESS)]
+    return [v for v in variants if has_objectness(VARIANTS[v])]
 
 
 def fit_chain_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[str],
@@ -67,26 +65,23 @@ def fit_chain_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[s
     the search.
     """
     chains = {name: parse_priors(chain) for name, chain in chains.items()}
-    if not chains or any(not set(chain) & set(OBJECTNESS) for chain in chains.values()):
+    if not chains or not all(has_objectness(chain) for chain in chains.values()):
         raise ValueError(f"every chain needs an objectness prior (bb or seg) to choose δ for; got {chains}")
     gt_classes = read_gt_classes(ground_truth)
     fits = {name: ThresholdFit(bundle.classes, gt_classes) for name in chains}
     needed = sorted({p for chain in chains.values() for p in chain})
     skipped: dict[str, str] = {}
     for image_id in ids:
-        try:
+        try:  # everything of one image first, so a bad one adds to no chain's fit
             rgb, gt = read_voc(ground_truth, image_id)
+            samples = _chain_samples(bundle, rgb, gt, chains, needed, max_side, min_side)
+            for name, fit in fits.items():
+                fit.check(samples[name])
         except (OSError, ValueError) as err:
             skipped[image_id] = f"{type(err).__name__}: {err}"
             continue
-        pred = predict(bundle, [rgb], max_side, min_side)[0]
-        inputs, _ = compute_prior_inputs(rgb, needed)
-        ilp = image_level_prior(pred.probs(), pred.image_probs)
-        for name, chain in chains.items():
-            objectness, _ = objectness_prior(chain, inputs.get("box_obj"), inputs.get("seg_obj"), None,
-                                             len(bundle.classes))
-            smoothing = inputs["superpixels"] if "sppxl" in chain else None
-            fits[name].add(threshold_sample(ilp, objectness, gt, smoothing))
+        for name, fit in fits.items():
+            fit.add(samples[name])
     if len(skipped) == len(ids):
         raise ValueError(f"none of the {len(ids)} images of {ground_truth} could be read; first: "
                          f"{next(iter(skipped.items()), None)}")
@@ -96,6 +91,21 @@ def fit_chain_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[s
         out[name] = (search.thresholds, {**search.describe(), "priors": list(chains[name]), "images": fit.samples,
                                          "skipped": len(skipped), "skipped_images": dict(list(skipped.items())[:20])})
     return out
+
+
+def _chain_samples(bundle: ModelBundle, rgb: np.ndarray, gt: np.ndarray, chains: Mapping[str, tuple[str, ...]],
+                   needed: Sequence[str], max_side: int, min_side: int) -> dict[str, ThresholdSample]:
+    """One image's threshold sample for every chain, from one forward pass."""
+    pred = predict(bundle, [rgb], max_side, min_side)[0]
+    inputs, _ = compute_prior_inputs(rgb, needed)
+    probs = pred.probs()
+    samples = {}
+    for name, chain in chains.items():
+        objectness, _ = objectness_prior(chain, inputs.get("box_obj"), inputs.get("seg_obj"), None,
+                                         len(bundle.classes))
+        smoothing = inputs["superpixels"] if "sppxl" in chain else None
+        samples[name] = threshold_sample(chain_scores(probs, pred.image_probs, chain), objectness, gt, smoothing)
+    return samples
 
 
 def fit_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[str],
@@ -113,8 +123,7 @@ def thresholds_by_variant(found: Mapping[str, tuple[Mapping[str, float], Any]],
     """:func:`fit_thresholds`' result as ``{variant: {"bb" or "seg": δ[K]}}`` for :func:`score_variants`."""
     out = {}
     for v, (deltas, _) in found.items():
-        prior = "bb" if "bb" in VARIANTS[v] else "seg"
-        out[v] = {prior: np.array([deltas.get(c, 0.0) for c in classes])}
+        out[v] = {threshold_prior(VARIANTS[v]): np.array([deltas.get(c, 0.0) for c in classes])}
     return out
 
 

@@ -37,10 +37,10 @@ from .listing import image_key
 from .priors import (
     UNLABELLED,
     argmax_labels,
-    image_level_prior,
+    chain_scores,
     keep_objects,
     objectness_prior,
-    superpixel_mean,
+    smooth_for_objectness,
     superpixel_vote,
 )
 
@@ -126,32 +126,35 @@ def label_image(bundle: ModelBundle, pred: Prediction, rgb: np.ndarray, priors: 
     labels = np.empty((h, w), dtype=np.uint8)
     prob_sum = np.zeros(256)
     objectness = objectness_prior(priors, inputs.get("box_obj"), inputs.get("seg_obj"), thresholds, k)
-    obj, delta = objectness if objectness is not None else (None, None)
 
     def band_scores(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         p = pred.probs(r0, r1)
-        return p, image_level_prior(p, pred.image_probs) if "ilp" in priors else p
+        return p, chain_scores(p, pred.image_probs, priors)
 
-    def finish(r0: int, r1: int, p: np.ndarray, scores: np.ndarray) -> None:
+    def finish(r0: int, r1: int, p: np.ndarray, scores: np.ndarray, obj: np.ndarray | None) -> None:
+        """The objectness test (when the chain has one) and the mean probabilities of one band."""
         if obj is not None:
             labels[r0:r1] = keep_objects(scores, labels[r0:r1], obj[r0:r1], delta, bundle.background_index)
         lab = labels[r0:r1].astype(np.int64)
         picked = np.take_along_axis(p, np.minimum(lab, k - 1)[None], axis=0)[0]
         prob_sum[:] += np.bincount(lab.ravel(), weights=picked.ravel(), minlength=256)
 
+    obj, delta = objectness if objectness is not None else (None, None)
     if "sppxl" in priors:
         for r0, r1 in _bands(pred, k):
             labels[r0:r1] = argmax_labels(band_scores(r0, r1)[1])
-        labels[:] = superpixel_vote(labels, inputs["superpixels"])
-        if obj is not None:
-            obj = superpixel_mean(obj, inputs["superpixels"])
+        if obj is None:
+            labels[:] = superpixel_vote(labels, inputs["superpixels"])
+        else:
+            voted, obj = smooth_for_objectness(labels, obj, inputs["superpixels"])
+            labels[:] = voted
         for r0, r1 in _bands(pred, k):
-            finish(r0, r1, *band_scores(r0, r1))
+            finish(r0, r1, *band_scores(r0, r1), obj)
     else:
         for r0, r1 in _bands(pred, k):
             p, scores = band_scores(r0, r1)
             labels[r0:r1] = argmax_labels(scores)
-            finish(r0, r1, p, scores)
+            finish(r0, r1, p, scores, obj)
     ms["labels"] = (time.perf_counter() - t0) * 1000  # upsampling + applying the priors + mean probs
     return labels, prob_sum, ms
 

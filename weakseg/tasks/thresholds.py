@@ -40,7 +40,7 @@ import numpy as np
 
 from . import storage
 from .evaluation import VOID, align_classes
-from .priors import label_score, objectness_inputs
+from .priors import has_objectness, label_score, objectness_inputs, threshold_prior
 
 __all__ = [
     "DEFAULT_GRID",
@@ -63,7 +63,7 @@ DEFAULT_GRID: tuple[float, ...] = (0.0, *(float(f"{v:.4g}") for v in np.geomspac
 
 @dataclass(frozen=True)
 class ThresholdSample:
-    """One validation image: s = max_k ŷ'(k)·p(Obj), the argmax label, and the ground truth."""
+    """One validation image: the label the test acts on, s = ŷ'(label)·p(Obj), and the ground truth."""
 
     score: np.ndarray  # float [H, W]
     label: np.ndarray  # int [H, W], index into the model's classes
@@ -131,18 +131,23 @@ class ThresholdFit:
         self._hist = np.zeros(self._kp * self._nb * self._kg, np.int64)  # flat [k, b, g]
         self.samples = 0
 
-    def add(self, sample: ThresholdSample) -> None:
+    def check(self, sample: ThresholdSample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sample's valid (not void) scores, labels and ground truth; ``ValueError`` if it does not fit."""
         score, label, gt = np.asarray(sample.score), np.asarray(sample.label), np.asarray(sample.gt)
         if not score.shape == label.shape == gt.shape:
             raise ValueError(f"sample shapes differ: score {score.shape}, label {label.shape}, gt {gt.shape}")
-        kp, kg, nb = self._kp, self._kg, self._nb
         valid = gt != VOID
         g, lab = gt[valid].astype(np.int64), label[valid].astype(np.int64)
-        if g.size and g.max() >= kg:
-            raise ValueError(f"ground truth has class values up to {int(g.max())} but {kg} classes")
-        if lab.size and (lab.min() < 0 or lab.max() >= kp):
-            raise ValueError(f"labels must index the {kp} classes, got {int(lab.min())}..{int(lab.max())}")
-        b = np.searchsorted(self.grid, score[valid], side="left")  # s > grid[t]  <=>  b > t
+        if g.size and g.max() >= self._kg:
+            raise ValueError(f"ground truth has class values up to {int(g.max())} but {self._kg} classes")
+        if lab.size and (lab.min() < 0 or lab.max() >= self._kp):
+            raise ValueError(f"labels must index the {self._kp} classes, got {int(lab.min())}..{int(lab.max())}")
+        return score[valid], lab, g
+
+    def add(self, sample: ThresholdSample) -> None:
+        score, lab, g = self.check(sample)
+        kg, nb = self._kg, self._nb
+        b = np.searchsorted(self.grid, score, side="left")  # s > grid[t]  <=>  b > t
         self._hist += np.bincount((lab * nb + b) * kg + g, minlength=self._hist.size)
         self.samples += 1
 
@@ -217,10 +222,11 @@ def _validate(prior: str, classes: Sequence[str], thresholds: Mapping[str, float
               priors: Any = None) -> None:
     if prior not in ("bb", "seg"):
         raise ValueError(f"{where}: prior must be 'bb' or 'seg', got {prior!r}")
-    if priors is not None and (not isinstance(priors, list) or prior not in priors
-                               or not set(priors) <= {"ilp", "sppxl", "bb", "seg"}):
-        raise ValueError(f"{where}: 'priors' must list the prior chain the thresholds were chosen for, "
-                         f"including {prior!r}; got {priors!r}")
+    if priors is not None and (not isinstance(priors, list) or not all(isinstance(p, str) for p in priors)
+                               or not set(priors) <= {"ilp", "sppxl", "bb", "seg"}
+                               or not has_objectness(priors) or threshold_prior(priors) != prior):
+        raise ValueError(f"{where}: 'priors' must list the prior chain the {prior!r} thresholds were chosen "
+                         f"for (with bb, a chain's δ are bb's); got {priors!r}")
     if not classes or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
         raise ValueError(f"{where}: classes must be distinct non-empty names")
     unknown = [c for c in thresholds if c not in classes]

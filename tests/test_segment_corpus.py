@@ -268,19 +268,33 @@ def test_a_chunk_that_cannot_be_written_fails_the_run_after_retries(prefect_harn
     assert tables.read_table(str(tmp_path / "out"), "runs").to_pylist()[0]["state"] == "Failed"
 
 
-def test_thresholds_file_chosen_for_another_chain_is_used_with_a_warning(prefect_harness, tmp_path, model_bytes,
-                                                                           capfd):
+def test_thresholds_file_chosen_for_another_chain_is_used_with_a_warning(prefect_harness, tmp_path, model_bytes):
+    import logging
+
     from weakseg.tasks.thresholds import write_thresholds
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
 
     root = str(tmp_path / "c")
     write_corpus(root, {k: v for k, v in corpus_files().items() if k == "a_rgb.jpg"})
     (tmp_path / "model.pt").write_bytes(model_bytes)
     url = str(tmp_path / "t.json")
     write_thresholds(url, "bb", CLASSES, dict.fromkeys(CLASSES, 0.2), priors=["ilp", "sppxl", "bb"])
-    state = run(root, str(tmp_path / "model.pt"), str(tmp_path / "out"), run_id="t1", priors="ilp,bb",
-                thresholds=url)
+    collect, logger = Collect(), logging.getLogger("prefect.task_runs")
+    logger.addHandler(collect)
+    try:
+        state = run(root, str(tmp_path / "model.pt"), str(tmp_path / "out"), run_id="t1", priors="ilp,bb",
+                    thresholds=url)
+    finally:
+        logger.removeHandler(collect)
     assert state.is_completed(), state.message
-    logged = capfd.readouterr()
-    assert "chosen for priors ilp,sppxl,bb; this run applies ilp,bb" in logged.out + logged.err
+    assert any("chosen for priors ilp,sppxl,bb; this run applies ilp,bb" in m for m in collect.messages), \
+        collect.messages
     used = json.loads(tables.read_table(str(tmp_path / "out"), "runs").to_pylist()[0]["thresholds"])
     assert used["bb"] == dict.fromkeys(CLASSES, 0.2) and used["sources"]["bb"] == url

@@ -45,6 +45,7 @@ from .training import normalize
 
 __all__ = [
     "DEFAULT_MAX_SIDE",
+    "PRIOR_INPUTS",
     "ModelBundle",
     "ModelError",
     "Prediction",
@@ -58,6 +59,8 @@ __all__ = [
     "segment_variants",
 ]
 
+# The keyword (of apply_priors, and key of compute_prior_inputs' result) each prior's input goes by.
+PRIOR_INPUTS = {"sppxl": "superpixels", "bb": "box_obj", "seg": "seg_obj"}
 DEFAULT_MAX_SIDE = 512  # forward-pass longer side; the probabilities come back at full size
 MIN_CELLS = 4  # smaller inputs are enlarged to at least this many score cells per side
 
@@ -255,13 +258,11 @@ class SegmentResult:
 def compute_prior_inputs(rgb: np.ndarray, priors: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The superpixels / objectness maps the priors need, with the time each took (ms)."""
     inputs, ms = {}, {}
-    makers = {"sppxl": ("superpixels", superpixels), "bb": ("box_obj", box_objectness_map),
-              "seg": ("seg_obj", segment_objectness_map)}
+    makers = {"sppxl": superpixels, "bb": box_objectness_map, "seg": segment_objectness_map}
     for prior in priors:
         if prior in makers:
-            name, fn = makers[prior]
             t0 = time.perf_counter()
-            inputs[name] = fn(rgb)
+            inputs[PRIOR_INPUTS[prior]] = makers[prior](rgb)
             ms[prior] = (time.perf_counter() - t0) * 1000
     return inputs, ms
 
@@ -302,7 +303,6 @@ def segment_variants(bundle: ModelBundle, rgb: np.ndarray, thresholds: Mapping[s
     out = {}
     for v in variants:
         priors = VARIANTS[v]
-        names = {"sppxl": "superpixels", "bb": "box_obj", "seg": "seg_obj"}
-        own = {names[p]: inputs[names[p]] for p in priors if p in names}
+        own = {PRIOR_INPUTS[p]: inputs[PRIOR_INPUTS[p]] for p in priors if p in PRIOR_INPUTS}
         out[v] = _labels(bundle, pred, priors, own, (variant_thresholds or {}).get(v) or thresholds)
     return out

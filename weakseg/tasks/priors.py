@@ -95,13 +95,26 @@ def _dense_ids(segments: np.ndarray) -> tuple[np.ndarray, int]:
     return seg, int(seg.max()) + 1 if seg.size else 0
 
 
-def superpixel_mean(values: np.ndarray, segments: np.ndarray) -> np.ndarray:
-    """Every pixel of ``values[H, W]`` replaced by its superpixel's mean (float32)."""
-    if values.shape != segments.shape:
-        raise ValueError(f"values {values.shape} and segments {segments.shape} differ in shape")
-    seg, n = _dense_ids(segments)
+def _mean(values: np.ndarray, seg: np.ndarray, n: int) -> np.ndarray:
     sums = np.bincount(seg, weights=values.ravel().astype(np.float64), minlength=n)
     return (sums / np.maximum(np.bincount(seg, minlength=n), 1))[seg].reshape(values.shape).astype(np.float32)
+
+
+def _vote(labels: np.ndarray, seg: np.ndarray, n_seg: int) -> np.ndarray:
+    n_lab = 256
+    votes = np.bincount(seg * n_lab + labels.ravel().astype(np.int64), minlength=n_seg * n_lab).reshape(n_seg, n_lab)
+    return votes.argmax(axis=1).astype(np.uint8)[seg].reshape(labels.shape)
+
+
+def _check_shapes(name: str, values: np.ndarray, segments: np.ndarray) -> None:
+    if values.shape != segments.shape:
+        raise ValueError(f"{name} {values.shape} and segments {segments.shape} differ in shape")
+
+
+def superpixel_mean(values: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Every pixel of ``values[H, W]`` replaced by its superpixel's mean (float32)."""
+    _check_shapes("values", values, segments)
+    return _mean(values, *_dense_ids(segments))
 
 
 def superpixel_vote(labels: np.ndarray, segments: np.ndarray) -> np.ndarray:
@@ -110,14 +123,8 @@ def superpixel_vote(labels: np.ndarray, segments: np.ndarray) -> np.ndarray:
     ``labels`` uint8[H, W] (255 counts as a label of its own), ``segments`` int[H, W]
     superpixel ids (any non-negative integers). Ties go to the smallest label.
     """
-    if labels.shape != segments.shape:
-        raise ValueError(f"labels {labels.shape} and segments {segments.shape} differ in shape")
-    seg, n_seg = _dense_ids(segments)
-    lab = labels.ravel().astype(np.int64)
-    n_lab = 256
-    votes = np.bincount(seg * n_lab + lab, minlength=n_seg * n_lab).reshape(n_seg, n_lab)
-    winner = votes.argmax(axis=1).astype(np.uint8)
-    return winner[seg].reshape(labels.shape)
+    _check_shapes("labels", labels, segments)
+    return _vote(labels, *_dense_ids(segments))
 
 
 def box_objectness(boxes: np.ndarray, scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -195,8 +202,14 @@ def threshold_prior(priors: Sequence[str]) -> str:
 
 def smooth_for_objectness(labels: np.ndarray, objectness: np.ndarray,
                           superpixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """SP-sppxl before SP-bb / SP-seg: the superpixel vote of ``labels`` and p(Obj) averaged per superpixel."""
-    return superpixel_vote(labels, superpixels), superpixel_mean(objectness, superpixels)
+    """SP-sppxl before SP-bb / SP-seg: the superpixel vote of ``labels`` and p(Obj) averaged per superpixel.
+
+    The superpixel ids are made dense once for both (a sort over the image).
+    """
+    _check_shapes("labels", labels, superpixels)
+    _check_shapes("objectness", objectness, superpixels)
+    seg, n = _dense_ids(superpixels)
+    return _vote(labels, seg, n), _mean(objectness, seg, n)
 
 
 def objectness_inputs(

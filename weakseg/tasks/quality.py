@@ -75,13 +75,12 @@ def fit_chain_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[s
         try:  # everything of one image first, so a bad one adds to no chain's fit
             rgb, gt = read_voc(ground_truth, image_id)
             samples = _chain_samples(bundle, rgb, gt, chains, needed, max_side, min_side)
-            for name, fit in fits.items():
-                fit.check(samples[name])
+            checked = {name: fit.check(samples[name]) for name, fit in fits.items()}
         except (OSError, ValueError) as err:
             skipped[image_id] = f"{type(err).__name__}: {err}"
             continue
         for name, fit in fits.items():
-            fit.add(samples[name])
+            fit.add_checked(*checked[name])
     if len(skipped) == len(ids):
         raise ValueError(f"none of the {len(ids)} images of {ground_truth} could be read; first: "
                          f"{next(iter(skipped.items()), None)}")

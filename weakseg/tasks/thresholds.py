@@ -145,7 +145,10 @@ class ThresholdFit:
         return score[valid], lab, g
 
     def add(self, sample: ThresholdSample) -> None:
-        score, lab, g = self.check(sample)
+        self.add_checked(*self.check(sample))
+
+    def add_checked(self, score: np.ndarray, lab: np.ndarray, g: np.ndarray) -> None:
+        """Add what :meth:`check` returned (check every sample of an image first, then add them)."""
         kg, nb = self._kg, self._nb
         b = np.searchsorted(self.grid, score, side="left")  # s > grid[t]  <=>  b > t
         self._hist += np.bincount((lab * nb + b) * kg + g, minlength=self._hist.size)

@@ -1,6 +1,10 @@
 """shard-imagenet: an image collection with image-level labels -> WebDataset shards.
 
 list (fails fast) -> map labels -> plan shards -> write shards concurrently -> manifest.
+
+The shards go to the run's generation folder (see :mod:`weakseg.tasks.manifest`): a
+re-shard never rewrites a file the current manifest names, and the manifest, written last
+and atomically, switches readers to the new generation only once it is complete.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_ru
 from weakseg.tasks import storage
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
 from weakseg.tasks.label_maps import LabelMap, build_label_map
-from weakseg.tasks.listing import Item, SourceError, list_source
+from weakseg.tasks.listing import DEFAULT_MAX_BYTES, Item, SourceError, list_source
+from weakseg.tasks.manifest import generation_folder, read_manifest_if_any
 from weakseg.tasks.sharding import EncodeOptions, ShardPlan, ShardResult, assign_splits, fingerprint, plan_shards
 from weakseg.tasks.sharding import write_manifest as _write_manifest
 from weakseg.tasks.sharding import write_shard as _write_shard
@@ -42,10 +47,16 @@ def write_shard(plan: ShardPlan, dest: str, classes: list[str], options: EncodeO
 
 
 @task(**IO_RETRIES)
+def choose_folder(dest: str, generation: str) -> str:
+    """Where this generation writes: never over the shards the current manifest names."""
+    return generation_folder(read_manifest_if_any(dest), generation)
+
+
+@task(**IO_RETRIES)
 def write_manifest(dest: str, results: list[ShardResult], label_map: LabelMap, parameters: dict,
-                   source_fp: str, dropped: int, multilabel: bool) -> dict:
+                   source_fp: str, dropped: int, multilabel: bool, generation: str, folder: str) -> dict:
     return _write_manifest(dest, results, list(label_map.classes), label_map.describe(), parameters, source_fp,
-                           dropped=dropped, multilabel=multilabel)
+                           dropped=dropped, multilabel=multilabel, generation=generation, folder=folder)
 
 
 @flow(name="shard-imagenet-write")
@@ -79,6 +90,9 @@ def shard_imagenet(
     max_pixels: Annotated[
         int, Field(ge=1, description="refuse larger images (decompression bombs)")
     ] = DEFAULT_MAX_PIXELS,
+    max_bytes: Annotated[
+        int, Field(ge=1, description="refuse larger files and tar members before reading them (64 MiB)")
+    ] = DEFAULT_MAX_BYTES,
     background_fraction: Annotated[
         float, Field(ge=0, le=1, description="voc: share of unrelated synsets kept as background")
     ] = 0.25,
@@ -93,7 +107,7 @@ def shard_imagenet(
     params = {"source": source, "dest": dest, "label_map": label_map, "layout": layout, "max_side": max_side,
               "val_fraction": val_fraction, "seed": seed, "shard_size": shard_size,
               "shard_max_bytes": shard_max_bytes, "jpeg_quality": jpeg_quality, "max_pixels": max_pixels,
-              "background_fraction": background_fraction}
+              "max_bytes": max_bytes, "background_fraction": background_fraction}
     items, used_layout = list_images(source, layout)
     source_fp = fingerprint([(i.uri, i.size, i.labels, i.split) for i in items])
     lmap = map_labels(items, label_map, background_fraction, seed)
@@ -101,19 +115,24 @@ def shard_imagenet(
     kept = [(item, names) for item, names in mapped if names is not None]
     dropped = len(items) - len(kept)
     if not kept:
-        raise SourceError(f"no image of {source} maps to a class with label map {label_map!r}")
+        raise SourceError(f"no image of {storage.redact_url(source)} maps to a class with label map "
+                          f"{storage.redact_url(label_map)!r}")
     kept_items, kept_labels = [k[0] for k in kept], [k[1] for k in kept]
     plans = plan_shards(kept_items, kept_labels, assign_splits(kept_items, val_fraction, seed),
                         shard_size, shard_max_bytes, seed)
     logger.info("%d images (%s layout, %d dropped by the label map) -> %d shards", len(items), used_layout,
                 dropped, len(plans))
-    options = EncodeOptions(max_side, jpeg_quality, max_pixels)
+    options = EncodeOptions(max_side, jpeg_quality, max_pixels, max_bytes)
     fp = fingerprint({**params, "source_fingerprint": source_fp, "classes": lmap.classes})
+    generation = fp[:16]
+    folder = choose_folder(dest, generation)
+    logger.info("generation %s -> %s", generation, storage.redact_url(storage.join(dest, folder)))
     classes = list(lmap.classes)
     runner = make_task_runner(task_runner, workers, dask_address)
-    results = write_shards.with_options(task_runner=runner)(plans, dest, classes, options, fp)
+    results = write_shards.with_options(task_runner=runner)(plans, storage.join(dest, folder) if folder else dest,
+                                                            classes, options, fp)
     manifest = write_manifest(dest, results, lmap, params, source_fp, dropped,
-                              multilabel=any(len(n) > 1 for n in kept_labels))
+                              multilabel=any(len(n) > 1 for n in kept_labels), generation=generation, folder=folder)
     skipped = sum(r.skipped for r in results)
     create_table_artifact(
         key="shard-imagenet-class-counts",
@@ -121,6 +140,7 @@ def shard_imagenet(
                for c in classes],
         description=f"{manifest['errors']['count']} inputs skipped as errors; {skipped} shards already done",
     )
-    logger.info("wrote %s: %s samples, %d errors, %d shards reused", storage.join(dest, "manifest.json"),
+    logger.info("wrote %s: %s samples, %d errors, %d shards reused",
+                storage.redact_url(storage.join(dest, "manifest.json")),
                 {k: v["samples"] for k, v in manifest["splits"].items()}, manifest["errors"]["count"], skipped)
     return manifest

@@ -17,6 +17,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from .storage import redact_url
+
 __all__ = [
     "BACKGROUND",
     "VOC_CLASSES",
@@ -240,4 +242,4 @@ def build_label_map(
         return _voc(source_labels, background_fraction, seed)
     if read_text is None:
         raise ValueError(f"unknown label map {spec!r}: use identity, voc or the URL of a CSV")
-    return _from_csv(read_text(spec), source_labels, spec)
+    return _from_csv(read_text(spec), source_labels, redact_url(spec))  # recorded: without credentials

@@ -2,7 +2,10 @@
 CSV/Parquet manifests with several labels per image. Any fsspec URL.
 
 A listing is a list of :class:`Item` records, sorted by URI so it is the same on every
-run; nothing is decoded here.
+run; nothing is decoded here. A damaged input never fails a listing: a per-synset tar cut
+short lists the members whose headers survive (those past its end fail when read) and one
+item carrying the ``problem`` for the lost rest, so each becomes an error row of the shard
+run. Reading is bounded: nothing larger than ``max_bytes`` is read (:class:`open_item_reader`).
 """
 from __future__ import annotations
 
@@ -19,14 +22,34 @@ import pyarrow.parquet as pq
 
 from . import storage
 
-__all__ = ["Item", "Layout", "SourceError", "detect_layout", "image_key", "list_source", "open_item_reader"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "InputTooLarge",
+    "Item",
+    "Layout",
+    "SourceError",
+    "TruncatedInput",
+    "detect_layout",
+    "image_key",
+    "list_source",
+    "open_item_reader",
+]
 
 Layout = Literal["auto", "ilsvrc", "synset-tars", "imagefolder", "manifest"]
 WNID = re.compile(r"^n\d{8}$")
+DEFAULT_MAX_BYTES = 64 * 2**20  # --max-bytes: larger inputs are refused before they are read
 
 
 class SourceError(ValueError):
     """The source cannot be listed (missing, empty, malformed): fails before any work."""
+
+
+class InputTooLarge(OSError):
+    """An input over the byte limit: refused before it is read."""
+
+
+class TruncatedInput(OSError):
+    """An input cut short (a damaged tar: its member ends past the end of the file)."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,8 @@ class Item:
     size: int = 0  # bytes, when the listing knows (shard planning)
     tar_url: str | None = None
     member: str | None = None
+    offset: int | None = None  # tar members: where the member's data starts in the tar
+    problem: str | None = None  # found unreadable by the listing: reading it fails with this
 
     @property
     def wnid(self) -> str | None:
@@ -125,19 +150,42 @@ def _list_ilsvrc(fs, root: str) -> list[Item]:
     return items
 
 
+def _tar_headers(f) -> tuple[list[tarfile.TarInfo], str | None]:
+    """Member headers of a tar; a damaged one is re-read as a stream up to the damage."""
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            return tar.getmembers(), None
+    except tarfile.TarError as err:
+        problem = f"{type(err).__name__}: {err}"
+    f.seek(0)
+    members: list[tarfile.TarInfo] = []
+    try:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                members.append(member)
+    except tarfile.TarError:
+        pass
+    return members, problem
+
+
+def _tar_items(fs, path: str) -> list[Item]:
+    label = posixpath.basename(path)[: -len(".tar")]
+    tar_url = storage.to_url(fs, path)
+    base = tar_url if "://" in tar_url else "file://" + tar_url
+    with fs.open(path, "rb") as f:
+        members, problem = _tar_headers(f)
+    items = [Item(f"tar://{m.name}::{base}", (label,), None, m.size, tar_url, m.name, m.offset_data)
+             for m in members if m.isfile() and not posixpath.basename(m.name).startswith(".")]
+    if problem is not None:
+        end = max((m.offset_data + m.size for m in members), default=0)
+        items.append(Item(f"tar://@{end}::{base}", (label,), None, 0, tar_url, None, None,
+                          f"{tar_url} is damaged after byte {end} ({problem}): members after that are lost"))
+    return items
+
+
 def _list_synset_tars(fs, root: str) -> list[Item]:
-    items = []
-    for path in sorted(fs.find(root)):
-        name = posixpath.basename(path)
-        if not name.lower().endswith(".tar"):
-            continue
-        label = name[: -len(".tar")]
-        tar_url = storage.to_url(fs, path)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar.getmembers():
-                if member.isfile() and not posixpath.basename(member.name).startswith("."):
-                    uri = f"tar://{member.name}::{tar_url if '://' in tar_url else 'file://' + tar_url}"
-                    items.append(Item(uri, (label,), None, member.size, tar_url, member.name))
+    items = [item for path in sorted(fs.find(root)) if posixpath.basename(path).lower().endswith(".tar")
+             for item in _tar_items(fs, path)]
     if not items:
         raise SourceError(f"no images inside the tar files under {root}")
     return items
@@ -189,14 +237,14 @@ def list_source(source: str, layout: Layout = "auto") -> tuple[list[Item], str]:
     """All items of a source, sorted by URI, and the layout used. Fails fast when empty."""
     fs, root = storage.url_to_fs(source)
     if not fs.exists(root):
-        raise SourceError(f"source {source} does not exist")
+        raise SourceError(f"source {storage.redact_url(source)} does not exist")
     if layout == "auto":
         layout = detect_layout(fs, root)  # type: ignore[assignment]
     listers = {"ilsvrc": _list_ilsvrc, "synset-tars": _list_synset_tars, "imagefolder": _list_imagefolder,
                "manifest": _list_manifest}
     items = listers[layout](fs, root)
     if not items:
-        raise SourceError(f"source {source} ({layout}) holds no images")
+        raise SourceError(f"source {storage.redact_url(source)} ({layout}) holds no images")
     return sorted(items, key=lambda i: i.uri), layout
 
 
@@ -204,29 +252,47 @@ def _list_imagefolder(fs, root: str) -> list[Item]:
     return _folder_items(fs, root, None)
 
 
-class open_item_reader:
-    """Reads item bytes, keeping each synset tar open while its members are read."""
+def _read_at_most(f, size: int | None, max_bytes: int, what: str, exact: bool = False) -> bytes:
+    """Refuse by the known size first; then read no more than the limit allows (a file may grow)."""
+    if size is not None and size > max_bytes:
+        raise InputTooLarge(f"{storage.redact_url(what)} has {size} bytes, over --max-bytes {max_bytes}")
+    data = f.read(size if exact and size is not None else max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputTooLarge(f"{storage.redact_url(what)} has more than --max-bytes {max_bytes} bytes")
+    return data
 
-    def __init__(self) -> None:
-        self._tars: dict[str, tuple[object, tarfile.TarFile]] = {}
+
+class open_item_reader:
+    """Reads item bytes, at most ``max_bytes`` each (checked before reading), keeping each
+    synset tar open while its members are read."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._tars: dict[str, object] = {}
 
     def __enter__(self) -> open_item_reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for f, tar in self._tars.values():
-            tar.close()
+        for f in self._tars.values():
             f.close()  # type: ignore[attr-defined]
         self._tars.clear()
 
     def read(self, item: Item) -> bytes:
+        if item.problem is not None:
+            raise TruncatedInput(storage.redact(item.problem))
         if item.tar_url is None:
-            return storage.read_bytes(item.uri)
+            fs, path = storage.url_to_fs(item.uri)
+            size = fs.size(path)
+            with fs.open(path, "rb") as f:
+                return _read_at_most(f, None if size is None else int(size), self.max_bytes, item.uri)
         if item.tar_url not in self._tars:
             fs, path = storage.url_to_fs(item.tar_url)
-            f = fs.open(path, "rb")
-            self._tars[item.tar_url] = (f, tarfile.open(fileobj=f, mode="r:"))  # noqa: SIM115 - closed in __exit__
-        extracted = self._tars[item.tar_url][1].extractfile(item.member)
-        if extracted is None:
-            raise FileNotFoundError(f"{item.member} is not a file in {item.tar_url}")
-        return extracted.read()
+            self._tars[item.tar_url] = fs.open(path, "rb")
+        f = self._tars[item.tar_url]
+        f.seek(item.offset)  # type: ignore[attr-defined]
+        data = _read_at_most(f, item.size, self.max_bytes, item.uri, exact=True)
+        if len(data) < item.size:
+            raise TruncatedInput(f"{storage.redact_url(item.uri)}: the tar ends {item.size - len(data)} bytes "
+                                 "into this member")
+        return data

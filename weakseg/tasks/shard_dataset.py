@@ -11,7 +11,17 @@ One error policy: a sample that cannot be used (bad JPEG, missing or out-of-rang
 a damaged tar member) is skipped and *counted*. Errors are recorded by an
 :class:`ErrorLog` (the webdataset ``handler`` of the tar stage and the decode stage) and
 travel with the next good sample to :class:`Collate`, so counts from worker processes
-reach the training loop in the batch itself.
+reach the training loop in the batch itself. Skipping has a bound: when more than
+``max_skip_fraction`` of the samples a stream has seen were skipped (after at least
+``MIN_SKIPPED`` skips), nothing usable is coming and the stream raises
+:class:`NothingUsableError` instead of searching forever.
+
+What the manifest records is checked, never skipped: with ``specs`` (from
+:func:`~weakseg.tasks.manifest.shard_specs`) every shard is hashed before a sample of it is
+used, and with ``classes`` every sample's label names must match the manifest's class
+list at its label indices. A difference raises
+:class:`~weakseg.tasks.manifest.ShardMismatchError`: the shards are not the ones the
+manifest describes, and their class indices cannot be trusted.
 
 Any fsspec URL works: :func:`register_fsspec_opener` routes ``s3://``, ``gs://``,
 ``memory://`` and friends through fsspec instead of webdataset's CLI-based openers
@@ -19,20 +29,26 @@ Any fsspec URL works: :func:`register_fsspec_opener` routes ``s3://``, ``gs://``
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 import json
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
 import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from torch.utils.data import DataLoader
+
+from . import storage
+from .manifest import ShardMismatchError, ShardSpec
 
 wds_gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` is also a function
 
@@ -40,8 +56,11 @@ __all__ = [
     "Collate",
     "Decode",
     "ErrorLog",
+    "NothingUsableError",
+    "ReadShards",
     "eval_pipeline",
     "make_loader",
+    "open_verified",
     "register_fsspec_opener",
     "train_pipeline",
     "write_synthetic_shards",
@@ -65,33 +84,149 @@ def register_fsspec_opener(schemes: Iterable[str] = FSSPEC_SCHEMES) -> None:
 register_fsspec_opener()  # at import, so spawned DataLoader workers have it too
 
 
-class ErrorLog:
-    """A webdataset handler that records an error and says "continue"."""
+MIN_SKIPPED = 100  # skips before the skip fraction is judged
+_CHUNK = 1 << 20
+_SPOOL_BYTES = 64 << 20  # remote shards are copied to memory up to this, then to a temporary file
 
-    def __init__(self) -> None:
+
+class NothingUsableError(RuntimeError):
+    """A sample stream that skips (almost) everything: training would wait forever."""
+
+
+class ErrorLog:
+    """A webdataset handler that records an error and says "continue", up to a bound.
+
+    ``max_skip_fraction``: raise :class:`NothingUsableError` once at least ``min_skipped``
+    samples were skipped and they are more than this fraction of all seen; ``None`` never
+    raises (a finite stream, such as validation, ends on its own).
+    """
+
+    def __init__(self, max_skip_fraction: float | None = None, min_skipped: int = MIN_SKIPPED) -> None:
         self.pending: list[str] = []
+        self.max_skip_fraction = max_skip_fraction
+        self.min_skipped = min_skipped
+        self.good = 0
+        self.skipped = 0
 
     def __call__(self, exn: BaseException) -> bool:
-        self.pending.append(f"{type(exn).__name__}: {exn}")
-        _logger.warning("skipped a sample: %s: %s", type(exn).__name__, exn)
+        if isinstance(exn, ShardMismatchError):
+            raise ShardMismatchError(str(exn.args[0]) if exn.args else str(exn)) from None
+        message = storage.redact(f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+        self.pending.append(message)
+        self.skipped += 1
+        _logger.warning("skipped a sample: %s", message)
+        self._check(message)
         return True
 
+    def _check(self, last: str) -> None:
+        limit = self.max_skip_fraction
+        seen = self.skipped + self.good
+        if limit is None or self.skipped < self.min_skipped or self.skipped <= limit * seen:
+            return
+        raise NothingUsableError(
+            f"{self.skipped} of {seen} samples read could not be used ({self.good} usable; the limit is "
+            f"--max-skip-fraction {limit}): nothing usable is coming from these shards. Last error: {last}. "
+            "Check the shards (weakseg shard's errors.parquet) and that the manifest's classes match them."
+        )
+
     def drain(self) -> list[str]:
+        """The errors since the last good sample; called once per good sample."""
+        self.good += 1
         out, self.pending = self.pending, []
         return out
+
+
+def open_verified(url: str, spec: ShardSpec) -> io.IOBase:
+    """``url`` opened for reading after checking its size and sha256 against ``spec``.
+
+    Local files are hashed through the same descriptor that is then rewound and read (a
+    rename in between changes nothing); remote ones are copied while hashing (memory, then
+    a temporary file). No byte of a shard reaches training before the whole shard matched.
+    """
+    fs, path = storage.url_to_fs(url)
+    shown = storage.redact_url(url)
+    size = fs.size(path)
+    if size != spec.bytes:
+        raise ShardMismatchError(f"shard {shown} has {size} bytes, the manifest records {spec.bytes}: the shards "
+                                 "changed after the manifest was written; run `weakseg shard` again to completion")
+    src = fs.open(path, "rb")
+    local = isinstance(fs, LocalFileSystem)
+    out = src if local else tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115 - returned
+    digest = hashlib.sha256()
+    try:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            if not local:
+                out.write(chunk)
+    finally:
+        if not local:
+            src.close()
+    if digest.hexdigest() != spec.sha256:
+        out.close()
+        raise ShardMismatchError(f"shard {shown} does not have the sha256 the manifest records: the shards changed "
+                                 "after the manifest was written; run `weakseg shard` again to completion")
+    out.seek(0)
+    return out  # type: ignore[return-value]
+
+
+class ReadShards:
+    """Pipeline stage: ``{"url"}`` -> raw tar samples; with ``specs``, each shard verified first.
+
+    A shard that cannot be opened or parsed is the ``errors`` handler's (skipped, counted);
+    one that differs from its spec raises :class:`ShardMismatchError`.
+    """
+
+    def __init__(self, errors: ErrorLog, specs: Mapping[str, ShardSpec] | None = None) -> None:
+        self.errors = errors
+        self.specs = dict(specs) if specs is not None else None
+
+    def _open(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for source in src:
+            url = source["url"]
+            spec = self.specs.get(url) if self.specs is not None else None
+            if self.specs is not None and spec is None:
+                raise ShardMismatchError(f"{storage.redact_url(url)} is not a shard the manifest names")
+            try:
+                stream = open_verified(url, spec) if spec is not None else wds_gopen.gopen(url)
+            except ShardMismatchError:
+                raise
+            except Exception as err:
+                self.errors(type(err)(f"{storage.redact_url(url)}: {err}") if err.args else err)
+                continue
+            yield {**source, "stream": stream}
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        files = wds.tariterators.tar_file_expander(self._open(src), handler=self.errors)
+        return wds.tariterators.group_by_keys(files, handler=self.errors)
 
 
 class Decode:
     """Pipeline stage: raw tar samples -> ``{"image", "valid", "labels", "__key__"}``.
 
     ``transform(PIL image) -> (HxWx3 uint8, HxW bool)``. A bad sample is recorded in
-    ``errors`` with its key and shard URL and skipped.
+    ``errors`` with its key and shard URL and skipped. With ``classes`` (the manifest's),
+    a sample whose ``label_names`` are not ``classes`` at its label indices raises
+    :class:`ShardMismatchError` (shards of another class list: never trained on).
     """
 
-    def __init__(self, num_classes: int, transform: Callable, errors: ErrorLog) -> None:
+    def __init__(self, num_classes: int, transform: Callable, errors: ErrorLog,
+                 classes: Sequence[str] | None = None) -> None:
         self.num_classes = num_classes
         self.transform = transform
         self.errors = errors
+        self.classes = list(classes) if classes is not None else None
+
+    def check_names(self, sample: dict[str, Any], labels: list[int]) -> None:
+        if self.classes is None or "json" not in sample:
+            return
+        names = json.loads(sample["json"]).get("label_names")
+        if names is not None and [self.classes[i] for i in labels] != list(names):
+            raise ShardMismatchError(
+                f"sample {sample.get('__key__', '?')} in {storage.redact_url(str(sample.get('__url__', '?')))} is "
+                f"labelled {list(names)} at indices {labels}, but the manifest's classes there are "
+                f"{[self.classes[i] for i in labels]}: the shards belong to another class list (an interrupted "
+                "re-shard?); run `weakseg shard` again to completion"
+            )
 
     def labels(self, sample: dict[str, Any]) -> list[int]:
         if "json" in sample:
@@ -106,6 +241,7 @@ class Decode:
         bad = [i for i in labels if not 0 <= i < self.num_classes]
         if bad:
             raise ValueError(f"label index {bad} outside [0, {self.num_classes})")
+        self.check_names(sample, labels)
         return labels
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -120,8 +256,10 @@ class Decode:
         for sample in src:
             try:
                 out = self.decode(sample)
+            except ShardMismatchError:
+                raise
             except Exception as err:
-                where = f"{sample.get('__key__', '?')} in {sample.get('__url__', '?')}"
+                where = f"{sample.get('__key__', '?')} in {storage.redact_url(str(sample.get('__url__', '?')))}"
                 self.errors(ValueError(f"{where}: {type(err).__name__}: {err}"))
                 continue
             out["__errors__"] = self.errors.drain()
@@ -157,25 +295,33 @@ def train_pipeline(
     *,
     seed: int = 0,
     shuffle_buffer: int = 1000,
+    specs: Mapping[str, ShardSpec] | None = None,
+    classes: Sequence[str] | None = None,
+    max_skip_fraction: float | None = 0.5,
 ) -> wds.DataPipeline:
-    """An endless, resampled, shuffled, decoded sample stream (one per rank and worker)."""
-    errors = ErrorLog()
+    """An endless, resampled, shuffled, decoded sample stream (one per rank and worker).
+
+    ``specs`` and ``classes``: verify shards and labels against the manifest (module doc);
+    ``max_skip_fraction``: the skip bound that ends a stream with nothing usable.
+    """
+    errors = ErrorLog(max_skip_fraction)
     return wds.DataPipeline(
         # Different draws per rank and worker come from webdataset's worker seed.
         wds.ResampledShards(list(urls), seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=errors),
+        ReadShards(errors, specs),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
-        Decode(num_classes, transform, errors),
+        Decode(num_classes, transform, errors, classes),
     )
 
 
-def eval_pipeline(urls: Sequence[str], num_classes: int, transform: Callable, *, split_by_node: bool = True):
+def eval_pipeline(urls: Sequence[str], num_classes: int, transform: Callable, *, split_by_node: bool = True,
+                  specs: Mapping[str, ShardSpec] | None = None, classes: Sequence[str] | None = None):
     """Every sample of ``urls`` once, split over DDP ranks (optionally) and DataLoader workers."""
     errors = ErrorLog()
     stages: list[Any] = [wds.SimpleShardList(list(urls))]
     if split_by_node:
         stages.append(wds.split_by_node)
-    stages += [wds.split_by_worker, wds.tarfile_to_samples(handler=errors), Decode(num_classes, transform, errors)]
+    stages += [wds.split_by_worker, ReadShards(errors, specs), Decode(num_classes, transform, errors, classes)]
     return wds.DataPipeline(*stages)
 
 
@@ -218,9 +364,6 @@ def write_synthetic_shards(
     ``corrupt_keys``: samples whose JPEG bytes are replaced by garbage (error handling).
     Writes ``{dest}/{split}-{i:06d}.tar`` and ``{dest}/manifest.json``; returns the manifest.
     """
-    import hashlib
-
-    from . import storage
     from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
     from .synthetic import SYNTHETIC_CLASSES, make_scenes
 

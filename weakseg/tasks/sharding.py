@@ -1,16 +1,23 @@
 """Planning and writing WebDataset shards; assembling the manifest and the error table.
 
 Each planned shard is one unit of work: it reads, validates and re-encodes its images and
-writes ``{split}-{index:06d}.tar`` and a small state file beside it. Shards are
-reproducible byte for byte (fixed tar metadata, deterministic encoding and order), so a
-rerun with the same parameters skips the finished ones and rewrites nothing.
+writes ``{split}-{index:06d}.tar`` and a small state file beside it, in the folder of its
+generation (:func:`~weakseg.tasks.manifest.generation_folder`: never a file the current
+manifest names, unless byte-identical). Shards are reproducible byte for byte (fixed tar
+metadata, deterministic encoding and order), so a rerun with the same parameters skips the
+finished ones and rewrites nothing.
+
+Nothing secret is written: source URIs in samples, error rows and the manifest's
+parameters pass through :func:`~weakseg.tasks.storage.redact_url`.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import posixpath
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +31,7 @@ import webdataset as wds
 from .. import __version__
 from . import storage
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, encode_jpeg, resize_shorter_side
-from .listing import Item, image_key, open_item_reader
+from .listing import DEFAULT_MAX_BYTES, Item, image_key, open_item_reader
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
 
 __all__ = [
@@ -53,6 +60,7 @@ class EncodeOptions:
     max_side: int = 512
     jpeg_quality: int = 90
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass
@@ -131,7 +139,7 @@ def encode_sample(item: Item, data: bytes, class_labels: list[str], classes: Seq
     meta = {
         "labels": indices,
         "label_names": list(class_labels),
-        "source": item.uri,
+        "source": storage.redact_url(item.uri),
         "width": decoded.width,
         "height": decoded.height,
         "wnid": item.wnid,
@@ -155,8 +163,18 @@ def finished(dest: str, plan: ShardPlan, fp: str) -> ShardResult | None:
     return ShardResult(**{**state, "skipped": True})
 
 
+def error_row(item: Item, split: str, stage: str, error_type: str, message: str) -> dict[str, str]:
+    """One ``errors.parquet`` row, with no credential in the URI or the message."""
+    return {"image_uri": storage.redact_url(item.uri), "split": split, "stage": stage, "error_type": error_type,
+            "message": storage.redact(message)}
+
+
 def write_shard(plan: ShardPlan, dest: str, classes: Sequence[str], options: EncodeOptions, fp: str) -> ShardResult:
-    """Write one shard (unless already finished) and its state file; bad inputs become errors."""
+    """Write one shard (unless already finished) and its state file; bad inputs become errors.
+
+    ``dest`` is the generation's folder. Inputs over ``options.max_bytes``, unreadable or
+    cut short (a damaged synset tar) are error rows, like undecodable images.
+    """
     done = finished(dest, plan, fp)
     if done is not None:
         return done
@@ -164,19 +182,18 @@ def write_shard(plan: ShardPlan, dest: str, classes: Sequence[str], options: Enc
     errors: list[dict[str, str]] = []
     counts: Counter[str] = Counter()
     samples = 0
-    with open_item_reader() as reader, wds.TarWriter(buf, user="weakseg", group="weakseg", mtime=0.0) as sink:
+    with (open_item_reader(options.max_bytes) as reader,
+          wds.TarWriter(buf, user="weakseg", group="weakseg", mtime=0.0) as sink):
         for item, class_labels in zip(plan.items, plan.labels, strict=True):
             try:
                 data = reader.read(item)
-            except (OSError, ValueError) as err:
-                errors.append({"image_uri": item.uri, "split": plan.split, "stage": "read",
-                               "error_type": type(err).__name__, "message": str(err)})
+            except (OSError, ValueError, tarfile.TarError) as err:
+                errors.append(error_row(item, plan.split, "read", type(err).__name__, str(err)))
                 continue
             try:
                 sample = encode_sample(item, data, class_labels, classes, options)
             except ImageError as err:
-                errors.append({"image_uri": item.uri, "split": plan.split, "stage": "decode",
-                               "error_type": err.kind, "message": str(err)})
+                errors.append(error_row(item, plan.split, "decode", err.kind, str(err)))
                 continue
             sink.write(sample)
             samples += 1
@@ -191,6 +208,24 @@ def write_shard(plan: ShardPlan, dest: str, classes: Sequence[str], options: Enc
     return result
 
 
+def redact_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as recorded: every string passed through :func:`storage.redact_url`."""
+    return {k: storage.redact_url(v) if isinstance(v, str) else v for k, v in parameters.items()}
+
+
+def _split_summary(results: Sequence[ShardResult], classes: Sequence[str]) -> dict[str, dict[str, Any]]:
+    splits: dict[str, dict[str, Any]] = {}
+    for r in results:
+        entry = splits.setdefault(r.split, {"samples": 0, "shards": 0, "errors": 0, "class_counts": Counter()})
+        entry["samples"] += r.samples
+        entry["shards"] += 1
+        entry["errors"] += len(r.errors)
+        entry["class_counts"].update(r.class_counts)
+    for entry in splits.values():
+        entry["class_counts"] = {c: entry["class_counts"].get(c, 0) for c in classes}
+    return splits
+
+
 def write_manifest(
     dest: str,
     results: Sequence[ShardResult],
@@ -201,38 +236,39 @@ def write_manifest(
     listing_errors: Sequence[dict[str, str]] = (),
     dropped: int = 0,
     multilabel: bool = False,
+    generation: str = "",
+    folder: str = "",
 ) -> dict[str, Any]:
-    """``errors.parquet`` then ``manifest.json`` (last: its presence means the set is complete)."""
+    """The generation's ``errors.parquet``, then ``manifest.json`` (last and atomic: its
+    presence names one complete generation), then a copy of the errors at ``{dest}``.
+
+    ``folder``: where the generation's shards are, relative to ``dest`` ("" for the top).
+    """
     errors = [e for r in results for e in r.errors] + list(listing_errors)
-    table = pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)
     sink = io.BytesIO()
-    pq.write_table(table, sink)
-    storage.write_bytes(storage.join(dest, "errors.parquet"), sink.getvalue())
-    splits: dict[str, dict[str, Any]] = {}
-    for r in results:
-        entry = splits.setdefault(r.split, {"samples": 0, "shards": 0, "errors": 0, "class_counts": Counter()})
-        entry["samples"] += r.samples
-        entry["shards"] += 1
-        entry["errors"] += len(r.errors)
-        entry["class_counts"].update(r.class_counts)
-    for entry in splits.values():
-        entry["class_counts"] = {c: entry["class_counts"].get(c, 0) for c in classes}
+    pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), sink)
+    errors_name = posixpath.join(folder, "errors.parquet") if folder else "errors.parquet"
+    storage.write_bytes(storage.join(dest, errors_name), sink.getvalue())
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "generation": {"id": generation, "folder": folder},
         "classes": list(classes),
         "multilabel": multilabel,
         "label_map": label_map,
-        "splits": splits,
-        "shards": [{"name": r.name, "split": r.split, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256}
+        "splits": _split_summary(results, classes),
+        "shards": [{"name": posixpath.join(folder, r.name) if folder else r.name, "split": r.split,
+                    "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256}
                    for r in sorted(results, key=lambda r: r.name)],
-        "errors": {"count": len(errors), "table": "errors.parquet",
+        "errors": {"count": len(errors), "table": errors_name,
                    "by_type": dict(Counter(e["error_type"] for e in errors))},
         "dropped_unmapped": dropped,
-        "parameters": dict(parameters),
+        "parameters": redact_parameters(parameters),
         "source_fingerprint": source_fingerprint,
         "weakseg_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     storage.write_json(storage.join(dest, MANIFEST_NAME), manifest)
+    if folder:  # the contract's {dest}/errors.parquet follows the manifest
+        storage.write_bytes(storage.join(dest, "errors.parquet"), sink.getvalue())
     return manifest

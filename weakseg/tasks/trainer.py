@@ -52,7 +52,7 @@ from ..models.losses import MultiLabelLoss
 from . import storage
 from .augment import AugmentConfig, EvalTransform, TrainTransform
 from .devices import resolve_device
-from .manifest import ManifestError, shard_urls
+from .manifest import ManifestError, check_shards, shard_specs
 from .shard_dataset import eval_pipeline, make_loader, train_pipeline
 from .training import make_optimizer, normalize
 
@@ -96,6 +96,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     num_workers: int = 4
     shuffle_buffer: int = 1000
+    max_skip_fraction: float = 0.5  # more skipped samples than this share: fail, nothing usable is coming
     device: str = "auto"
     seed: int = 0
     resume: bool = False
@@ -282,9 +283,10 @@ def _prune(out: str, keep: int) -> None:
 
 
 def manifest_reference(shards: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint records about its training data."""
+    """What a checkpoint records about its training data (the URL without credentials)."""
     return {
-        "url": shards,
+        "url": storage.redact_url(shards),
+        "generation": manifest.get("generation"),
         "classes": list(manifest["classes"]),
         "multilabel": bool(manifest.get("multilabel", False)),
         "splits": {k: v.get("samples") for k, v in manifest.get("splits", {}).items()},
@@ -343,12 +345,14 @@ def run_training(
     multilabel = bool(manifest.get("multilabel", False))
     # the loss decides what the LSE scores mean at inference (a distribution or presences)
     model_config = replace(model_config, image_prior=image_prior_for(multilabel, cfg.multilabel_loss))
-    train_urls = shard_urls(shards, manifest, "train")
+    train_specs = shard_specs(shards, manifest, "train")
     try:
-        val_urls = shard_urls(shards, manifest, "val") if cfg.val_every else []
+        val_specs = shard_specs(shards, manifest, "val") if cfg.val_every else {}
     except ManifestError:
         log.warning("the shards have no val split: no validation metrics")
-        val_urls = []
+        val_specs = {}
+    check_shards([*train_specs.items(), *val_specs.items()])  # all there, at their sizes; sha256 when read
+    train_urls, val_urls = list(train_specs), list(val_specs)
     train_samples = sum(s["samples"] for s in manifest["shards"] if s["split"] == "train")
     effective_batch = cfg.batch_size * cfg.grad_accum * info.world_size
     spe = cfg.steps_per_epoch or max(1, math.ceil(train_samples / effective_batch))
@@ -421,7 +425,8 @@ def run_training(
             stream_seed = hash((cfg.seed, epoch, state["step"])) & 0x7FFFFFFF
             random.seed(stream_seed + info.rank)  # augmentations in the main process (num_workers=0)
             pipeline = train_pipeline(train_urls, len(classes), TrainTransform(augment), seed=stream_seed,
-                                      shuffle_buffer=cfg.shuffle_buffer)
+                                      shuffle_buffer=cfg.shuffle_buffer, specs=train_specs, classes=classes,
+                                      max_skip_fraction=cfg.max_skip_fraction)
             loader = make_loader(pipeline, len(classes), cfg.batch_size, num_workers=cfg.num_workers,
                                  pin_memory=pin, seed=stream_seed)
             batches = iter(loader)
@@ -453,7 +458,7 @@ def run_training(
             if val_urls and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
                 if info.is_main:
                     val_loader = make_loader(eval_pipeline(val_urls, len(classes), EvalTransform(augment.input_size),
-                                                           split_by_node=False),
+                                                           split_by_node=False, specs=val_specs, classes=classes),
                                              len(classes), cfg.batch_size, num_workers=min(cfg.num_workers, 2),
                                              pin_memory=pin)
                     row.update({f"val_{k}": v for k, v in evaluate(rt, val_loader).items()})

@@ -51,9 +51,9 @@ def read_ground_truth(ground_truth: str, split: str) -> tuple[tuple[str, ...], l
 
 
 @task(**_RETRY, retry_condition_fn=retry_unless(ValueError))
-def read_run(predictions: str, run_id: str | None) -> dict[str, Any]:
+def read_run(predictions: str, run_id: str | None, include_failed: bool = False) -> dict[str, Any]:
     """The runs-table row of the run to score (I/O: retried)."""
-    return latest_run(read_runs(predictions), run_id)
+    return latest_run(read_runs(predictions), run_id, include_failed)
 
 
 @task(**_RETRY, retry_condition_fn=retry_unless(ValueError))
@@ -106,7 +106,8 @@ def publish(doc: dict[str, Any], out: str) -> None:
             f"{pct(doc['pixel_accuracy'])}%; {im['scored']}/{im['ground_truth']} images scored, "
             f"{im['missing_prediction']} without prediction, {im['missing_ground_truth']} without ground truth, "
             f"{im['size_mismatch']} size mismatches, {im['invalid']} invalid, {im['ambiguous']} ambiguous; "
-            f"{im['masks_without_ground_truth']} masks of the run not in the split. {storage.join(out, 'metrics.json')}"
+            f"{im['masks_without_ground_truth']} masks of the run not in the split. "
+            f"{storage.redact_url(storage.join(out, 'metrics.json'))}"
         ),
     )
 
@@ -117,7 +118,9 @@ def evaluate_segmentation(
     ground_truth: Annotated[str, Field(description="VOC-layout folder URL (SegmentationClass/, ImageSets/)")],
     split: Annotated[str, Field(min_length=1, description="ImageSets/Segmentation/<split>.txt to score")] = "val",
     out: Annotated[str | None, Field(description="output folder URL; default {predictions}/evaluation")] = None,
-    run_id: Annotated[str | None, Field(description="run to score; default the latest in the runs table")] = None,
+    run_id: Annotated[str | None, Field(description="run to score, whatever its state; default the latest run "
+                                        "that did not fail")] = None,
+    include_failed: Annotated[bool, Field(description="let the default pick a run that ended Failed")] = False,
     unlabelled_as_background: Annotated[
         bool, Field(description="count predicted 255 as background when the ground truth has it and the run not")
     ] = True,
@@ -129,11 +132,14 @@ def evaluate_segmentation(
     gt_classes, ids = read_ground_truth(ground_truth, split)
     if not ids:
         raise ValueError(f"split {split!r} of {ground_truth} lists no images")
-    run = read_run(predictions, run_id)
+    run = read_run(predictions, run_id, include_failed)
+    if run.get("state") == "Failed":
+        logger.warning("run %s ended Failed: its tables may lack images", run["run_id"])
     alignment = align_classes(gt_classes, run["classes"], unlabelled_as_background)
     extra = [c for c in alignment.columns[len(gt_classes):]]
     logger.info("scoring run %s (%d classes) on %d %s images of %s (%d classes); extra columns: %s",
-                run["run_id"], len(run["classes"]), len(ids), split, ground_truth, len(gt_classes), extra or "none")
+                run["run_id"], len(run["classes"]), len(ids), split, storage.redact_url(ground_truth), len(gt_classes),
+                extra or "none")
     found, counts = read_masks(predictions, run["run_id"], ids)
     scores: list[ImageScore] = []
     for image_id in ids:
@@ -149,13 +155,14 @@ def evaluate_segmentation(
                for i in range(0, len(matched), chunk_size)]
     for future in futures:
         scores.extend(future.result())
-    doc = metrics_document(scores, alignment, run_id=run["run_id"], split=split, predictions=predictions,
-                           ground_truth=ground_truth, gt_images=len(ids), match_counts=counts)
+    doc = metrics_document(scores, alignment, run_id=run["run_id"], split=split,
+                           predictions=storage.redact_url(predictions),
+                           ground_truth=storage.redact_url(ground_truth), gt_images=len(ids), match_counts=counts)
     if doc["images"]["scored"] == 0:
         raise ValueError(f"no image of split {split!r} could be scored: {doc['images']} "
                          "(do the image stems or keys of the run match the ground-truth ids?)")
     write_outputs(out, doc, scores, alignment)
     publish(doc, out)
     logger.info("mean IoU %.4f, pixel accuracy %.4f over %d/%d images -> %s", doc["mean_iou"] or float("nan"),
-                doc["pixel_accuracy"] or float("nan"), doc["images"]["scored"], len(ids), out)
+                doc["pixel_accuracy"] or float("nan"), doc["images"]["scored"], len(ids), storage.redact_url(out))
     return doc

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import time
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
@@ -54,10 +54,10 @@ from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage, tables
-from weakseg.tasks.corpus import ChunkSpec, iter_chunks
+from weakseg.tasks.corpus import DEFAULT_MAX_BYTES, ChunkSpec, iter_chunks
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
-from weakseg.tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_model, load_thresholds
+from weakseg.tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_thresholds, pin_model, predict
 from weakseg.tasks.listing import SourceError
 from weakseg.tasks.priors import default_thresholds, parse_priors
 from weakseg.tasks.segmenting import ChunkResult, SegmentOptions, segment_chunk
@@ -69,23 +69,34 @@ __all__ = ["segment_corpus"]
 _retry_io_only = retry_unless(ModelError, SourceError, tables.OutputError, ValueError)
 
 
+def _check_serves(bundle, model: str) -> None:
+    """One forward pass on a small blank image: a model that cannot serve fails the run now,
+    not as one error row per image."""
+    try:
+        predict(bundle, [np.zeros((64, 64, 3), np.uint8)])
+    except Exception as err:
+        raise ModelError(f"model {storage.redact_url(model)} cannot serve: {type(err).__name__}: "
+                         f"{storage.redact(str(err))}") from None
+
+
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_io_only)
 def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | None, priors: tuple[str, ...],
             skip_existing: bool) -> dict[str, Any]:
-    """Load the model (cached for the chunks), resolve thresholds, check the output, find run_date."""
-    bundle = load_model(model, device)
+    """Check the output, pin the model (once, by content), resolve thresholds, find run_date."""
     attempt = uuid.uuid4().hex[:12]  # scratch names per attempt: two live runs of one run_id never share them
     tables.check_writable(out, f"{run_id}-{attempt}")
+    bundle, pinned = pin_model(model, storage.join(out, "_state", f"model-{run_id}"), device)
+    _check_serves(bundle, model)
     resolved = {p: list(v) for p, v in bundle.thresholds.items()}
     sources = dict.fromkeys(resolved, "checkpoint")
     if thresholds:
         prior, vec, chain = load_thresholds(thresholds, bundle.classes)
         if chain is not None and prior in priors and parse_priors(chain) != priors:
             get_run_logger().warning("%s holds δ chosen for priors %s; this run applies %s (the test then acts "
-                                     "on other labels, so δ may not be the best)", thresholds, ",".join(chain),
-                                     ",".join(priors) or "none")
+                                     "on other labels, so δ may not be the best)", storage.redact_url(thresholds),
+                                     ",".join(chain), ",".join(priors) or "none")
         resolved[prior] = list(vec)
-        sources[prior] = thresholds
+        sources[prior] = storage.redact_url(thresholds)
     for prior in ("bb", "seg"):
         if prior in priors and prior not in resolved:
             resolved[prior] = list(default_thresholds(len(bundle.classes)))
@@ -97,8 +108,9 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
         done = tables.build_done_index(out, bundle.model_id, done_index, run_id)
         if not done:
             done_index = None
-    return {"model_id": bundle.model_id, "classes": list(bundle.classes), "thresholds": resolved,
-            "thresholds_source": sources, "run_date": run_date, "done_index": done_index, "done": done,
+    return {"model_id": bundle.model_id, "model_sha256": bundle.sha256, "model_pinned": pinned,
+            "classes": list(bundle.classes), "thresholds": resolved, "thresholds_source": sources,
+            "run_date": run_date, "done_index": done_index, "done": done,
             "background": bundle.background_index is not None, "device": str(bundle.device)}
 
 
@@ -148,8 +160,9 @@ def segment_chunks(images: str, chunk_size: int, opts: SegmentOptions, workers: 
         try:
             r = future.result()
         except Exception as err:  # retries exhausted: the run goes on, its final state says Failed
-            logger.error("chunk %d failed after retries: %s: %s", spec.index, type(err).__name__, err)
-            failed_chunks.append(f"chunk {spec.index}: {type(err).__name__}: {err}")
+            message = storage.redact(str(err))
+            logger.error("chunk %d failed after retries: %s: %s", spec.index, type(err).__name__, message)
+            failed_chunks.append(f"chunk {spec.index}: {type(err).__name__}: {message}")
             return
         results.append(r)
         logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s", r.index, r.ok, r.failed, r.skipped,
@@ -185,19 +198,29 @@ def _chunk_device(device: str, task_runner: str, dask_address: str | None) -> st
 
 @task(**IO_RETRIES, cache_policy=NONE)
 def finish_run(out: str, run_date: str, run_id: str, n_chunks: int, row: dict[str, Any],
-               done_index: str | None) -> str:
-    """Drop stale chunk files of this run, write its ``runs`` row, remove the skip index."""
+               scratch: list[str]) -> str:
+    """Drop this run's files that this attempt did not write, write its ``runs`` row, remove scratch files."""
     tables.remove_stale_chunks(out, run_date, run_id, n_chunks)
+    tables.crash_point("runs")
     url = tables.runs_file(out, run_date, run_id)
     tables.write_rows(url, "runs", [row])
-    if done_index:
-        tables.remove_file(done_index)
+    for path in scratch:
+        tables.remove_file(path)
     return url
 
 
 def _public(url: str | None) -> str | None:
-    """A URL without user:password@ (never logged nor written)."""
-    return None if url is None else re.sub(r"//[^/@]*@", "//", url)
+    """A URL without credentials (userinfo, signed query parameters): what is logged and written."""
+    return None if url is None else storage.redact_url(url)
+
+
+def _final_state(counts: dict[str, int], failed_chunks: list[str], max_error_fraction: float) -> str:
+    """Failed when a chunk is missing or more than ``max_error_fraction`` of the listed inputs
+    (skipped ones included: they were done before) failed."""
+    listed = counts["ok"] + counts["failed"] + counts["skipped"]
+    if failed_chunks or (listed and counts["failed"] / listed > max_error_fraction):
+        return "Failed"
+    return "CompletedWithErrors" if counts["failed"] else "Completed"
 
 
 def _artifacts(results: list[ChunkResult], classes: list[str], counts: dict[str, int], out: str,
@@ -235,7 +258,7 @@ def segment_corpus(
     priors: Annotated[str, Field(pattern=r"^(none|(ilp|sppxl|bb|seg)( *, *(ilp|sppxl|bb|seg))*)$",
                                  description="comma list of ilp, sppxl, bb, seg; or none")] = "ilp,sppxl",
     batch_size: Annotated[int, Field(ge=1, le=4096, description="images per forward pass")] = 8,
-    run_id: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+    run_id: Annotated[str | None, Field(pattern=tables.RUN_ID.pattern,
                                         description="run id (default: time + flow run id); reuse to redo a "
                                         "run")] = None,
     skip_existing: Annotated[bool, Field(description="only images not yet in the output for this model "
@@ -259,6 +282,10 @@ def segment_corpus(
         str | None, Field(description="join this Dask scheduler instead of starting a local cluster")
     ] = None,
     thumbnails: Annotated[int, Field(ge=0, le=32, description="overlay thumbnails in the markdown artifact")] = 4,
+    max_bytes: Annotated[int, Field(ge=1, description="inputs (files, tar members) over this many bytes become "
+                                    "error rows without being read")] = DEFAULT_MAX_BYTES,
+    max_error_fraction: Annotated[float, Field(ge=0, le=1, description="the run ends Failed (exit 1) when more "
+                                               "than this fraction of its inputs failed")] = 0.5,
 ) -> dict[str, Any]:
     """Segment a corpus; returns the run summary (the ``runs`` row)."""
     logger = get_run_logger()
@@ -278,7 +305,8 @@ def segment_corpus(
     if skip_existing:
         logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info["done"],
                     info["model_id"])
-    opts = SegmentOptions(out=out, run_id=run_id, run_date=info["run_date"], model=model, device=chunk_device,
+    opts = SegmentOptions(out=out, run_id=run_id, run_date=info["run_date"], model=info["model_pinned"],
+                          model_sha256=info["model_sha256"], max_bytes=max_bytes, device=chunk_device,
                           priors=prior_list, batch_size=batch_size, max_side=max_side, min_side=min_side,
                           max_pixels=max_pixels, thresholds={p: tuple(v) for p, v in info["thresholds"].items()},
                           done_index=info["done_index"], thumbnails=thumbnails)
@@ -297,12 +325,13 @@ def segment_corpus(
               "skipped": sum(r.skipped for r in results), "chunks": n_chunks, "chunks_failed": len(failed_chunks)}
     counts["listed"] = counts["ok"] + counts["failed"] + counts["skipped"]
     seconds = time.perf_counter() - t_start
-    state_name = "Failed" if failed_chunks else "CompletedWithErrors" if counts["failed"] else "Completed"
+    state_name = _final_state(counts, failed_chunks, max_error_fraction)
     parameters = {"images": _public(images), "model": _public(model), "out": _public(out), "priors": priors,
                   "batch_size": batch_size, "skip_existing": skip_existing, "chunk_size": chunk_size,
                   "max_side": max_side, "min_side": min_side, "max_pixels": max_pixels, "device": chunk_device,
                   "thresholds": _public(thresholds), "task_runner": task_runner, "workers": workers,
-                  "dask_address": _public(dask_address)}
+                  "dask_address": _public(dask_address), "max_bytes": max_bytes,
+                  "max_error_fraction": max_error_fraction}
     row = {"run_id": run_id, "flow_run_id": flow_run_id, "model_id": info["model_id"], "model_uri": _public(model),
            "classes": info["classes"], "priors": ",".join(prior_list) or "none",
            "parameters": tables.dumps(parameters),
@@ -311,7 +340,8 @@ def segment_corpus(
                                        "sources": {p: _public(v) for p, v in info["thresholds_source"].items()}}),
            "counts": counts, "state": state_name, "started_at": started_at, "ended_at": datetime.now(UTC),
            "images_per_second": counts["ok"] / seconds if seconds > 0 else 0.0, "weakseg_version": __version__}
-    finish_run(out, info["run_date"], run_id, n_chunks, row, info["done_index"])
+    scratch = [p for p in (info["done_index"], info["model_pinned"]) if p]
+    finish_run(out, info["run_date"], run_id, n_chunks, row, scratch)
     thumbs = [t for r in sorted(results, key=lambda r: r.index) for t in r.thumbnails][:thumbnails]
     _artifacts(results, info["classes"], counts, out, thumbs)
     summary = {**row, "started_at": started_at.isoformat(), "ended_at": row["ended_at"].isoformat(),
@@ -329,6 +359,9 @@ def segment_corpus(
     if failed_chunks:
         return Failed(message=f"{len(failed_chunks)} of {n_chunks} chunks failed after retries "
                       f"(rerun with --run-id {run_id}): {failed_chunks[:3]}", data=summary)
+    if state_name == "Failed":
+        return Failed(message=f"{counts['failed']} of {counts['listed']} inputs failed, over --max-error-fraction "
+                      f"{max_error_fraction} (see the errors table): {summary['errors_by_type']}", data=summary)
     if counts["failed"]:
         return Completed(name="CompletedWithErrors", data=summary,
                          message=f"{counts['failed']} of {counts['listed']} inputs failed; see the errors table")

@@ -19,18 +19,27 @@ the exception that prevented reading it, so the caller can record it and go on.
 from __future__ import annotations
 
 import csv
+import hashlib
+import os
 import posixpath
+import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from . import storage
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, ImageError
 from .listing import SourceError
 
-__all__ = ["ChunkSpec", "InputRecord", "iter_chunks", "iter_inputs", "read_chunk"]
+__all__ = ["DEFAULT_MAX_BYTES", "ChunkSpec", "InputRecord", "TransientInputError", "canonical_uri", "is_transient",
+           "iter_chunks", "iter_inputs", "read_chunk", "stored_uri"]
+
+DEFAULT_MAX_BYTES = 64 * 2**20  # inputs (files, tar members) over this many bytes are error rows, never read
 
 MANIFEST_COLUMNS = ("image_uri", "uri", "path")
 TEXT_MANIFESTS = (".txt", ".lst")
@@ -45,9 +54,71 @@ class ChunkSpec:
 
 @dataclass
 class InputRecord:
-    uri: str
+    uri: str  # as stored: canonical, without credentials (:func:`stored_uri`)
     data: bytes | None
     error: BaseException | None = None
+
+
+class TransientInputError(OSError):
+    """Reading failed for a reason that passes (expired token, throttling, 5xx): the chunk is
+    retried whole instead of recording a permanent error row."""
+
+
+# Error codes of S3/GCS/Azure and HTTP statuses that say "try again later" (credentials that
+# expired and get refreshed, throttling, an overloaded or restarting service).
+_TRANSIENT_CODES = re.compile(
+    r"ExpiredToken|RequestExpired|TokenRefreshRequired|InvalidToken|SlowDown|Throttl|TooManyRequests|"
+    r"RequestLimitExceeded|ServiceUnavailable|Service Unavailable|InternalError|RequestTimeout|"
+    r"\b(?:HTTP|status|code)[ :=]*(?:408|429|500|502|503|504)\b",
+    re.IGNORECASE,
+)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err`` is worth retrying the chunk for (see :class:`TransientInputError`)."""
+    if isinstance(err, TransientInputError):
+        return True
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, ImageError)):
+        return False
+    status = getattr(err, "status", None) or getattr(err, "code", None)
+    if status in (408, 429, 500, 502, 503, 504):
+        return True
+    text = _URL.sub("", f"{type(err).__name__}: {err}")  # an image named 503.jpg is no status
+    return bool(_TRANSIENT_CODES.search(text))
+
+
+def canonical_uri(url: str) -> str:
+    """One spelling per file: local paths (and ``file://`` URLs) absolute and normalised; other
+    URLs with their path normalised (no ``.``/``..`` segments, no doubled slashes).
+
+    ``./a.jpg``, ``a.jpg``, ``/data/a.jpg`` and ``file:///data/a.jpg`` (from ``/data``) are one file.
+    ``tar://member::archive`` keeps the member and canonicalises the archive.
+    """
+    url = os.fspath(url)
+    if url.startswith("tar://") and "::" in url:
+        member, archive = url[len("tar://"):].split("::", 1)
+        archive = canonical_uri(archive)
+        return f"tar://{member}::{archive if '://' in archive else 'file://' + archive}"
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" not in url:
+        return os.path.abspath(url)
+    parts = urlsplit(url)
+    path = re.sub(r"/{2,}", "/", parts.path)
+    if path:
+        path = posixpath.normpath(path) + ("/" if path.endswith("/") and path != "/" else "")
+        path = "/" + path.lstrip("/") if parts.path.startswith("/") else path
+    return urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, parts.fragment))
+
+
+def stored_uri(url: str) -> str:
+    """The URI that tables, errors and logs show for ``url``: canonical, without credentials."""
+    return storage.redact_url(canonical_uri(url))
+
+
+def _digest(uri: str) -> bytes:
+    return hashlib.blake2b(uri.encode(), digest_size=16).digest()
 
 
 class _Rebase:
@@ -64,7 +135,14 @@ class _Rebase:
         return storage.to_url(self.fs, path)
 
 
+def _is_http(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return bool({"http", "https"} & set(protocols))
+
+
 def _is_glob(url: str) -> bool:
+    if url.lower().startswith(("http://", "https://")):  # "?" starts a query there, e.g. a signed URL's
+        return False
     return any(c in url.split("://")[-1] for c in "*?[")
 
 
@@ -124,8 +202,8 @@ def iter_inputs(images: str) -> Iterator[tuple[str, str]]:
                 yield ("shard" if path.lower().endswith(".tar") else "image"), rebase(path)
         return
     if not fs.exists(root):
-        raise SourceError(f"--images {images} does not exist")
-    if fs.isdir(root):
+        raise SourceError(f"--images {storage.redact_url(images)} does not exist")
+    if not _is_http(fs) and fs.isdir(root):  # an HTTP URL is one file or manifest, never listed
         rebase = _Rebase(fs, images)
         for path in _walk(fs, root):
             lower = path.lower()
@@ -150,16 +228,23 @@ def iter_inputs(images: str) -> Iterator[tuple[str, str]]:
 
 
 def iter_chunks(images: str, chunk_size: int) -> Iterator[ChunkSpec]:
-    """Chunks of the corpus: consecutive image URIs (duplicates dropped), or one shard each."""
-    index, pending, last = 0, [], None
+    """Chunks of the corpus: consecutive image URIs, or one shard each; every input once.
+
+    URIs are canonical (:func:`canonical_uri`); one listed again anywhere later, in any
+    spelling, is dropped. Seen inputs are kept as 16-byte digests of their stored URI (about
+    100 bytes each in a set: ~100 MB for a million images), never as the URIs themselves.
+    """
+    index, pending, seen = 0, [], set()
     for kind, url in iter_inputs(images):
+        url = canonical_uri(url)
+        digest = _digest(storage.redact_url(url))
+        if digest in seen:
+            continue
+        seen.add(digest)
         if kind == "shard":
             yield ChunkSpec(index, shard=url)
             index += 1
             continue
-        if url == last or url in pending:
-            continue
-        last = url
         pending.append(url)
         if len(pending) >= chunk_size:
             yield ChunkSpec(index, tuple(pending))
@@ -168,30 +253,61 @@ def iter_chunks(images: str, chunk_size: int) -> Iterator[ChunkSpec]:
         yield ChunkSpec(index, tuple(pending))
 
 
-def _read_file(uri: str, attempts: int = 2) -> InputRecord:
+def _too_large(size: int, max_bytes: int) -> ImageError:
+    return ImageError("TooLarge", f"{size:,} bytes is over the limit of {max_bytes:,} (--max-bytes); not read")
+
+
+def _read_bounded(url: str, max_bytes: int) -> bytes:
+    """The file's bytes, refusing (before reading) one over ``max_bytes``.
+
+    Local files: their size (a stat) is checked first. Elsewhere one ranged read asks for at
+    most ``max_bytes + 1`` bytes (one request, as before; never more than that is transferred).
+    """
+    fs, path = storage.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(f"is a directory: {path}")
+        if st.st_size > max_bytes:
+            raise _too_large(st.st_size, max_bytes)
+    data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _too_large(len(data), max_bytes)
+    return data
+
+
+def _read_file(url: str, max_bytes: int, attempts: int = 2) -> InputRecord:
+    """One file as an :class:`InputRecord`; a passing failure that persists raises instead."""
+    uri = stored_uri(url)
     for attempt in range(attempts):
         try:
-            return InputRecord(uri, storage.read_bytes(uri))
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-            return InputRecord(uri, None, err)  # vanished or unreadable: retrying will not help
-        except Exception as err:  # a transient read error gets one more try, then is recorded
-            if attempt == attempts - 1:
+            return InputRecord(uri, _read_bounded(url, max_bytes))
+        except (FileNotFoundError, IsADirectoryError, ImageError) as err:
+            return InputRecord(uri, None, err)  # vanished, a folder or too large: retrying will not help
+        except Exception as err:  # one more try here; then a passing error retries the whole chunk
+            last = attempt == attempts - 1
+            if is_transient(err):
+                if last:
+                    raise TransientInputError(f"reading {uri}: {type(err).__name__}: "
+                                              f"{storage.redact(str(err))}") from None
+            elif last or isinstance(err, PermissionError):
                 return InputRecord(uri, None, err)
     raise AssertionError("unreachable")
 
 
 def _tar_uri(tar_url: str, member: str) -> str:
-    base = tar_url if "://" in tar_url else "file://" + tar_url
-    return f"tar://{member}::{base}"
+    return stored_uri(f"tar://{member}::{tar_url}")
 
 
-def _read_shard(url: str) -> Iterator[InputRecord]:
+def _read_shard(url: str, max_bytes: int) -> Iterator[InputRecord]:
     """The images of a WebDataset tar (one per sample key, the first image-typed member)."""
     try:
         fs, path = storage.url_to_fs(url)
         f = fs.open(path, "rb")
     except Exception as err:
-        yield InputRecord(url, None, err)
+        if is_transient(err):
+            raise TransientInputError(f"opening {stored_uri(url)}: {type(err).__name__}") from None
+        yield InputRecord(stored_uri(url), None, err)
         return
     seen: set[str] = set()
     try:
@@ -206,18 +322,25 @@ def _read_shard(url: str) -> Iterator[InputRecord]:
                 if key in seen or not ext.endswith(IMAGE_EXTENSIONS):
                     continue
                 seen.add(key)
+                if member.size > max_bytes:  # checked on the header: the member's bytes are skipped
+                    yield InputRecord(_tar_uri(url, name), None, _too_large(member.size, max_bytes))
+                    continue
                 extracted = tar.extractfile(member)
                 data = extracted.read() if extracted is not None else b""
                 yield InputRecord(_tar_uri(url, name), data)
     except Exception as err:  # a truncated or corrupt tar: what was read stays, the rest is one error
-        yield InputRecord(url, None, err)
+        if is_transient(err):
+            raise TransientInputError(f"reading {stored_uri(url)}: {type(err).__name__}") from None
+        yield InputRecord(stored_uri(url), None, err)
 
 
-def read_chunk(spec: ChunkSpec) -> Iterator[InputRecord]:
-    """Each input of the chunk with its bytes, or with the error that prevented reading it."""
+def read_chunk(spec: ChunkSpec, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[InputRecord]:
+    """Each input of the chunk with its bytes, or with the error that prevented reading it.
+
+    Raises :class:`TransientInputError` when an input failed for a passing reason.
+    """
     if spec.shard is not None:
-        yield from _read_shard(spec.shard)
+        yield from _read_shard(spec.shard, max_bytes)
         return
-    for uri in spec.uris:
-        yield _read_file(uri)
-
+    for url in spec.uris:
+        yield _read_file(url, max_bytes)

@@ -252,7 +252,8 @@ def read_runs(predictions: str) -> list[dict[str, Any]]:
     missing = {"run_id", "classes"} - names
     if missing:
         raise ValueError(f"the runs table of {predictions} lacks columns {sorted(missing)}")
-    columns = [c for c in ("run_id", "classes", "started_at", "ended_at", "model_id", "priors") if c in names]
+    columns = [c for c in ("run_id", "classes", "started_at", "ended_at", "model_id", "priors", "state")
+               if c in names]
     return dataset.to_table(columns=columns).to_pylist()
 
 
@@ -261,8 +262,10 @@ def _when(row: dict[str, Any]) -> str:
     return "" if value is None else (value.isoformat() if hasattr(value, "isoformat") else str(value))
 
 
-def latest_run(runs: Sequence[dict[str, Any]], run_id: str | None = None) -> dict[str, Any]:
-    """The run to score: ``run_id`` when given, else the latest finished one by ended_at.
+def latest_run(runs: Sequence[dict[str, Any]], run_id: str | None = None,
+               include_failed: bool = False) -> dict[str, Any]:
+    """The run to score: ``run_id`` when given (whatever its state), else the latest finished one
+    by ended_at that did not fail (``state`` Failed), unless ``include_failed``.
 
     Runs without ``ended_at`` (still going, or killed) are chosen only when no run has
     ended, then by started_at.
@@ -275,6 +278,12 @@ def latest_run(runs: Sequence[dict[str, Any]], run_id: str | None = None) -> dic
             known = sorted({r["run_id"] for r in runs})
             raise ValueError(f"run {run_id!r} not in the runs table (runs: {known[-10:]})")
         runs = chosen
+    elif not include_failed:
+        ok = [r for r in runs if r.get("state") != "Failed"]
+        if not ok:
+            raise ValueError(f"every run in the runs table failed ({sorted(r['run_id'] for r in runs)[-10:]}); "
+                             "pick one with --run-id or pass --include-failed")
+        runs = ok
     ended = [r for r in runs if r.get("ended_at") is not None]
     return max(ended or runs, key=lambda r: (_when(r), r["run_id"]))
 

@@ -28,7 +28,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import cv2
 import numpy as np
@@ -52,8 +51,10 @@ __all__ = [
     "SegmentResult",
     "compute_prior_inputs",
     "load_model",
+    "load_pinned",
     "load_thresholds",
     "model_loads",
+    "pin_model",
     "predict",
     "segment_image",
     "segment_variants",
@@ -76,9 +77,10 @@ class ModelBundle:
     checkpoint: Checkpoint
     device: torch.device
     model_id: str  # first 16 hex digits of the checkpoint file's sha256
-    model_uri: str
+    model_uri: str  # where it was read from, without credentials
     thresholds: dict[str, np.ndarray] = field(default_factory=dict)  # by prior: "bb", "seg" -> δ[K]
     thresholds_source: str = "default"
+    sha256: str = ""  # full hex digest of the checkpoint bytes (the cache key)
 
     @property
     def model(self):
@@ -93,19 +95,15 @@ class ModelBundle:
         return self.classes.index("background") if "background" in self.classes else None
 
 
-_CACHE: dict[tuple[str, str, str], ModelBundle] = {}
+_CACHE: dict[tuple[str, str], ModelBundle] = {}  # (sha256 of the bytes, device) -> bundle
+_CACHE_MODELS = 2  # models kept per process (most recently used): a new model evicts the oldest
 _CACHE_LOCK = threading.Lock()
 _LOADS = 0  # checkpoints actually read by this process (cache misses)
 
 
 def model_loads() -> int:
-    """How many times this process read a checkpoint (the cache is per process: per Dask worker)."""
+    """How many times this process built a model from checkpoint bytes (the cache is per process)."""
     return _LOADS
-
-
-def _fingerprint(info: Mapping[str, Any]) -> str:
-    keys = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "created")
-    return repr([(k, str(info.get(k))) for k in keys if k in info])
 
 
 def _ckpt_thresholds(ckpt: Checkpoint) -> dict[str, np.ndarray]:
@@ -129,34 +127,90 @@ def _threshold_vector(values: Mapping[str, float], classes: Sequence[str], where
     return vec
 
 
-def load_model(url: str, device: str = "auto") -> ModelBundle:
-    """Load a checkpoint from any fsspec URL, once per process (cached by URL, device, file stamp)."""
-    dev = resolve_device(device)
+def _read_checkpoint(url: str) -> bytes:
     fs, path = storage.url_to_fs(url)
     try:
         info = fs.info(path)
     except FileNotFoundError:
-        raise ModelError(f"model checkpoint {url} does not exist") from None
+        raise ModelError(f"model checkpoint {storage.redact_url(url)} does not exist") from None
     if info.get("type") == "directory":
-        raise ModelError(f"model {url} is a folder; pass the checkpoint file (e.g. {url.rstrip('/')}/model.pt)")
-    key = (url, str(dev), _fingerprint(info))
+        raise ModelError(f"model {storage.redact_url(url)} is a folder; pass the checkpoint file (e.g. "
+                         f"{storage.redact_url(url).rstrip('/')}/model.pt)")
+    return fs.cat_file(path)
+
+
+def _cached(sha: str, dev: torch.device) -> ModelBundle | None:
+    bundle = _CACHE.pop((sha, str(dev)), None)
+    if bundle is not None:
+        _CACHE[(sha, str(dev))] = bundle  # most recently used last
+    return bundle
+
+
+def _bundle(data: bytes, url: str, dev: torch.device) -> ModelBundle:
+    """The model of these exact bytes on ``dev``, built once per process (call under the lock)."""
     global _LOADS
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-        data = fs.cat_file(path)
-        try:
-            ckpt = load_checkpoint(io.BytesIO(data), map_location=dev)
-        except CheckpointError as err:
-            raise ModelError(f"model {url}: {err}") from None
-        ckpt.model.eval()
-        bundle = ModelBundle(ckpt, dev, hashlib.sha256(data).hexdigest()[:16], url, _ckpt_thresholds(ckpt))
-        if bundle.thresholds:
-            bundle.thresholds_source = "checkpoint"
-        _CACHE.clear()  # one model per process: a new file replaces the old one
-        _CACHE[key] = bundle
-        _LOADS += 1
+    sha = hashlib.sha256(data).hexdigest()
+    bundle = _cached(sha, dev)
+    if bundle is not None:
         return bundle
+    try:
+        ckpt = load_checkpoint(io.BytesIO(data), map_location=dev)
+    except CheckpointError as err:
+        raise ModelError(f"model {storage.redact_url(url)}: {err}") from None
+    ckpt.model.eval()
+    bundle = ModelBundle(ckpt, dev, sha[:16], storage.redact_url(url), _ckpt_thresholds(ckpt), sha256=sha)
+    if bundle.thresholds:
+        bundle.thresholds_source = "checkpoint"
+    while len(_CACHE) >= _CACHE_MODELS:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[(sha, str(dev))] = bundle
+    _LOADS += 1
+    return bundle
+
+
+def load_model(url: str, device: str = "auto") -> ModelBundle:
+    """Load a checkpoint from any fsspec URL: its bytes are read once, ``model_id`` is their hash.
+
+    The model built from those bytes is cached per process by content, so loading the same
+    bytes again (from any URL) builds nothing; a file replaced in place is a new model.
+    """
+    dev = resolve_device(device)
+    data = _read_checkpoint(url)
+    with _CACHE_LOCK:
+        return _bundle(data, url, dev)
+
+
+def pin_model(url: str, folder: str, device: str = "auto") -> tuple[ModelBundle, str]:
+    """Load ``url`` once and copy its exact bytes to ``{folder}/{sha256}.pt`` (content-addressed).
+
+    A run resolves its model here, once: every later load goes through :func:`load_pinned`
+    with the returned URL and hash, so replacing the file at ``url`` mid-run changes nothing.
+    """
+    dev = resolve_device(device)
+    data = _read_checkpoint(url)
+    with _CACHE_LOCK:
+        bundle = _bundle(data, url, dev)
+    pinned = storage.join(folder, f"{bundle.sha256}.pt")
+    if not storage.exists(pinned):
+        storage.write_bytes(pinned, data)
+    return bundle, pinned
+
+
+def load_pinned(url: str, sha256: str, device: str = "auto") -> ModelBundle:
+    """The model whose checkpoint bytes hash to ``sha256``: from this process's cache, else read
+    from ``url`` (a :func:`pin_model` copy) and verified; other bytes are a :class:`ModelError`."""
+    dev = resolve_device(device)
+    with _CACHE_LOCK:
+        bundle = _cached(sha256, dev)
+        if bundle is not None:
+            return bundle
+    data = _read_checkpoint(url)
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise ModelError(f"model {storage.redact_url(url)} has sha256 {got[:16]}, not the run's {sha256[:16]}: "
+                         "the run's model changed under it")
+    with _CACHE_LOCK:
+        return _bundle(data, url, dev)
 
 
 def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray, tuple[str, ...] | None]:

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from . import tables
-from .corpus import ChunkSpec, InputRecord, read_chunk
+from .corpus import DEFAULT_MAX_BYTES, ChunkSpec, InputRecord, read_chunk, stored_uri
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .inference import (
     DEFAULT_MAX_SIDE,
@@ -30,6 +30,7 @@ from .inference import (
     Prediction,
     compute_prior_inputs,
     load_model,
+    load_pinned,
     model_loads,
     predict,
 )
@@ -43,6 +44,7 @@ from .priors import (
     smooth_for_objectness,
     superpixel_vote,
 )
+from .storage import redact
 
 __all__ = ["ChunkResult", "SegmentOptions", "image_statistics", "overlay_thumbnail", "segment_chunk"]
 
@@ -56,7 +58,9 @@ class SegmentOptions:
     out: str
     run_id: str
     run_date: str
-    model: str
+    model: str  # the run's pinned checkpoint copy (:func:`~weakseg.tasks.inference.pin_model`)
+    model_sha256: str = ""  # its bytes' hash: every chunk loads exactly these bytes ("" : load ``model`` as is)
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger inputs are error rows, never read
     device: str = "cpu"
     priors: tuple[str, ...] = ("ilp", "sppxl")
     batch_size: int = 8
@@ -100,7 +104,7 @@ def _now() -> datetime:
 def _error_row(opts: SegmentOptions, chunk: int, uri: str, stage: str, err: BaseException) -> dict[str, Any]:
     kind = err.kind if isinstance(err, ImageError) else type(err).__name__
     return {"run_id": opts.run_id, "image_uri": uri, "image_key": image_key(uri), "stage": stage,
-            "error_type": kind, "message": str(err)[:2000] or kind, "chunk": chunk, "occurred_at": _now()}
+            "error_type": kind, "message": redact(str(err))[:2000] or kind, "chunk": chunk, "occurred_at": _now()}
 
 
 def _bands(pred: Prediction, num_classes: int) -> Iterator[tuple[int, int]]:
@@ -215,6 +219,7 @@ class _ChunkWriter:
 
     def flush(self) -> None:
         for table in tables.CHUNK_TABLES:  # images last
+            tables.crash_point(table, self.spec.index)
             url = tables.chunk_file(self.opts.out, table, self.opts.run_date, self.opts.run_id, self.spec.index)
             if self.rows[table]:
                 tables.write_rows(url, table, self.rows[table])
@@ -237,7 +242,7 @@ def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSp
              result: ChunkResult) -> Iterator[list[_Decoded]]:
     """Batches of decoded images; read and decode failures and skipped inputs are accounted here."""
     index = opts.done_index
-    done_chunk = tables.done_in_chunk(index, spec.uris) if index and spec.uris else None
+    done_chunk = tables.done_in_chunk(index, [stored_uri(u) for u in spec.uris]) if index and spec.uris else None
     seen: set[str] = set()
     for window in _windows(records, opts.batch_size):
         done = done_chunk
@@ -270,19 +275,21 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
     """Segment every input of one chunk and write its four table files (see module doc)."""
     started = time.perf_counter()
     loads = model_loads()
-    bundle = bundle or load_model(opts.model, opts.device)
+    if bundle is None:
+        bundle = (load_pinned(opts.model, opts.model_sha256, opts.device) if opts.model_sha256
+                  else load_model(opts.model, opts.device))
     loads = model_loads() - loads
     classes = bundle.classes
     thresholds = {p: np.asarray(v, dtype=np.float64) for p, v in opts.thresholds.items()} or bundle.thresholds
     priors_text = ",".join(opts.priors) or "none"
     result = ChunkResult(spec.index, worker=f"{socket.gethostname()}:{os.getpid()}", model_loads=loads)
     writer = _ChunkWriter(opts, spec)
-    for batch in _decoded(read_chunk(spec), opts, spec, writer, result):
+    for batch in _decoded(read_chunk(spec, opts.max_bytes), opts, spec, writer, result):
         t0 = time.perf_counter()
         try:
             preds = predict(bundle, [d.rgb for d in batch], opts.max_side, opts.min_side)
         except Exception as err:  # e.g. out of memory on one odd batch: record, go on
-            _logger.warning("chunk %d: forward pass failed for %d images: %s", spec.index, len(batch), err)
+            _logger.warning("chunk %d: forward pass failed for %d images: %s", spec.index, len(batch), redact(str(err)))
             for d in batch:
                 writer.rows["errors"].append(_error_row(opts, spec.index, d.uri, "inference", err))
             continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import re
 import tempfile
@@ -29,13 +30,16 @@ __all__ = [
     "SCHEMAS",
     "OutputError",
     "build_done_index",
+    "check_run_id",
     "check_writable",
     "chunk_file",
+    "crash_point",
     "done_in_chunk",
     "find_run_date",
     "read_table",
     "remove_file",
     "remove_stale_chunks",
+    "run_files",
     "runs_file",
     "write_rows",
 ]
@@ -90,7 +94,25 @@ class OutputError(RuntimeError):
     """The output location cannot be used (not writable): fails the run before any work."""
 
 
+# Fault injection, for the crash tests only: ``WEAKSEG_CRASH_BEFORE=images:1`` makes the writer
+# stop dead just before chunk 1's ``images`` file (``runs`` for the runs row, no chunk), as a
+# killed process would. Unset in production; nothing else reads it.
+CRASH_ENV = "WEAKSEG_CRASH_BEFORE"
+
+
+class SimulatedCrash(BaseException):
+    """The process "dies" here (a BaseException: no retry, no handler, no runs row)."""
+
+
+def crash_point(table: str, chunk: int | None = None) -> None:
+    """Raise :class:`SimulatedCrash` when :data:`CRASH_ENV` names this write point."""
+    wanted = os.environ.get(CRASH_ENV)
+    if wanted and wanted == (table if chunk is None else f"{table}:{chunk}"):
+        raise SimulatedCrash(f"simulated crash before writing {wanted}")
+
+
 def chunk_file(out: str, table: str, run_date: str, run_id: str, chunk: int) -> str:
+    check_run_id(run_id)
     return storage.join(out, table, f"run_date={run_date}", f"{run_id}-{chunk:06d}.parquet")
 
 
@@ -123,44 +145,96 @@ def read_table(out: str, table: str) -> pa.Table:
                       exclude_invalid_files=False).to_table()
 
 
-def _run_files(out: str, table: str, run_id: str) -> list[str]:
-    fs, root = storage.url_to_fs(storage.join(out, table))
-    return sorted(fs.glob(posixpath.join(root, "run_date=*", f"{run_id}-*.parquet")) +
-                  fs.glob(posixpath.join(root, "run_date=*", f"{run_id}.parquet")))
+def check_run_id(run_id: str) -> str:
+    """``run_id`` when it is a valid run id (:data:`RUN_ID`), else ``ValueError``."""
+    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+        raise ValueError(f"run id {run_id!r} is not valid: letters, digits, '_', '.', '-', starting with a letter "
+                         "or digit, at most 128 characters")
+    return run_id
+
+
+def _owner(name: str, run_id: str, table: str) -> bool:
+    """Whether file ``name`` of ``table`` belongs to ``run_id``: an exact parse, never a prefix match.
+
+    Chunk tables hold ``{run_id}-{chunk:06d}.parquet`` and ``runs`` holds ``{run_id}.parquet``;
+    run ``test`` never owns ``test-retest-000001.parquet`` (run ``test-retest``'s chunk 1).
+    """
+    if table == "runs":
+        return name == f"{run_id}.parquet"
+    return _chunk_number(name, run_id) is not None
+
+
+def _chunk_number(name: str, run_id: str) -> int | None:
+    m = re.fullmatch(rf"{re.escape(run_id)}-(\d{{6,}})\.parquet", name)
+    return int(m.group(1)) if m else None
+
+
+def run_files(out: str, run_id: str) -> list[tuple[str, str, str]]:
+    """Every file of ``run_id`` in every table and run_date partition: ``(table, run_date, path)``."""
+    check_run_id(run_id)
+    found = []
+    for table in (*CHUNK_TABLES, "runs"):
+        fs, root = storage.url_to_fs(storage.join(out, table))
+        pattern = f"{run_id}.parquet" if table == "runs" else f"{run_id}-*.parquet"
+        for path in sorted(fs.glob(posixpath.join(root, "run_date=*", pattern))):
+            m = re.search(r"run_date=(\d{4}-\d{2}-\d{2})/([^/]+)$", path)
+            if m and _owner(m.group(2), run_id, table):
+                found.append((table, m.group(1), path))
+    return found
 
 
 def find_run_date(out: str, run_id: str) -> str | None:
-    """The run_date partition an earlier attempt of ``run_id`` wrote to, if any."""
-    for table in ("runs", "images", "errors"):
-        for path in _run_files(out, table, run_id):
-            m = re.search(r"run_date=(\d{4}-\d{2}-\d{2})/", path)
-            if m:
-                return m.group(1)
-    return None
+    """The run_date partition of ``run_id``'s first attempt (the earliest holding any of its files).
+
+    Every table counts: a first attempt killed after writing only a chunk's masks and
+    regions still fixes the date, so a rerun on a later day replaces those files.
+    """
+    dates = [date for _, date, _ in run_files(out, run_id)]
+    return min(dates) if dates else None
 
 
 def remove_stale_chunks(out: str, run_date: str, run_id: str, n_chunks: int) -> int:
-    """Delete this run's chunk files numbered ``>= n_chunks`` (left by an earlier, longer listing)."""
+    """Delete ``run_id``'s files that this attempt did not write: chunks ``>= n_chunks`` (an earlier,
+    longer listing) and any file of the run in another run_date partition. Never another run's."""
+    fs, _ = storage.url_to_fs(out)
     removed = 0
-    for table in CHUNK_TABLES:
-        fs, root = storage.url_to_fs(storage.join(out, table, f"run_date={run_date}"))
-        for path in fs.glob(posixpath.join(root, f"{run_id}-*.parquet")):
-            m = re.search(rf"{re.escape(run_id)}-(\d+)\.parquet$", path)
-            if m and int(m.group(1)) >= n_chunks:
-                fs.rm(path)
-                removed += 1
+    for _, date, path in run_files(out, run_id):  # paths inside ``fs``
+        chunk = _chunk_number(posixpath.basename(path), run_id)
+        if date != run_date or (chunk is not None and chunk >= n_chunks):
+            fs.rm(path)
+            removed += 1
     return removed
 
 
+# Object stores whose first path component is a bucket (container) that writing would create.
+_BUCKET_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl")
+
+
 def check_writable(out: str, run_id: str) -> None:
-    """Write and delete a probe object; raises :class:`OutputError` saying why not."""
+    """Write and delete a probe object; raises :class:`OutputError` saying why not.
+
+    An object-store output whose bucket does not exist is refused (writing would create it).
+    """
+    fs, path = storage.url_to_fs(out)
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & set(_BUCKET_STORES):
+        bucket = path.strip("/").split("/", 1)[0]
+        try:
+            found = fs.exists(bucket)
+        except Exception as err:
+            raise OutputError(f"output {storage.redact_url(out)}: cannot check bucket {bucket!r}: "
+                              f"{type(err).__name__}: {storage.redact(str(err))}") from None
+        if not found:
+            raise OutputError(f"output {storage.redact_url(out)}: bucket {bucket!r} does not exist (weakseg never "
+                              "creates buckets; create it, with its policies, first)")
     probe = storage.join(out, "_state", f"probe-{run_id}")
     try:
         storage.write_bytes(probe, b"ok")
         fs, path = storage.url_to_fs(probe)
         fs.rm(path)
     except Exception as err:
-        raise OutputError(f"output {out} is not writable: {type(err).__name__}: {err}") from None
+        raise OutputError(f"output {storage.redact_url(out)} is not writable: {type(err).__name__}: "
+                          f"{storage.redact(str(err))}") from None
 
 
 def _duckdb_connection(out: str):
@@ -173,33 +247,41 @@ def _duckdb_connection(out: str):
     return con
 
 
+_DONE_SQL = ("SELECT DISTINCT image_uri, content_sha256 FROM read_parquet($pattern, hive_partitioning=true) "
+             "WHERE model_id = $model_id AND run_id <> $run_id ORDER BY image_uri")
+
+
 def build_done_index(out: str, model_id: str, index_url: str, run_id: str = "") -> int:
     """Write the (image_uri, content_sha256) pairs already segmented by ``model_id``, sorted.
 
-    Rows of ``run_id`` itself are left out: a rerun of a run rewrites its own files.
+    Rows of ``run_id`` itself are left out: a rerun of a run rewrites its own files. Only
+    the ``images`` table counts (written last by a chunk, it is the commit marker).
 
-    DuckDB streams and sorts out of core, so memory stays bounded however large the
-    output; the sorted file lets :func:`done_in_chunk` prune row groups by statistics.
-    Returns the number of pairs (0 when there is no output yet).
+    DuckDB sorts out of core and its result is streamed into the index file batch by batch,
+    so memory stays bounded however large the output; every value (the output path too) is
+    a bound parameter, never pasted into SQL. The sorted file lets :func:`done_in_chunk`
+    prune row groups by statistics. Returns the number of pairs (0 when there is no output yet).
     """
     fs, root = storage.url_to_fs(storage.join(out, "images"))
     if not fs.exists(root) or not fs.glob(posixpath.join(root, "run_date=*", "*.parquet")):
         return 0
     con = _duckdb_connection(out)
     pattern = storage.join(out, "images", "**", "*.parquet")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = posixpath.join(tmp, "done.parquet")
-        con.execute(
-            f"COPY (SELECT DISTINCT image_uri, content_sha256 FROM read_parquet('{pattern}', hive_partitioning=true) "
-            f"WHERE model_id = $model_id AND run_id <> $run_id ORDER BY image_uri) "
-            f"TO '{local}' (FORMAT parquet, ROW_GROUP_SIZE 16384)",
-            {"model_id": model_id, "run_id": run_id},
-        )
-        n = con.execute(f"SELECT count(*) FROM read_parquet('{local}')").fetchone()[0]
-        with open(local, "rb") as f:
-            storage.write_bytes(index_url, f.read())
-    con.close()
-    return int(n)
+    n = 0
+    try:
+        params = {"pattern": pattern, "model_id": model_id, "run_id": run_id}
+        reader = con.sql(_DONE_SQL, params=params).to_arrow_reader(16384)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = posixpath.join(tmp, "done.parquet")
+            with pq.ParquetWriter(local, reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch, row_group_size=16384)
+                    n += batch.num_rows
+            with open(local, "rb") as f:
+                storage.write_bytes(index_url, f.read())
+    finally:
+        con.close()
+    return n
 
 
 def done_in_chunk(index_url: str, uris: Iterable[str]) -> dict[str, set[str]]:
@@ -217,6 +299,7 @@ def done_in_chunk(index_url: str, uris: Iterable[str]) -> dict[str, set[str]]:
 
 
 def runs_file(out: str, run_date: str, run_id: str) -> str:
+    check_run_id(run_id)
     return storage.join(out, "runs", f"run_date={run_date}", f"{run_id}.parquet")
 
 

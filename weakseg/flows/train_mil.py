@@ -28,6 +28,7 @@ from weakseg.models.losses import MultiLabelLoss
 from weakseg.tasks.augment import AugmentConfig, resolve_crop
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.manifest import ManifestError, load_manifest
+from weakseg.tasks.storage import redact_url
 from weakseg.tasks.trainer import TrainConfig, run_training
 
 __all__ = ["train_mil"]
@@ -58,7 +59,7 @@ def publish_metrics(result: dict[str, Any]) -> None:
         key="train-mil-metrics",
         table=rows,
         description=f"train-mil: {result['step']} steps, {result['samples_seen']} samples, "
-        f"{result['samples_skipped']} skipped; checkpoint {result['checkpoint']}",
+        f"{result['samples_skipped']} skipped; checkpoint {redact_url(result['checkpoint'])}",
     )
 
 
@@ -101,6 +102,9 @@ def train_mil(
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: CUDA when present")] = "auto",
     num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes per rank")] = 4,
     shuffle_buffer: Annotated[int, Field(ge=1, description="samples in the shuffle buffer")] = 1000,
+    max_skip_fraction: Annotated[float, Field(gt=0, le=1, description=(
+        "fail when more than this share of the samples read were skipped (after 100 skips): nothing usable "
+        "is coming"))] = 0.5,
     checkpoint_every: Annotated[int, Field(ge=0, description="steps between checkpoints; 0: epoch ends")] = 1000,
     keep_checkpoints: Annotated[int, Field(ge=0, description="step checkpoints kept; 0: all")] = 3,
     val_every: Annotated[int, Field(ge=0, description="epochs between validations; 0: never")] = 1,
@@ -125,12 +129,14 @@ def train_mil(
         weight_decay=weight_decay, lr_decay=lr_decay, lr_decay_every_samples=lr_decay_every_samples,
         multilabel_loss=multilabel_loss, steps_per_epoch=steps_per_epoch, val_every=val_every,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, num_workers=num_workers,
-        shuffle_buffer=shuffle_buffer, device=device, seed=seed, resume=resume, progress=progress,
+        shuffle_buffer=shuffle_buffer, max_skip_fraction=max_skip_fraction, device=device, seed=seed, resume=resume,
+        progress=progress,
     )
     logger.info("training %s on %d classes (%s) from %s into %s", backbone, len(manifest["classes"]),
-                "multi-label" if manifest.get("multilabel") else "single-label", shards, out)
+                "multi-label" if manifest.get("multilabel") else "single-label", redact_url(shards), redact_url(out))
     with gpu_slot(str(resolve_device(device))):
         result = train(shards, out, manifest, model_config, augment, config, pretrained)
     publish_metrics(result)
-    logger.info("final checkpoint %s (step %d, last epoch: %s)", result["checkpoint"], result["step"], result["last"])
+    logger.info("final checkpoint %s (step %d, last epoch: %s)", redact_url(result["checkpoint"]), result["step"],
+                result["last"])
     return result

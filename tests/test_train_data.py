@@ -176,3 +176,20 @@ def test_checkpoint_names_sort_by_step(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"x")
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [9, 120, 1000]
     assert list_checkpoints(str(tmp_path / "missing")) == []
+
+
+def test_a_stream_with_nothing_usable_ends_with_the_reason(shards):
+    """Every label out of range: the endless stream raises after the skip bound instead of spinning."""
+    from weakseg.tasks.shard_dataset import NothingUsableError
+
+    urls = shard_urls(shards, load_manifest(shards), "train")
+    it = iter(train_pipeline(urls, 0, TrainTransform(AugmentConfig(input_size=32)), shuffle_buffer=4))
+    with pytest.raises(NothingUsableError, match=r"0 usable.*label index"):
+        next(it)
+    errors = ErrorLog(max_skip_fraction=0.5, min_skipped=4)
+    for _ in range(6):  # mostly good: never trips
+        errors.drain()
+        errors(ValueError("bad"))
+    with pytest.raises(NothingUsableError):
+        for _ in range(8):
+            errors(ValueError("bad"))

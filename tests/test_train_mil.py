@@ -130,3 +130,19 @@ def test_flow_trains_from_memory_shards(prefect_harness, tmp_path):
     assert load_checkpoint(tmp_path / "model.pt").classes == result["classes"]
     state = train_mil(shards=str(tmp_path / "nothing"), out=str(tmp_path / "x"), return_state=True)
     assert state.is_failed() and "no shard manifest" in state.message
+
+
+@pytest.mark.timeout(180)
+def test_all_corrupt_shards_fail_promptly_with_a_clear_message(prefect_harness, tmp_path):
+    """Every sample is skipped: the flow fails with the reason instead of waiting for a good one."""
+    from weakseg.flows.train_mil import train_mil
+
+    shards = str(tmp_path / "shards")
+    write_synthetic_shards(shards, n_train=16, n_val=4, size=SIZE, per_shard=8,
+                           corrupt_keys=[f"train_{i:05d}" for i in range(16)])
+    state = train_mil(shards=shards, out=str(tmp_path / "out"), epochs=1, steps_per_epoch=3, batch_size=4,
+                      input_size=SIZE, head_widths=[32, 32, 32], output_stride=8, num_workers=2, progress=False,
+                      pretrained="none", return_state=True)
+    assert state.is_failed()
+    assert "nothing usable is coming" in state.message and "0 usable" in state.message
+    assert not (tmp_path / "out" / "model.pt").exists()

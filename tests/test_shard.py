@@ -264,3 +264,48 @@ def test_ilsvrc_val_labels_from_the_devkit_list(tmp_path):
     (data / "ILSVRC2012_validation_ground_truth.txt").write_text("7\n1\n")
     with pytest.raises(SourceError, match="2 labels for 3"):
         list_source(str(root))
+
+
+def _sparse_tar_member(tar_path: Path, name: str, size: int) -> None:
+    """A tar whose one member declares ``size`` bytes of zeros, stored sparse (costs no disk)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    with open(tar_path, "wb") as f:
+        f.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        f.truncate(512 + -(-size // 512) * 512 + 1024)
+
+
+@pytest.mark.slow
+def test_cut_synset_tar_and_oversized_inputs_are_error_rows(prefect_harness, tmp_path):
+    """A per-synset tar cut short inside a member, a 100 MiB tar member and a 100 MiB file:
+    error rows (the big ones refused before reading), not a failed flow."""
+    tars = tmp_path / "synsets"
+    tars.mkdir()
+    with tarfile.open(tars / f"{DOG}.tar", "w") as tar:
+        for i in range(3):
+            data = jpeg(i)
+            info = tarfile.TarInfo(f"{DOG}_{i}.JPEG")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        last_data_at = tar.offset - -(-len(data) // 512) * 512
+    with open(tars / f"{DOG}.tar", "r+b") as f:
+        f.truncate(last_data_at + 100)  # the third member's data ends 100 bytes in
+    _sparse_tar_member(tars / f"{TENCH}.tar", f"{TENCH}_huge.JPEG", 100 * 2**20)
+    dest = tmp_path / "tar-shards"
+    manifest = shard_imagenet(source=str(tars), dest=str(dest))
+    assert manifest["splits"]["train"]["samples"] == 2
+    errors = {Path(e["image_uri"].split("::")[0]).name: e for e in pq.read_table(dest / "errors.parquet").to_pylist()}
+    assert errors[f"{DOG}_2.JPEG"]["error_type"] == "TruncatedInput"
+    assert errors[f"{TENCH}_huge.JPEG"]["error_type"] == "InputTooLarge"
+    assert "--max-bytes" in errors[f"{TENCH}_huge.JPEG"]["message"]
+
+    folder = tmp_path / "folder"
+    for c, name in enumerate(("cat", "dog")):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "a.jpg").write_bytes(jpeg(c))
+    with open(folder / "cat" / "huge.jpg", "wb") as f:
+        f.truncate(100 * 2**20)
+    manifest = shard_imagenet(source=str(folder), dest=str(tmp_path / "folder-shards"))
+    rows = pq.read_table(tmp_path / "folder-shards" / "errors.parquet").to_pylist()
+    assert manifest["splits"]["train"]["samples"] == 2 and len(rows) == 1
+    assert rows[0]["error_type"] == "InputTooLarge" and rows[0]["stage"] == "read"

@@ -172,14 +172,16 @@ def _tar_items(fs, path: str) -> list[Item]:
     label = posixpath.basename(path)[: -len(".tar")]
     tar_url = storage.to_url(fs, path)
     base = tar_url if "://" in tar_url else "file://" + tar_url
+    size = int(fs.size(path))
     with fs.open(path, "rb") as f:
         members, problem = _tar_headers(f)
     items = [Item(f"tar://{m.name}::{base}", (label,), None, m.size, tar_url, m.name, m.offset_data)
              for m in members if m.isfile() and not posixpath.basename(m.name).startswith(".")]
-    if problem is not None:
+    if problem is not None and all(m.offset_data + m.size <= size for m in members):
+        # no listed member runs past the end (it fails when read): the damage is in a header
         end = max((m.offset_data + m.size for m in members), default=0)
         items.append(Item(f"tar://@{end}::{base}", (label,), None, 0, tar_url, None, None,
-                          f"{tar_url} is damaged after byte {end} ({problem}): members after that are lost"))
+                          f"{tar_url} is damaged after byte {end} of {size} ({problem}): members after that are lost"))
     return items
 
 

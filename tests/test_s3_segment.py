@@ -65,3 +65,18 @@ def test_transient_s3_failures_during_segment_corpus_are_retried(prefect_harness
             with s3.open(path, "rb") as f:
                 pq.read_table(f)  # every object whole
     assert not [p for p in s3.find("weakseg-test/seg-out") if "/_state/" in p]
+
+
+def test_an_output_bucket_that_does_not_exist_is_refused_not_created(prefect_harness, s3):
+    from weakseg.flows.segment_corpus import segment_corpus
+
+    s3.pipe_file("weakseg-test/nb-src/img.jpg", _jpeg(np.random.default_rng(1), 48))
+    model, config = create_model(ModelConfig(num_classes=len(CLASSES), head_widths=(16, 16, 16), output_stride=16),
+                                 pretrained="none")
+    s3.pipe_file("weakseg-test/nb-model/model.pt", checkpoint_bytes(model, config, CLASSES, input_size=96))
+    state = segment_corpus(images="s3://weakseg-test/nb-src", model="s3://weakseg-test/nb-model/model.pt",
+                           out="s3://weakseg-no-such-bucket/out", device="cpu", priors="ilp", thumbnails=0,
+                           return_state=True)
+    assert state.is_failed() and "does not exist" in state.message, state.message
+    s3.invalidate_cache()
+    assert not s3.exists("weakseg-no-such-bucket")

@@ -144,6 +144,19 @@ def shard_specs(shards_url: str, manifest: dict[str, Any], split: str) -> dict[s
             for s in _split_shards(manifest, split)}
 
 
+def _size(url: str, listed: dict[str, Any]) -> int | None:
+    """From the folder listing when it has sizes (object stores, local), else one stat."""
+    size = listed.get(posixpath.basename(url))
+    if size is not None:
+        return int(size)
+    fs, path = storage.url_to_fs(url)
+    try:
+        size = fs.size(path)
+    except FileNotFoundError:
+        return None
+    return None if size is None else int(size)
+
+
 def check_shards(specs: Iterable[tuple[str, ShardSpec]]) -> None:
     """Every shard exists with the size the manifest records (one listing per folder)."""
     by_folder: dict[str, list[tuple[str, ShardSpec]]] = {}
@@ -152,15 +165,15 @@ def check_shards(specs: Iterable[tuple[str, ShardSpec]]) -> None:
     for folder, members in by_folder.items():
         fs, path = storage.url_to_fs(folder)
         try:
-            sizes = {posixpath.basename(str(p["name"]).rstrip("/")): p.get("size")
-                     for p in fs.ls(path, detail=True)}
-        except FileNotFoundError:
-            sizes = {}
+            listed = {posixpath.basename(str(p["name"]).rstrip("/")): p.get("size")
+                      for p in fs.ls(path, detail=True)}
+        except (FileNotFoundError, NotImplementedError):
+            listed = {}
         for url, spec in members:
-            size = sizes.get(posixpath.basename(url))
+            size = _size(url, listed)
             if size is None:
                 raise ShardMismatchError(f"shard {storage.redact_url(url)} named by the manifest is missing: "
                                          f"{_mismatch_hint()}")
-            if int(size) != spec.bytes:
+            if size != spec.bytes:
                 raise ShardMismatchError(f"shard {storage.redact_url(url)} has {size} bytes, the manifest records "
                                          f"{spec.bytes}: {_mismatch_hint()}")

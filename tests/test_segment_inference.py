@@ -200,24 +200,30 @@ def test_inference_module_documents_its_defaults():
 
 
 def test_reads_retry_once_then_become_error_records(monkeypatch):
-    from weakseg.tasks import corpus, storage
-    from weakseg.tasks.corpus import ChunkSpec, read_chunk
+    from weakseg.tasks import corpus
+    from weakseg.tasks.corpus import ChunkSpec, TransientInputError, read_chunk
 
     calls: dict[str, int] = {}
 
-    def read(uri):
-        calls[uri] = calls.get(uri, 0) + 1
-        if uri == "flaky" and calls[uri] == 1:
+    def read(uri, max_bytes):
+        name = uri.rsplit("/", 1)[-1]
+        calls[name] = calls.get(name, 0) + 1
+        if name == "flaky" and calls[name] == 1:
             raise OSError("connection reset")
-        if uri == "broken":
+        if name == "broken":
             raise OSError("still broken")
-        if uri == "gone":
+        if name == "gone":
             raise FileNotFoundError(uri)
+        if name == "throttled":
+            raise OSError("An error occurred (SlowDown) when calling the GetObject operation")
         return b"data"
 
-    monkeypatch.setattr(storage, "read_bytes", read)
-    assert corpus.storage is storage
-    records = {r.uri: r for r in read_chunk(ChunkSpec(0, ("ok", "flaky", "broken", "gone")))}
+    monkeypatch.setattr(corpus, "_read_bounded", read)
+    records = {r.uri.rsplit("/", 1)[-1]: r for r in read_chunk(ChunkSpec(0, ("/d/ok", "/d/flaky", "/d/broken",
+                                                                             "/d/gone")))}
     assert records["ok"].data == b"data" and records["flaky"].data == b"data"
     assert isinstance(records["broken"].error, OSError) and calls["broken"] == 2
     assert isinstance(records["gone"].error, FileNotFoundError) and calls["gone"] == 1  # no retry for a vanished file
+    with pytest.raises(TransientInputError):  # throttled twice: the whole chunk is retried, no error row
+        list(read_chunk(ChunkSpec(0, ("/d/throttled",))))
+    assert calls["throttled"] == 2

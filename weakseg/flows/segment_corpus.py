@@ -73,10 +73,13 @@ def _check_serves(bundle, model: str) -> None:
     """One forward pass on a small blank image: a model that cannot serve fails the run now,
     not as one error row per image."""
     try:
-        predict(bundle, [np.zeros((64, 64, 3), np.uint8)])
+        pred = predict(bundle, [np.full((64, 64, 3), 127, np.uint8)])[0]
     except Exception as err:
         raise ModelError(f"model {storage.redact_url(model)} cannot serve: {type(err).__name__}: "
                          f"{storage.redact(str(err))}") from None
+    if not np.isfinite(pred.image_probs).all() or not np.isfinite(pred.cells.cpu().numpy()).all():
+        raise ModelError(f"model {storage.redact_url(model)} cannot serve: its outputs are not finite (NaN or "
+                         "infinite weights?)")
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_io_only)

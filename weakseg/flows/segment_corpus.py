@@ -77,7 +77,7 @@ def _check_serves(bundle, model: str) -> None:
     except Exception as err:
         raise ModelError(f"model {storage.redact_url(model)} cannot serve: {type(err).__name__}: "
                          f"{storage.redact(str(err))}") from None
-    if not np.isfinite(pred.image_probs).all() or not np.isfinite(pred.cells.cpu().numpy()).all():
+    if not np.isfinite(pred.image_probs).all() or not np.isfinite(pred.probs()).all():
         raise ModelError(f"model {storage.redact_url(model)} cannot serve: its outputs are not finite (NaN or "
                          "infinite weights?)")
 

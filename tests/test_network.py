@@ -51,14 +51,15 @@ def test_validity_mask_follows_cell_centres():
     valid = torch.zeros(1, 256, 256, dtype=torch.bool)
     valid[:, :, :160] = True  # right part of the batch tensor is padding
     mask = model.map_mask(valid, (8, 8))
-    centres = model.cell_centers(8)
+    centres = model.cell_centers(8, axis=1)
     assert torch.equal(mask[0, 0], centres < 160)
     maps = torch.randn(1, 2, 8, 8)
     assert torch.allclose(model.image_scores(maps, valid), model.pool(maps[..., : int((centres < 160).sum())]))
-    # dense maps (what training and inference use): cell i sits over pixel i * stride,
-    # so the first 10 of 16 columns lie on the 160 valid pixels
+    # dense maps (what training and inference use): cell i sits over pixel i * stride + 15
+    # (tf_ padding, see test_alignment.py), so the first 10 of 16 columns lie on the 160 valid pixels
+    assert model.cell_offset == (15.0, 15.0)
     dense = torch.randn(1, 2, 16, 16)
-    assert torch.equal(model.map_mask(valid, (16, 16), dense=True)[0, 0], torch.arange(16) * 16 < 160)
+    assert torch.equal(model.map_mask(valid, (16, 16), dense=True)[0, 0], torch.arange(16) * 16 + 15 < 160)
     assert torch.allclose(model.image_scores(dense, valid, dense=True), model.pool(dense[..., :10]))
 
 

@@ -135,7 +135,7 @@ def load_checkpoint(f: str | os.PathLike | IO[bytes], map_location: str | torch.
         raise CheckpointError(f"{name}: bad model config in checkpoint: {err}") from err
     if len(obj["classes"]) != config.num_classes:
         raise CheckpointError(f"{name}: {len(obj['classes'])} class names for {config.num_classes} classes")
-    model, _ = create_model(config, pretrained="none")
+    model, config = create_model(config, pretrained="none")  # an old config without cell_offset: measured
     try:
         model.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as err:

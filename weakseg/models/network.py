@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .alignment import measure_cell_offset
 from .backbone import Backbone, create_backbone
 from .head import DEFAULT_HEAD_WIDTHS, MILHead
 from .lse import LSEPool
@@ -38,11 +39,16 @@ class ModelConfig:
     # Filled in from the backbone when the model is built.
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+    # (dy, dx) px: feature cell i is centred on input pixel stride·i + offset, measured by
+    # weakseg.models.alignment when the model is built. None (checkpoints older than the
+    # field) is measured again when the model is rebuilt: the probe needs no weights.
+    cell_offset: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["head_widths"] = list(self.head_widths)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["cell_offset"] = None if self.cell_offset is None else list(self.cell_offset)
         return d
 
     @classmethod
@@ -51,17 +57,22 @@ class ModelConfig:
         for key in ("head_widths", "mean", "std"):
             if key in known:
                 known[key] = tuple(known[key])
+        if known.get("cell_offset") is not None:
+            dy, dx = known["cell_offset"]
+            known["cell_offset"] = (float(dy), float(dx))
         return cls(**known)
 
 
 class WeakSegNet(nn.Module):
     """Backbone + MIL head; ``forward`` gives score maps Y[b, k, i, j]."""
 
-    def __init__(self, backbone: Backbone, head: MILHead, lse_r: float = 5.0) -> None:
+    def __init__(self, backbone: Backbone, head: MILHead, lse_r: float = 5.0,
+                 cell_offset: tuple[float, float] = (0.0, 0.0)) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.pool = LSEPool(lse_r)
+        self.cell_offset = (float(cell_offset[0]), float(cell_offset[1]))
 
     @property
     def stride(self) -> int:
@@ -98,23 +109,23 @@ class WeakSegNet(nn.Module):
         The unpadded head (Table 1) loses ``margin`` cells on each side, so a plain forward
         pass only scores the interior (a 288 px crop at stride 16: the central 160 px).
         Mirroring the *features* by ``margin`` cells puts score cell i over input pixel
-        ``i * stride`` (see :meth:`cell_centers` with ``dense=True``). Training uses it too,
+        ``i * stride + cell_offset`` (see :meth:`cell_centers` with ``dense=True``). Training uses it too,
         so the LSE sees every tagged region and the head learns the borders it is asked to
         label at inference. Padding features rather than the image costs no backbone work.
         """
         return self(x, dense=True)
 
-    def cell_centers(self, size: int, dense: bool = False) -> torch.Tensor:
-        """Input pixel coordinate of the centre of each of ``size`` score cells along an axis."""
+    def cell_centers(self, size: int, axis: int, dense: bool = False) -> torch.Tensor:
+        """Input pixel coordinate of the centre of each of ``size`` score cells along ``axis`` (0: y, 1: x)."""
         idx = torch.arange(size, dtype=torch.float32)
-        offset = 0 if dense else self.margin
-        return (idx + offset) * self.stride
+        first = 0 if dense else self.margin
+        return (idx + first) * self.stride + self.cell_offset[axis]
 
     def map_mask(self, valid: torch.Tensor, map_hw: Sequence[int], dense: bool = False) -> torch.Tensor:
-        """Downsample a pixel validity mask to score cells by each cell's centre pixel."""
+        """Downsample a pixel validity mask to score cells by each cell's centre pixel (clamped to the input)."""
         h, w = valid.shape[-2:]
-        ys = self.cell_centers(map_hw[0], dense).round().long().clamp_(0, h - 1).to(valid.device)
-        xs = self.cell_centers(map_hw[1], dense).round().long().clamp_(0, w - 1).to(valid.device)
+        ys = self.cell_centers(map_hw[0], 0, dense).round().long().clamp_(0, h - 1).to(valid.device)
+        xs = self.cell_centers(map_hw[1], 1, dense).round().long().clamp_(0, w - 1).to(valid.device)
         return valid[..., ys[:, None], xs[None, :]].to(torch.bool)
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -127,7 +138,10 @@ class WeakSegNet(nn.Module):
 
 
 def create_model(config: ModelConfig, pretrained: str = "auto") -> tuple[WeakSegNet, ModelConfig]:
-    """The one way to build a network from a config; returns it with mean/std resolved."""
+    """The one way to build a network from a config; returns it with mean/std and cell offset resolved.
+
+    The cell offset is the config's, or measured on the backbone (:mod:`.alignment`) when it has none.
+    """
     backbone = create_backbone(
         config.backbone,
         pretrained=pretrained,
@@ -135,8 +149,10 @@ def create_model(config: ModelConfig, pretrained: str = "auto") -> tuple[WeakSeg
         finetune_from=config.finetune_from,
     )
     head = MILHead(backbone.num_chs, config.num_classes, config.head_widths, config.dropout)
-    model = WeakSegNet(backbone, head, config.lse_r)
+    offset = config.cell_offset or measure_cell_offset(backbone.body, backbone.reduction)
+    model = WeakSegNet(backbone, head, config.lse_r, offset)
     resolved = ModelConfig.from_dict(
-        {**config.to_dict(), "mean": config.mean or backbone.mean, "std": config.std or backbone.std}
+        {**config.to_dict(), "mean": config.mean or backbone.mean, "std": config.std or backbone.std,
+         "cell_offset": list(model.cell_offset)}
     )
     return model, resolved

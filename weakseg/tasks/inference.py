@@ -2,7 +2,7 @@
 
 One forward pass per batch gives, for every image, ``probs[K, H, W]`` at the image's full
 resolution (softmax of the dense score maps, bilinearly resampled from the score cells'
-centres) and ``image_probs[K]``, the image-level prior p(k|I) from the LSE scores over the
+centres, ``ModelConfig.cell_offset``) and ``image_probs[K]``, the image-level prior p(k|I) from the LSE scores over the
 cells that lie on the image, so padding never counts: their softmax (the paper), or their
 sigmoid for a multi-label model trained with a BCE term (``ModelConfig.image_prior``). Around the forward pass:
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,7 @@ __all__ = [
     "predict",
     "segment_image",
     "segment_variants",
+    "upsample_cells",
 ]
 
 # The keyword (of apply_priors, and key of compute_prior_inputs' result) each prior's input goes by.
@@ -233,16 +235,18 @@ def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray, 
 class Prediction:
     """One image's network output; full-resolution probabilities are made on demand."""
 
-    cells: torch.Tensor  # [K, ch, cw] per-cell class probabilities (cell i over forward pixel i·stride)
+    cells: torch.Tensor  # [K, ch, cw] per-cell class probabilities (cell i over forward pixel i·stride + offset)
     image_probs: np.ndarray  # float64 [K], p(k|I): softmax (or sigmoid, see above) of the LSE scores
     size: tuple[int, int]  # (h, w) of the original image
     forward_size: tuple[int, int]  # (h, w) fed to the network
     stride: int
     inference_ms: float  # this image's share of the batch forward pass
+    offset: tuple[float, float] = (0.0, 0.0)  # (dy, dx) px, the model's cell offset (ModelConfig.cell_offset)
 
     def probs(self, row0: int = 0, row1: int | None = None) -> np.ndarray:
         """float32 ``[K, rows, W]`` per-pixel probabilities of rows ``row0:row1`` at full size."""
-        return _upsample(self.cells, self.forward_size, self.size, self.stride, row0, row1).cpu().numpy()
+        return upsample_cells(self.cells, self.forward_size, self.size, self.stride, self.offset, row0,
+                              row1).cpu().numpy()
 
 
 def forward_size(h: int, w: int, stride: int, max_side: int, min_side: int = 0) -> tuple[int, int]:
@@ -255,18 +259,22 @@ def forward_size(h: int, w: int, stride: int, max_side: int, min_side: int = 0) 
     return max(cells, round(h * scale)), max(cells, round(w * scale))
 
 
-def _upsample(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], stride: int, row0: int = 0,
-              row1: int | None = None) -> torch.Tensor:
-    """Resample cell probabilities ``[K, ch, cw]`` (cell i centred on forward pixel i·stride) to ``out``."""
+def upsample_cells(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], stride: int,
+                   offset: tuple[float, float] = (0.0, 0.0), row0: int = 0, row1: int | None = None) -> torch.Tensor:
+    """Resample cell values ``[K, ch, cw]`` (cell i centred on forward pixel i·stride + offset) to ``out``.
+
+    The one cell-to-pixel mapping of inference (and of bench/supervised.py's training loss):
+    bilinear between cell centres, the edge cells' values beyond them. Differentiable.
+    """
     _, ch, cw = p.shape
     (fh, fw), (h, w) = fwd, out
 
-    def axis(n_out: int, n_fwd: int, cells: int) -> torch.Tensor:
-        pos = ((torch.arange(n_out, dtype=torch.float32, device=p.device) + 0.5) * n_fwd / n_out - 0.5) / stride
-        pos = pos.clamp(0, cells - 1)
+    def axis(n_out: int, n_fwd: int, cells: int, off: float) -> torch.Tensor:
+        pixel = (torch.arange(n_out, dtype=torch.float32, device=p.device) + 0.5) * n_fwd / n_out - 0.5
+        pos = ((pixel - off) / stride).clamp(0, cells - 1)
         return pos / (cells - 1) * 2 - 1 if cells > 1 else torch.zeros_like(pos)
 
-    gy, gx = axis(h, fh, ch)[row0:row1], axis(w, fw, cw)
+    gy, gx = axis(h, fh, ch, offset[0])[row0:row1], axis(w, fw, cw, offset[1])
     grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
     return F.grid_sample(p[None], grid, mode="bilinear", align_corners=True)[0]
 
@@ -277,7 +285,7 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = D
     """One batched forward pass over RGB ``uint8[H, W, 3]`` images of any sizes (see :func:`forward_size`)."""
     if not images:
         return []
-    model, stride = bundle.model, bundle.model.stride
+    model, stride, offset = bundle.model, bundle.model.stride, bundle.model.cell_offset
     started = time.perf_counter()
     sizes = [forward_size(im.shape[0], im.shape[1], stride, max_side, min_side) for im in images]
     bh = -(-max(s[0] for s in sizes) // stride) * stride
@@ -290,16 +298,22 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = D
         batch[i] = np.pad(im, ((0, bh - fh), (0, bw - fw), (0, 0)), mode="edge")
     x = torch.from_numpy(batch).to(bundle.device).permute(0, 3, 1, 2)
     x = normalize(x, bundle.checkpoint.config.mean, bundle.checkpoint.config.std)
-    maps = model.dense_maps(x)  # [B, K, bh/stride, bw/stride]; cell i over pixel i*stride
+    maps = model.dense_maps(x)  # [B, K, bh/stride, bw/stride]; cell i over pixel i*stride + cell_offset
     forward_ms = (time.perf_counter() - started) * 1000 / len(images)
     out = []
     for i, (im, (fh, fw)) in enumerate(zip(images, sizes, strict=True)):
-        ch, cw = -(-fh // stride), -(-fw // stride)  # cells whose centre lies on the image
+        ch = _cells_on_image(fh, maps.shape[-2], stride, offset[0])
+        cw = _cells_on_image(fw, maps.shape[-1], stride, offset[1])
         m = maps[i, :, :ch, :cw].float()
         image_probs = image_probabilities(model.pool(m[None]).double(), bundle.checkpoint.config.image_prior)[0]
         out.append(Prediction(m.softmax(0), image_probs.cpu().numpy(), tuple(im.shape[:2]), (fh, fw), stride,
-                              forward_ms))
+                              forward_ms, offset))
     return out
+
+
+def _cells_on_image(n: int, cells: int, stride: int, offset: float) -> int:
+    """Cells whose centre, clamped to the input as training's validity mask clamps it, lies on ``n`` pixels."""
+    return max(1, min(cells, math.ceil((n - offset) / stride)))
 
 
 @dataclass

@@ -44,7 +44,7 @@ def peak_locations(model: WeakSegNet, config: ModelConfig, scenes: Sequence[Scen
     """Pixel (y, x) of the highest score of each scene's labelled class (dense maps)."""
     x, y = _batch(scenes, config)
     maps = model.eval().dense_maps(x)
-    ys, xs = model.cell_centers(maps.shape[-2], dense=True), model.cell_centers(maps.shape[-1], dense=True)
+    ys, xs = model.cell_centers(maps.shape[-2], 0, dense=True), model.cell_centers(maps.shape[-1], 1, dense=True)
     out = []
     for i in range(len(scenes)):
         m = maps[i, y[i]]

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from weakseg.flows._params import flow_parameters
+from weakseg.flows.choose_thresholds import choose_thresholds, split_warning
 from weakseg.flows.cli import main
 from weakseg.models import ModelConfig, create_model, save_checkpoint
 from weakseg.tasks import storage
@@ -32,8 +34,10 @@ def test_choose_thresholds_writes_a_file_segment_reads(prefect_harness, voc_and_
     Image.fromarray(np.full((64, 64), 200, np.uint8), "L").save(bad_mask, format="PNG")  # class 200: unknown
     storage.write_bytes(f"{gt}/SegmentationClass/val_000003.png", bad_mask.getvalue())
     out = str(root / "t-seg.json")
-    assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", out, "--device", "cpu"]) == 0
+    assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", out, "--split", "val",
+                 "--device", "cpu"]) == 0
     doc = json.loads(storage.read_bytes(out))
+    assert doc["search"]["split"] == "val" and "flattered" in doc["search"]["split_warning"]  # the split guard
     assert doc["prior"] == "seg" and doc["priors"] == ["ilp", "sppxl", "seg"] and doc["classes"] == classes
     assert set(doc["thresholds"]) == set(classes) - {"background"}
     assert doc["search"]["images"] == 3 and doc["search"]["skipped"] == 2
@@ -45,8 +49,10 @@ def test_choose_thresholds_writes_a_file_segment_reads(prefect_harness, voc_and_
 
     out_bb = str(root / "t-bb.json")
     assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", out_bb, "--priors", "bb,ilp",
-                 "--split", "train", "--device", "cpu"]) == 0
-    assert json.loads(storage.read_bytes(out_bb))["priors"] == ["ilp", "bb"]
+                 "--device", "cpu"]) == 0
+    doc_bb = json.loads(storage.read_bytes(out_bb))
+    assert doc_bb["priors"] == ["ilp", "bb"]
+    assert doc_bb["search"]["split"] == "train" and "split_warning" not in doc_bb["search"]  # train by default
 
     capsys.readouterr()
     assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", str(root / "x.json"),
@@ -56,3 +62,12 @@ def test_choose_thresholds_writes_a_file_segment_reads(prefect_harness, voc_and_
                  str(root / "x.json"), "--device", "cpu"]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not (root / "x.json").exists()
+
+
+def test_split_guard_warns_only_on_the_evaluated_split():
+    assert split_warning("train") is None
+    assert "'val'" in split_warning("val")
+    assert split_warning("val", eval_split="test") is None
+    assert "'dev'" in split_warning("dev", eval_split="dev")
+    defaults = {p.name: p.default for p in flow_parameters(choose_thresholds)}
+    assert defaults["split"] == "train" and defaults["eval_split"] == "val"

@@ -7,6 +7,10 @@ ascent on mean IoU (:mod:`weakseg.tasks.thresholds`) -> the thresholds JSON that
 ``weakseg segment --thresholds`` reads, and a table artifact of δ per class. δ belong to
 the chain they were chosen for (``ilp,sppxl,seg`` tests smoothed labels, ``ilp,seg`` raw
 ones); the file records it. Images that cannot be read are skipped and counted, never fatal.
+
+δ are chosen on the training split by default: tuned on the split an evaluation of the same
+output scores (``eval_split``, ``val`` by default), they flatter that evaluation. Asked to,
+the flow still does it, with a warning in the log, the artifact and the file's ``search``.
 """
 from __future__ import annotations
 
@@ -24,7 +28,15 @@ from weakseg.tasks.priors import has_objectness, parse_priors, threshold_prior
 from weakseg.tasks.quality import fit_chain_thresholds
 from weakseg.tasks.thresholds import write_thresholds
 
-__all__ = ["choose_thresholds"]
+__all__ = ["choose_thresholds", "split_warning"]
+
+
+def split_warning(split: str, eval_split: str = "val") -> str | None:
+    """The warning for choosing δ on the split an evaluation of the same output uses, else None."""
+    if split != eval_split:
+        return None
+    return (f"choosing δ on {split!r}, the split the evaluation scores: the evaluation's numbers will be "
+            "flattered (choose on train or a dev split, evaluate on val once)")
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless(ValueError))
@@ -58,7 +70,10 @@ def choose_thresholds(
     ground_truth: Annotated[str, Field(description="VOC-layout folder URL (JPEGImages/, SegmentationClass/, "
                                        "ImageSets/)")],
     out: Annotated[str, Field(description="thresholds JSON URL to write (weakseg segment --thresholds reads it)")],
-    split: Annotated[str, Field(min_length=1, description="ImageSets/Segmentation/<split>.txt to choose on")] = "val",
+    split: Annotated[str, Field(min_length=1, description="ImageSets/Segmentation/<split>.txt to choose on "
+                                "(not the split the output is evaluated on)")] = "train",
+    eval_split: Annotated[str, Field(min_length=1, description="the split evaluate-segmentation scores this "
+                                     "output on: choosing on it is warned about")] = "val",
     priors: Annotated[str, Field(description="the chain segment will apply, with bb or seg: e.g. ilp,sppxl,seg "
                                  "or ilp,bb")] = "ilp,sppxl,seg",
     limit: Annotated[int | None, Field(ge=1, description="use only the first N images of the split")] = None,
@@ -78,7 +93,11 @@ def choose_thresholds(
     ids = read_split(ground_truth, split, limit)
     logger.info("choosing δ of %s for priors %s on %d %s images of %s", prior, ",".join(chain), len(ids), split,
                 ground_truth)
+    leak = split_warning(split, eval_split)
+    if leak:
+        logger.warning(leak)
     classes, thresholds, how = search(model, device, ground_truth, ids, chain, max_side, min_side)
+    how = {**how, "split": split, **({"split_warning": leak} if leak else {})}
     doc = write(out, prior, classes, thresholds, how, chain)
     if how["skipped"]:
         logger.warning("%d of %d images could not be read and were skipped, e.g. %s", how["skipped"], len(ids),
@@ -86,7 +105,8 @@ def choose_thresholds(
     create_table_artifact(
         key="choose-thresholds",
         table=[{"class": c, "delta": v} for c, v in doc["thresholds"].items()],
-        description=(f"δ of {prior} for priors {','.join(chain)} on {how['images']} {split} images "
+        description=(f"{'WARNING: ' + leak + '. ' if leak else ''}"
+                     f"δ of {prior} for priors {','.join(chain)} on {how['images']} {split} images "
                      f"({how['skipped']} skipped): mean IoU {how['mean_iou']:.4f} with them, "
                      f"{how['shared_mean_iou']:.4f} with one shared δ = {how['shared_threshold']:.4g}. "
                      f"{out}"),

@@ -1,7 +1,8 @@
 """The ceiling for bench/quality.py: the same backbone and head trained on pixel labels.
 
 Fully supervised reference on MSRC-21: the train split's masks (which the weak model never
-sees) train the same network with a per-pixel cross-entropy on its dense score maps; then
+sees) train the same network with a per-pixel cross-entropy on its dense score maps, brought
+to pixels by the model's own cell-to-pixel mapping (the one scoring uses); then
 the val split is scored like the weak model's `base` variant. The weak/full ratio of mean
 IoU says how much of the supervised quality image tags alone recover. Prints JSON.
 """
@@ -20,7 +21,7 @@ from PIL import Image
 
 from weakseg.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
 from weakseg.tasks.evaluation import read_gt_classes, read_split_ids
-from weakseg.tasks.inference import load_model
+from weakseg.tasks.inference import load_model, upsample_cells
 from weakseg.tasks.quality import iter_voc, score_variants
 from weakseg.tasks.training import make_optimizer, normalize
 
@@ -75,7 +76,9 @@ def train(args: argparse.Namespace) -> list[float]:
         images, labels = batch(samples, rng, args.batch_size, args.crop)
         model.train()
         logits = model.dense_maps(normalize(images, config.mean, config.std))
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        # scoring reads the maps through upsample_cells (cell i on pixel stride·i + cell_offset): train through it too
+        size = tuple(labels.shape[-2:])
+        logits = torch.stack([upsample_cells(m, size, size, model.stride, model.cell_offset) for m in logits])
         loss = F.cross_entropy(logits, labels, ignore_index=255)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -61,8 +61,10 @@ def test_batch_padding_is_excluded_from_the_lse(bundle):
     small, big = _img(70, 90, 5), _img(200, 180, 6)
     alone = predict(bundle, [small])[0]
     batched = predict(bundle, [small, big])[0]
-    # The LSE runs over exactly the cells on the image: ceil(70/16) x ceil(90/16) ...
-    assert alone.cells.shape[1:] == batched.cells.shape[1:] == (5, 6)
+    # The LSE runs over exactly the cells centred on the image (cell i on pixel 16·i + 15, the
+    # backbone's cell offset): ceil((70 - 15)/16) x ceil((90 - 15)/16) ...
+    assert bundle.model.cell_offset == (15.0, 15.0)
+    assert alone.cells.shape[1:] == batched.cells.shape[1:] == (4, 5)
     # ... computed here by hand from the padded batch: padding cells never count.
     x = np.zeros((2, 208, 192, 3), np.uint8)
     x[0] = np.pad(small, ((0, 138), (0, 102), (0, 0)), mode="edge")
@@ -70,7 +72,7 @@ def test_batch_padding_is_excluded_from_the_lse(bundle):
     cfg = bundle.checkpoint.config
     with torch.no_grad():
         maps = bundle.model.dense_maps(normalize(torch.from_numpy(x).permute(0, 3, 1, 2), cfg.mean, cfg.std))
-    expected = lse_pool(maps[:1, :, :5, :6], cfg.lse_r).double().softmax(-1)[0].numpy()
+    expected = lse_pool(maps[:1, :, :4, :5], cfg.lse_r).double().softmax(-1)[0].numpy()
     np.testing.assert_allclose(batched.image_probs, expected, atol=1e-5)
     # Only the receptive field's view of the padding differs between batch-mates (edge pixels).
     np.testing.assert_allclose(alone.image_probs, batched.image_probs, atol=0.05)

@@ -88,7 +88,7 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
     """Check the output, pin the model (once, by content), resolve thresholds, find run_date."""
     attempt = uuid.uuid4().hex[:12]  # scratch names per attempt: two live runs of one run_id never share them
     tables.check_writable(out, f"{run_id}-{attempt}")
-    bundle, pinned = pin_model(model, storage.join(out, "_state", f"model-{run_id}"), device)
+    bundle, pinned = pin_model(model, storage.join(out, "_state"), device, prefix=f"model-{run_id}-")
     _check_serves(bundle, model)
     resolved = {p: list(v) for p, v in bundle.thresholds.items()}
     sources = dict.fromkeys(resolved, "checkpoint")

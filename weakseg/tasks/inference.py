@@ -182,8 +182,8 @@ def load_model(url: str, device: str = "auto") -> ModelBundle:
         return _bundle(data, url, dev)
 
 
-def pin_model(url: str, folder: str, device: str = "auto") -> tuple[ModelBundle, str]:
-    """Load ``url`` once and copy its exact bytes to ``{folder}/{sha256}.pt`` (content-addressed).
+def pin_model(url: str, folder: str, device: str = "auto", prefix: str = "") -> tuple[ModelBundle, str]:
+    """Load ``url`` once and copy its exact bytes to ``{folder}/{prefix}{sha256}.pt`` (content-addressed).
 
     A run resolves its model here, once: every later load goes through :func:`load_pinned`
     with the returned URL and hash, so replacing the file at ``url`` mid-run changes nothing.
@@ -192,7 +192,7 @@ def pin_model(url: str, folder: str, device: str = "auto") -> tuple[ModelBundle,
     data = _read_checkpoint(url)
     with _CACHE_LOCK:
         bundle = _bundle(data, url, dev)
-    pinned = storage.join(folder, f"{bundle.sha256}.pt")
+    pinned = storage.join(folder, f"{prefix}{bundle.sha256}.pt")
     if not storage.exists(pinned):
         storage.write_bytes(pinned, data)
     return bundle, pinned

@@ -1,20 +1,28 @@
 """segment-corpus: segment a corpus of images and write Parquet tables (the product's main job).
 
-prepare (model, thresholds, output check; fails fast) -> stream the listing in chunks ->
+prepare (output check, the model pinned by content, thresholds; fails fast) -> stream the listing in chunks ->
 segment each chunk as a task with retries (at most ``workers`` in flight), in a subflow on
 the task runner the parameters ask for (threads, or Dask worker processes) -> one ``runs``
 row -> artifacts. Tables and their layout: :mod:`weakseg.tasks.tables`; per-chunk work:
 :mod:`weakseg.tasks.segmenting`; inputs: :mod:`weakseg.tasks.corpus`.
 
-Final state: ``Completed`` when every input was segmented; ``Completed`` named
-``CompletedWithErrors`` when some inputs failed (bad or vanished files: see the ``errors``
-table) but every chunk was written; ``Failed`` when a chunk could not be written after its
-retries (its images are missing; rerun with the same ``--run-id``, optionally with
-``--skip-existing``) or when the run could not start (missing model, output not writable).
+One model per run: ``prepare`` reads the checkpoint once, hashes it (``model_id``) and copies
+the bytes to ``{out}/_state/model-{run_id}-{sha256}.pt``; every chunk loads that copy by
+hash (:func:`weakseg.tasks.inference.load_pinned`), so a ``--model`` file replaced mid-run
+changes nothing. The copy is removed when the run ends.
+
+Final state (also the ``runs`` row's ``state``): ``Completed`` when every input was
+segmented; ``Completed`` named ``CompletedWithErrors`` when some inputs failed (bad or
+vanished files: see the ``errors`` table) but every chunk was written and at most
+``--max-error-fraction`` of the inputs failed; ``Failed`` when more failed, when a chunk
+could not be written or read after its retries (transient read errors — expired tokens,
+throttling, 5xx — retry the chunk rather than become error rows; its images are missing:
+rerun with the same ``--run-id``), or when the run could not start (missing model, one
+that cannot serve, output not writable, an object-store bucket that does not exist).
 
 Dask (``--task-runner dask``): a LocalCluster of ``--workers`` processes on 127.0.0.1, or
-the cluster at ``--dask-address``. Each worker process loads the model once and keeps it
-(:func:`weakseg.tasks.inference.load_model` caches per process). When the chunks' device
+the cluster at ``--dask-address``. Each worker process loads the pinned model once and keeps
+it (:func:`weakseg.tasks.inference.load_pinned` caches per process, by content). When the chunks' device
 is CUDA every chunk asks for one ``GPU`` Dask resource: local workers declare ``GPU=1``;
 workers of an existing cluster must be started with it (``dask worker ADDRESS
 --nthreads 1 --resources GPU=1``), else the run fails at once rather than wait forever.
@@ -23,9 +31,11 @@ workers of an existing cluster must be started with it (``dask worker ADDRESS
 slots. Prefect's global ``gpu`` concurrency limit, when one is set, caps all of them.
 
 Interrupted and concurrent runs: a chunk's files have deterministic names
-(``{run_id}-{chunk}``) and are replaced whole, so rerunning a killed run with the same
-``--run-id`` rewrites what it had written and adds the rest (one row per image). Runs with
-different run_ids never share a file. Two live runs with the *same* run_id over the same
+(``{run_id}-{chunk:06d}``) and are replaced whole, so rerunning a killed run with the same
+``--run-id`` — on any later day: it writes into the run's first run_date and then removes
+every file of the run it did not rewrite — leaves one row per image and no orphan. Runs
+with different run_ids never touch each other's files (names are parsed exactly, never
+matched by prefix). Two live runs with the *same* run_id over the same
 listing write the same names: each file is whole (last writer wins) and holds the same
 images, so readers still see one row per image; their scratch files (the output probe, the
 skip-existing index) are per attempt.

@@ -13,8 +13,13 @@
 
 :func:`iter_chunks` yields :class:`ChunkSpec` records: up to ``chunk_size`` URIs each for
 files (consecutive in listing order, so names are deterministic), one per shard for tars.
-Only the current chunk is held in memory. :func:`read_chunk` yields each input's bytes or
-the exception that prevented reading it, so the caller can record it and go on.
+Only the current chunk is held in memory, plus a 16-byte digest per input seen: URIs are
+made canonical (:func:`canonical_uri`: absolute paths, normalised URLs) and an input listed
+again anywhere, in any spelling, is dropped. :func:`read_chunk` yields each input's bytes
+or the exception that prevented reading it, so the caller can record it and go on; inputs
+over ``max_bytes`` are refused on their size (stat, tar header, or a ranged read) and a
+passing failure (expired token, throttling, 5xx) raises :class:`TransientInputError` so
+the whole chunk is retried. URIs are stored without credentials (:func:`stored_uri`).
 """
 from __future__ import annotations
 

@@ -6,8 +6,12 @@ few large files), and ``{out}/runs/run_date=YYYY-MM-DD/{run_id}.parquet``. Every
 written whole through :func:`weakseg.tasks.storage.write_bytes` (temp file + rename, or one
 PUT): a reader sees the old file or the new one. A rerun of a chunk rewrites the same
 names, so no image appears twice for one run_id; a run's ``run_date`` is that of its first
-attempt (found from existing files), so a rerun on a later day replaces rather than adds.
-A chunk writes ``images`` last: an image listed there has its masks and regions.
+attempt (the earliest partition holding any file of the run, in any table), so a rerun on
+a later day replaces rather than adds, and :func:`remove_stale_chunks` then deletes every
+file of the run that the rerun did not write. A file belongs to a run only when its name
+parses exactly as ``{run_id}-{chunk:06d}.parquet`` (``{run_id}.parquet`` in ``runs``):
+never by prefix. A chunk writes ``images`` last: it is the commit marker, and an image
+listed there has its masks and regions.
 """
 from __future__ import annotations
 

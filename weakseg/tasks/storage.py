@@ -9,14 +9,55 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .._atomic import atomic_write
 
-__all__ = ["exists", "join", "read_bytes", "read_json", "to_url", "url_to_fs", "write_bytes", "write_json"]
+__all__ = ["exists", "join", "read_bytes", "read_json", "redact", "redact_url", "to_url", "url_to_fs", "write_bytes",
+           "write_json"]
+
+# Query parameters that carry a credential: AWS SigV2/SigV4 presigned URLs, GCS signed URLs,
+# Azure SAS tokens, and the usual token/key/password names. Matched case-insensitively.
+_SECRET_PARAMS = re.compile(
+    r"^(x-amz-.*|x-goog-.*|signature|sig|expires|"
+    r"awsaccesskeyid|skoid|sktid|token|access_token|id_token|refresh_token|api_key|apikey|key|"
+    r"password|passwd|pwd|secret|client_secret|auth|authorization|credential|credentials|session_token)$",
+    re.IGNORECASE,
+)
+REDACTED = "REDACTED"
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without what would leak a credential: userinfo and credential query parameters.
+
+    The one rule for every URI that is stored, logged or shown (tables, errors, manifests,
+    checkpoints, artifacts, flow parameters). Local paths and clean URLs come back unchanged.
+    """
+    url = os.fspath(url)
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("://", 1)[0] + "://" + REDACTED
+    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_PARAMS.match(k) for k, _ in pairs):
+            query = urlencode([(k, v) for k, v in pairs if not _SECRET_PARAMS.match(k)])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact(text: str) -> str:
+    """Every URL inside free text (an error message, a log line) passed through :func:`redact_url`."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

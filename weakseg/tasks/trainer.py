@@ -301,7 +301,7 @@ def _check_resume(ckpt_classes: list[str], ckpt_config: ModelConfig, classes: li
         extra = sorted(set(classes) - set(ckpt_classes))
         missing = sorted(set(ckpt_classes) - set(classes))
         raise ValueError(
-            f"cannot resume from {url}: its classes differ from the shard manifest's "
+            f"cannot resume from {storage.redact_url(url)}: its classes differ from the shard manifest's "
             f"({len(ckpt_classes)} vs {len(classes)}; only in the manifest: {extra[:5]}, only in the "
             f"checkpoint: {missing[:5]}{'' if extra or missing else '; same names, different order'}). "
             "Use another --out for these shards."
@@ -309,7 +309,7 @@ def _check_resume(ckpt_classes: list[str], ckpt_config: ModelConfig, classes: li
     diffs = [f"{k}: checkpoint {getattr(ckpt_config, k)!r}, asked {getattr(asked, k)!r}"
              for k in _ARCH_FIELDS if getattr(ckpt_config, k) != getattr(asked, k)]
     if diffs:
-        raise ValueError(f"cannot resume from {url}: the architecture differs ({'; '.join(diffs)})")
+        raise ValueError(f"cannot resume from {storage.redact_url(url)}: the architecture differs ({'; '.join(diffs)})")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -362,7 +362,8 @@ def run_training(
     existing = list_checkpoints(out)
     state: dict[str, Any] = {"step": 0, "samples_seen": 0, "skipped": 0, "history": []}
     if existing and not cfg.resume:
-        raise ValueError(f"{out} already holds checkpoints (newest: {existing[-1][1]}); pass --resume to continue "
+        raise ValueError(f"{storage.redact_url(out)} already holds checkpoints (newest: "
+                         f"{storage.redact_url(existing[-1][1])}); pass --resume to continue "
                          "from it, or choose another --out")
     if existing:
         url = existing[-1][1]
@@ -374,10 +375,11 @@ def run_training(
                      history=list(ckpt.metrics.get("history", [])))
         if "rng" in ts:
             torch.set_rng_state(ts["rng"])
-        log.info("resuming from %s at step %d (%d samples seen)", url, state["step"], state["samples_seen"])
+        log.info("resuming from %s at step %d (%d samples seen)", storage.redact_url(url), state["step"],
+                 state["samples_seen"])
     else:
         if cfg.resume:
-            log.info("--resume: no checkpoint in %s yet, starting fresh", out)
+            log.info("--resume: no checkpoint in %s yet, starting fresh", storage.redact_url(out))
         model, config = create_model(model_config, pretrained=pretrained)
         ts = {}
     if augment.input_size < model.min_input_size:

@@ -309,3 +309,14 @@ def test_cut_synset_tar_and_oversized_inputs_are_error_rows(prefect_harness, tmp
     rows = pq.read_table(tmp_path / "folder-shards" / "errors.parquet").to_pylist()
     assert manifest["splits"]["train"]["samples"] == 2 and len(rows) == 1
     assert rows[0]["error_type"] == "InputTooLarge" and rows[0]["stage"] == "read"
+
+
+def test_a_generation_never_writes_where_the_current_manifest_points():
+    from weakseg.tasks.manifest import generation_folder
+
+    assert generation_folder(None, "g2") == ""  # an empty dest: the contract's names
+    assert generation_folder({"generation": {"id": "g2", "folder": ""}}, "g2") == ""  # a rerun: reuse
+    assert generation_folder({"generation": {"id": "g2", "folder": "gen-g2"}}, "g2") == "gen-g2"
+    assert generation_folder({"generation": {"id": "g1", "folder": ""}}, "g2") == "gen-g2"
+    assert generation_folder({"classes": []}, "g2") == "gen-g2"  # a manifest without generations
+    assert generation_folder({}, "g2") == "gen-g2"  # an unreadable one

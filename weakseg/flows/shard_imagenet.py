@@ -22,7 +22,7 @@ from weakseg.tasks import storage
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
 from weakseg.tasks.label_maps import LabelMap, build_label_map
 from weakseg.tasks.listing import DEFAULT_MAX_BYTES, Item, SourceError, list_source
-from weakseg.tasks.manifest import generation_folder, read_manifest_if_any
+from weakseg.tasks.manifest import ManifestError, generation_folder, read_manifest_if_any
 from weakseg.tasks.sharding import EncodeOptions, ShardPlan, ShardResult, assign_splits, fingerprint, plan_shards
 from weakseg.tasks.sharding import write_manifest as _write_manifest
 from weakseg.tasks.sharding import write_shard as _write_shard
@@ -48,8 +48,13 @@ def write_shard(plan: ShardPlan, dest: str, classes: list[str], options: EncodeO
 
 @task(**IO_RETRIES)
 def choose_folder(dest: str, generation: str) -> str:
-    """Where this generation writes: never over the shards the current manifest names."""
-    return generation_folder(read_manifest_if_any(dest), generation)
+    """Where this generation writes: never over the shards the current manifest names (nor
+    over anything beside an unreadable or foreign ``manifest.json``)."""
+    try:
+        current = read_manifest_if_any(dest)
+    except ManifestError:
+        current = {}
+    return generation_folder(current, generation)
 
 
 @task(**IO_RETRIES)

@@ -151,8 +151,24 @@ def _is_glob(url: str) -> bool:
     return any(c in url.split("://")[-1] for c in "*?[")
 
 
+def _walk_local(root: str) -> Iterator[str]:
+    """:func:`_walk` for local folders: names only (no per-file info dicts), one folder at a time."""
+    files, dirs = [], []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if not entry.name.startswith("."):
+                (dirs if entry.is_dir() else files).append(entry.name)
+    for name in sorted(files):
+        yield posixpath.join(root, name)
+    for name in sorted(dirs):
+        yield from _walk_local(posixpath.join(root, name))
+
+
 def _walk(fs, root: str) -> Iterator[str]:
     """Files under ``root`` in sorted order, directory by directory (streamed)."""
+    if isinstance(fs, LocalFileSystem):
+        yield from _walk_local(root)
+        return
     for dirpath, dirs, files in fs.walk(root, topdown=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):

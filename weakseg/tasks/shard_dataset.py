@@ -158,14 +158,16 @@ def open_verified(url: str, spec: ShardSpec) -> io.IOBase:
             digest.update(chunk)
             if not local:
                 out.write(chunk)
+        if digest.hexdigest() != spec.sha256:
+            raise ShardMismatchError(f"shard {shown} does not have the sha256 the manifest records: the shards "
+                                     "changed after the manifest was written; run `weakseg shard` again to completion")
+        out.seek(0)
+    except BaseException:
+        out.close()
+        raise
     finally:
         if not local:
             src.close()
-    if digest.hexdigest() != spec.sha256:
-        out.close()
-        raise ShardMismatchError(f"shard {shown} does not have the sha256 the manifest records: the shards changed "
-                                 "after the manifest was written; run `weakseg shard` again to completion")
-    out.seek(0)
     return out  # type: ignore[return-value]
 
 
@@ -191,7 +193,7 @@ class ReadShards:
             except ShardMismatchError:
                 raise
             except Exception as err:
-                self.errors(type(err)(f"{storage.redact_url(url)}: {err}") if err.args else err)
+                self.errors(OSError(f"{storage.redact_url(url)}: {type(err).__name__}: {err}"))
                 continue
             yield {**source, "stream": stream}
 

@@ -159,6 +159,9 @@ def test_ilsvrc_tree_voc_map_bad_files_and_byte_identical_rerun(prefect_harness,
     victim.unlink()
     shard_imagenet(source=src, dest=dest, **kw)
     assert victim.read_bytes() == before[victim.name]
+    victim.write_bytes(b"cut")  # damaged: written again, to the bytes the manifest records
+    shard_imagenet(source=src, dest=dest, **kw)
+    assert victim.read_bytes() == before[victim.name]
 
 
 @pytest.mark.slow

@@ -153,12 +153,17 @@ def _state_url(dest: str, plan: ShardPlan) -> str:
 
 
 def finished(dest: str, plan: ShardPlan, fp: str) -> ShardResult | None:
-    """The recorded result of a shard already written with the same parameters."""
+    """The recorded result of a shard already written with the same parameters (and still
+    of the recorded size: a damaged one is written again, to the same bytes)."""
     url = _state_url(dest, plan)
-    if not storage.exists(url) or not storage.exists(storage.join(dest, plan.name)):
+    shard = storage.join(dest, plan.name)
+    if not storage.exists(url) or not storage.exists(shard):
         return None
     state = storage.read_json(url)
     if state.get("fingerprint") != fp:
+        return None
+    fs, path = storage.url_to_fs(shard)
+    if fs.size(path) != state.get("bytes"):
         return None
     return ShardResult(**{**state, "skipped": True})
 

@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from weakseg.flows.shard_imagenet import shard_imagenet
+from weakseg.flows.train_mil import train_mil
 from weakseg.models import load_checkpoint
 
 USERPASS = "alice:hunter2pw"
@@ -41,6 +43,28 @@ def _jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
+class _Collect(logging.Handler):
+    """Every record of the ``prefect`` and ``weakseg`` loggers (run loggers do not reach caplog reliably)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def logs():
+    collect = _Collect()
+    loggers = [logging.getLogger(name) for name in ("prefect", "weakseg")]
+    for logger in loggers:
+        logger.addHandler(collect)
+    yield collect.messages
+    for logger in loggers:
+        logger.removeHandler(collect)
+
+
 def _assert_clean(what: str, data: bytes | str) -> None:
     text = data if isinstance(data, str) else data.decode("latin-1")
     leaked = [s for s in SECRETS if s in text]
@@ -48,10 +72,7 @@ def _assert_clean(what: str, data: bytes | str) -> None:
 
 
 @pytest.mark.slow
-def test_credentials_in_urls_reach_no_output(prefect_harness, http_root, caplog):
-    from weakseg.flows.shard_imagenet import shard_imagenet
-    from weakseg.flows.train_mil import train_mil
-
+def test_credentials_in_urls_reach_no_output(prefect_harness, http_root, logs):
     root, base = http_root
     (root / "img").mkdir()
     rows = ["uri,labels"]
@@ -61,7 +82,6 @@ def test_credentials_in_urls_reach_no_output(prefect_harness, http_root, caplog)
     rows.append(f"{base}/img/missing.jpg?{SIGNATURE},cat")  # a 404: an error row, and no secret in it
     (root / "list.csv").write_text("\n".join(rows) + "\n")
 
-    caplog.set_level(logging.INFO)
     dest = root / "shards"
     manifest = shard_imagenet(source=f"{base}/list.csv?{SIGNATURE}", dest=str(dest), layout="manifest",
                               shard_size=4, max_side=64)
@@ -83,6 +103,12 @@ def test_credentials_in_urls_reach_no_output(prefect_harness, http_root, caplog)
     assert ckpt.manifest["url"] == base.replace(f"{USERPASS}@", "") + "/shards"
     for path in out.iterdir():
         _assert_clean(str(path), path.read_bytes())
-    logs = "\n".join(r.getMessage() for r in caplog.records)
-    assert "final checkpoint" in logs and "generation" in logs  # the flows' own log lines were captured
-    _assert_clean("logs", logs)
+    text = "\n".join(logs)
+    assert "final checkpoint" in text and "generation" in text  # the flows' own log lines were captured
+    _assert_clean("logs", text)
+
+    state = shard_imagenet(source=f"{base}/nothing.csv?{SIGNATURE}", dest=str(root / "x"), layout="manifest",
+                           return_state=True)
+    assert state.is_failed() and "does not exist" in state.message
+    _assert_clean("a failed listing's message", state.message)
+    _assert_clean("logs of the failed run", "\n".join(logs))

@@ -16,7 +16,7 @@ from prefect.futures import as_completed
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from weakseg.flows._retries import IO_RETRIES
+from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
@@ -30,7 +30,7 @@ from weakseg.tasks.sharding import write_shard as _write_shard
 __all__ = ["shard_imagenet"]
 
 
-@task(**IO_RETRIES)
+@task(**IO_RETRIES, retry_condition_fn=retry_unless(SourceError))
 def list_images(source: str, layout: str) -> tuple[list[Item], str]:
     return list_source(source, layout)  # type: ignore[arg-type]
 

@@ -27,6 +27,7 @@ __all__ = [
     "InputTooLarge",
     "Item",
     "Layout",
+    "ListingIOError",
     "SourceError",
     "TruncatedInput",
     "detect_layout",
@@ -42,6 +43,10 @@ DEFAULT_MAX_BYTES = 64 * 2**20  # --max-bytes: larger inputs are refused before 
 
 class SourceError(ValueError):
     """The source cannot be listed (missing, empty, malformed): fails before any work."""
+
+
+class ListingIOError(OSError):
+    """Storage failed while listing (throttling, a dropped connection): worth a retry."""
 
 
 class InputTooLarge(OSError):
@@ -235,19 +240,35 @@ def detect_layout(fs, root: str) -> str:
     return "imagefolder"
 
 
-def list_source(source: str, layout: Layout = "auto") -> tuple[list[Item], str]:
-    """All items of a source, sorted by URI, and the layout used. Fails fast when empty."""
+def _list(source: str, layout: Layout) -> tuple[list[Item], str]:
     fs, root = storage.url_to_fs(source)
     if not fs.exists(root):
-        raise SourceError(f"source {storage.redact_url(source)} does not exist")
+        raise SourceError(f"source {source} does not exist")
     if layout == "auto":
         layout = detect_layout(fs, root)  # type: ignore[assignment]
     listers = {"ilsvrc": _list_ilsvrc, "synset-tars": _list_synset_tars, "imagefolder": _list_imagefolder,
                "manifest": _list_manifest}
     items = listers[layout](fs, root)
     if not items:
-        raise SourceError(f"source {storage.redact_url(source)} ({layout}) holds no images")
+        raise SourceError(f"source {source} ({layout}) holds no images")
     return sorted(items, key=lambda i: i.uri), layout
+
+
+def list_source(source: str, layout: Layout = "auto") -> tuple[list[Item], str]:
+    """All items of a source, sorted by URI, and the layout used. Fails fast when empty.
+
+    Failures name URLs without credentials (they are logged and shown) and do not chain
+    the original exception (its message would): :class:`SourceError` for a source that
+    cannot be used as it is, :class:`ListingIOError` for storage errors worth a retry.
+    """
+    try:
+        return _list(source, layout)
+    except SourceError as err:
+        raise SourceError(storage.redact(str(err))) from None
+    except OSError as err:
+        raise ListingIOError(storage.redact(f"cannot list {source}: {type(err).__name__}: {err}")) from None
+    except ValueError as err:  # a malformed listing file
+        raise SourceError(storage.redact(f"cannot list {source}: {type(err).__name__}: {err}")) from None
 
 
 def _list_imagefolder(fs, root: str) -> list[Item]:

@@ -24,7 +24,7 @@ from pydantic import Field
 from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import ModelConfig
-from weakseg.models.losses import MultiLabelLoss
+from weakseg.models.losses import BackgroundMode, MultiLabelLoss
 from weakseg.tasks.augment import AugmentConfig, resolve_crop
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.manifest import ManifestError, load_manifest
@@ -88,6 +88,9 @@ def train_mil(
     multilabel_loss: Annotated[MultiLabelLoss, Field(
         description="loss for multi-label shards; with bce in it, the image prior is the per-class sigmoid")
     ] = "softmax+bce",
+    background: Annotated[BackgroundMode, Field(
+        description="with a 'background' class: every-image makes it a tag of every training image (so the maps "
+                    "learn where it is); as-tagged only of images tagged with it; auto: every-image")] = "auto",
     hflip: Annotated[bool, Field(description="random horizontal flips")] = True,
     rotation: Annotated[float, Field(ge=0, le=180, description="max rotation in degrees")] = 10.0,
     scale: Annotated[list[float], Field(min_length=2, max_length=2, description="scale range low,high")] = (
@@ -127,7 +130,7 @@ def train_mil(
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, momentum=momentum,
         weight_decay=weight_decay, lr_decay=lr_decay, lr_decay_every_samples=lr_decay_every_samples,
-        multilabel_loss=multilabel_loss, steps_per_epoch=steps_per_epoch, val_every=val_every,
+        multilabel_loss=multilabel_loss, background=background, steps_per_epoch=steps_per_epoch, val_every=val_every,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, num_workers=num_workers,
         shuffle_buffer=shuffle_buffer, max_skip_fraction=max_skip_fraction, device=device, seed=seed, resume=resume,
         progress=progress,

@@ -16,6 +16,14 @@ Multi-label (several tags per image):
   the BCE term (summed over classes, so it weighs as much as the softmax term) calibrates
   each score as a presence probability, and the image-level prior uses sigmoid(s_k). On
   MSRC-21 this is what lets the prior help (README, "Quality on real photos").
+
+Background (a class named ``background``, as in PASCAL VOC): taken literally, the label of
+an image of a dog is "dog", so the softmax pushes the background score down over the whole
+image and no pixel is ever labelled background. Background is in nearly every photo, so
+the trainer makes it a tag of *every* image (:func:`with_background`, the default
+``--background every-image``): the maps then learn where background is, exactly as they
+learn a stuff class such as grass, and images tagged only ``background`` still teach what
+it looks like. Such a model is multi-label (``softmax+bce``, sigmoid image prior).
 """
 from __future__ import annotations
 
@@ -24,12 +32,38 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IMAGE_PRIORS", "MULTILABEL_LOSSES", "MultiLabelLoss", "image_prior_for", "image_probabilities",
-           "labels_to_target", "mil_loss"]
+__all__ = ["BACKGROUND", "BACKGROUND_MODES", "IMAGE_PRIORS", "MULTILABEL_LOSSES", "BackgroundMode", "MultiLabelLoss",
+           "background_index", "image_prior_for", "image_probabilities", "labels_to_target", "mil_loss",
+           "with_background"]
 
 MultiLabelLoss = Literal["softmax", "bce", "softmax+bce"]
 MULTILABEL_LOSSES: tuple[str, ...] = get_args(MultiLabelLoss)
 IMAGE_PRIORS: tuple[str, ...] = ("softmax", "sigmoid")
+BACKGROUND = "background"
+# every-image: background is a tag of every training image; as-tagged: only of images tagged
+# with it (the paper's literal reading); auto: every-image when the classes have background.
+BackgroundMode = Literal["auto", "every-image", "as-tagged"]
+BACKGROUND_MODES: tuple[str, ...] = get_args(BackgroundMode)
+
+
+def background_index(classes: list[str] | tuple[str, ...], mode: str = "auto") -> int | None:
+    """The class index that :func:`with_background` adds to every target, or None when none is added."""
+    if mode not in BACKGROUND_MODES:
+        raise ValueError(f"background must be one of {', '.join(map(repr, BACKGROUND_MODES))}, got {mode!r}")
+    if mode == "as-tagged" or BACKGROUND not in classes:
+        if mode == "every-image":
+            raise ValueError("--background every-image needs a class named 'background'")
+        return None
+    return list(classes).index(BACKGROUND)
+
+
+def with_background(target: torch.Tensor, index: int | None) -> torch.Tensor:
+    """Multi-hot ``[B, K]`` targets with class ``index`` set in every row (unchanged when None)."""
+    if index is None:
+        return target
+    target = target.clone()
+    target[:, index] = 1.0
+    return target
 
 
 def labels_to_target(labels: list[list[int]], num_classes: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..models import ModelConfig, WeakSegNet, checkpoint_bytes, create_model, image_prior_for, load_checkpoint, mil_loss
-from ..models.losses import MultiLabelLoss
+from ..models.losses import BackgroundMode, MultiLabelLoss, background_index, with_background
 from . import storage
 from .augment import AugmentConfig, EvalTransform, TrainTransform
 from .devices import resolve_device
@@ -90,6 +90,7 @@ class TrainConfig:
     lr_decay: float = 0.8
     lr_decay_every_samples: int = 5_000_000
     multilabel_loss: MultiLabelLoss = "softmax+bce"
+    background: BackgroundMode = "auto"  # see weakseg.models.losses.with_background
     steps_per_epoch: int = 0  # 0: one pass over the train split at the effective batch
     val_every: int = 1  # epochs; 0 = never
     checkpoint_every: int = 1000  # steps; 0 = only at epoch ends
@@ -190,6 +191,11 @@ class _Runtime:
     std: tuple[float, ...]
     multilabel: bool
     loss_kind: MultiLabelLoss = "softmax"
+    background: int | None = None  # class index made a tag of every image
+
+    def targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Multi-hot ``[B, K]`` training targets: the shards' labels, plus background where it is implied."""
+        return with_background(batch["target"], self.background)
 
     @property
     def cuda(self) -> bool:
@@ -203,7 +209,7 @@ class _Runtime:
         if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         valid = batch["valid"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
+        target = self.targets(batch).to(self.device, non_blocking=True)
         if not self.multilabel:
             target = target.argmax(dim=1)
         return x, valid, target
@@ -243,7 +249,7 @@ def evaluate(rt: _Runtime, loader: Iterator[dict[str, Any]]) -> dict[str, Any]:
         s = rt.model.image_scores(maps.float(), valid, dense=True).float()
         loss_sum += float(mil_loss(s, target, rt.loss_kind)) * x.shape[0]
         scores.append(s.cpu())
-        targets.append(batch["target"])
+        targets.append(rt.targets(batch))
     rt.model.train()
     if not scores:
         return {"samples": 0, "skipped": errors}
@@ -342,7 +348,9 @@ def run_training(
     classes = list(manifest["classes"])
     if model_config.num_classes != len(classes):
         raise ValueError(f"model has {model_config.num_classes} classes, the manifest {len(classes)}")
-    multilabel = bool(manifest.get("multilabel", False))
+    # background as a tag of every image makes every target multi-hot (see losses.with_background)
+    background = background_index(classes, cfg.background)
+    multilabel = bool(manifest.get("multilabel", False)) or background is not None
     # the loss decides what the LSE scores mean at inference (a distribution or presences)
     model_config = replace(model_config, image_prior=image_prior_for(multilabel, cfg.multilabel_loss))
     train_specs = shard_specs(shards, manifest, "train")
@@ -396,7 +404,8 @@ def run_training(
     optimizer = make_optimizer(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if ts.get("optimizer"):
         optimizer.load_state_dict(ts["optimizer"])
-    rt = _Runtime(model, net, optimizer, info.device, config.mean, config.std, multilabel, cfg.multilabel_loss)
+    rt = _Runtime(model, net, optimizer, info.device, config.mean, config.std, multilabel, cfg.multilabel_loss,
+                  background)
     pin = info.device.type == "cuda"
     mref = manifest_reference(shards, manifest)
 

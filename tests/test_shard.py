@@ -323,3 +323,30 @@ def test_a_generation_never_writes_where_the_current_manifest_points():
     assert generation_folder({"generation": {"id": "g1", "folder": ""}}, "g2") == "gen-g2"
     assert generation_folder({"classes": []}, "g2") == "gen-g2"  # a manifest without generations
     assert generation_folder({}, "g2") == "gen-g2"  # an unreadable one
+
+
+def test_listing_keeps_what_a_damaged_tar_still_holds(tmp_path):
+    """Cut inside the second member's header: the first member is listed and readable; the
+    lost rest is one item whose read fails with the reason; reads are bounded by max_bytes."""
+    from weakseg.tasks.listing import InputTooLarge, TruncatedInput, open_item_reader
+
+    with tarfile.open(tmp_path / f"{DOG}.tar", "w") as tar:
+        for i in range(2):
+            data = jpeg(i)
+            info = tarfile.TarInfo(f"{DOG}_{i}.JPEG")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            if i == 0:
+                cut = tar.offset + 200
+    with open(tmp_path / f"{DOG}.tar", "r+b") as f:
+        f.truncate(cut)
+    items, layout = list_source(str(tmp_path))
+    assert layout == "synset-tars" and len(items) == 2
+    good, lost = sorted(items, key=lambda i: i.problem is not None)
+    assert good.member == f"{DOG}_0.JPEG" and lost.problem and str(cut) in lost.problem
+    with open_item_reader() as reader:
+        assert reader.read(good) == jpeg(0)
+        with pytest.raises(TruncatedInput, match="members after that are lost"):
+            reader.read(lost)
+    with open_item_reader(max_bytes=100) as reader, pytest.raises(InputTooLarge, match="--max-bytes 100"):
+        reader.read(good)

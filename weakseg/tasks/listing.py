@@ -155,11 +155,22 @@ def _list_ilsvrc(fs, root: str) -> list[Item]:
     return items
 
 
+def _end_marker_problem(f, members: list[tarfile.TarInfo]) -> str | None:
+    """tarfile ends a listing quietly at a header cut short: a tar must end in a zero block."""
+    end = max((m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for m in members), default=0)
+    f.seek(end)
+    block = f.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
+        return None
+    return "no end-of-archive block after the last complete member (cut short or overwritten)"
+
+
 def _tar_headers(f) -> tuple[list[tarfile.TarInfo], str | None]:
     """Member headers of a tar; a damaged one is re-read as a stream up to the damage."""
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:
-            return tar.getmembers(), None
+            members = tar.getmembers()
+        return members, _end_marker_problem(f, members)
     except tarfile.TarError as err:
         problem = f"{type(err).__name__}: {err}"
     f.seek(0)

@@ -23,7 +23,15 @@ from weakseg.tasks.images import DEFAULT_MAX_PIXELS
 from weakseg.tasks.label_maps import LabelMap, build_label_map
 from weakseg.tasks.listing import DEFAULT_MAX_BYTES, Item, SourceError, list_source
 from weakseg.tasks.manifest import ManifestError, generation_folder, read_manifest_if_any
-from weakseg.tasks.sharding import EncodeOptions, ShardPlan, ShardResult, assign_splits, fingerprint, plan_shards
+from weakseg.tasks.sharding import (
+    EncodeOptions,
+    ShardPlan,
+    ShardResult,
+    assign_splits,
+    fingerprint,
+    plan_shards,
+    redact_parameters,
+)
 from weakseg.tasks.sharding import write_manifest as _write_manifest
 from weakseg.tasks.sharding import write_shard as _write_shard
 
@@ -114,7 +122,8 @@ def shard_imagenet(
               "shard_max_bytes": shard_max_bytes, "jpeg_quality": jpeg_quality, "max_pixels": max_pixels,
               "max_bytes": max_bytes, "background_fraction": background_fraction}
     items, used_layout = list_images(source, layout)
-    source_fp = fingerprint([(i.uri, i.size, i.labels, i.split) for i in items])
+    # fingerprints (and so the generation) do not change when only credentials in URLs do
+    source_fp = fingerprint([(storage.redact_url(i.uri), i.size, i.labels, i.split) for i in items])
     lmap = map_labels(items, label_map, background_fraction, seed)
     mapped = [(item, lmap.map(list(item.labels))) for item in items]
     kept = [(item, names) for item, names in mapped if names is not None]
@@ -128,7 +137,7 @@ def shard_imagenet(
     logger.info("%d images (%s layout, %d dropped by the label map) -> %d shards", len(items), used_layout,
                 dropped, len(plans))
     options = EncodeOptions(max_side, jpeg_quality, max_pixels, max_bytes)
-    fp = fingerprint({**params, "source_fingerprint": source_fp, "classes": lmap.classes})
+    fp = fingerprint({**redact_parameters(params), "source_fingerprint": source_fp, "classes": lmap.classes})
     generation = fp[:16]
     folder = choose_folder(dest, generation)
     logger.info("generation %s -> %s", generation, storage.redact_url(storage.join(dest, folder)))

@@ -39,8 +39,10 @@ __all__ = [
     "EncodeOptions",
     "ShardPlan",
     "assign_splits",
+    "error_row",
     "fingerprint",
     "plan_shards",
+    "redact_parameters",
     "write_manifest",
     "write_shard",
 ]
@@ -136,15 +138,16 @@ def encode_sample(item: Item, data: bytes, class_labels: list[str], classes: Seq
     resized = resize_shorter_side(decoded.image, options.max_side)
     jpg = data if decoded.unchanged and resized is decoded.image else encode_jpeg(resized, options.jpeg_quality)
     indices = [classes.index(c) for c in class_labels]
+    source = storage.redact_url(item.uri)  # stored, and keyed, without credentials
     meta = {
         "labels": indices,
         "label_names": list(class_labels),
-        "source": storage.redact_url(item.uri),
+        "source": source,
         "width": decoded.width,
         "height": decoded.height,
         "wnid": item.wnid,
     }
-    return {"__key__": image_key(item.uri), "jpg": jpg, "cls": str(indices[0]).encode(),
+    return {"__key__": image_key(source), "jpg": jpg, "cls": str(indices[0]).encode(),
             "json": json.dumps(meta, sort_keys=True).encode()}
 
 

@@ -23,6 +23,10 @@ import statistics
 import time
 from pathlib import Path
 
+# Before Prefect is imported: the embedded server gets time to start on a busy machine, and stays offline.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 from weakseg.tasks import storage
 from weakseg.tasks.evaluation import read_split_ids
 from weakseg.tasks.inference import load_model
@@ -125,7 +129,6 @@ def main() -> None:
         raise SystemExit(f"{args.dataset} not found at {data}")
     work = Path(args.workdir or f"quality-output/{args.dataset}").resolve()
     logging.getLogger("prefect").setLevel(logging.WARNING)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     started = time.perf_counter()
     layout = dev_layout(data, work / "data")
     per_seed, headline = [], []

@@ -7,6 +7,7 @@ it failed (its message on stderr), 2 for bad options.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -58,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Prefect gives its embedded server 20 s to start; on a busy 2-core machine that is not enough.
+EMBEDDED_STARTUP_SECONDS = 120
+
+
+def _patient_embedded_server():
+    """More time for the embedded API server to start, unless the user set their own."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EMBEDDED_STARTUP_SECONDS})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -71,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = validate_params(flow, values)
     except ValueError as err:
         parser.error(f"{args.command}: {err}")
-    state = flow(**params, return_state=True)
+    with _patient_embedded_server():
+        state = flow(**params, return_state=True)
     if state.is_failed():
         print(f"weakseg {args.command}: {state.message}", file=sys.stderr)
         return 1

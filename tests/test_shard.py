@@ -299,7 +299,7 @@ def test_cut_synset_tar_and_oversized_inputs_are_error_rows(prefect_harness, tmp
     assert manifest["splits"]["train"]["samples"] == 2
     errors = {Path(e["image_uri"].split("::")[0]).name: e for e in pq.read_table(dest / "errors.parquet").to_pylist()}
     assert errors[f"{DOG}_2.JPEG"]["error_type"] == "TruncatedInput"
-    assert errors[f"{TENCH}_huge.JPEG"]["error_type"] == "InputTooLarge"
+    assert errors[f"{TENCH}_huge.JPEG"]["error_type"] == "TooLarge"  # segment-corpus's name
     assert "--max-bytes" in errors[f"{TENCH}_huge.JPEG"]["message"]
 
     folder = tmp_path / "folder"
@@ -311,7 +311,7 @@ def test_cut_synset_tar_and_oversized_inputs_are_error_rows(prefect_harness, tmp
     manifest = shard_imagenet(source=str(folder), dest=str(tmp_path / "folder-shards"))
     rows = pq.read_table(tmp_path / "folder-shards" / "errors.parquet").to_pylist()
     assert manifest["splits"]["train"]["samples"] == 2 and len(rows) == 1
-    assert rows[0]["error_type"] == "InputTooLarge" and rows[0]["stage"] == "read"
+    assert rows[0]["error_type"] == "TooLarge" and rows[0]["stage"] == "read"
 
 
 def test_a_generation_never_writes_where_the_current_manifest_points():

@@ -38,7 +38,7 @@ __all__ = [
 
 Layout = Literal["auto", "ilsvrc", "synset-tars", "imagefolder", "manifest"]
 WNID = re.compile(r"^n\d{8}$")
-DEFAULT_MAX_BYTES = 64 * 2**20  # --max-bytes: larger inputs are refused before they are read
+DEFAULT_MAX_BYTES = 64 * 2**20  # --max-bytes (as segment-corpus's): larger inputs are refused before they are read
 
 
 class SourceError(ValueError):
@@ -50,7 +50,10 @@ class ListingIOError(OSError):
 
 
 class InputTooLarge(OSError):
-    """An input over the byte limit: refused before it is read."""
+    """An input over the byte limit: refused before it is read (error_type ``TooLarge``, as
+    in segment-corpus's errors table)."""
+
+    kind = "TooLarge"
 
 
 class TruncatedInput(OSError):

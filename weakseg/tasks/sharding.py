@@ -196,7 +196,7 @@ def write_shard(plan: ShardPlan, dest: str, classes: Sequence[str], options: Enc
             try:
                 data = reader.read(item)
             except (OSError, ValueError, tarfile.TarError) as err:
-                errors.append(error_row(item, plan.split, "read", type(err).__name__, str(err)))
+                errors.append(error_row(item, plan.split, "read", getattr(err, "kind", type(err).__name__), str(err)))
                 continue
             try:
                 sample = encode_sample(item, data, class_labels, classes, options)

@@ -146,12 +146,14 @@ def demo(
     report = {
         "mean_iou": {v: round(m["mean_iou"], 4) for v, m in results.items()},
         "pixel_accuracy": {v: round(m["pixel_accuracy"], 4) for v, m in results.items()},
+        "background_iou": {v: round(m["per_class"]["background"]["iou"], 4) for v, m in results.items()},
         "duckdb": {"sql": sql, "rows": rows},
         "overlays": storage.join(workdir, "overlays"),
         "tables": segmentation,
     }
-    lines = ["| variant | mean IoU | pixel accuracy |", "|---|---|---|"]
-    lines += [f"| {v} | {report['mean_iou'][v]:.3f} | {report['pixel_accuracy'][v]:.3f} |" for v in results]
+    lines = ["| variant | mean IoU | pixel accuracy | background IoU |", "|---|---|---|---|"]
+    lines += [f"| {v} | {report['mean_iou'][v]:.3f} | {report['pixel_accuracy'][v]:.3f} | "
+              f"{report['background_iou'][v]:.3f} |" for v in results]
     create_markdown_artifact("\n".join(lines), key="demo-report", description="weakseg demo: mean IoU per prior")
     print("\nweakseg demo: mean IoU on the synthetic validation images, per prior variant")
     print("\n".join(lines))

@@ -1,0 +1,51 @@
+"""Background learned from image tags alone: a tag of every image, so the maps learn where it is."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weakseg.models.losses import background_index, with_background
+
+
+def test_background_index_modes() -> None:
+    classes = ["background", "cat", "dog"]
+    assert background_index(classes, "auto") == 0
+    assert background_index(classes, "every-image") == 0
+    assert background_index(classes, "as-tagged") is None
+    assert background_index(["cat", "dog"], "auto") is None
+    with pytest.raises(ValueError, match="needs a class named 'background'"):
+        background_index(["cat", "dog"], "every-image")
+    with pytest.raises(ValueError, match="background must be one of"):
+        background_index(classes, "sometimes")
+
+
+def test_with_background_sets_the_class_in_every_row() -> None:
+    target = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    out = with_background(target, 0)
+    assert out[:, 0].tolist() == [1.0, 1.0, 1.0]
+    assert out[:, 1:].tolist() == target[:, 1:].tolist()
+    assert target[0, 0] == 0.0  # the batch's own tensor is untouched
+    assert with_background(target, None) is target
+
+
+@pytest.mark.slow
+def test_background_is_learned_on_synthetic_data(tmp_path, prefect_harness) -> None:
+    """Objects on photo backgrounds, tagged with their objects only (like VOC): the trained model labels
+    background pixels background — the all-object labelling scores background IoU 0."""
+    from weakseg.flows.shard_imagenet import shard_imagenet
+    from weakseg.flows.train_mil import train_mil
+    from weakseg.tasks.inference import load_model
+    from weakseg.tasks.quality import score_variants
+    from weakseg.tasks.synthetic import write_synthetic_dataset
+
+    data, shards, out = str(tmp_path / "data"), str(tmp_path / "shards"), str(tmp_path / "model")
+    write_synthetic_dataset(data, n_train=96, n_val=12, size=96, classes=("dots", "stripes"), max_objects=1,
+                            background_fraction=0.15)
+    shard_imagenet(source=f"{data}/labels.csv", dest=shards, max_side=96)
+    train_mil(shards=shards, out=out, epochs=4, steps_per_epoch=20, batch_size=16, input_size=96,
+              head_widths=[64, 64, 64], output_stride=8, lr=3e-3, num_workers=0, checkpoint_every=0, val_every=0,
+              progress=False, rotation=0.0, scale=[1.0, 1.0])
+    bundle = load_model(f"{out}/model.pt", "cpu")
+    assert bundle.checkpoint.config.image_prior == "sigmoid"
+    metrics = score_variants(bundle, data, "val", variants=("base",))["base"]
+    assert metrics["per_class"]["background"]["iou"] > 0.5, metrics["per_class"]

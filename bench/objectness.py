@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
-from weakseg.tasks.evaluation import read_gt_classes, read_split_ids
-from weakseg.tasks.inference import compute_prior_inputs
-from weakseg.tasks.priors import superpixel_mean
-from weakseg.tasks.quality import iter_voc
+from weakseg.tasks.evaluate.scoring import read_gt_classes, read_split_ids
+from weakseg.tasks.evaluate.variants import iter_voc
+from weakseg.tasks.segment.inference import compute_prior_inputs
+from weakseg.tasks.segment.priors import superpixel_mean
 
 MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
 STUFF = "building,grass,tree,sky,water,road"  # MSRC-21's stuff classes; the other 15 are objects

@@ -8,7 +8,7 @@ the 236 val images: the reported figure, run once with the settings dev chose.
 Per seed: ``weakseg shard`` of the tags -> ``weakseg train`` (the flows the CLI runs, with
 the README's settings) -> ``weakseg segment`` with the default priors and ``weakseg
 evaluate`` on the split (the CLI path, the headline) -> every prior variant scored from one
-forward pass (:func:`weakseg.tasks.quality.score_variants`; δ_k of SP-bb / SP-seg chosen on
+forward pass (:func:`weakseg.tasks.evaluate.variants.score_variants`; δ_k of SP-bb / SP-seg chosen on
 the training images' masks for the variants marked "δ fitted", the mask-free default δ
 otherwise). Prints JSON and a markdown table: mean ± standard deviation over the seeds of
 mean IoU and pixel accuracy per variant. ``make quality`` runs both data sets on val.
@@ -28,10 +28,10 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from weakseg.tasks import storage
-from weakseg.tasks.evaluation import read_split_ids
-from weakseg.tasks.inference import load_model
-from weakseg.tasks.priors import VARIANTS
-from weakseg.tasks.quality import fit_thresholds, score_variants, thresholds_by_variant
+from weakseg.tasks.evaluate.scoring import read_split_ids
+from weakseg.tasks.evaluate.variants import fit_thresholds, score_variants, thresholds_by_variant
+from weakseg.tasks.segment.inference import load_model
+from weakseg.tasks.segment.priors import VARIANTS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {"msrc21": SHARED / "msrc21", "msrc21-objects": SHARED / "msrc21-objects"}

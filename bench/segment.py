@@ -31,9 +31,9 @@ import torch
 from PIL import Image
 
 from weakseg.models import ModelConfig, create_model, save_checkpoint
-from weakseg.tasks.inference import compute_prior_inputs, forward_size, load_model, predict
-from weakseg.tasks.segmenting import image_statistics, label_image
-from weakseg.tasks.training import normalize
+from weakseg.tasks.segment.chunk import image_statistics, label_image
+from weakseg.tasks.segment.inference import compute_prior_inputs, forward_size, load_model, predict
+from weakseg.tasks.tensors import normalize
 
 CLASSES = ["background", *[f"class{i:02d}" for i in range(20)]]  # 21, like PASCAL VOC
 

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from weakseg.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
-from weakseg.tasks.evaluation import read_gt_classes, read_split_ids
-from weakseg.tasks.inference import load_model, upsample_cells
-from weakseg.tasks.quality import iter_voc, score_variants
-from weakseg.tasks.training import make_optimizer, normalize
+from weakseg.tasks.evaluate.scoring import read_gt_classes, read_split_ids
+from weakseg.tasks.evaluate.variants import iter_voc, score_variants
+from weakseg.tasks.segment.inference import load_model, upsample_cells
+from weakseg.tasks.tensors import normalize
+from weakseg.tasks.train.optimizer import make_optimizer
 
 MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
 

@@ -15,12 +15,12 @@ import time
 import torch
 
 from weakseg.models import ModelConfig, create_model
-from weakseg.tasks.augment import AugmentConfig, TrainTransform
 from weakseg.tasks.devices import resolve_device
-from weakseg.tasks.manifest import load_manifest, shard_urls
-from weakseg.tasks.shard_dataset import make_loader, train_pipeline, write_synthetic_shards
-from weakseg.tasks.trainer import _Runtime, optimizer_step
-from weakseg.tasks.training import make_optimizer
+from weakseg.tasks.ingest.manifest import load_manifest, shard_urls
+from weakseg.tasks.train.augment import AugmentConfig, TrainTransform
+from weakseg.tasks.train.optimizer import make_optimizer
+from weakseg.tasks.train.shard_reader import make_loader, train_pipeline, write_synthetic_shards
+from weakseg.tasks.train.trainer import _Runtime, optimizer_step
 
 
 def _time(rt: _Runtime, batches, steps: int) -> float:

@@ -8,7 +8,7 @@ from torch import nn
 
 from weakseg.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
 from weakseg.models.alignment import measure_cell_offset
-from weakseg.tasks.inference import upsample_cells
+from weakseg.tasks.segment.inference import upsample_cells
 
 SMALL = {"head_widths": (8, 8, 8), "dropout": 0.0}
 

@@ -34,8 +34,8 @@ def test_background_is_learned_on_synthetic_data(tmp_path, prefect_harness) -> N
     background pixels background — the all-object labelling scores background IoU 0."""
     from weakseg.flows.shard_imagenet import shard_imagenet
     from weakseg.flows.train_mil import train_mil
-    from weakseg.tasks.inference import load_model
-    from weakseg.tasks.quality import score_variants
+    from weakseg.tasks.evaluate.variants import score_variants
+    from weakseg.tasks.segment.inference import load_model
     from weakseg.tasks.synthetic import write_synthetic_dataset
 
     data, shards, out = str(tmp_path / "data"), str(tmp_path / "shards"), str(tmp_path / "model")

@@ -11,7 +11,7 @@ from weakseg.flows.choose_thresholds import choose_thresholds, split_warning
 from weakseg.flows.cli import main
 from weakseg.models import ModelConfig, create_model, save_checkpoint
 from weakseg.tasks import storage
-from weakseg.tasks.inference import load_thresholds
+from weakseg.tasks.segment.inference import load_thresholds
 from weakseg.tasks.synthetic import write_synthetic_dataset
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from weakseg.flows.demo import demo
-from weakseg.tasks.priors import VARIANTS
+from weakseg.tasks.segment.priors import VARIANTS
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from weakseg.tasks.evaluation import (
+from weakseg.tasks.evaluate.scoring import (
     UNLABELLED,
     VOC_CLASSES,
     PredictedMask,

@@ -12,8 +12,8 @@ from PIL import Image
 from weakseg.flows.cli import main
 from weakseg.flows.evaluate_segmentation import evaluate_segmentation
 from weakseg.tasks import storage
-from weakseg.tasks.evaluation import decode_mask, read_gt_classes, read_split_ids
-from weakseg.tasks.listing import image_key
+from weakseg.tasks.evaluate.scoring import decode_mask, read_gt_classes, read_split_ids
+from weakseg.tasks.ingest.sources import image_key
 
 RUN_DATE = "2026-11-26"
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)

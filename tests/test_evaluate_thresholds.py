@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from weakseg.tasks import priors, storage
-from weakseg.tasks.thresholds import (
+from weakseg.tasks import storage
+from weakseg.tasks.evaluate.thresholds import (
     FORMAT,
     ThresholdFit,
     ThresholdSample,
@@ -14,6 +14,7 @@ from weakseg.tasks.thresholds import (
     threshold_sample,
     write_thresholds,
 )
+from weakseg.tasks.segment import priors
 
 GRID = np.round(np.linspace(0, 1, 101), 2)
 

@@ -1,8 +1,8 @@
 """A tiny overfit run: image-level labels alone teach the maps where the objects are."""
 import pytest
+from localization import fit_scenes, peak_hits
 
 from weakseg.models import ModelConfig
-from weakseg.tasks.localization import fit_scenes, peak_hits
 from weakseg.tasks.synthetic import SYNTHETIC_CLASSES, make_scenes
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from skimage import data
 
-from weakseg.tasks import priors as P
-from weakseg.tasks import proposals
+from weakseg.tasks.segment import priors as P
+from weakseg.tasks.segment import proposals
 
 
 def _probs() -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from weakseg.models import ModelConfig, checkpoint_bytes, create_model
-from weakseg.tasks import tables
+from weakseg.tasks.segment import tables
 
 pytestmark = pytest.mark.slow
 

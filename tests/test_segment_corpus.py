@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from weakseg.models import ModelConfig, checkpoint_bytes, create_model
-from weakseg.tasks import storage, tables
+from weakseg.tasks import storage
+from weakseg.tasks.segment import tables
 
 pytestmark = pytest.mark.slow
 
@@ -271,7 +272,7 @@ def test_a_chunk_that_cannot_be_written_fails_the_run_after_retries(prefect_harn
 def test_thresholds_file_chosen_for_another_chain_is_used_with_a_warning(prefect_harness, tmp_path, model_bytes):
     import logging
 
-    from weakseg.tasks.thresholds import write_thresholds
+    from weakseg.tasks.evaluate.thresholds import write_thresholds
 
     class Collect(logging.Handler):
         def __init__(self) -> None:

@@ -8,11 +8,18 @@ import pytest
 import torch
 
 from weakseg.models import ModelConfig, create_model, save_checkpoint
-from weakseg.tasks import inference
-from weakseg.tasks.corpus import iter_chunks, iter_inputs
-from weakseg.tasks.inference import ModelError, load_model, load_thresholds, predict, segment_image, segment_variants
-from weakseg.tasks.priors import VARIANTS
-from weakseg.tasks.segmenting import image_statistics, label_image
+from weakseg.tasks.segment import inference
+from weakseg.tasks.segment.chunk import image_statistics, label_image
+from weakseg.tasks.segment.inference import (
+    ModelError,
+    load_model,
+    load_thresholds,
+    predict,
+    segment_image,
+    segment_variants,
+)
+from weakseg.tasks.segment.inputs import iter_chunks, iter_inputs
+from weakseg.tasks.segment.priors import VARIANTS
 
 CLASSES = ["background", "disk", "square", "stripes"]
 
@@ -56,7 +63,7 @@ def test_predictions_come_back_at_full_size_for_any_size(bundle):
 
 def test_batch_padding_is_excluded_from_the_lse(bundle):
     from weakseg.models import lse_pool
-    from weakseg.tasks.training import normalize
+    from weakseg.tasks.tensors import normalize
 
     small, big = _img(70, 90, 5), _img(200, 180, 6)
     alone = predict(bundle, [small])[0]
@@ -155,14 +162,14 @@ def test_segment_image_and_all_variants_from_one_forward_pass(bundle):
 
 
 def test_banded_labels_match_for_large_images(bundle, monkeypatch):
-    from weakseg.tasks import segmenting
+    from weakseg.tasks.segment import chunk
 
     rgb = _img(300, 200, 4)
     pred = predict(bundle, [rgb])[0]
     for chain in (("ilp", "bb"), ("ilp", "sppxl", "seg")):
         whole = label_image(bundle, pred, rgb, chain, {})
         with monkeypatch.context() as m:
-            m.setattr(segmenting, "BAND_BYTES", 4 * 4 * 200 * 7)  # 7-row bands
+            m.setattr(chunk, "BAND_BYTES", 4 * 4 * 200 * 7)  # 7-row bands
             banded = label_image(bundle, pred, rgb, chain, {})
         np.testing.assert_array_equal(whole[0], banded[0])
         np.testing.assert_allclose(whole[1], banded[1], rtol=1e-5)
@@ -191,7 +198,7 @@ def test_corpus_listing_kinds(tmp_path):
         (0, (f"{root}/a.JPG",), None), (1, (), f"{root}/z.tar"), (2, (f"{root}/b/c.png",), None)]
     assert [u for _, u in iter_inputs("memory://nothing/s-{000..002}.tar")] == [
         "memory://nothing/s-000.tar", "memory://nothing/s-001.tar", "memory://nothing/s-002.tar"]
-    from weakseg.tasks.listing import SourceError
+    from weakseg.tasks.ingest.sources import SourceError
 
     with pytest.raises(SourceError, match="does not exist"):
         list(iter_inputs(str(tmp_path / "missing")))
@@ -202,8 +209,8 @@ def test_inference_module_documents_its_defaults():
 
 
 def test_reads_retry_once_then_become_error_records(monkeypatch):
-    from weakseg.tasks import corpus
-    from weakseg.tasks.corpus import ChunkSpec, TransientInputError, read_chunk
+    from weakseg.tasks.segment import inputs
+    from weakseg.tasks.segment.inputs import ChunkSpec, TransientInputError, read_chunk
 
     calls: dict[str, int] = {}
 
@@ -220,7 +227,7 @@ def test_reads_retry_once_then_become_error_records(monkeypatch):
             raise OSError("An error occurred (SlowDown) when calling the GetObject operation")
         return b"data"
 
-    monkeypatch.setattr(corpus, "_read_bounded", read)
+    monkeypatch.setattr(inputs, "_read_bounded", read)
     records = {r.uri.rsplit("/", 1)[-1]: r for r in read_chunk(ChunkSpec(0, ("/d/ok", "/d/flaky", "/d/broken",
                                                                              "/d/gone")))}
     assert records["ok"].data == b"data" and records["flaky"].data == b"data"

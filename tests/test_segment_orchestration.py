@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from weakseg.models import ModelConfig, checkpoint_bytes, create_model
-from weakseg.tasks import tables
+from weakseg.tasks.segment import tables
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +200,7 @@ def test_cuda_chunks_ask_dask_for_a_gpu_and_fail_fast_without_one(prefect_harnes
                                                                  monkeypatch):
     from distributed import LocalCluster
 
-    from weakseg.tasks import inference
+    from weakseg.tasks.segment import inference
 
     images = str(tmp_path / "corpus")
     write_images(tmp_path / "corpus", 6)

@@ -14,9 +14,9 @@ import webdataset as wds
 from PIL import Image
 
 from weakseg.flows.shard_imagenet import shard_imagenet
-from weakseg.tasks.label_maps import UnmappedLabelsError, build_label_map, ilsvrc_synsets
-from weakseg.tasks.listing import SourceError, list_source
-from weakseg.tasks.sharding import plan_shards
+from weakseg.tasks.ingest.label_maps import UnmappedLabelsError, build_label_map, ilsvrc_synsets
+from weakseg.tasks.ingest.shard_writer import plan_shards
+from weakseg.tasks.ingest.sources import SourceError, list_source
 
 DOG, TABBY, TENCH = "n02085620", "n02123045", "n01440764"  # Chihuahua, tabby cat, tench (no VOC class)
 
@@ -94,7 +94,7 @@ def test_identity_puts_background_first_and_csv_maps_must_cover_everything(tmp_p
 
 
 def test_plan_respects_sample_and_byte_limits():
-    from weakseg.tasks.listing import Item
+    from weakseg.tasks.ingest.sources import Item
 
     items = [Item(f"/x/{i}.jpg", ("a",), None, size=100) for i in range(25)]
     plans = plan_shards(items, [["a"]] * 25, ["train"] * 25, shard_size=10, shard_max_bytes=350, seed=0)
@@ -315,7 +315,7 @@ def test_cut_synset_tar_and_oversized_inputs_are_error_rows(prefect_harness, tmp
 
 
 def test_a_generation_never_writes_where_the_current_manifest_points():
-    from weakseg.tasks.manifest import generation_folder
+    from weakseg.tasks.ingest.manifest import generation_folder
 
     assert generation_folder(None, "g2") == ""  # an empty dest: the contract's names
     assert generation_folder({"generation": {"id": "g2", "folder": ""}}, "g2") == ""  # a rerun: reuse
@@ -328,7 +328,7 @@ def test_a_generation_never_writes_where_the_current_manifest_points():
 def test_listing_keeps_what_a_damaged_tar_still_holds(tmp_path):
     """Cut inside the second member's header: the first member is listed and readable; the
     lost rest is one item whose read fails with the reason; reads are bounded by max_bytes."""
-    from weakseg.tasks.listing import InputTooLarge, TruncatedInput, open_item_reader
+    from weakseg.tasks.ingest.sources import InputTooLarge, TruncatedInput, open_item_reader
 
     with tarfile.open(tmp_path / f"{DOG}.tar", "w") as tar:
         for i in range(2):

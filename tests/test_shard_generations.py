@@ -101,9 +101,9 @@ def test_killed_reshard_then_train_uses_the_old_generation_or_refuses(prefect_ha
 
 def test_tampered_shard_of_the_same_size_is_refused_before_any_sample(tmp_path):
     """Same size, other bytes: the sha256 check refuses the shard; other class names: refused too."""
-    from weakseg.tasks.augment import AugmentConfig, TrainTransform
-    from weakseg.tasks.manifest import ShardMismatchError, load_manifest, shard_specs
-    from weakseg.tasks.shard_dataset import train_pipeline, write_synthetic_shards
+    from weakseg.tasks.ingest.manifest import ShardMismatchError, load_manifest, shard_specs
+    from weakseg.tasks.train.augment import AugmentConfig, TrainTransform
+    from weakseg.tasks.train.shard_reader import train_pipeline, write_synthetic_shards
 
     write_synthetic_shards(str(tmp_path), n_train=8, n_val=0, size=48, per_shard=8)
     manifest = load_manifest(str(tmp_path))

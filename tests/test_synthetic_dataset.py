@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from weakseg.tasks import storage
-from weakseg.tasks.evaluation import decode_mask, read_gt_classes, read_split_ids
-from weakseg.tasks.listing import list_source
+from weakseg.tasks.evaluate.scoring import decode_mask, read_gt_classes, read_split_ids
+from weakseg.tasks.ingest.sources import list_source
 from weakseg.tasks.synthetic import BENCHMARK_CLASSES, SYNTHETIC_CLASSES, write_synthetic_dataset
 
 

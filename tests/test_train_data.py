@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from weakseg.tasks.augment import AugmentConfig, EvalTransform, TrainTransform, resolve_crop
-from weakseg.tasks.manifest import ManifestError, load_manifest, shard_urls
-from weakseg.tasks.shard_dataset import (
+from weakseg.tasks.ingest.manifest import ManifestError, load_manifest, shard_urls
+from weakseg.tasks.train.augment import AugmentConfig, EvalTransform, TrainTransform, resolve_crop
+from weakseg.tasks.train.shard_reader import (
     Collate,
     Decode,
     ErrorLog,
@@ -17,7 +17,7 @@ from weakseg.tasks.shard_dataset import (
     train_pipeline,
     write_synthetic_shards,
 )
-from weakseg.tasks.trainer import average_precision, checkpoint_name, image_metrics, list_checkpoints, lr_at
+from weakseg.tasks.train.trainer import average_precision, checkpoint_name, image_metrics, list_checkpoints, lr_at
 
 CORRUPT = "train_00005"
 
@@ -180,7 +180,7 @@ def test_checkpoint_names_sort_by_step(tmp_path):
 
 def test_a_stream_with_nothing_usable_ends_with_the_reason(shards):
     """Every label out of range: the endless stream raises after the skip bound instead of spinning."""
-    from weakseg.tasks.shard_dataset import NothingUsableError
+    from weakseg.tasks.train.shard_reader import NothingUsableError
 
     urls = shard_urls(shards, load_manifest(shards), "train")
     it = iter(train_pipeline(urls, 0, TrainTransform(AugmentConfig(input_size=32)), shuffle_buffer=4))

@@ -6,11 +6,11 @@ import torch
 
 from weakseg.models import ModelConfig, load_checkpoint
 from weakseg.tasks import storage
-from weakseg.tasks.augment import AugmentConfig, EvalTransform
-from weakseg.tasks.manifest import ManifestError, load_manifest, shard_urls
-from weakseg.tasks.shard_dataset import eval_pipeline, make_loader, write_synthetic_shards
-from weakseg.tasks.trainer import TrainConfig, checkpoint_name, list_checkpoints, run_training
-from weakseg.tasks.training import normalize
+from weakseg.tasks.ingest.manifest import ManifestError, load_manifest, shard_urls
+from weakseg.tasks.tensors import normalize
+from weakseg.tasks.train.augment import AugmentConfig, EvalTransform
+from weakseg.tasks.train.shard_reader import eval_pipeline, make_loader, write_synthetic_shards
+from weakseg.tasks.train.trainer import TrainConfig, checkpoint_name, list_checkpoints, run_training
 
 pytestmark = pytest.mark.slow
 

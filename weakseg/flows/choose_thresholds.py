@@ -3,7 +3,7 @@
 model + ground truth (``JPEGImages/``, ``SegmentationClass/``,
 ``ImageSets/Segmentation/<split>.txt``) -> the chain's labels and objectness on every
 image of the split, in one pass -> one shared δ by grid search, then per-class coordinate
-ascent on mean IoU (:mod:`weakseg.tasks.thresholds`) -> the thresholds JSON that
+ascent on mean IoU (:mod:`weakseg.tasks.evaluate.thresholds`) -> the thresholds JSON that
 ``weakseg segment --thresholds`` reads, and a table artifact of δ per class. δ belong to
 the chain they were chosen for (``ilp,sppxl,seg`` tests smoothed labels, ``ilp,seg`` raw
 ones); the file records it. Images that cannot be read are skipped and counted, never fatal.
@@ -22,11 +22,11 @@ from prefect.cache_policies import NONE
 from pydantic import Field
 
 from weakseg.flows._retries import IO_RETRIES, retry_unless
-from weakseg.tasks.evaluation import read_split_ids
-from weakseg.tasks.inference import DEFAULT_MAX_SIDE, load_model
-from weakseg.tasks.priors import has_objectness, parse_priors, threshold_prior
-from weakseg.tasks.quality import fit_chain_thresholds
-from weakseg.tasks.thresholds import write_thresholds
+from weakseg.tasks.evaluate.scoring import read_split_ids
+from weakseg.tasks.evaluate.thresholds import write_thresholds
+from weakseg.tasks.evaluate.variants import fit_chain_thresholds
+from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
+from weakseg.tasks.segment.priors import has_objectness, parse_priors, threshold_prior
 
 __all__ = ["choose_thresholds", "split_warning"]
 

@@ -24,12 +24,12 @@ from weakseg.flows.segment_corpus import segment_corpus
 from weakseg.flows.shard_imagenet import shard_imagenet
 from weakseg.flows.train_mil import train_mil
 from weakseg.tasks import storage
-from weakseg.tasks.evaluation import read_split_ids
-from weakseg.tasks.inference import load_model
-from weakseg.tasks.priors import VARIANTS, threshold_prior
-from weakseg.tasks.quality import fit_thresholds, threshold_variants
+from weakseg.tasks.evaluate.scoring import read_split_ids
+from weakseg.tasks.evaluate.thresholds import write_thresholds
+from weakseg.tasks.evaluate.variants import fit_thresholds, threshold_variants
+from weakseg.tasks.segment.inference import load_model
+from weakseg.tasks.segment.priors import VARIANTS, threshold_prior
 from weakseg.tasks.synthetic import voc_palette, write_synthetic_dataset
-from weakseg.tasks.thresholds import write_thresholds
 
 __all__ = ["demo"]
 

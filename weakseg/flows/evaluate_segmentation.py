@@ -4,7 +4,7 @@ ground truth index (classes, split ids) -> the run (latest by default) and its c
 find its masks for the split -> score in chunks -> ``{out}/metrics.json``,
 ``{out}/per_class.parquet``, ``{out}/confusion.parquet``, ``{out}/per_image.parquet`` and
 the ``evaluate-segmentation`` table artifact. The metric conventions are documented in
-:mod:`weakseg.tasks.evaluation`. Images that cannot be scored (no prediction, no ground
+:mod:`weakseg.tasks.evaluate.scoring`. Images that cannot be scored (no prediction, no ground
 truth, a mask of another size, bad values) are counted in ``metrics.json`` and listed with
 the reason in ``per_image.parquet``; they never stop the run.
 """
@@ -20,7 +20,7 @@ from pydantic import Field
 
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.tasks import storage
-from weakseg.tasks.evaluation import (
+from weakseg.tasks.evaluate.scoring import (
     ClassAlignment,
     ImageScore,
     PredictedMask,

@@ -3,12 +3,12 @@
 prepare (output check, the model pinned by content, thresholds; fails fast) -> stream the listing in chunks ->
 segment each chunk as a task with retries (at most ``workers`` in flight), in a subflow on
 the task runner the parameters ask for (threads, or Dask worker processes) -> one ``runs``
-row -> artifacts. Tables and their layout: :mod:`weakseg.tasks.tables`; per-chunk work:
-:mod:`weakseg.tasks.segmenting`; inputs: :mod:`weakseg.tasks.corpus`.
+row -> artifacts. Tables and their layout: :mod:`weakseg.tasks.segment.tables`; per-chunk work:
+:mod:`weakseg.tasks.segment.chunk`; inputs: :mod:`weakseg.tasks.segment.inputs`.
 
 One model per run: ``prepare`` reads the checkpoint once, hashes it (``model_id``) and copies
 the bytes to ``{out}/_state/model-{run_id}-{sha256}.pt``; every chunk loads that copy by
-hash (:func:`weakseg.tasks.inference.load_pinned`), so a ``--model`` file replaced mid-run
+hash (:func:`weakseg.tasks.segment.inference.load_pinned`), so a ``--model`` file replaced mid-run
 changes nothing. The copy is removed when the run ends.
 
 Final state (also the ``runs`` row's ``state``): ``Completed`` when every input was
@@ -22,7 +22,7 @@ that cannot serve, output not writable, an object-store bucket that does not exi
 
 Dask (``--task-runner dask``): a LocalCluster of ``--workers`` processes on 127.0.0.1, or
 the cluster at ``--dask-address``. Each worker process loads the pinned model once and keeps
-it (:func:`weakseg.tasks.inference.load_pinned` caches per process, by content). When the chunks' device
+it (:func:`weakseg.tasks.segment.inference.load_pinned` caches per process, by content). When the chunks' device
 is CUDA every chunk asks for one ``GPU`` Dask resource: local workers declare ``GPU=1``;
 workers of an existing cluster must be started with it (``dask worker ADDRESS
 --nthreads 1 --resources GPU=1``), else the run fails at once rather than wait forever.
@@ -63,14 +63,15 @@ from weakseg import __version__
 from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
-from weakseg.tasks import storage, tables
-from weakseg.tasks.corpus import DEFAULT_MAX_BYTES, ChunkSpec, iter_chunks
+from weakseg.tasks import storage
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
-from weakseg.tasks.inference import DEFAULT_MAX_SIDE, ModelError, load_thresholds, pin_model, predict
-from weakseg.tasks.listing import SourceError
-from weakseg.tasks.priors import default_thresholds, parse_priors
-from weakseg.tasks.segmenting import ChunkResult, SegmentOptions, segment_chunk
+from weakseg.tasks.ingest.sources import SourceError
+from weakseg.tasks.segment import tables
+from weakseg.tasks.segment.chunk import ChunkResult, SegmentOptions, segment_chunk
+from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, ModelError, load_thresholds, pin_model, predict
+from weakseg.tasks.segment.inputs import DEFAULT_MAX_BYTES, ChunkSpec, iter_chunks
+from weakseg.tasks.segment.priors import default_thresholds, parse_priors
 
 __all__ = ["segment_corpus"]
 

@@ -2,7 +2,7 @@
 
 list (fails fast) -> map labels -> plan shards -> write shards concurrently -> manifest.
 
-The shards go to the run's generation folder (see :mod:`weakseg.tasks.manifest`): a
+The shards go to the run's generation folder (see :mod:`weakseg.tasks.ingest.manifest`): a
 re-shard never rewrites a file the current manifest names, and the manifest, written last
 and atomically, switches readers to the new generation only once it is complete.
 """
@@ -20,10 +20,9 @@ from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage
 from weakseg.tasks.images import DEFAULT_MAX_PIXELS
-from weakseg.tasks.label_maps import LabelMap, build_label_map
-from weakseg.tasks.listing import DEFAULT_MAX_BYTES, Item, SourceError, list_source
-from weakseg.tasks.manifest import ManifestError, generation_folder, read_manifest_if_any
-from weakseg.tasks.sharding import (
+from weakseg.tasks.ingest.label_maps import LabelMap, build_label_map
+from weakseg.tasks.ingest.manifest import ManifestError, generation_folder, read_manifest_if_any
+from weakseg.tasks.ingest.shard_writer import (
     EncodeOptions,
     ShardPlan,
     ShardResult,
@@ -32,8 +31,9 @@ from weakseg.tasks.sharding import (
     plan_shards,
     redact_parameters,
 )
-from weakseg.tasks.sharding import write_manifest as _write_manifest
-from weakseg.tasks.sharding import write_shard as _write_shard
+from weakseg.tasks.ingest.shard_writer import write_manifest as _write_manifest
+from weakseg.tasks.ingest.shard_writer import write_shard as _write_shard
+from weakseg.tasks.ingest.sources import DEFAULT_MAX_BYTES, Item, SourceError, list_source
 
 __all__ = ["shard_imagenet"]
 

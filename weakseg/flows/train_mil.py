@@ -1,7 +1,7 @@
 """train-mil: train the MIL network (Pinheiro & Collobert, CVPR 2015) from WebDataset shards.
 
 Reads ``{shards}/manifest.json`` and the shards it lists (any fsspec URL), trains, and
-writes checkpoints to ``{out}/`` (see :mod:`weakseg.tasks.trainer` for the names and the
+writes checkpoints to ``{out}/`` (see :mod:`weakseg.tasks.train.trainer` for the names and the
 resume semantics): ``checkpoint-step-{step:09d}.pt`` during training, ``model.pt`` at the
 end. Per-epoch metrics go to the checkpoint, to the ``train-mil-metrics`` table artifact
 and to the log; a tqdm bar shows loss and speed in the terminal.
@@ -25,11 +25,11 @@ from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import ModelConfig
 from weakseg.models.losses import BackgroundMode, MultiLabelLoss
-from weakseg.tasks.augment import AugmentConfig, resolve_crop
 from weakseg.tasks.devices import resolve_device
-from weakseg.tasks.manifest import ManifestError, load_manifest
+from weakseg.tasks.ingest.manifest import ManifestError, load_manifest
 from weakseg.tasks.storage import redact_url
-from weakseg.tasks.trainer import TrainConfig, run_training
+from weakseg.tasks.train.augment import AugmentConfig, resolve_crop
+from weakseg.tasks.train.trainer import TrainConfig, run_training
 
 __all__ = ["train_mil"]
 

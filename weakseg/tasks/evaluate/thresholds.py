@@ -16,7 +16,7 @@ apply) and the ground truth, :func:`search_thresholds` picks δ from a grid:
 
 Mean IoU, not each class's own IoU, is the objective because δ_k also changes the
 background's IoU (and, through it, the mean). Metric conventions are those of
-:mod:`weakseg.tasks.evaluation`. The images are reduced in one pass to a histogram over
+:mod:`weakseg.tasks.evaluate.scoring`. The images are reduced in one pass to a histogram over
 (argmax class, grid bin, ground-truth class) (:class:`ThresholdFit`), so the search costs
 the same for 10 or 10,000 images, never holds more than one image, and one pass can feed
 the searches of several prior chains.
@@ -38,9 +38,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import storage
-from .evaluation import VOID, align_classes
-from .priors import has_objectness, label_score, objectness_inputs, threshold_prior
+from .. import storage
+from ..segment.priors import has_objectness, label_score, objectness_inputs, threshold_prior
+from .scoring import VOID, align_classes
 
 __all__ = [
     "DEFAULT_GRID",
@@ -75,7 +75,7 @@ def threshold_sample(ilp_scores: np.ndarray, objectness: np.ndarray, gt: np.ndar
     """From ILP score maps ``[K, H, W]`` and objectness ``[H, W]`` (both at the gt's size).
 
     ``superpixels``: choose δ for the chain ilp+sppxl+bb/seg, whose objectness test acts
-    on the superpixel-smoothed labels (the same rule as :func:`~weakseg.tasks.priors.objectness_inputs`).
+    on the superpixel-smoothed labels (the same rule as :func:`~weakseg.tasks.segment.priors.objectness_inputs`).
     """
     ilp_scores, objectness = np.asarray(ilp_scores), np.asarray(objectness)
     if ilp_scores.ndim != 3 or ilp_scores.shape[1:] != objectness.shape or objectness.shape != np.shape(gt):

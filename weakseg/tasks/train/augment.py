@@ -19,7 +19,7 @@ Two ways to size the image before the crop (``crop``):
   the scale inference sees (segment-corpus resizes by the longer side).
 
 Per-channel normalisation happens on the device, after the uint8 batch is transferred
-(:func:`weakseg.tasks.training.normalize`): four times less to copy than float32.
+(:func:`weakseg.tasks.tensors.normalize`): four times less to copy than float32.
 
 Transforms are classes (picklable, so they survive DataLoader worker processes) and take
 a ``random.Random``; DataLoader seeds each worker's ``random`` module differently.

@@ -2,7 +2,7 @@
 
 Each planned shard is one unit of work: it reads, validates and re-encodes its images and
 writes ``{split}-{index:06d}.tar`` and a small state file beside it, in the folder of its
-generation (:func:`~weakseg.tasks.manifest.generation_folder`: never a file the current
+generation (:func:`~weakseg.tasks.ingest.manifest.generation_folder`: never a file the current
 manifest names, unless byte-identical). Shards are reproducible byte for byte (fixed tar
 metadata, deterministic encoding and order), so a rerun with the same parameters skips the
 finished ones and rewrites nothing.
@@ -28,11 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from .. import __version__
-from . import storage
-from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image, encode_jpeg, resize_shorter_side
-from .listing import DEFAULT_MAX_BYTES, Item, image_key, open_item_reader
+from ... import __version__
+from .. import storage
+from ..images import DEFAULT_MAX_PIXELS, ImageError, decode_image, encode_jpeg, resize_shorter_side
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
+from .sources import DEFAULT_MAX_BYTES, Item, image_key, open_item_reader
 
 __all__ = [
     "ERRORS_SCHEMA",

@@ -1,6 +1,7 @@
 """Where the network puts its evidence: training on in-memory scenes and checking peaks.
 
-Used by the model demo and the overfit test; the streaming trainer lives in the train flow.
+Test support for the overfit test (not shipped in the package); the streaming trainer is
+:mod:`weakseg.tasks.train.trainer`.
 """
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..models import ModelConfig, WeakSegNet, create_model
-from .synthetic import SYNTHETIC_CLASSES, Scene
-from .training import make_optimizer, normalize, train_step
+from weakseg.models import ModelConfig, WeakSegNet, create_model, mil_loss
+from weakseg.models.losses import MultiLabelLoss
+from weakseg.tasks.synthetic import SYNTHETIC_CLASSES, Scene
+from weakseg.tasks.tensors import normalize
+from weakseg.tasks.train.optimizer import make_optimizer
 
 __all__ = ["fit_scenes", "peak_hits", "peak_locations"]
 
@@ -61,3 +64,21 @@ def peak_hits(model: WeakSegNet, config: ModelConfig, scenes: Sequence[Scene]) -
         label = SYNTHETIC_CLASSES.index(scene.labels[0]) + 1
         hits.append(bool(scene.mask[min(py, h - 1), min(px, w - 1)] == label))
     return hits
+
+
+def train_step(
+    model: WeakSegNet,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    multilabel: MultiLabelLoss = "softmax",
+) -> float:
+    """Forward, LSE, loss, backward, step; returns the loss."""
+    model.train()
+    maps = model(images, dense=True)  # as the trainer: the maps inference reads
+    loss = mil_loss(model.image_scores(maps, valid, dense=True), target, multilabel)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())

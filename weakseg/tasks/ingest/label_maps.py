@@ -17,7 +17,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from .storage import redact_url
+from ..storage import redact_url
 
 __all__ = [
     "BACKGROUND",

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from . import storage
-from .evaluation import align_classes, confusion_matrix, decode_mask, gt_mask_url, read_gt_classes, read_split_ids
-from .images import decode_image
-from .inference import ModelBundle, compute_prior_inputs, predict, segment_variants
-from .priors import VARIANTS, chain_scores, has_objectness, objectness_prior, parse_priors, threshold_prior
+from .. import storage
+from ..images import decode_image
+from ..segment.inference import ModelBundle, compute_prior_inputs, predict, segment_variants
+from ..segment.priors import VARIANTS, chain_scores, has_objectness, objectness_prior, parse_priors, threshold_prior
+from .scoring import align_classes, confusion_matrix, decode_mask, gt_mask_url, read_gt_classes, read_split_ids
 from .thresholds import ThresholdFit, ThresholdSample, threshold_sample
 
 __all__ = [
@@ -110,7 +110,7 @@ def _chain_samples(bundle: ModelBundle, rgb: np.ndarray, gt: np.ndarray, chains:
 def fit_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[str],
                    variants: Sequence[str] | None = None,
                    max_side: int = 512, min_side: int = 0) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
-    """:func:`fit_chain_thresholds` for the :data:`~weakseg.tasks.priors.VARIANTS` (by name) that have bb or seg."""
+    """:func:`fit_chain_thresholds` for the :data:`~weakseg.tasks.segment.priors.VARIANTS` with bb or seg."""
     names = threshold_variants(variants if variants is not None else tuple(VARIANTS))
     if not names:
         raise ValueError("none of the variants has an objectness prior (bb or seg) to choose δ for")
@@ -135,7 +135,7 @@ def score_variants(bundle: ModelBundle, ground_truth: str, split: str,
     ``thresholds``: δ per variant, ``{variant: {"bb" or "seg": δ[K]}}`` (see
     :func:`thresholds_by_variant`); variants without any use the model's.
     """
-    from .evaluation import segmentation_metrics
+    from .scoring import segmentation_metrics
 
     alignment = align_classes(read_gt_classes(ground_truth), bundle.classes)
     confusions = {v: np.zeros((len(alignment.gt_classes), len(alignment.columns)), np.int64) for v in variants}

@@ -16,7 +16,7 @@ score maps, upsampled to the image) and the image-level probabilities ``image_pr
 The paper's variants chain them (see :func:`apply_priors`): base, ilp, ilp+sppxl, ilp+bb,
 ilp+seg; and, beyond the paper, ilp+sppxl+bb and ilp+sppxl+seg, where the objectness test
 acts on the superpixel-smoothed labelling. Proposal generators live in
-:mod:`weakseg.tasks.proposals`.
+:mod:`weakseg.tasks.segment.proposals`.
 """
 from __future__ import annotations
 

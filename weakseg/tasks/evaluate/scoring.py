@@ -36,7 +36,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from PIL import Image
 
-from . import storage
+from .. import storage
 
 __all__ = [
     "UNLABELLED",

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from .. import storage
 
 __all__ = [
     "CHUNK_TABLES",

@@ -165,7 +165,7 @@ def _border_pixels(shape: tuple[int, int]) -> np.ndarray:
 
 def segment_proposals(rgb: np.ndarray, work_side: int = 128,
                       min_area: float = 0.005) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[int, int]]:
-    """Segment proposals as layers for :func:`~weakseg.tasks.priors.segment_objectness`.
+    """Segment proposals as layers for :func:`~weakseg.tasks.segment.priors.segment_objectness`.
 
     Returns ``(layers, work_shape)``: one ``(segments, scores)`` layer per FH level at the
     working resolution; regions under ``min_area`` of the image get a NaN score (not a

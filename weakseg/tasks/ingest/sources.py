@@ -20,7 +20,7 @@ from typing import Literal
 
 import pyarrow.parquet as pq
 
-from . import storage
+from .. import storage
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

@@ -6,7 +6,7 @@ centres, ``ModelConfig.cell_offset``) and ``image_probs[K]``, the image-level pr
 cells that lie on the image, so padding never counts: their softmax (the paper), or their
 sigmoid for a multi-label model trained with a BCE term (``ModelConfig.image_prior``). Around the forward pass:
 
-- Normalisation is training's (:func:`weakseg.tasks.training.normalize`, the checkpoint's
+- Normalisation is training's (:func:`weakseg.tasks.tensors.normalize`, the checkpoint's
   mean/std).
 - Images whose longer side is over ``max_side`` (default :data:`DEFAULT_MAX_SIDE`) are
   shrunk for the forward pass; with ``min_side`` set, those whose longer side is under it
@@ -35,13 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import Checkpoint, CheckpointError, image_probabilities, load_checkpoint
-from . import storage
-from .devices import resolve_device
+from ...models import Checkpoint, CheckpointError, image_probabilities, load_checkpoint
+from .. import storage
+from ..devices import resolve_device
+from ..evaluate.thresholds import read_thresholds
+from ..tensors import normalize
 from .priors import VARIANTS, apply_priors, default_thresholds, parse_priors
 from .proposals import box_objectness_map, segment_objectness_map, superpixels
-from .thresholds import read_thresholds
-from .training import normalize
 
 __all__ = [
     "DEFAULT_MAX_SIDE",
@@ -359,7 +359,7 @@ def segment_variants(bundle: ModelBundle, rgb: np.ndarray, thresholds: Mapping[s
                      prediction: Prediction | None = None,
                      variant_thresholds: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                      min_side: int = 0) -> dict[str, np.ndarray]:
-    """The prior variants of :data:`~weakseg.tasks.priors.VARIANTS` from one forward pass.
+    """The prior variants of :data:`~weakseg.tasks.segment.priors.VARIANTS` from one forward pass.
 
     Returns ``{variant: uint8[H, W] labels}``. Superpixels and proposals are computed once
     and shared. ``thresholds``: ``{"bb": δ[K], "seg": δ[K]}``; by default the model's.

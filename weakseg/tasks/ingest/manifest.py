@@ -40,7 +40,7 @@ import posixpath
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from . import storage
+from .. import storage
 
 __all__ = [
     "FORMAT",

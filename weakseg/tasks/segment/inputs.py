@@ -37,9 +37,9 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from . import storage
-from .images import IMAGE_EXTENSIONS, ImageError
-from .listing import SourceError
+from .. import storage
+from ..images import IMAGE_EXTENSIONS, ImageError
+from ..ingest.sources import SourceError
 
 __all__ = ["DEFAULT_MAX_BYTES", "ChunkSpec", "InputRecord", "TransientInputError", "canonical_uri", "is_transient",
            "iter_chunks", "iter_inputs", "read_chunk", "stored_uri"]

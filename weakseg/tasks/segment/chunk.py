@@ -21,9 +21,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from ..ingest.sources import image_key
+from ..storage import redact
 from . import tables
-from .corpus import DEFAULT_MAX_BYTES, ChunkSpec, InputRecord, read_chunk, stored_uri
-from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .inference import (
     DEFAULT_MAX_SIDE,
     ModelBundle,
@@ -34,7 +35,7 @@ from .inference import (
     model_loads,
     predict,
 )
-from .listing import image_key
+from .inputs import DEFAULT_MAX_BYTES, ChunkSpec, InputRecord, read_chunk, stored_uri
 from .priors import (
     UNLABELLED,
     argmax_labels,
@@ -44,7 +45,6 @@ from .priors import (
     smooth_for_objectness,
     superpixel_vote,
 )
-from .storage import redact
 
 __all__ = ["ChunkResult", "SegmentOptions", "image_statistics", "overlay_thumbnail", "segment_chunk"]
 
@@ -58,7 +58,7 @@ class SegmentOptions:
     out: str
     run_id: str
     run_date: str
-    model: str  # the run's pinned checkpoint copy (:func:`~weakseg.tasks.inference.pin_model`)
+    model: str  # the run's pinned checkpoint copy (:func:`~weakseg.tasks.segment.inference.pin_model`)
     model_sha256: str = ""  # its bytes' hash: every chunk loads exactly these bytes ("" : load ``model`` as is)
     max_bytes: int = DEFAULT_MAX_BYTES  # larger inputs are error rows, never read
     device: str = "cpu"
@@ -119,7 +119,7 @@ def label_image(bundle: ModelBundle, pred: Prediction, rgb: np.ndarray, priors: 
     """Labels ``uint8[H, W]``, per-class mean probability over each label's pixels, prior timings.
 
     Works in row bands so memory is O(K · band) even for very large images, in the order
-    :func:`~weakseg.tasks.priors.apply_priors` uses: argmax (after ILP) band by band; with
+    :func:`~weakseg.tasks.segment.priors.apply_priors` uses: argmax (after ILP) band by band; with
     sppxl, the vote on the whole label map and a second pass over the bands; then, per
     band, the objectness test and the mean probabilities.
     """

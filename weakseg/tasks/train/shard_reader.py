@@ -17,10 +17,10 @@ reach the training loop in the batch itself. Skipping has a bound: when more tha
 :class:`NothingUsableError` instead of searching forever.
 
 What the manifest records is checked, never skipped: with ``specs`` (from
-:func:`~weakseg.tasks.manifest.shard_specs`) every shard is hashed before a sample of it is
+:func:`~weakseg.tasks.ingest.manifest.shard_specs`) every shard is hashed before a sample of it is
 used, and with ``classes`` every sample's label names must match the manifest's class
 list at its label indices. A difference raises
-:class:`~weakseg.tasks.manifest.ShardMismatchError`: the shards are not the ones the
+:class:`~weakseg.tasks.ingest.manifest.ShardMismatchError`: the shards are not the ones the
 manifest describes, and their class indices cannot be trusted.
 
 Any fsspec URL works: :func:`register_fsspec_opener` routes ``s3://``, ``gs://``,
@@ -47,8 +47,8 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from . import storage
-from .manifest import ShardMismatchError, ShardSpec
+from .. import storage
+from ..ingest.manifest import ShardMismatchError, ShardSpec
 
 wds_gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` is also a function
 
@@ -366,8 +366,8 @@ def write_synthetic_shards(
     ``corrupt_keys``: samples whose JPEG bytes are replaced by garbage (error handling).
     Writes ``{dest}/{split}-{i:06d}.tar`` and ``{dest}/manifest.json``; returns the manifest.
     """
-    from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
-    from .synthetic import SYNTHETIC_CLASSES, make_scenes
+    from ..ingest.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
+    from ..synthetic import SYNTHETIC_CLASSES, make_scenes
 
     classes = list(SYNTHETIC_CLASSES)
     shards, splits = [], {}

@@ -5,7 +5,7 @@ Steps, epochs and the data position
 One *step* is one optimiser update over ``batch_size x grad_accum`` samples per process
 (``x world_size`` under DDP): the effective batch. An epoch is ``steps_per_epoch`` steps,
 by default as many as one pass over the train split takes at the effective batch. The
-training stream resamples shards (see :mod:`weakseg.tasks.shard_dataset`), so an epoch is
+training stream resamples shards (see :mod:`weakseg.tasks.train.shard_reader`), so an epoch is
 a number of samples drawn, not an exact pass.
 
 The learning rate is ``lr x lr_decay ** floor(samples_seen / lr_decay_every_samples)``
@@ -47,14 +47,23 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..models import ModelConfig, WeakSegNet, checkpoint_bytes, create_model, image_prior_for, load_checkpoint, mil_loss
-from ..models.losses import BackgroundMode, MultiLabelLoss, background_index, with_background
-from . import storage
+from ...models import (
+    ModelConfig,
+    WeakSegNet,
+    checkpoint_bytes,
+    create_model,
+    image_prior_for,
+    load_checkpoint,
+    mil_loss,
+)
+from ...models.losses import BackgroundMode, MultiLabelLoss, background_index, with_background
+from .. import storage
+from ..devices import resolve_device
+from ..ingest.manifest import ManifestError, check_shards, shard_specs
+from ..tensors import normalize
 from .augment import AugmentConfig, EvalTransform, TrainTransform
-from .devices import resolve_device
-from .manifest import ManifestError, check_shards, shard_specs
-from .shard_dataset import eval_pipeline, make_loader, train_pipeline
-from .training import make_optimizer, normalize
+from .optimizer import make_optimizer
+from .shard_reader import eval_pipeline, make_loader, train_pipeline
 
 __all__ = [
     "DistInfo",

@@ -1,0 +1,1 @@
+"""Evaluate: scoring against VOC-layout ground truth, choosing thresholds, comparing prior variants."""

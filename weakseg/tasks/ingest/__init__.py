@@ -1,0 +1,1 @@
+"""Ingest: listing sources, mapping labels, writing WebDataset shards and their manifest."""

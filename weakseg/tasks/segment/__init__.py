@@ -1,0 +1,1 @@
+"""Segment: inputs of a corpus, inference, priors and proposals, the chunk engine, the output tables."""

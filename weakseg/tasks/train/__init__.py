@@ -1,0 +1,1 @@
+"""Train: reading shards as a stream, augmenting, and the MIL trainer."""

@@ -8,7 +8,7 @@ the 236 val images: the reported figure, run once with the settings dev chose.
 Per seed: ``weakseg shard`` of the tags -> ``weakseg train`` (the flows the CLI runs, with
 the README's settings) -> ``weakseg segment`` with the default priors and ``weakseg
 evaluate`` on the split (the CLI path, the headline) -> every prior variant scored from one
-forward pass (:func:`weakseg.tasks.evaluate.variants.score_variants`; δ_k of SP-bb / SP-seg chosen on
+forward pass (:func:`weakseg.tasks.quality.score_variants`; δ_k of SP-bb / SP-seg chosen on
 the training images' masks for the variants marked "δ fitted", the mask-free default δ
 otherwise). Prints JSON and a markdown table: mean ± standard deviation over the seeds of
 mean IoU and pixel accuracy per variant. ``make quality`` runs both data sets on val.
@@ -38,7 +38,8 @@ DATASETS = {"msrc21": SHARED / "msrc21", "msrc21-objects": SHARED / "msrc21-obje
 DEV_IDS = Path(__file__).with_name("msrc21_dev.txt")
 # The README's training command (weakseg train ...) and segment defaults; one path for both.
 TRAIN = {"epochs": 10, "batch_size": 16, "input_size": 288, "head_widths": [256, 256, 256], "output_stride": 16,
-         "lr": 1e-3, "num_workers": 2, "checkpoint_every": 0, "progress": False}
+         "lr": 1e-3, "num_workers": 2, "checkpoint_every": 0, "progress": False,
+         "val_every": 0}  # image-level validation changes nothing in the model; scoring is below
 MAX_SIDE = 320
 
 
@@ -86,12 +87,14 @@ def cli_path(model: str, layout: Path, work: Path, split: str, seed: int) -> dic
                                  run_id=run_id, out=str(work / "evaluation" / run_id))
 
 
-def score_seed(model: str, layout: Path, split: str, limit: int | None) -> dict:
+def score_seed(model: str, layout: Path, split: str, limit: int | None, fit: bool) -> dict:
     bundle = load_model(model, "cpu")
+    plain = score_variants(bundle, str(layout), split, None, tuple(VARIANTS), max_side=MAX_SIDE, limit=limit)
+    if not fit:
+        return plain
     found = fit_thresholds(bundle, str(layout), read_split_ids(str(layout), "train"), tuple(VARIANTS),
                            max_side=MAX_SIDE)
     fitted = {f"{v} (δ fitted)": t for v, t in thresholds_by_variant(found, bundle.classes).items()}
-    plain = score_variants(bundle, str(layout), split, None, tuple(VARIANTS), max_side=MAX_SIDE, limit=limit)
     tuned = score_variants(bundle, str(layout), split, {v.split(" ")[0]: t for v, t in fitted.items()},
                            tuple(v.split(" ")[0] for v in fitted), max_side=MAX_SIDE, limit=limit)
     return {**plain, **{f"{v} (δ fitted)": m for v, m in tuned.items()}}
@@ -122,6 +125,8 @@ def main() -> None:
     parser.add_argument("--split", default="dev", choices=("dev", "val"),
                         help="dev: choosing settings; val: the reported figure, once")
     parser.add_argument("--seeds", default="0,1,2", help="one fresh training per seed")
+    parser.add_argument("--fit-thresholds", action="store_true",
+                        help="also score SP-bb/SP-seg variants with δ_k fitted on the training images' masks")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images")
     args = parser.parse_args()
     data = Path(args.data or os.environ.get("WEAKSEG_DATA", DATASETS[args.dataset]))
@@ -135,9 +140,15 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         model = train(layout, work, seed)
         headline.append(cli_path(model, layout, work, args.split, seed))
-        per_seed.append(score_seed(model, layout, args.split, args.limit))
-    report = {
-        "benchmark": f"quality_{args.dataset}", "split": args.split, "seeds": args.seeds,
+        per_seed.append(score_seed(model, layout, args.split, args.limit, args.fit_thresholds))
+        table = report(args, work, per_seed, headline, started)  # after every seed: a partial run still reports
+    print(table)
+
+
+def report(args: argparse.Namespace, work: Path, per_seed: list[dict], headline: list[dict], started: float) -> str:
+    doc = {
+        "benchmark": f"quality_{args.dataset}", "split": args.split,
+        "seeds": [int(x) for x in args.seeds.split(",")][: len(per_seed)],
         "train": TRAIN, "max_side": MAX_SIDE,
         "cli_default_chain": [{"mean_iou": h["mean_iou"], "pixel_accuracy": h["pixel_accuracy"],
                                "per_class_iou": {c: x["iou"] for c, x in h["per_class"].items()}} for h in headline],
@@ -146,11 +157,10 @@ def main() -> None:
                           for s in per_seed],
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (work / f"quality-{args.split}.json").write_text(json.dumps(report, indent=2, default=str))
+    (work / f"quality-{args.split}.json").write_text(json.dumps(doc, indent=2, default=str))
     table = markdown(per_seed, headline)
     (work / f"quality-{args.split}.md").write_text(table)
-    print(json.dumps(report, default=str))
-    print(table)
+    return table
 
 
 if __name__ == "__main__":

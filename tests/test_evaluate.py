@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from weakseg.tasks.evaluate.scoring import (
-    UNLABELLED,
-    VOC_CLASSES,
+    UNLABELLED_NAME,
     PredictedMask,
     align_classes,
     confusion_matrix,
@@ -18,6 +17,7 @@ from weakseg.tasks.evaluate.scoring import (
     score_image,
     segmentation_metrics,
 )
+from weakseg.tasks.ingest.label_maps import VOC_CLASSES
 
 ABC = ("a", "b", "c")
 
@@ -64,7 +64,7 @@ def test_class_only_in_ground_truth_counts_with_iou_zero():
 
 def test_predicted_unlabelled_is_a_miss_not_a_false_positive():
     m, al = _metrics([[0, 1], [1, 1]], [[255, 1], [255, 1]])
-    assert al.columns == (*ABC, UNLABELLED)
+    assert al.columns == (*ABC, UNLABELLED_NAME)
     assert m["per_class"]["a"]["fn"] == 1 and m["per_class"]["a"]["iou"] == 0.0
     assert m["per_class"]["b"]["fn"] == 1 and m["per_class"]["b"]["fp"] == 0
     assert m["per_class"]["b"]["iou"] == pytest.approx(2 / 3)
@@ -94,13 +94,13 @@ def test_classes_align_by_name_and_unknown_predictions_are_wrong():
     assert m["per_class"]["cat"]["iou"] == 1.0 and m["per_class"]["dog"]["iou"] == pytest.approx(1 / 2)
     # without the background rule, unlabelled is its own column and a miss
     al2 = align_classes(gt_classes, pred_classes, unlabelled_as_background=False)
-    assert al2.columns[-1] == UNLABELLED
+    assert al2.columns[-1] == UNLABELLED_NAME
     assert segmentation_metrics(confusion_matrix(gt, pred, al2), al2)["per_class"]["background"]["iou"] == 0.0
 
 
 def test_background_matched_by_name_when_both_have_it():
     al = align_classes(("background", "cat"), ("cat", "Background"))
-    assert al.lut[0] == 1 and al.lut[1] == 0 and al.columns == ("background", "cat", UNLABELLED)
+    assert al.lut[0] == 1 and al.lut[1] == 0 and al.columns == ("background", "cat", UNLABELLED_NAME)
 
 
 def test_bad_inputs_are_value_errors():
@@ -145,7 +145,7 @@ def test_score_image_reports_instead_of_raising():
                            gt_images=5, match_counts={"run_masks": 4})
     assert doc["images"]["scored"] == 1 and doc["images"]["size_mismatch"] == 2 and doc["images"]["invalid"] == 1
     assert doc["mean_iou"] == 1.0 and doc["per_class"]["a"]["gt_images"] == 1
-    assert doc["confusion"]["columns"] == [*ABC, UNLABELLED]
+    assert doc["confusion"]["columns"] == [*ABC, UNLABELLED_NAME]
 
 
 def test_palette_png_decodes_to_indices(msrc21):

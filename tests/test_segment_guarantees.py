@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 
 from weakseg.models import ModelConfig, checkpoint_bytes, create_model
+from weakseg.tasks.images import DEFAULT_MAX_BYTES
 from weakseg.tasks.segment import tables
-from weakseg.tasks.segment.inputs import DEFAULT_MAX_BYTES, ChunkSpec, canonical_uri, is_transient, read_chunk
+from weakseg.tasks.segment.inputs import ChunkSpec, canonical_uri, is_transient, read_chunk
 
 CLASSES = ["background", "disk", "square"]
 OTHER_CLASSES = ["background", "ant", "cat", "dog"]

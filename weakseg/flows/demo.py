@@ -12,7 +12,6 @@ import json
 import os
 from typing import Annotated, Any
 
-import duckdb
 import numpy as np
 from PIL import Image
 from prefect import flow, get_run_logger, task
@@ -27,9 +26,10 @@ from weakseg.tasks import storage
 from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.thresholds import write_thresholds
 from weakseg.tasks.evaluate.variants import fit_thresholds, threshold_variants
+from weakseg.tasks.images import voc_palette
 from weakseg.tasks.segment.inference import load_model
 from weakseg.tasks.segment.priors import VARIANTS, threshold_prior
-from weakseg.tasks.synthetic import voc_palette, write_synthetic_dataset
+from weakseg.tasks.synthetic import write_synthetic_dataset
 
 __all__ = ["demo"]
 
@@ -69,7 +69,7 @@ def choose_thresholds(model: str, data: str, n_images: int, out: str) -> dict[st
 def write_overlays(segmentation: str, data: str, run_id: str, dest: str, limit: int = 6) -> list[str]:
     """Image | mask | blend PNGs of a few segmented images, for people to look at."""
     masks, images = (storage.join(segmentation, table, "**", "*.parquet") for table in ("masks", "images"))
-    rows = _duckdb(segmentation).execute(
+    rows = storage.duckdb_connection(segmentation).execute(
         "SELECT i.image_uri, m.mask_png FROM read_parquet(?, hive_partitioning=true) m "
         "JOIN read_parquet(?, hive_partitioning=true) i USING (run_id, image_key) "
         "WHERE m.run_id = ? ORDER BY i.image_uri LIMIT ?",
@@ -89,22 +89,13 @@ def write_overlays(segmentation: str, data: str, run_id: str, dest: str, limit: 
     return written
 
 
-def _duckdb(url: str) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection that can read ``url`` (fsspec registered for object stores)."""
-    con = duckdb.connect()
-    fs, _ = storage.url_to_fs(url)
-    if "://" in url and not url.startswith("file://"):
-        con.register_filesystem(fs)
-    return con
-
-
 def _query(segmentation: str, run_id: str) -> tuple[str, list[tuple]]:
     sql = (
         "SELECT class_name, count(*) AS images, round(avg(area_fraction), 3) AS mean_area "
         f"FROM read_parquet('{storage.join(segmentation, 'regions', '**', '*.parquet')}', hive_partitioning=true) "
         f"WHERE run_id = '{run_id}' GROUP BY class_name ORDER BY images DESC"
     )
-    return sql, _duckdb(segmentation).execute(sql).fetchall()
+    return sql, storage.duckdb_connection(segmentation).execute(sql).fetchall()
 
 
 @flow(name="demo")

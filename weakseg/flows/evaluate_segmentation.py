@@ -36,7 +36,6 @@ from weakseg.tasks.evaluate.scoring import (
     read_runs,
     read_split_ids,
     score_image,
-    table_bytes,
 )
 
 __all__ = ["evaluate_segmentation"]
@@ -80,10 +79,10 @@ def score_chunk(ground_truth: str, masks: list[PredictedMask], alignment: ClassA
 @task(**_RETRY)
 def write_outputs(out: str, doc: dict[str, Any], scores: list[ImageScore], alignment: ClassAlignment) -> None:
     """metrics.json and the Parquet tables, each written atomically (I/O: retried)."""
-    storage.write_bytes(storage.join(out, "per_class.parquet"), table_bytes(per_class_table(doc)))
-    storage.write_bytes(storage.join(out, "confusion.parquet"), table_bytes(confusion_table(doc)))
+    storage.write_bytes(storage.join(out, "per_class.parquet"), storage.parquet_bytes(per_class_table(doc)))
+    storage.write_bytes(storage.join(out, "confusion.parquet"), storage.parquet_bytes(confusion_table(doc)))
     storage.write_bytes(storage.join(out, "per_image.parquet"),
-                        table_bytes(per_image_table(scores, alignment, doc["run_id"], doc["split"])))
+                        storage.parquet_bytes(per_image_table(scores, alignment, doc["run_id"], doc["split"])))
     storage.write_json(storage.join(out, "metrics.json"), doc)  # last: its presence means complete
 
 

@@ -65,12 +65,12 @@ from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage
 from weakseg.tasks.devices import resolve_device
-from weakseg.tasks.images import DEFAULT_MAX_PIXELS
+from weakseg.tasks.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from weakseg.tasks.ingest.sources import SourceError
 from weakseg.tasks.segment import tables
 from weakseg.tasks.segment.chunk import ChunkResult, SegmentOptions, segment_chunk
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, ModelError, load_thresholds, pin_model, predict
-from weakseg.tasks.segment.inputs import DEFAULT_MAX_BYTES, ChunkSpec, iter_chunks
+from weakseg.tasks.segment.inputs import ChunkSpec, iter_chunks
 from weakseg.tasks.segment.priors import default_thresholds, parse_priors
 
 __all__ = ["segment_corpus"]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage
-from weakseg.tasks.images import DEFAULT_MAX_PIXELS
+from weakseg.tasks.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from weakseg.tasks.ingest.label_maps import LabelMap, build_label_map
 from weakseg.tasks.ingest.manifest import ManifestError, generation_folder, read_manifest_if_any
 from weakseg.tasks.ingest.shard_writer import (
@@ -33,7 +33,7 @@ from weakseg.tasks.ingest.shard_writer import (
 )
 from weakseg.tasks.ingest.shard_writer import write_manifest as _write_manifest
 from weakseg.tasks.ingest.shard_writer import write_shard as _write_shard
-from weakseg.tasks.ingest.sources import DEFAULT_MAX_BYTES, Item, SourceError, list_source
+from weakseg.tasks.ingest.sources import Item, SourceError, list_source
 
 __all__ = ["shard_imagenet"]
 

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DecodedImage", "ImageError", "decode_image", "encode_jpeg", "resize_shorter_side"]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "DecodedImage", "ImageError", "decode_image", "encode_jpeg",
+           "resize_shorter_side", "voc_palette"]
 
 DEFAULT_MAX_PIXELS = 100_000_000
+# --max-bytes of shard-imagenet and segment-corpus: larger inputs are refused before they are read
+DEFAULT_MAX_BYTES = 64 * 2**20
 # Pillow refuses images over 2 x its MAX_IMAGE_PIXELS in Image.open, before ``max_pixels``
 # can decide; weakseg enforces ``max_pixels`` itself on every decode, so Pillow's global
 # limit is lifted (a process-wide Pillow setting: any caller of decode_image sets a limit).
@@ -102,3 +105,19 @@ def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality, optimize=False, subsampling="4:2:0")
     return buf.getvalue()
+
+
+def voc_palette() -> list[int]:
+    """PASCAL VOC's colour map (index 255, void, is cream), as a flat 768-entry PIL palette."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    palette[255 * 3 : 256 * 3] = [224, 224, 192]
+    return palette

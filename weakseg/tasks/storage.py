@@ -18,8 +18,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .._atomic import atomic_write
 
-__all__ = ["exists", "join", "read_bytes", "read_json", "redact", "redact_url", "to_url", "url_to_fs", "write_bytes",
-           "write_json"]
+__all__ = [
+    "duckdb_connection", "exists", "join", "parquet_bytes", "read_bytes", "read_json", "redact", "redact_url",
+    "to_url", "url_to_fs", "write_bytes", "write_json"
+]
 
 # Query parameters that carry a credential: AWS SigV2/SigV4 presigned URLs, GCS signed URLs,
 # Azure SAS tokens, and the usual token/key/password names. Matched case-insensitively.
@@ -108,3 +110,25 @@ def write_bytes(url: str, data: bytes) -> None:
 
 def write_json(url: str, obj: Any) -> None:
     write_bytes(url, json.dumps(obj, indent=2, sort_keys=False).encode() + b"\n")
+
+
+def parquet_bytes(table, **options: Any) -> bytes:
+    """A ``pyarrow.Table`` as the bytes of one Parquet file (``options`` go to ``pq.write_table``)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink, **options)
+    return sink.getvalue()
+
+
+def duckdb_connection(url: str):
+    """A DuckDB connection that can read under ``url`` (fsspec registered for object stores)."""
+    import duckdb
+
+    con = duckdb.connect()
+    fs, _ = url_to_fs(url)
+    if "://" in url and not url.startswith("file://"):
+        con.register_filesystem(fs)
+    return con

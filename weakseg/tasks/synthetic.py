@@ -27,6 +27,8 @@ from skimage.color import gray2rgb
 from skimage.filters import gaussian
 from skimage.transform import resize
 
+from .images import voc_palette
+
 __all__ = [
     "BENCHMARK_CLASSES",
     "SYNTHETIC_CLASSES",
@@ -35,7 +37,6 @@ __all__ = [
     "make_scenes",
     "render_benchmark_scene",
     "render_scene",
-    "voc_palette",
     "write_synthetic_dataset",
 ]
 
@@ -215,22 +216,6 @@ def render_benchmark_scene(
     image = gaussian(image, sigma=0.6, channel_axis=-1, preserve_range=True) + rng.normal(0, 3.0, image.shape)
     present = tuple(c for c in classes if (mask == list(class_list).index(c) + 1).any())
     return Scene(np.clip(np.round(image), 0, 255).astype(np.uint8), mask, present)
-
-
-def voc_palette() -> list[int]:
-    """PASCAL VOC's colour map (index 255, void, is cream), as a flat 768-entry PIL palette."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    palette[255 * 3 : 256 * 3] = [224, 224, 192]
-    return palette
 
 
 def _png(mask: np.ndarray) -> bytes:

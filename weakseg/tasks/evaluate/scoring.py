@@ -33,14 +33,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import storage
+from ..ingest.label_maps import VOC_CLASSES
 
 __all__ = [
-    "UNLABELLED",
-    "VOC_CLASSES",
+    "UNLABELLED_NAME",
     "VOID",
     "ClassAlignment",
     "ImageScore",
@@ -56,15 +55,10 @@ __all__ = [
     "read_split_ids",
     "score_image",
     "segmentation_metrics",
-    "table_bytes",
 ]
 
 VOID = 255
-UNLABELLED = "(unlabelled)"
-VOC_CLASSES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
+UNLABELLED_NAME = "(unlabelled)"  # the confusion column of predicted 255 (priors.UNLABELLED)
 
 
 def _norm(name: str) -> str:
@@ -114,7 +108,7 @@ def align_classes(gt_classes: Sequence[str], pred_classes: Sequence[str],
     if unlabelled_as_background and background is not None and "background" not in map(_norm, pred_classes):
         lut[VOID] = background
     else:
-        columns.append(UNLABELLED)
+        columns.append(UNLABELLED_NAME)
         lut[VOID] = len(columns) - 1
     return ClassAlignment(gt_classes, pred_classes, tuple(columns), lut)
 
@@ -516,7 +510,3 @@ def per_image_table(scores: Iterable[ImageScore], alignment: ClassAlignment, run
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def table_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()

@@ -25,14 +25,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import webdataset as wds
 
 from ... import __version__
 from .. import storage
-from ..images import DEFAULT_MAX_PIXELS, ImageError, decode_image, encode_jpeg, resize_shorter_side
+from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image, encode_jpeg, resize_shorter_side
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
-from .sources import DEFAULT_MAX_BYTES, Item, image_key, open_item_reader
+from .sources import Item, image_key, open_item_reader
 
 __all__ = [
     "ERRORS_SCHEMA",
@@ -253,10 +252,9 @@ def write_manifest(
     ``folder``: where the generation's shards are, relative to ``dest`` ("" for the top).
     """
     errors = [e for r in results for e in r.errors] + list(listing_errors)
-    sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), sink)
     errors_name = posixpath.join(folder, "errors.parquet") if folder else "errors.parquet"
-    storage.write_bytes(storage.join(dest, errors_name), sink.getvalue())
+    errors_bytes = storage.parquet_bytes(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
+    storage.write_bytes(storage.join(dest, errors_name), errors_bytes)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -278,5 +276,5 @@ def write_manifest(
     }
     storage.write_json(storage.join(dest, MANIFEST_NAME), manifest)
     if folder:  # the contract's {dest}/errors.parquet follows the manifest
-        storage.write_bytes(storage.join(dest, "errors.parquet"), sink.getvalue())
+        storage.write_bytes(storage.join(dest, "errors.parquet"), errors_bytes)
     return manifest

@@ -21,9 +21,9 @@ from typing import Literal
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..images import DEFAULT_MAX_BYTES
 
 __all__ = [
-    "DEFAULT_MAX_BYTES",
     "InputTooLarge",
     "Item",
     "Layout",
@@ -38,7 +38,6 @@ __all__ = [
 
 Layout = Literal["auto", "ilsvrc", "synset-tars", "imagefolder", "manifest"]
 WNID = re.compile(r"^n\d{8}$")
-DEFAULT_MAX_BYTES = 64 * 2**20  # --max-bytes (as segment-corpus's): larger inputs are refused before they are read
 
 
 class SourceError(ValueError):

@@ -21,7 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image, voc_palette
 from ..ingest.sources import image_key
 from ..storage import redact
 from . import tables
@@ -35,9 +35,8 @@ from .inference import (
     model_loads,
     predict,
 )
-from .inputs import DEFAULT_MAX_BYTES, ChunkSpec, InputRecord, read_chunk, stored_uri
+from .inputs import ChunkSpec, InputRecord, read_chunk, stored_uri
 from .priors import (
-    UNLABELLED,
     argmax_labels,
     chain_scores,
     keep_objects,
@@ -49,6 +48,7 @@ from .priors import (
 __all__ = ["ChunkResult", "SegmentOptions", "image_statistics", "overlay_thumbnail", "segment_chunk"]
 
 _logger = logging.getLogger(__name__)
+_PALETTE = np.array(voc_palette(), np.uint8).reshape(-1, 3)  # the overlay colours of thumbnails
 TOP_CLASSES = 5  # class_probs holds this many (name, prob) pairs, best first
 BAND_BYTES = 64 * 2**20  # full-resolution probabilities are produced in row bands of about this size
 
@@ -190,14 +190,6 @@ def encode_mask(labels: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _palette() -> np.ndarray:
-    rng = np.random.default_rng(7)
-    pal = rng.integers(40, 256, size=(256, 3)).astype(np.uint8)
-    pal[0] = (0, 0, 0)
-    pal[UNLABELLED] = (128, 128, 128)
-    return pal
-
-
 def overlay_thumbnail(rgb: np.ndarray, labels: np.ndarray, side: int = 128) -> str:
     """Image | overlay of the mask, as a PNG data URI for a markdown artifact."""
     h, w = labels.shape
@@ -205,7 +197,7 @@ def overlay_thumbnail(rgb: np.ndarray, labels: np.ndarray, side: int = 128) -> s
     size = (max(1, round(w * s)), max(1, round(h * s)))
     small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     lab = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
-    blend = (0.45 * small + 0.55 * _palette()[lab]).astype(np.uint8)
+    blend = (0.45 * small + 0.55 * _PALETTE[lab]).astype(np.uint8)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(np.concatenate([small, blend], axis=1), cv2.COLOR_RGB2BGR))
     return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode() if ok else ""
 

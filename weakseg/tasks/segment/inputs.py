@@ -38,13 +38,12 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage
-from ..images import IMAGE_EXTENSIONS, ImageError
+from ..images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageError
 from ..ingest.sources import SourceError
 
-__all__ = ["DEFAULT_MAX_BYTES", "ChunkSpec", "InputRecord", "TransientInputError", "canonical_uri", "is_transient",
+__all__ = ["ChunkSpec", "InputRecord", "TransientInputError", "canonical_uri", "is_transient",
            "iter_chunks", "iter_inputs", "read_chunk", "stored_uri"]
 
-DEFAULT_MAX_BYTES = 64 * 2**20  # inputs (files, tar members) over this many bytes are error rows, never read
 
 MANIFEST_COLUMNS = ("image_uri", "uri", "path")
 TEXT_MANIFESTS = (".txt", ".lst")

@@ -15,7 +15,6 @@ listed there has its masks and regions.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -128,9 +127,8 @@ def remove_file(url: str) -> None:
 
 def _to_parquet(table: str, rows: Sequence[Mapping[str, Any]]) -> bytes:
     data = pa.Table.from_pylist(list(rows), schema=SCHEMAS[table])
-    buf = io.BytesIO()
-    pq.write_table(data, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS[table], write_statistics=True)
-    return buf.getvalue()
+    return storage.parquet_bytes(data, compression="zstd", row_group_size=ROW_GROUP_ROWS[table],
+                                 write_statistics=True)
 
 
 def write_rows(url: str, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -241,16 +239,6 @@ def check_writable(out: str, run_id: str) -> None:
                           f"{storage.redact(str(err))}") from None
 
 
-def _duckdb_connection(out: str):
-    import duckdb
-
-    con = duckdb.connect()
-    fs, _ = storage.url_to_fs(out)
-    if "://" in out and not out.startswith("file://"):
-        con.register_filesystem(fs)
-    return con
-
-
 _DONE_SQL = ("SELECT DISTINCT image_uri, content_sha256 FROM read_parquet($pattern, hive_partitioning=true) "
              "WHERE model_id = $model_id AND run_id <> $run_id ORDER BY image_uri")
 
@@ -269,7 +257,7 @@ def build_done_index(out: str, model_id: str, index_url: str, run_id: str = "") 
     fs, root = storage.url_to_fs(storage.join(out, "images"))
     if not fs.exists(root) or not fs.glob(posixpath.join(root, "run_date=*", "*.parquet")):
         return 0
-    con = _duckdb_connection(out)
+    con = storage.duckdb_connection(out)
     pattern = storage.join(out, "images", "**", "*.parquet")
     n = 0
     try:

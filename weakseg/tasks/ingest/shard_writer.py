@@ -29,12 +29,12 @@ import webdataset as wds
 
 from ... import __version__
 from .. import storage
+from ..errors import ERRORS_SCHEMA, ErrorRecord
 from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image, encode_jpeg, resize_shorter_side
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
 from .sources import Item, image_key, open_item_reader
 
 __all__ = [
-    "ERRORS_SCHEMA",
     "EncodeOptions",
     "ShardPlan",
     "assign_splits",
@@ -47,13 +47,6 @@ __all__ = [
 ]
 
 STATE_DIR = "_state"
-ERRORS_SCHEMA = pa.schema([
-    ("image_uri", pa.string()),
-    ("split", pa.string()),
-    ("stage", pa.string()),
-    ("error_type", pa.string()),
-    ("message", pa.string()),
-])
 
 
 @dataclass(frozen=True)
@@ -170,10 +163,10 @@ def finished(dest: str, plan: ShardPlan, fp: str) -> ShardResult | None:
     return ShardResult(**{**state, "skipped": True})
 
 
-def error_row(item: Item, split: str, stage: str, error_type: str, message: str) -> dict[str, str]:
-    """One ``errors.parquet`` row, with no credential in the URI or the message."""
-    return {"image_uri": storage.redact_url(item.uri), "split": split, "stage": stage, "error_type": error_type,
-            "message": storage.redact(message)}
+def error_row(item: Item, split: str, stage: str, error_type: str, message: str) -> dict[str, Any]:
+    """One ``errors.parquet`` row (:class:`~weakseg.tasks.errors.ErrorRecord`), without credentials."""
+    uri = storage.redact_url(item.uri)
+    return ErrorRecord(uri, image_key(uri), stage, error_type, message, split=split).row()
 
 
 def write_shard(plan: ShardPlan, dest: str, classes: Sequence[str], options: EncodeOptions, fp: str) -> ShardResult:

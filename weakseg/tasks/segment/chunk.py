@@ -21,6 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..errors import ErrorRecord
 from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image, voc_palette
 from ..ingest.sources import image_key
 from ..storage import redact
@@ -103,8 +104,8 @@ def _now() -> datetime:
 
 def _error_row(opts: SegmentOptions, chunk: int, uri: str, stage: str, err: BaseException) -> dict[str, Any]:
     kind = err.kind if isinstance(err, ImageError) else type(err).__name__
-    return {"run_id": opts.run_id, "image_uri": uri, "image_key": image_key(uri), "stage": stage,
-            "error_type": kind, "message": redact(str(err))[:2000] or kind, "chunk": chunk, "occurred_at": _now()}
+    return ErrorRecord(uri, image_key(uri), stage, kind, str(err), run_id=opts.run_id, chunk=chunk,
+                       occurred_at=_now()).row()
 
 
 def _bands(pred: Prediction, num_classes: int) -> Iterator[tuple[int, int]]:

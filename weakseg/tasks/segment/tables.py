@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..errors import ERRORS_SCHEMA
 
 __all__ = [
     "CHUNK_TABLES",
@@ -70,11 +71,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("run_id", pa.string()), ("image_key", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
         ("mask_png", pa.binary()),
     ]),
-    "errors": pa.schema([
-        ("run_id", pa.string()), ("image_uri", pa.string()), ("image_key", pa.string()), ("stage", pa.string()),
-        ("error_type", pa.string()), ("message", pa.string()), ("chunk", pa.int32()),
-        ("occurred_at", pa.timestamp("ms", tz="UTC")),
-    ]),
+    "errors": ERRORS_SCHEMA,  # shared with shard-imagenet's errors.parquet
     "runs": pa.schema([
         ("run_id", pa.string()), ("flow_run_id", pa.string()), ("model_id", pa.string()),
         ("model_uri", pa.string()), ("classes", pa.list_(pa.string())), ("priors", pa.string()),

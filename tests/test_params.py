@@ -34,3 +34,13 @@ def test_validation_names_the_option():
     assert validate_params(example, {"source": "x"})["max_side"] == 512
     with pytest.raises(ValueError, match="--max-side: Input should be greater than or equal to 16"):
         validate_params(example, {"source": "x", "max_side": 3})
+
+
+def test_checks_that_compare_two_parameters_run_in_validation():
+    from weakseg.flows.segment_corpus import segment_corpus
+    from weakseg.flows.train_mil import train_mil
+
+    with pytest.raises(ValueError, match="min_side 600 is over max_side 512"):
+        validate_params(segment_corpus, {"images": "x", "model": "m", "out": "o", "min_side": 600, "max_side": 512})
+    with pytest.raises(ValueError, match="--mean and --std"):
+        validate_params(train_mil, {"shards": "s", "out": "o", "mean": [0.5, 0.5, 0.5]})

@@ -2,7 +2,9 @@
 
 A flow's signature *is* its parameter model: typed with ``Annotated[..., Field(...)]``
 bounds and ``Literal`` choices, validated by Prefect for deployments and by
-:func:`validate_params` here before the CLI starts any work. :func:`add_flow_arguments`
+:func:`validate_params` here before the CLI starts any work. Checks that compare two
+parameters, which field bounds cannot express, are :func:`check_parameters`: the CLI runs
+them in the same validation (exit 2, no flow run), and each flow runs them for deployments. :func:`add_flow_arguments`
 turns the signature into ``argparse`` options, kebab-case for snake_case.
 """
 from __future__ import annotations
@@ -11,13 +13,13 @@ import argparse
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args, get_origin
 
 import pydantic
 from pydantic.fields import FieldInfo
 
-__all__ = ["add_flow_arguments", "flow_parameters", "validate_params"]
+__all__ = ["add_flow_arguments", "check_parameters", "flow_parameters", "validate_params"]
 
 
 def _unwrap(annotation: Any) -> tuple[Any, FieldInfo | None]:
@@ -91,4 +93,20 @@ def validate_params(fn: Callable, values: dict[str, Any]) -> dict[str, Any]:
     except pydantic.ValidationError as err:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())
         raise ValueError(problems) from None
-    return {name: getattr(checked, name) for name in fields}
+    result = {name: getattr(checked, name) for name in fields}
+    check_parameters(result)
+    return result
+
+
+def check_parameters(values: Mapping[str, Any]) -> None:
+    """The checks that compare two parameters, for whichever of them ``values`` holds;
+    raises ``ValueError`` listing the problems."""
+    problems = []
+    if {"min_side", "max_side"} <= values.keys() and values["min_side"] > values["max_side"]:
+        problems.append(f"min_side {values['min_side']} is over max_side {values['max_side']}")
+    if {"mean", "std"} <= values.keys():
+        mean, std = values["mean"] or (), values["std"] or ()
+        if len(mean) not in (0, 3) or len(std) not in (0, 3) or bool(mean) != bool(std):
+            problems.append("--mean and --std take three values each, or neither")
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -21,6 +21,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import Field
 
+from weakseg.flows._params import check_parameters
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.thresholds import write_thresholds
@@ -87,8 +88,7 @@ def choose_thresholds(
     chain = parse_priors(priors)
     if not has_objectness(chain):
         raise ValueError(f"priors {priors!r} have no objectness prior (bb or seg): there is no δ to choose")
-    if min_side > max_side:
-        raise ValueError(f"min_side {min_side} is over max_side {max_side}")
+    check_parameters({"min_side": min_side, "max_side": max_side})
     prior = threshold_prior(chain)
     ids = read_split(ground_truth, split, limit)
     logger.info("choosing δ of %s for priors %s on %d %s images of %s", prior, ",".join(chain), len(ids), split,

@@ -59,15 +59,15 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from weakseg import __version__
 from weakseg.flows._gpu import gpu_slot
+from weakseg.flows._params import check_parameters
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
 from weakseg.tasks import storage
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from weakseg.tasks.ingest.sources import SourceError
-from weakseg.tasks.segment import tables
+from weakseg.tasks.segment import runs, tables
 from weakseg.tasks.segment.chunk import ChunkResult, SegmentOptions, segment_chunk
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, ModelError, load_thresholds, pin_model, predict
 from weakseg.tasks.segment.inputs import ChunkSpec, iter_chunks
@@ -228,15 +228,6 @@ def _public(url: str | None) -> str | None:
     return None if url is None else storage.redact_url(url)
 
 
-def _final_state(counts: dict[str, int], failed_chunks: list[str], max_error_fraction: float) -> str:
-    """Failed when a chunk is missing or more than ``max_error_fraction`` of the listed inputs
-    (skipped ones included: they were done before) failed."""
-    listed = counts["ok"] + counts["failed"] + counts["skipped"]
-    if failed_chunks or (listed and counts["failed"] / listed > max_error_fraction):
-        return "Failed"
-    return "CompletedWithErrors" if counts["failed"] else "Completed"
-
-
 def _artifacts(results: list[ChunkResult], classes: list[str], counts: dict[str, int], out: str,
                thumbnails: list[dict[str, str]]) -> None:
     images: dict[str, int] = {}
@@ -306,8 +297,7 @@ def segment_corpus(
     started_at = datetime.now(UTC)
     t_start = time.perf_counter()
     prior_list = parse_priors(priors)
-    if min_side > max_side:
-        raise ValueError(f"min_side {min_side} is over max_side {max_side}")
+    check_parameters({"min_side": min_side, "max_side": max_side})
     flow_run_id = str(get_run_context().flow_run.id)
     run_id = run_id or f"{started_at:%Y%m%dT%H%M%SZ}-{flow_run_id.replace('-', '')[-8:]}"  # uuid7: random tail
     chunk_device = _chunk_device(device, task_runner, dask_address)
@@ -335,38 +325,23 @@ def segment_corpus(
     n_chunks: int = fanout["chunks"]
     if n_chunks == 0:
         raise SourceError(f"--images {images} holds no images")
-    counts = {"ok": sum(r.ok for r in results), "failed": sum(r.failed for r in results),
-              "skipped": sum(r.skipped for r in results), "chunks": n_chunks, "chunks_failed": len(failed_chunks)}
-    counts["listed"] = counts["ok"] + counts["failed"] + counts["skipped"]
+    counts = runs.run_counts(results, n_chunks, failed_chunks)
     seconds = time.perf_counter() - t_start
-    state_name = _final_state(counts, failed_chunks, max_error_fraction)
+    state_name = runs.final_state(counts, failed_chunks, max_error_fraction)
     parameters = {"images": _public(images), "model": _public(model), "out": _public(out), "priors": priors,
                   "batch_size": batch_size, "skip_existing": skip_existing, "chunk_size": chunk_size,
                   "max_side": max_side, "min_side": min_side, "max_pixels": max_pixels, "device": chunk_device,
                   "thresholds": _public(thresholds), "task_runner": task_runner, "workers": workers,
                   "dask_address": _public(dask_address), "max_bytes": max_bytes,
                   "max_error_fraction": max_error_fraction}
-    row = {"run_id": run_id, "flow_run_id": flow_run_id, "model_id": info["model_id"], "model_uri": _public(model),
-           "classes": info["classes"], "priors": ",".join(prior_list) or "none",
-           "parameters": tables.dumps(parameters),
-           "thresholds": tables.dumps({**{p: dict(zip(info["classes"], v, strict=True))
-                                          for p, v in info["thresholds"].items()},
-                                       "sources": {p: _public(v) for p, v in info["thresholds_source"].items()}}),
-           "counts": counts, "state": state_name, "started_at": started_at, "ended_at": datetime.now(UTC),
-           "images_per_second": counts["ok"] / seconds if seconds > 0 else 0.0, "weakseg_version": __version__}
+    row = runs.runs_row(run_id=run_id, flow_run_id=flow_run_id, model=model, info=info, priors=prior_list,
+                        parameters=parameters, counts=counts, state=state_name, started_at=started_at,
+                        seconds=seconds)
     scratch = [p for p in (info["done_index"], info["model_pinned"]) if p]
     finish_run(out, info["run_date"], run_id, n_chunks, row, scratch)
     thumbs = [t for r in sorted(results, key=lambda r: r.index) for t in r.thumbnails][:thumbnails]
     _artifacts(results, info["classes"], counts, out, thumbs)
-    summary = {**row, "started_at": started_at.isoformat(), "ended_at": row["ended_at"].isoformat(),
-               "prior_ms_per_image": {k: round(sum(r.prior_ms.get(k, 0.0) for r in results) / max(counts["ok"], 1), 2)
-                                      for k in sorted({k for r in results for k in r.prior_ms})},
-               "errors_by_type": {k: sum(r.errors_by_type.get(k, 0) for r in results)
-                                  for k in sorted({k for r in results for k in r.errors_by_type})},
-               "timing": {"runner_start_seconds": fanout["start_seconds"], "fanout_seconds": fanout["seconds"],
-                          "chunk_seconds": sum(r.seconds for r in results),
-                          "chunks_done": len(results), "workers": sorted({r.worker for r in results}),
-                          "model_loads": sum(r.model_loads for r in results)}}
+    summary = runs.run_summary(row, results, fanout["start_seconds"], fanout["seconds"])
     logger.info("run %s: %d ok, %d failed, %d skipped, %d chunks (%d failed) in %.1f s (%.2f images/s)", run_id,
                 counts["ok"], counts["failed"], counts["skipped"], n_chunks, len(failed_chunks), seconds,
                 row["images_per_second"])

@@ -22,6 +22,7 @@ from prefect.cache_policies import NONE
 from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
+from weakseg.flows._params import check_parameters
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import ModelConfig
 from weakseg.models.losses import BackgroundMode, MultiLabelLoss
@@ -117,8 +118,7 @@ def train_mil(
 ) -> dict[str, Any]:
     """Train the MIL network; returns the final checkpoint URL and the metrics."""
     logger = get_run_logger()
-    if len(mean) not in (0, 3) or len(std) not in (0, 3) or bool(mean) != bool(std):
-        raise ValueError("--mean and --std take three values each, or neither")
+    check_parameters({"mean": mean, "std": std})
     manifest = read_manifest(shards)
     model_config = ModelConfig(
         num_classes=len(manifest["classes"]), backbone=backbone, head_widths=tuple(head_widths), dropout=dropout,

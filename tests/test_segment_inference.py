@@ -65,24 +65,30 @@ def test_batch_padding_is_excluded_from_the_lse(bundle):
     from weakseg.models import lse_pool
     from weakseg.tasks.tensors import normalize
 
-    small, big = _img(70, 90, 5), _img(200, 180, 6)
+    small = _img(70, 90, 5)
     alone = predict(bundle, [small])[0]
-    batched = predict(bundle, [small, big])[0]
     # The LSE runs over exactly the cells centred on the image (cell i on pixel 16·i + 15, the
     # backbone's cell offset): ceil((70 - 15)/16) x ceil((90 - 15)/16) ...
     assert bundle.model.cell_offset == (15.0, 15.0)
-    assert alone.cells.shape[1:] == batched.cells.shape[1:] == (4, 5)
-    # ... computed here by hand from the padded batch: padding cells never count.
-    x = np.zeros((2, 208, 192, 3), np.uint8)
-    x[0] = np.pad(small, ((0, 138), (0, 102), (0, 0)), mode="edge")
-    x[1] = np.pad(big, ((0, 8), (0, 12), (0, 0)), mode="edge")
+    assert alone.cells.shape[1:] == (4, 5)
+    # ... computed here by hand from the image padded to the stride: padding cells never count.
+    x = np.pad(small, ((0, 10), (0, 6), (0, 0)), mode="edge")[None]
     cfg = bundle.checkpoint.config
     with torch.no_grad():
         maps = bundle.model.dense_maps(normalize(torch.from_numpy(x).permute(0, 3, 1, 2), cfg.mean, cfg.std))
     expected = lse_pool(maps[:1, :, :4, :5], cfg.lse_r).double().softmax(-1)[0].numpy()
-    np.testing.assert_allclose(batched.image_probs, expected, atol=1e-5)
-    # Only the receptive field's view of the padding differs between batch-mates (edge pixels).
-    np.testing.assert_allclose(alone.image_probs, batched.image_probs, atol=0.05)
+    np.testing.assert_allclose(alone.image_probs, expected, atol=1e-5)
+
+
+def test_an_image_predicts_the_same_whatever_it_is_batched_with(bundle):
+    """Batches are formed by forward size: a batch-mate of another size never pads an image."""
+    small, big, same = _img(70, 90, 5), _img(200, 180, 6), _img(70, 90, 8)
+    alone = predict(bundle, [small])[0]
+    mixed = predict(bundle, [big, small, same])
+    assert [p.size for p in mixed] == [(200, 180), (70, 90), (70, 90)]
+    np.testing.assert_allclose(mixed[1].image_probs, alone.image_probs, atol=1e-6)
+    np.testing.assert_allclose(mixed[1].probs(), alone.probs(), atol=1e-5)
+    np.testing.assert_allclose(mixed[2].probs(), predict(bundle, [same])[0].probs(), atol=1e-5)
 
 
 def test_multilabel_model_gives_presence_probabilities(tmp_path, bundle):

@@ -282,16 +282,34 @@ def upsample_cells(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], 
 @torch.no_grad()
 def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = DEFAULT_MAX_SIDE,
             min_side: int = 0) -> list[Prediction]:
-    """One batched forward pass over RGB ``uint8[H, W, 3]`` images of any sizes (see :func:`forward_size`)."""
-    if not images:
-        return []
+    """Batched forward passes over RGB ``uint8[H, W, 3]`` images of any sizes (see :func:`forward_size`).
+
+    Images are batched by forward size: padding an image to a larger neighbour's size
+    changes what the convolutions see near its border, so a mixed batch would make an
+    image's mask depend on which images it was batched with (up to 12 % of the pixels of
+    a 240x320 photo batched with a 320x240 one). One forward per size keeps every image's
+    prediction what it is alone, whatever the chunking.
+    """
+    stride = bundle.model.stride
+    sizes = [forward_size(im.shape[0], im.shape[1], stride, max_side, min_side) for im in images]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(size, []).append(i)
+    out: list[Prediction | None] = [None] * len(images)
+    for size, members in groups.items():
+        for i, pred in zip(members, _forward(bundle, [images[i] for i in members], size), strict=True):
+            out[i] = pred
+    return out  # type: ignore[return-value]
+
+
+def _forward(bundle: ModelBundle, images: Sequence[np.ndarray], size: tuple[int, int]) -> list[Prediction]:
+    """One forward pass over images brought to the same forward ``size`` (padded to the stride)."""
     model, stride, offset = bundle.model, bundle.model.stride, bundle.model.cell_offset
     started = time.perf_counter()
-    sizes = [forward_size(im.shape[0], im.shape[1], stride, max_side, min_side) for im in images]
-    bh = -(-max(s[0] for s in sizes) // stride) * stride
-    bw = -(-max(s[1] for s in sizes) // stride) * stride
+    fh, fw = size
+    bh, bw = -(-fh // stride) * stride, -(-fw // stride) * stride
     batch = np.empty((len(images), bh, bw, 3), dtype=np.uint8)
-    for i, (im, (fh, fw)) in enumerate(zip(images, sizes, strict=True)):
+    for i, im in enumerate(images):
         if (fh, fw) != im.shape[:2]:
             shrink = fh * fw < im.shape[0] * im.shape[1]
             im = cv2.resize(im, (fw, fh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
@@ -300,10 +318,10 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = D
     x = normalize(x, bundle.checkpoint.config.mean, bundle.checkpoint.config.std)
     maps = model.dense_maps(x)  # [B, K, bh/stride, bw/stride]; cell i over pixel i*stride + cell_offset
     forward_ms = (time.perf_counter() - started) * 1000 / len(images)
+    ch = _cells_on_image(fh, maps.shape[-2], stride, offset[0])
+    cw = _cells_on_image(fw, maps.shape[-1], stride, offset[1])
     out = []
-    for i, (im, (fh, fw)) in enumerate(zip(images, sizes, strict=True)):
-        ch = _cells_on_image(fh, maps.shape[-2], stride, offset[0])
-        cw = _cells_on_image(fw, maps.shape[-1], stride, offset[1])
+    for i, im in enumerate(images):
         m = maps[i, :, :ch, :cw].float()
         image_probs = image_probabilities(model.pool(m[None]).double(), bundle.checkpoint.config.image_prior)[0]
         out.append(Prediction(m.softmax(0), image_probs.cpu().numpy(), tuple(im.shape[:2]), (fh, fw), stride,

@@ -20,8 +20,8 @@ Multi-label (several tags per image):
 Background (a class named ``background``, as in PASCAL VOC): taken literally, the label of
 an image of a dog is "dog", so the softmax pushes the background score down over the whole
 image and no pixel is ever labelled background. Background is in nearly every photo, so
-the trainer makes it a tag of *every* image (:func:`with_background`, the default
-``--background every-image``): the maps then learn where background is, exactly as they
+the trainer makes it a tag of *every* image (:func:`with_background`; ``--background auto``, the
+default, means ``every-image``): the maps then learn where background is, exactly as they
 learn a stuff class such as grass, and images tagged only ``background`` still teach what
 it looks like. Such a model is multi-label (``softmax+bce``, sigmoid image prior).
 """
@@ -39,7 +39,7 @@ __all__ = ["BACKGROUND", "BACKGROUND_MODES", "IMAGE_PRIORS", "MULTILABEL_LOSSES"
 MultiLabelLoss = Literal["softmax", "bce", "softmax+bce"]
 MULTILABEL_LOSSES: tuple[str, ...] = get_args(MultiLabelLoss)
 IMAGE_PRIORS: tuple[str, ...] = ("softmax", "sigmoid")
-BACKGROUND = "background"
+BACKGROUND = "background"  # the class name the trainer, the shard label maps and the priors look for
 # every-image: background is a tag of every training image; as-tagged: only of images tagged
 # with it (the paper's literal reading); auto: every-image when the classes have background.
 BackgroundMode = Literal["auto", "every-image", "as-tagged"]

@@ -17,6 +17,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from ...models.losses import BACKGROUND
 from ..storage import redact_url
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "wordnet_words",
 ]
 
-BACKGROUND = "background"
 
 # Root synsets of the 20 PASCAL VOC classes in WordNet 3.0 (ImageNet's ids). Several roots
 # where VOC's class is wider than one WordNet node (mopeds are motorbikes; locomotives and

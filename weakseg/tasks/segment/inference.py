@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ...models import Checkpoint, CheckpointError, image_probabilities, load_checkpoint
+from ...models.losses import BACKGROUND
 from .. import storage
 from ..devices import resolve_device
 from ..evaluate.thresholds import read_thresholds
@@ -94,7 +95,7 @@ class ModelBundle:
 
     @property
     def background_index(self) -> int | None:
-        return self.classes.index("background") if "background" in self.classes else None
+        return self.classes.index(BACKGROUND) if BACKGROUND in self.classes else None
 
 
 _CACHE: dict[tuple[str, str], ModelBundle] = {}  # (sha256 of the bytes, device) -> bundle
@@ -295,11 +296,10 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = D
     groups: dict[tuple[int, int], list[int]] = {}
     for i, size in enumerate(sizes):
         groups.setdefault(size, []).append(i)
-    out: list[Prediction | None] = [None] * len(images)
+    by_index: dict[int, Prediction] = {}
     for size, members in groups.items():
-        for i, pred in zip(members, _forward(bundle, [images[i] for i in members], size), strict=True):
-            out[i] = pred
-    return out  # type: ignore[return-value]
+        by_index.update(zip(members, _forward(bundle, [images[i] for i in members], size), strict=True))
+    return [by_index[i] for i in range(len(images))]
 
 
 def _forward(bundle: ModelBundle, images: Sequence[np.ndarray], size: tuple[int, int]) -> list[Prediction]:

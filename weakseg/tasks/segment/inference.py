@@ -16,6 +16,10 @@ sigmoid for a multi-label model trained with a BCE term (``ModelConfig.image_pri
   are always brought back to the original size.
 - A batch is padded (edge pixels repeated) to a common size that is a multiple of the
   stride; the padded cells are cut off before the LSE and the upsampling.
+- Test-time augmentation (``tta``, :mod:`weakseg.tasks.segment.tta`): the image at several
+  scales of its forward size, optionally mirrored; each view is upsampled to the original
+  size with its own forward size (mirrored views mirrored back) and the views' per-pixel
+  and image-level probabilities are averaged. ``None`` or ``"1"`` is one plain view.
 
 :func:`segment_image` and :func:`segment_variants` add the priors for one image; they are
 the API for evaluation code (every prior variant from one forward pass).
@@ -43,6 +47,7 @@ from ..evaluate.thresholds import read_thresholds
 from ..tensors import normalize
 from .priors import VARIANTS, apply_priors, default_thresholds, parse_priors
 from .proposals import box_objectness_map, segment_objectness_map, superpixels
+from .tta import TTA, parse_tta, view_size
 
 __all__ = [
     "DEFAULT_MAX_SIDE",
@@ -243,11 +248,30 @@ class Prediction:
     stride: int
     inference_ms: float  # this image's share of the batch forward pass
     offset: tuple[float, float] = (0.0, 0.0)  # (dy, dx) px, the model's cell offset (ModelConfig.cell_offset)
+    flipped: bool = False  # the cells are of the image mirrored left-right (a TTA view); probs() mirrors back
+    # TTA: the one-view Predictions averaged (then cells / forward_size are the first view's, and
+    # image_probs / inference_ms the views' mean / sum); empty for a plain prediction.
+    views: tuple[Prediction, ...] = ()
 
     def probs(self, row0: int = 0, row1: int | None = None) -> np.ndarray:
         """float32 ``[K, rows, W]`` per-pixel probabilities of rows ``row0:row1`` at full size."""
-        return upsample_cells(self.cells, self.forward_size, self.size, self.stride, self.offset, row0,
-                              row1).cpu().numpy()
+        if self.views:
+            total = self.views[0].probs(row0, row1)
+            for view in self.views[1:]:
+                total += view.probs(row0, row1)
+            return total / np.float32(len(self.views))
+        p = upsample_cells(self.cells, self.forward_size, self.size, self.stride, self.offset, row0, row1)
+        return (p.flip(-1) if self.flipped else p).cpu().numpy()
+
+    @classmethod
+    def average(cls, views: Sequence[Prediction]) -> Prediction:
+        """One image's views (same original size) as one prediction averaging them lazily."""
+        first = views[0]
+        if any(v.size != first.size or v.views for v in views):
+            raise ValueError("views to average must be one-view predictions of the same image size")
+        return cls(first.cells, np.mean([v.image_probs for v in views], axis=0), first.size, first.forward_size,
+                   first.stride, float(sum(v.inference_ms for v in views)), first.offset, first.flipped,
+                   tuple(views))
 
 
 def forward_size(h: int, w: int, stride: int, max_side: int, min_side: int = 0) -> tuple[int, int]:
@@ -282,7 +306,7 @@ def upsample_cells(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], 
 
 @torch.no_grad()
 def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = DEFAULT_MAX_SIDE,
-            min_side: int = 0) -> list[Prediction]:
+            min_side: int = 0, tta: str | TTA | None = None) -> list[Prediction]:
     """Batched forward passes over RGB ``uint8[H, W, 3]`` images of any sizes (see :func:`forward_size`).
 
     Images are batched by forward size: padding an image to a larger neighbour's size
@@ -290,16 +314,29 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = D
     image's mask depend on which images it was batched with (up to 12 % of the pixels of
     a 240x320 photo batched with a 320x240 one). One forward per size keeps every image's
     prediction what it is alone, whatever the chunking.
+
+    ``tta`` (a spec such as ``"1,1.5,2+flip"``, see :mod:`weakseg.tasks.segment.tta`): every
+    image's views join the batches of their own forward size (:func:`~.tta.view_size`), and
+    each image gets a :class:`Prediction` averaging its views. ``None`` or ``"1"``: the
+    plain forward pass, unchanged.
     """
+    spec = parse_tta(tta)
+    views = spec.views()
     stride = bundle.model.stride
-    sizes = [forward_size(im.shape[0], im.shape[1], stride, max_side, min_side) for im in images]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, size in enumerate(sizes):
-        groups.setdefault(size, []).append(i)
-    by_index: dict[int, Prediction] = {}
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}  # forward size -> (image, view) pairs
+    for i, im in enumerate(images):
+        plain = forward_size(im.shape[0], im.shape[1], stride, max_side, min_side)
+        for v, (scale, _) in enumerate(views):
+            groups.setdefault(view_size(plain, scale, stride, MIN_CELLS), []).append((i, v))
+    done: dict[tuple[int, int], Prediction] = {}
     for size, members in groups.items():
-        by_index.update(zip(members, _forward(bundle, [images[i] for i in members], size), strict=True))
-    return [by_index[i] for i in range(len(images))]
+        batch = [np.ascontiguousarray(images[i][:, ::-1]) if views[v][1] else images[i] for i, v in members]
+        for (i, v), pred in zip(members, _forward(bundle, batch, size), strict=True):
+            pred.flipped = views[v][1]
+            done[i, v] = pred
+    if spec.plain:
+        return [done[i, 0] for i in range(len(images))]
+    return [Prediction.average([done[i, v] for v in range(len(views))]) for i in range(len(images))]
 
 
 def _forward(bundle: ModelBundle, images: Sequence[np.ndarray], size: tuple[int, int]) -> list[Prediction]:
@@ -361,10 +398,11 @@ def _labels(bundle: ModelBundle, pred: Prediction, priors: Sequence[str], inputs
 
 def segment_image(bundle: ModelBundle, rgb: np.ndarray, priors: str | Sequence[str] = ("ilp", "sppxl"),
                   thresholds: Mapping[str, np.ndarray] | None = None, max_side: int = DEFAULT_MAX_SIDE,
-                  prediction: Prediction | None = None, min_side: int = 0) -> SegmentResult:
-    """Segment one RGB image with the given priors (the flow does the same per batch)."""
+                  prediction: Prediction | None = None, min_side: int = 0,
+                  tta: str | TTA | None = None) -> SegmentResult:
+    """Segment one RGB image with the given priors (the flow does the same per batch); ``tta``: see :func:`predict`."""
     priors = parse_priors(priors)
-    pred = prediction or predict(bundle, [rgb], max_side, min_side)[0]
+    pred = prediction or predict(bundle, [rgb], max_side, min_side, tta)[0]
     inputs, ms = compute_prior_inputs(rgb, priors)
     t0 = time.perf_counter()
     labels = _labels(bundle, pred, priors, inputs, thresholds)
@@ -376,14 +414,15 @@ def segment_variants(bundle: ModelBundle, rgb: np.ndarray, thresholds: Mapping[s
                      max_side: int = DEFAULT_MAX_SIDE, variants: Sequence[str] = tuple(VARIANTS),
                      prediction: Prediction | None = None,
                      variant_thresholds: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-                     min_side: int = 0) -> dict[str, np.ndarray]:
+                     min_side: int = 0, tta: str | TTA | None = None) -> dict[str, np.ndarray]:
     """The prior variants of :data:`~weakseg.tasks.segment.priors.VARIANTS` from one forward pass.
 
     Returns ``{variant: uint8[H, W] labels}``. Superpixels and proposals are computed once
     and shared. ``thresholds``: ``{"bb": δ[K], "seg": δ[K]}``; by default the model's.
     ``variant_thresholds``: ``{variant: {"bb": δ[K]}}``, for a variant, instead of those.
+    ``tta``: test-time augmentation of the forward pass, see :func:`predict`.
     """
-    pred = prediction or predict(bundle, [rgb], max_side, min_side)[0]
+    pred = prediction or predict(bundle, [rgb], max_side, min_side, tta)[0]
     needed = sorted({p for v in variants for p in VARIANTS[v]})
     inputs, _ = compute_prior_inputs(rgb, needed)
     out = {}

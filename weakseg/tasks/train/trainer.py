@@ -339,6 +339,171 @@ def _oom_message(cfg: TrainConfig, input_size: int, config: ModelConfig) -> str:
     )
 
 
+def _shard_plan(shards: str, manifest: dict[str, Any], cfg: TrainConfig, world_size: int,
+                log: logging.Logger | logging.LoggerAdapter) -> tuple[dict, dict, int, int]:
+    """The train and val shard specs (checked to be there), steps per epoch and the effective batch."""
+    train_specs = shard_specs(shards, manifest, "train")
+    try:
+        val_specs = shard_specs(shards, manifest, "val") if cfg.val_every else {}
+    except ManifestError:
+        log.warning("the shards have no val split: no validation metrics")
+        val_specs = {}
+    check_shards([*train_specs.items(), *val_specs.items()])  # all there, at their sizes; sha256 when read
+    train_samples = sum(s["samples"] for s in manifest["shards"] if s["split"] == "train")
+    effective_batch = cfg.batch_size * cfg.grad_accum * world_size
+    spe = cfg.steps_per_epoch or max(1, math.ceil(train_samples / effective_batch))
+    return train_specs, val_specs, spe, effective_batch
+
+
+def _resume_or_create(out: str, cfg: TrainConfig, classes: list[str], model_config: ModelConfig, pretrained: str,
+                      log: logging.Logger | logging.LoggerAdapter
+                      ) -> tuple[WeakSegNet, ModelConfig, dict[str, Any], dict[str, Any]]:
+    """The model, its config, the checkpoint's training state and the run's progress: from the
+    newest checkpoint in ``out`` with ``--resume``, else a fresh model (an ``out`` that holds
+    checkpoints without ``--resume`` is an error)."""
+    existing = list_checkpoints(out)
+    state: dict[str, Any] = {"step": 0, "samples_seen": 0, "skipped": 0, "history": []}
+    if existing and not cfg.resume:
+        raise ValueError(f"{storage.redact_url(out)} already holds checkpoints (newest: "
+                         f"{storage.redact_url(existing[-1][1])}); pass --resume to continue "
+                         "from it, or choose another --out")
+    if not existing:
+        if cfg.resume:
+            log.info("--resume: no checkpoint in %s yet, starting fresh", storage.redact_url(out))
+        model, config = create_model(model_config, pretrained=pretrained)
+        return model, config, {}, state
+    url = existing[-1][1]
+    ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(url)))
+    _check_resume(ckpt.classes, ckpt.config, classes, model_config, url)
+    model, config = ckpt.model, replace(ckpt.config, image_prior=model_config.image_prior)
+    ts = ckpt.training_state
+    state.update(step=int(ts["step"]), samples_seen=int(ts["samples_seen"]), skipped=int(ts.get("skipped", 0)),
+                 history=list(ckpt.metrics.get("history", [])))
+    if "rng" in ts:
+        torch.set_rng_state(ts["rng"])
+    log.info("resuming from %s at step %d (%d samples seen)", storage.redact_url(url), state["step"],
+             state["samples_seen"])
+    return model, config, ts, state
+
+
+@dataclass
+class _Loop:
+    """Everything the epochs share: the run's options, data, runtime and progress (``state``)."""
+
+    out: str
+    cfg: TrainConfig
+    augment: AugmentConfig
+    info: DistInfo
+    rt: _Runtime
+    config: ModelConfig
+    classes: list[str]
+    train_specs: dict
+    val_specs: dict
+    spe: int
+    effective_batch: int
+    mref: dict[str, Any]
+    state: dict[str, Any]
+
+    def metrics(self) -> dict[str, Any]:
+        s = self.state
+        last = s["history"][-1] if s["history"] else {}
+        return {"history": s["history"], "last": last, "samples_skipped": s["skipped"], "step": s["step"],
+                "samples_seen": s["samples_seen"]}
+
+    def save(self, url: str, finished: bool = False) -> None:
+        """A checkpoint of the model and everything a resume needs (main process only)."""
+        if not self.info.is_main:
+            return
+        s, cfg = self.state, self.cfg
+        training_state = {
+            "step": s["step"], "epoch": s["step"] // self.spe, "samples_seen": s["samples_seen"],
+            "steps_per_epoch": self.spe, "effective_batch": self.effective_batch, "skipped": s["skipped"],
+            "finished": finished, "optimizer": self.rt.optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "options": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
+            "augment": {**asdict(self.augment), "scale": list(self.augment.scale)},
+        }
+        storage.write_bytes(url, checkpoint_bytes(self.rt.model, self.config, self.classes,
+                                                  input_size=self.augment.input_size, manifest=self.mref,
+                                                  metrics=self.metrics(), training_state=training_state))
+
+    def save_step(self) -> None:
+        self.save(storage.join(self.out, checkpoint_name(self.state["step"])))
+        if self.info.is_main:
+            _prune(self.out, self.cfg.keep_checkpoints)
+
+    def train_epoch(self, epoch: int, bar: tqdm) -> dict[str, Any]:
+        """Steps up to the end of ``epoch`` on a fresh resampled stream; returns the epoch's row."""
+        cfg, info, state, optimizer = self.cfg, self.info, self.state, self.rt.optimizer
+        end = (epoch + 1) * self.spe
+        stream_seed = hash((cfg.seed, epoch, state["step"])) & 0x7FFFFFFF
+        random.seed(stream_seed + info.rank)  # augmentations in the main process (num_workers=0)
+        pipeline = train_pipeline(list(self.train_specs), len(self.classes), TrainTransform(self.augment),
+                                  seed=stream_seed, shuffle_buffer=cfg.shuffle_buffer, specs=self.train_specs,
+                                  classes=self.classes, max_skip_fraction=cfg.max_skip_fraction)
+        loader = make_loader(pipeline, len(self.classes), cfg.batch_size, num_workers=cfg.num_workers,
+                             pin_memory=self.rt.cuda, seed=stream_seed)
+        batches = iter(loader)
+        losses, epoch_samples, speed, t0 = [], 0, 0.0, time.perf_counter()
+        try:
+            while state["step"] < end:
+                result = optimizer_step(self.rt, batches, cfg.grad_accum)
+                state["step"] += 1
+                state["samples_seen"] += result["samples"] * info.world_size
+                state["skipped"] += len(result["errors"])
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(state["samples_seen"], cfg.lr, cfg.lr_decay, cfg.lr_decay_every_samples)
+                losses.append(result["loss"])
+                epoch_samples += result["samples"]
+                speed = epoch_samples * info.world_size / max(time.perf_counter() - t0, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result['loss']:.4f}", img_s=f"{speed:.1f}", skipped=state["skipped"])
+                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < end:
+                    self.save_step()
+        finally:
+            del batches, loader
+        return {"epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)) if losses else None,
+                "lr": optimizer.param_groups[0]["lr"], "samples_per_second": round(speed, 2),
+                "samples_skipped": state["skipped"]}
+
+    def finish_epoch(self, epoch: int, row: dict[str, Any], on_epoch: Callable[[dict[str, Any]], None] | None,
+                     log: logging.Logger | logging.LoggerAdapter) -> None:
+        """Validate when due, record and log the epoch's row, report it, checkpoint."""
+        row.update(self.validate(epoch))
+        self.state["history"].append(row)
+        log.info("epoch %d/%d: %s", epoch + 1, self.cfg.epochs,
+                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if on_epoch is not None and self.info.is_main:
+            on_epoch(row)
+        self.save_step()
+        _barrier(self.info)
+
+    def validate(self, epoch: int) -> dict[str, Any]:
+        """Validation metrics when this epoch validates (computed on the main process), else nothing."""
+        cfg = self.cfg
+        if not (self.val_specs and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)):
+            return {}
+        metrics: dict[str, Any] = {}
+        if self.info.is_main:
+            pipeline = eval_pipeline(list(self.val_specs), len(self.classes), EvalTransform(self.augment.input_size),
+                                     split_by_node=False, specs=self.val_specs, classes=self.classes)
+            val_loader = make_loader(pipeline, len(self.classes), cfg.batch_size,
+                                     num_workers=min(cfg.num_workers, 2), pin_memory=self.rt.cuda)
+            metrics = {f"val_{k}": v for k, v in evaluate(self.rt, val_loader).items()}
+        _barrier(self.info)
+        return metrics
+
+
+def _prepare_model(model: WeakSegNet, info: DistInfo) -> torch.nn.Module:
+    """The model on its device (channels-last on CUDA); under DDP, its wrapper."""
+    model.to(info.device)
+    if info.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if info.world_size == 1:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
 def run_training(
     shards: str,
     out: str,
@@ -362,155 +527,35 @@ def run_training(
     multilabel = bool(manifest.get("multilabel", False)) or background is not None
     # the loss decides what the LSE scores mean at inference (a distribution or presences)
     model_config = replace(model_config, image_prior=image_prior_for(multilabel, cfg.multilabel_loss))
-    train_specs = shard_specs(shards, manifest, "train")
-    try:
-        val_specs = shard_specs(shards, manifest, "val") if cfg.val_every else {}
-    except ManifestError:
-        log.warning("the shards have no val split: no validation metrics")
-        val_specs = {}
-    check_shards([*train_specs.items(), *val_specs.items()])  # all there, at their sizes; sha256 when read
-    train_urls, val_urls = list(train_specs), list(val_specs)
-    train_samples = sum(s["samples"] for s in manifest["shards"] if s["split"] == "train")
-    effective_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    spe = cfg.steps_per_epoch or max(1, math.ceil(train_samples / effective_batch))
-    total_steps = cfg.epochs * spe
-
+    train_specs, val_specs, spe, effective_batch = _shard_plan(shards, manifest, cfg, info.world_size, log)
     torch.manual_seed(cfg.seed)
-    existing = list_checkpoints(out)
-    state: dict[str, Any] = {"step": 0, "samples_seen": 0, "skipped": 0, "history": []}
-    if existing and not cfg.resume:
-        raise ValueError(f"{storage.redact_url(out)} already holds checkpoints (newest: "
-                         f"{storage.redact_url(existing[-1][1])}); pass --resume to continue "
-                         "from it, or choose another --out")
-    if existing:
-        url = existing[-1][1]
-        ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(url)))
-        _check_resume(ckpt.classes, ckpt.config, classes, model_config, url)
-        model, config = ckpt.model, replace(ckpt.config, image_prior=model_config.image_prior)
-        ts = ckpt.training_state
-        state.update(step=int(ts["step"]), samples_seen=int(ts["samples_seen"]), skipped=int(ts.get("skipped", 0)),
-                     history=list(ckpt.metrics.get("history", [])))
-        if "rng" in ts:
-            torch.set_rng_state(ts["rng"])
-        log.info("resuming from %s at step %d (%d samples seen)", storage.redact_url(url), state["step"],
-                 state["samples_seen"])
-    else:
-        if cfg.resume:
-            log.info("--resume: no checkpoint in %s yet, starting fresh", storage.redact_url(out))
-        model, config = create_model(model_config, pretrained=pretrained)
-        ts = {}
+    model, config, ts, state = _resume_or_create(out, cfg, classes, model_config, pretrained, log)
     if augment.input_size < model.min_input_size:
         raise ValueError(f"--input-size {augment.input_size} is below the network's minimum "
                          f"{model.min_input_size} px for this backbone and output stride")
-
-    model.to(info.device)
-    if info.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    net: torch.nn.Module = model
-    if info.world_size > 1:
-        ids = [info.device.index] if info.device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    net = _prepare_model(model, info)
     optimizer = make_optimizer(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if ts.get("optimizer"):
         optimizer.load_state_dict(ts["optimizer"])
     rt = _Runtime(model, net, optimizer, info.device, config.mean, config.std, multilabel, cfg.multilabel_loss,
                   background)
-    pin = info.device.type == "cuda"
-    mref = manifest_reference(shards, manifest)
-
-    def save(url: str, metrics: dict[str, Any], finished: bool = False) -> None:
-        if not info.is_main:
-            return
-        training_state = {
-            "step": state["step"], "epoch": state["step"] // spe, "samples_seen": state["samples_seen"],
-            "steps_per_epoch": spe, "effective_batch": effective_batch, "skipped": state["skipped"],
-            "finished": finished, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-            "options": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
-            "augment": {**asdict(augment), "scale": list(augment.scale)},
-        }
-        storage.write_bytes(url, checkpoint_bytes(model, config, classes, input_size=augment.input_size,
-                                                  manifest=mref, metrics=metrics, training_state=training_state))
-
-    def metrics_now() -> dict[str, Any]:
-        last = state["history"][-1] if state["history"] else {}
-        return {"history": state["history"], "last": last, "samples_skipped": state["skipped"],
-                "step": state["step"], "samples_seen": state["samples_seen"]}
-
-    bar = tqdm(total=total_steps, initial=state["step"], unit="step", dynamic_ncols=True,
+    loop = _Loop(out, cfg, augment, info, rt, config, classes, train_specs, val_specs, spe, effective_batch,
+                 manifest_reference(shards, manifest), state)
+    bar = tqdm(total=cfg.epochs * spe, initial=state["step"], unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and info.is_main), desc="train-mil")
     started, start_step = time.perf_counter(), state["step"]
     try:
         for epoch in range(state["step"] // spe, cfg.epochs):
-            end = (epoch + 1) * spe
-            stream_seed = hash((cfg.seed, epoch, state["step"])) & 0x7FFFFFFF
-            random.seed(stream_seed + info.rank)  # augmentations in the main process (num_workers=0)
-            pipeline = train_pipeline(train_urls, len(classes), TrainTransform(augment), seed=stream_seed,
-                                      shuffle_buffer=cfg.shuffle_buffer, specs=train_specs, classes=classes,
-                                      max_skip_fraction=cfg.max_skip_fraction)
-            loader = make_loader(pipeline, len(classes), cfg.batch_size, num_workers=cfg.num_workers,
-                                 pin_memory=pin, seed=stream_seed)
-            batches = iter(loader)
-            losses, epoch_samples, speed, t0 = [], 0, 0.0, time.perf_counter()
-            try:
-                while state["step"] < end:
-                    result = optimizer_step(rt, batches, cfg.grad_accum)
-                    state["step"] += 1
-                    state["samples_seen"] += result["samples"] * info.world_size
-                    state["skipped"] += len(result["errors"])
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(state["samples_seen"], cfg.lr, cfg.lr_decay, cfg.lr_decay_every_samples)
-                    losses.append(result["loss"])
-                    epoch_samples += result["samples"]
-                    speed = epoch_samples * info.world_size / max(time.perf_counter() - t0, 1e-9)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{result['loss']:.4f}", img_s=f"{speed:.1f}", skipped=state["skipped"])
-                    if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < end:
-                        save(storage.join(out, checkpoint_name(state["step"])), metrics_now())
-                        if info.is_main:
-                            _prune(out, cfg.keep_checkpoints)
-            finally:
-                del batches, loader
-            row: dict[str, Any] = {
-                "epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)) if losses else None,
-                "lr": optimizer.param_groups[0]["lr"], "samples_per_second": round(speed, 2),
-                "samples_skipped": state["skipped"],
-            }
-            if val_urls and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                if info.is_main:
-                    val_loader = make_loader(eval_pipeline(val_urls, len(classes), EvalTransform(augment.input_size),
-                                                           split_by_node=False, specs=val_specs, classes=classes),
-                                             len(classes), cfg.batch_size, num_workers=min(cfg.num_workers, 2),
-                                             pin_memory=pin)
-                    row.update({f"val_{k}": v for k, v in evaluate(rt, val_loader).items()})
-                _barrier(info)
-            state["history"].append(row)
-            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs,
-                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if on_epoch is not None and info.is_main:
-                on_epoch(row)
-            save(storage.join(out, checkpoint_name(state["step"])), metrics_now())
-            if info.is_main:
-                _prune(out, cfg.keep_checkpoints)
-            _barrier(info)
+            loop.finish_epoch(epoch, loop.train_epoch(epoch, bar), on_epoch, log)
     except torch.cuda.OutOfMemoryError as err:
         raise RuntimeError(_oom_message(cfg, augment.input_size, config)) from err
     finally:
         bar.close()
     final = storage.join(out, FINAL_NAME)
-    save(final, metrics_now(), finished=True)
+    loop.save(final, finished=True)
     _barrier(info)
-    elapsed = time.perf_counter() - started
-    return {
-        "checkpoint": final,
-        "step": state["step"],
-        "steps_this_run": state["step"] - start_step,
-        "samples_seen": state["samples_seen"],
-        "samples_skipped": state["skipped"],
-        "seconds": round(elapsed, 2),
-        "history": state["history"],
-        "last": state["history"][-1] if state["history"] else {},
-        "classes": classes,
-        "multilabel": multilabel,
-        "rank": info.rank,
-        "world_size": info.world_size,
-    }
+    return {"checkpoint": final, "step": state["step"], "steps_this_run": state["step"] - start_step,
+            "samples_seen": state["samples_seen"], "samples_skipped": state["skipped"],
+            "seconds": round(time.perf_counter() - started, 2), "history": state["history"],
+            "last": state["history"][-1] if state["history"] else {}, "classes": classes,
+            "multilabel": multilabel, "rank": info.rank, "world_size": info.world_size}

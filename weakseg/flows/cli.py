@@ -35,6 +35,8 @@ COMMANDS: dict[str, Command] = {
                      "weakseg.flows.shard_imagenet:shard_imagenet"),
     "train": Command("train-mil", "train the weakly supervised MIL network from shards",
                      "weakseg.flows.train_mil:train_mil"),
+    "refine": Command("refine-mil", "fine-tune a trained model on its own pseudo-labels (the refinement stage)",
+                      "weakseg.flows.refine_mil:refine_mil"),
     "segment": Command("segment-corpus", "segment a corpus and write Parquet tables",
                        "weakseg.flows.segment_corpus:segment_corpus"),
     "evaluate": Command("evaluate-segmentation", "score predictions against VOC-layout ground truth",

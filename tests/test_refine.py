@@ -1,0 +1,89 @@
+"""The refinement stage: pseudo-labels among the image's own tags, joint augmentation, refine-mil end to end."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from weakseg.tasks.segment.priors import UNLABELLED
+from weakseg.tasks.train.pseudo_labels import pseudo_label, tag_mask
+from weakseg.tasks.train.refine import PseudoTransform
+
+
+def test_tag_mask_adds_background_when_every_image_has_it() -> None:
+    assert tag_mask([2], 4, None).tolist() == [0, 0, 1, 0]
+    assert tag_mask([2], 4, 0).tolist() == [1, 0, 1, 0]
+
+
+def test_pseudo_labels_are_chosen_among_the_tags() -> None:
+    """Class 1 wins everywhere, but the image is tagged 2 (and background 0): 1 is never a label."""
+    probs = np.zeros((3, 2, 3), np.float32)
+    probs[1] = 0.6
+    probs[0] = [[0.35, 0.35, 0.1], [0.35, 0.35, 0.1]]
+    probs[2] = 1 - probs[0] - probs[1]
+    labels = pseudo_label(probs, tag_mask([2], 3, 0), ("ilp",), 0.0, {}, background=0)
+    assert labels.tolist() == [[0, 0, 2], [0, 0, 2]]
+
+
+def test_unsure_pixels_are_ignored() -> None:
+    probs = np.array([[[0.9, 0.55]], [[0.1, 0.45]]], np.float32)  # two classes, one row of two pixels
+    labels = pseudo_label(probs, np.ones(2), ("ilp",), 0.6, {})
+    assert labels.tolist() == [[0, UNLABELLED]]
+
+
+def test_pseudo_label_confidence_is_the_superpixel_mean_with_sppxl() -> None:
+    probs = np.array([[[0.9, 0.55, 0.2]], [[0.1, 0.45, 0.8]]], np.float32)
+    segments = np.array([[0, 0, 1]])
+    labels = pseudo_label(probs, np.ones(2), ("ilp", "sppxl"), 0.7, {"superpixels": segments})
+    assert labels.tolist() == [[0, 0, 1]]  # pixel 1 alone is unsure (0.55); its superpixel's mean is 0.725
+
+
+def test_pseudo_transform_moves_labels_with_the_image() -> None:
+    """Whatever the random scale, flip and crop: red pixels keep label 1, blue ones label 2, padding is 255."""
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[:, :30] = (255, 0, 0)
+    rgb[:, 30:] = (0, 0, 255)
+    lab = np.where(np.arange(60)[None, :] < 30, 1, 2).repeat(40, 0).astype(np.uint8)
+    transform = PseudoTransform(48, scale=(0.7, 1.4), hflip=True)
+    for seed in range(20):
+        image, labels, valid = transform(Image.fromarray(rgb), Image.fromarray(lab), random.Random(seed))
+        assert image.shape == (48, 48, 3) and labels.shape == valid.shape == (48, 48)
+        assert (labels[~valid] == UNLABELLED).all()
+        red = valid & (image[..., 0] > 200) & (image[..., 2] < 50)
+        blue = valid & (image[..., 2] > 200) & (image[..., 0] < 50)
+        assert red.any() and blue.any()
+        assert (labels[red] == 1).all() and (labels[blue] == 2).all()
+
+
+@pytest.mark.slow
+def test_refine_improves_over_its_input_model(tmp_path, prefect_harness) -> None:
+    """Synthetic objects on photo backgrounds, tagged with their objects only: refine-mil's checkpoint is
+    used by the scoring code unchanged and labels val pixels better than the model it was refined from."""
+    from weakseg.flows.refine_mil import refine_mil
+    from weakseg.flows.shard_imagenet import shard_imagenet
+    from weakseg.flows.train_mil import train_mil
+    from weakseg.tasks.evaluate.variants import score_variants
+    from weakseg.tasks.segment.inference import load_model
+    from weakseg.tasks.synthetic import write_synthetic_dataset
+
+    data, shards = str(tmp_path / "data"), str(tmp_path / "shards")
+    mil, refined = str(tmp_path / "mil"), str(tmp_path / "refined")
+    write_synthetic_dataset(data, n_train=96, n_val=16, size=96, classes=("dots", "stripes"), max_objects=1,
+                            background_fraction=0.15)
+    shard_imagenet(source=f"{data}/labels.csv", dest=shards, max_side=96)
+    train_mil(shards=shards, out=mil, epochs=3, steps_per_epoch=20, batch_size=16, input_size=96,
+              head_widths=[64, 64, 64], output_stride=8, lr=3e-3, num_workers=0, checkpoint_every=0, val_every=0,
+              progress=False, rotation=0.0, scale=[1.0, 1.0])
+    result = refine_mil(shards=shards, model=f"{mil}/model.pt", out=refined, epochs=3, steps_per_epoch=20,
+                        batch_size=16, input_size=96, lr=3e-3, num_workers=0, progress=False)
+    pseudo = result["pseudo_labels"]
+    assert pseudo["images"] == 96 and 0 < pseudo["coverage"] <= 1
+    assert set(pseudo["class_pixels"]) == {"background", "dots", "stripes"}
+
+    before = score_variants(load_model(f"{mil}/model.pt", "cpu"), data, "val", variants=("base",))["base"]
+    after = score_variants(load_model(result["checkpoint"], "cpu"), data, "val", variants=("base",))["base"]
+    assert after["mean_iou"] > before["mean_iou"], (before["mean_iou"], after["mean_iou"])
+    ckpt = load_model(result["checkpoint"], "cpu").checkpoint
+    assert ckpt.training_state["refined_from"]["model_id"] == load_model(f"{mil}/model.pt", "cpu").model_id

@@ -1,0 +1,116 @@
+"""refine-mil: fine-tune a trained MIL model on its own pseudo-labels (the refinement stage).
+
+shards + model -> ``{out}/pseudo-labels/pseudo-*.tar`` (each training image labelled among
+its own tags, with the priors; :mod:`weakseg.tasks.train.pseudo_labels`) -> the network
+fine-tuned on them with per-pixel cross-entropy plus the MIL loss
+(:mod:`weakseg.tasks.train.refine`) -> ``{out}/model.pt``, an ordinary checkpoint that
+``weakseg segment``, ``thresholds`` and ``evaluate`` use unchanged. The pseudo-label
+statistics (coverage, pixels per class) and the per-epoch losses go to the log, the
+checkpoint and the ``refine-mil-metrics`` artifact. Refining a refined model is allowed
+(an iteration); it is not the default pipeline.
+"""
+from __future__ import annotations
+
+import io
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+from pydantic import Field
+
+from weakseg.flows._gpu import gpu_slot
+from weakseg.flows._retries import IO_RETRIES, retry_unless
+from weakseg.models import load_checkpoint
+from weakseg.models.losses import background_index
+from weakseg.tasks import storage
+from weakseg.tasks.devices import resolve_device
+from weakseg.tasks.ingest.manifest import ManifestError, load_manifest
+from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
+from weakseg.tasks.segment.priors import parse_priors
+from weakseg.tasks.storage import redact_url
+from weakseg.tasks.train.pseudo_labels import write_pseudo_labels
+from weakseg.tasks.train.refine import RefineConfig, run_refine
+
+__all__ = ["refine_mil"]
+
+
+@task(**IO_RETRIES, retry_condition_fn=retry_unless(ManifestError), cache_policy=NONE)
+def read_manifest(shards: str) -> dict[str, Any]:
+    """The shard manifest (I/O: retried)."""
+    return load_manifest(shards)
+
+
+@task(cache_policy=NONE)
+def label_training_images(model: str, device: str, shards: str, manifest: dict[str, Any], out: str,
+                          priors: tuple[str, ...], confidence: float, max_side: int) -> dict[str, Any]:
+    """Pseudo-label the training split with the model (compute-bound, not retried)."""
+    bundle = load_model(model, device)
+    if list(bundle.classes) != list(manifest["classes"]):
+        raise ValueError(f"the model's {len(bundle.classes)} classes are not the shards' {len(manifest['classes'])} "
+                         "(in order): refine a model on the shards it was trained on")
+    options = bundle.checkpoint.training_state.get("options", {})
+    background = background_index(bundle.classes, options.get("background", "auto"))
+    stats = write_pseudo_labels(bundle, shards, manifest, storage.join(out, "pseudo-labels"), priors=priors,
+                                confidence=confidence, max_side=max_side, background=background)
+    return {**stats.to_dict(), "parent": {"url": bundle.model_uri, "model_id": bundle.model_id,
+                                          "sha256": bundle.sha256}}
+
+
+@task(cache_policy=NONE)
+def refine(model: str, device: str, pseudo: dict[str, Any], out: str, config: RefineConfig) -> dict[str, Any]:
+    """The fine-tuning loop on a fresh copy of the model (never cached, never retried)."""
+    ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(model)))
+    return run_refine(ckpt, pseudo["shards"], pseudo["images"], out, config, device=resolve_device(device),
+                      parent=pseudo["parent"], pseudo_stats={k: v for k, v in pseudo.items() if k != "parent"},
+                      on_epoch=lambda row: get_run_logger().info("epoch %s", row))
+
+
+@task(cache_policy=NONE)
+def publish_metrics(pseudo: dict[str, Any], result: dict[str, Any]) -> None:
+    """Per-epoch losses and the pseudo-label statistics as the ``refine-mil-metrics`` artifact."""
+    per_class = ", ".join(f"{k} {v}" for k, v in pseudo["class_pixels"].items())
+    create_table_artifact(
+        key="refine-mil-metrics", table=result["history"],
+        description=f"refine-mil: {pseudo['images']} images pseudo-labelled ({pseudo['coverage']:.1%} of pixels "
+                    f"kept; pixels per class: {per_class}); {result['steps']} steps; checkpoint "
+                    f"{redact_url(result['checkpoint'])}")
+
+
+@flow(name="refine-mil")
+def refine_mil(
+    shards: Annotated[str, Field(description="folder URL of the shards the model was trained on")],
+    model: Annotated[str, Field(description="URL of the MIL model to refine (weakseg train's model.pt)")],
+    out: Annotated[str, Field(description="folder URL for pseudo-labels/ and the refined model.pt")],
+    priors: Annotated[str, Field(description="priors of the pseudo-labels: the training image's tags restrict "
+                                             "the labels (ilp), sppxl smooths them")] = "ilp,sppxl",
+    confidence: Annotated[float, Field(ge=0, le=1, description=(
+        "pixels whose label probability (superpixel mean with sppxl) is under this are ignored"))] = 0.5,
+    epochs: Annotated[int, Field(ge=1, description="passes over the pseudo-labelled images")] = 6,
+    steps_per_epoch: Annotated[int, Field(ge=0, description="optimiser steps per epoch; 0: one pass")] = 0,
+    batch_size: Annotated[int, Field(ge=1, description="crops per step")] = 16,
+    input_size: Annotated[int, Field(ge=16, description="training crop side in pixels")] = 288,
+    lr: Annotated[float, Field(gt=0, description="SGD learning rate")] = 1e-3,
+    mil_weight: Annotated[float, Field(ge=0, description="weight of the image-level MIL loss")] = 1.0,
+    max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
+        DEFAULT_MAX_SIDE),
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: CUDA when present")] = "auto",
+    num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes")] = 2,
+    seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,
+    progress: Annotated[bool, Field(description="tqdm progress bar in the terminal")] = True,
+) -> dict[str, Any]:
+    """Pseudo-label the training images with the model, fine-tune it on them; returns the checkpoint URL."""
+    logger = get_run_logger()
+    chain = parse_priors(priors)
+    manifest = read_manifest(shards)
+    with gpu_slot(str(resolve_device(device))):
+        pseudo = label_training_images(model, device, shards, manifest, out, chain, confidence, max_side)
+        logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
+                    100 * pseudo["coverage"], pseudo["skipped"])
+        config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, lr=lr,
+                              mil_weight=mil_weight, steps_per_epoch=steps_per_epoch, num_workers=num_workers,
+                              seed=seed, progress=progress)
+        result = refine(model, device, pseudo, out, config)
+    publish_metrics(pseudo, result)
+    logger.info("refined model %s", redact_url(result["checkpoint"]))
+    return {**result, "pseudo_labels": pseudo}

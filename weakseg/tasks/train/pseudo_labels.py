@@ -1,0 +1,169 @@
+"""Pseudo-labels for the refinement stage: the MIL model's masks of its own training images.
+
+A training image's tags are known, so its mask is chosen among them only: the model's
+per-pixel probabilities are restricted to the tags (plus ``background`` when the model
+treats it as a tag of every image) and renormalised, then the priors are applied as at
+inference (``sppxl``'s vote; ``ilp`` is the restriction itself, the tags being the
+image-level truth). A pixel is kept when the probability of its label, averaged over its
+superpixel with ``sppxl``, is at least ``confidence``; the rest are 255 (ignored by the
+refinement loss).
+
+The labels are written as WebDataset shards next to the refined model
+(``{out}/pseudo-labels/pseudo-{i:06d}.tar``: the original ``.jpg``, the ``.png`` labels,
+the sample's ``.json`` plus its coverage), so the refinement streams them like any shard
+and a user can look at what the model was refined on.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from .. import storage
+from ..ingest.manifest import ShardMismatchError, shard_specs
+from ..segment.inference import ModelBundle, compute_prior_inputs, predict
+from ..segment.priors import UNLABELLED, apply_priors, label_score, parse_priors, superpixel_mean
+from .shard_reader import Decode, ErrorLog, ReadShards
+
+__all__ = ["PseudoLabelStats", "pseudo_label", "tag_mask", "write_pseudo_labels"]
+
+_logger = logging.getLogger(__name__)
+SHARD_SAMPLES = 1000  # samples per pseudo-label shard
+
+
+@dataclass
+class PseudoLabelStats:
+    """What the refinement was trained on: per-class pixel counts and the labelled share."""
+
+    classes: list[str]
+    images: int = 0
+    pixels: int = 0
+    labelled: int = 0
+    class_pixels: list[int] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+
+    @property
+    def coverage(self) -> float:
+        return self.labelled / self.pixels if self.pixels else 0.0
+
+    def add(self, labels: np.ndarray) -> None:
+        self.images += 1
+        self.pixels += labels.size
+        counts = np.bincount(labels.ravel(), minlength=256)
+        self.labelled += int(labels.size - counts[UNLABELLED])
+        self.class_pixels = [a + int(b) for a, b in zip(self.class_pixels or [0] * len(self.classes),
+                                                        counts[: len(self.classes)], strict=True)]
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "coverage": round(self.coverage, 4), "skipped": len(self.skipped),
+                "class_pixels": dict(zip(self.classes, self.class_pixels or [0] * len(self.classes), strict=True)),
+                "shards": self.shards}
+
+
+def tag_mask(tags: Sequence[int], num_classes: int, background: int | None) -> np.ndarray:
+    """``float64[K]``: 1 for the image's tags (and the background class when every image has it), else 0."""
+    mask = np.zeros(num_classes)
+    mask[list(tags)] = 1.0
+    if background is not None:
+        mask[background] = 1.0
+    return mask
+
+
+def pseudo_label(probs: np.ndarray, tags: np.ndarray, priors: Sequence[str], confidence: float,
+                 inputs: dict[str, np.ndarray], background: int | None = None) -> np.ndarray:
+    """``uint8[H, W]`` labels among the tags, 255 where the label's probability is under ``confidence``.
+
+    ``probs[K, H, W]`` per-pixel probabilities, ``tags[K]`` from :func:`tag_mask`, ``inputs``
+    the prior inputs (:func:`~weakseg.tasks.segment.inference.compute_prior_inputs`).
+    """
+    restricted = probs * tags[:, None, None].astype(probs.dtype)
+    restricted /= np.maximum(restricted.sum(0, keepdims=True), 1e-12)
+    labels = apply_priors(restricted, tags, priors, background_index=background, **inputs)
+    score = label_score(restricted, labels)
+    if "superpixels" in inputs and "sppxl" in priors:
+        score = superpixel_mean(score, inputs["superpixels"])
+    return np.where(score >= confidence, labels, np.uint8(UNLABELLED)).astype(np.uint8)
+
+
+def _samples(shards: str, manifest: dict, split: str) -> Iterator[dict]:
+    """Raw tar samples of ``split``, each shard verified against the manifest."""
+    specs = shard_specs(shards, manifest, split)
+    errors = ErrorLog()
+    yield from wds.DataPipeline(wds.SimpleShardList(list(specs)), ReadShards(errors, specs))
+    for message in errors.drain():
+        _logger.warning("pseudo-labels: skipped %s", message)
+
+
+def _png(labels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(labels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_shard(out: str, index: int, rows: list[dict]) -> str:
+    buf = io.BytesIO()
+    with wds.TarWriter(buf) as sink:
+        for row in rows:
+            sink.write(row)
+    url = storage.join(out, f"pseudo-{index:06d}.tar")
+    storage.write_bytes(url, buf.getvalue())
+    return url
+
+
+def write_pseudo_labels(bundle: ModelBundle, shards: str, manifest: dict, out: str, *, priors: Sequence[str],
+                        confidence: float, max_side: int, background: int | None, batch_size: int = 8,
+                        split: str = "train", progress=None) -> PseudoLabelStats:
+    """Label every ``split`` image of the shards with ``bundle`` (module doc); shards under ``out``.
+
+    ``background``: the class index that is a tag of every image (the model's training made it one), or None.
+    """
+    classes = list(manifest["classes"])
+    priors = parse_priors(priors)
+    bg = background
+    decode = Decode(len(classes), lambda img: (np.asarray(img.convert("RGB")), None), ErrorLog(), classes)
+    stats = PseudoLabelStats(classes)
+    rows: list[dict] = []
+    batch: list[tuple[dict, dict]] = []
+
+    def flush() -> None:
+        preds = predict(bundle, [d["image"] for _, d in batch], max_side)
+        for (raw, d), pred in zip(batch, preds, strict=True):
+            inputs, _ = compute_prior_inputs(d["image"], priors)
+            tags = tag_mask(d["labels"], len(classes), bg)
+            labels = pseudo_label(pred.probs(), tags, priors, confidence, inputs, bg)
+            stats.add(labels)
+            meta = {**json.loads(raw.get("json", b"{}") or b"{}"), "labels": d["labels"],
+                    "coverage": round(float((labels != UNLABELLED).mean()), 4)}
+            rows.append({"__key__": raw["__key__"], "jpg": raw["jpg"], "png": _png(labels),
+                         "json": json.dumps(meta).encode()})
+            if progress is not None:
+                progress.update(1)
+        batch.clear()
+        if len(rows) >= SHARD_SAMPLES:
+            stats.shards.append(_write_shard(out, len(stats.shards), rows))
+            rows.clear()
+
+    for raw in _samples(shards, manifest, split):
+        try:
+            batch.append((raw, decode.decode(raw)))
+        except ShardMismatchError:
+            raise
+        except Exception as err:  # a bad sample is skipped and counted, as in training
+            stats.skipped.append(f"{raw.get('__key__', '?')}: {type(err).__name__}: {err}")
+            continue
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if rows:
+        stats.shards.append(_write_shard(out, len(stats.shards), rows))
+    if not stats.shards:
+        raise ValueError(f"no usable {split} image in {storage.redact_url(shards)} to pseudo-label")
+    return stats

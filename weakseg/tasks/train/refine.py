@@ -1,0 +1,197 @@
+"""The refinement stage: the MIL network fine-tuned on its own pseudo-labels, pixel by pixel.
+
+The standard second stage of weakly supervised segmentation. The refined network is the
+MIL network itself (same backbone, head, LSE and cell mapping), initialised from the
+input model and trained on :mod:`.pseudo_labels` with two terms:
+
+- per-pixel cross-entropy between the softmax of the score maps, brought to the crop's
+  pixels by the inference mapping (:func:`~weakseg.tasks.segment.inference.upsample_cells`),
+  and the pseudo-labels (255 ignored): the maps learn sharp, tag-consistent masks;
+- the MIL loss on the image's tags, weighted by ``mil_weight``: the LSE image scores
+  stay calibrated, so the ILP prior of ``weakseg segment`` works as before.
+
+The output is an ordinary checkpoint (same config and classes) that ``weakseg segment``,
+``thresholds`` and ``evaluate`` use unchanged; its ``training_state`` names the model it
+was refined from and the pseudo-label statistics.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ...models import Checkpoint, checkpoint_bytes, mil_loss
+from ...models.losses import background_index, with_background
+from .. import storage
+from ..segment.inference import upsample_cells
+from ..segment.priors import UNLABELLED
+from ..tensors import normalize
+from .optimizer import make_optimizer
+from .shard_reader import ErrorLog, ReadShards
+
+__all__ = ["PseudoTransform", "RefineConfig", "pseudo_loader", "refine_loss", "run_refine"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    epochs: int = 6
+    batch_size: int = 16
+    input_size: int = 288
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    mil_weight: float = 1.0  # weight of the image-level MIL term beside the pixel term
+    scale: tuple[float, float] = (0.8, 1.2)
+    hflip: bool = True
+    steps_per_epoch: int = 0  # 0: one pass over the pseudo-labelled images
+    num_workers: int = 2
+    shuffle_buffer: int = 500
+    seed: int = 0
+    progress: bool = True
+
+
+class PseudoTransform:
+    """(PIL image, PIL labels) -> (``[S, S, 3]`` uint8, ``[S, S]`` uint8 labels, ``[S, S]`` bool validity).
+
+    The longer side scaled to ``S x U(scale)``, a random flip, a random crop or padding; both
+    geometries move together, padding is invalid and unlabelled.
+    """
+
+    def __init__(self, input_size: int, scale: tuple[float, float] = (0.8, 1.2), hflip: bool = True) -> None:
+        self.size, self.scale, self.hflip = input_size, scale, hflip
+
+    def __call__(self, img: Image.Image, labels: Image.Image,
+                 rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = rng if rng is not None else random
+        s = self.size
+        w, h = img.size
+        factor = s / max(w, h) * rng.uniform(*self.scale)
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        im = np.asarray(img.convert("RGB").resize(size, Image.BILINEAR))
+        lab = np.asarray(labels.resize(size, Image.NEAREST))
+        if self.hflip and rng.random() < 0.5:
+            im, lab = im[:, ::-1], lab[:, ::-1]
+        nh, nw = lab.shape
+        y0, x0 = rng.randint(0, max(0, nh - s)), rng.randint(0, max(0, nw - s))
+        py, px = rng.randint(0, max(0, s - nh)), rng.randint(0, max(0, s - nw))
+        crop_h, crop_w = min(nh, s), min(nw, s)
+        out = np.zeros((s, s, 3), np.uint8)
+        out_lab = np.full((s, s), UNLABELLED, np.uint8)
+        valid = np.zeros((s, s), bool)
+        out[py:py + crop_h, px:px + crop_w] = im[y0:y0 + crop_h, x0:x0 + crop_w]
+        out_lab[py:py + crop_h, px:px + crop_w] = lab[y0:y0 + crop_h, x0:x0 + crop_w]
+        valid[py:py + crop_h, px:px + crop_w] = True
+        return out, out_lab, valid
+
+
+def _decode(transform: Callable, num_classes: int) -> Callable[[dict], dict]:
+    def decode(sample: dict) -> dict:
+        with Image.open(io.BytesIO(sample["jpg"])) as img, Image.open(io.BytesIO(sample["png"])) as lab:
+            image, labels, valid = transform(img, lab)
+        target = np.zeros(num_classes, np.float32)
+        target[json.loads(sample["json"])["labels"]] = 1.0
+        return {"image": image, "labels": labels, "valid": valid, "target": target}
+    return decode
+
+
+def _collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "images": torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous(),
+        "labels": torch.from_numpy(np.stack([s["labels"] for s in samples])).long(),
+        "valid": torch.from_numpy(np.stack([s["valid"] for s in samples])),
+        "target": torch.from_numpy(np.stack([s["target"] for s in samples])),
+    }
+
+
+def pseudo_loader(urls: Sequence[str], num_classes: int, cfg: RefineConfig, seed: int) -> torch.utils.data.DataLoader:
+    """An endless, resampled, shuffled stream of augmented pseudo-labelled crops, in batches."""
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(list(urls), seed=seed, deterministic=True),
+        ReadShards(ErrorLog(0.5)),
+        wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), rng=random.Random(seed)),
+        wds.map(_decode(PseudoTransform(cfg.input_size, cfg.scale, cfg.hflip), num_classes)),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(pipeline, batch_size=cfg.batch_size, collate_fn=_collate,
+                                       num_workers=cfg.num_workers, generator=generator,
+                                       prefetch_factor=4 if cfg.num_workers else None)
+
+
+def refine_loss(ckpt: Checkpoint, batch: dict[str, torch.Tensor], device: torch.device, mil_weight: float,
+                loss_kind: str, multilabel: bool, background: int | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pixel cross-entropy on the pseudo-labels plus ``mil_weight`` x the MIL loss on the tags."""
+    model, config = ckpt.model, ckpt.config
+    x = normalize(batch["images"].to(device), config.mean, config.std)
+    maps = model(x, dense=True).float()
+    size = tuple(x.shape[-2:])
+    logits = torch.stack([upsample_cells(m, size, size, model.stride, model.cell_offset) for m in maps])
+    pixel = F.cross_entropy(logits, batch["labels"].to(device), ignore_index=UNLABELLED)
+    if not bool((batch["labels"] != UNLABELLED).any()):
+        pixel = logits.sum() * 0.0  # a batch with no confident pixel: only the image term
+    target = with_background(batch["target"], background).to(device)
+    image = mil_loss(model.image_scores(maps, batch["valid"].to(device), dense=True),
+                     target if multilabel else target.argmax(1), loss_kind)
+    return pixel + mil_weight * image, {"pixel_loss": float(pixel.detach()), "mil_loss": float(image.detach())}
+
+
+def _steps(loader: torch.utils.data.DataLoader, n: int) -> Iterator[dict[str, torch.Tensor]]:
+    it = iter(loader)
+    for _ in range(n):
+        yield next(it)
+
+
+def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out: str, cfg: RefineConfig, *,
+               device: torch.device, parent: dict[str, Any], pseudo_stats: dict[str, Any],
+               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Fine-tune ``ckpt``'s network (in place) on the pseudo-label shards; writes ``{out}/model.pt``."""
+    torch.manual_seed(cfg.seed)
+    options = ckpt.training_state.get("options", {})
+    loss_kind = options.get("multilabel_loss", "softmax+bce")
+    multilabel = bool(ckpt.manifest.get("multilabel", True))
+    background = background_index(ckpt.classes, options.get("background", "auto"))
+    model = ckpt.model.to(device).train()
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    spe = cfg.steps_per_epoch or max(1, -(-images // cfg.batch_size))
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=cfg.epochs * spe, desc="refine", unit="step", disable=not cfg.progress)
+    for epoch in range(cfg.epochs):
+        loader = pseudo_loader(pseudo_shards, len(ckpt.classes), cfg, seed=cfg.seed * 1000 + epoch)
+        sums = {"loss": 0.0, "pixel_loss": 0.0, "mil_loss": 0.0}
+        for batch in _steps(loader, spe):
+            optimizer.zero_grad(set_to_none=True)
+            loss, parts = refine_loss(ckpt, batch, device, cfg.mil_weight, loss_kind, multilabel, background)
+            loss.backward()
+            optimizer.step()
+            sums["loss"] += float(loss)
+            for k, v in parts.items():
+                sums[k] += v
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+        row = {"epoch": epoch + 1, **{k: round(v / spe, 5) for k, v in sums.items()}}
+        history.append(row)
+        _logger.info("refine epoch %d/%d: %s", epoch + 1, cfg.epochs, row)
+        if on_epoch is not None:
+            on_epoch(row)
+    bar.close()
+    model.eval()
+    url = storage.join(out, "model.pt")
+    training_state = {"refined_from": parent, "pseudo_labels": pseudo_stats, "finished": True,
+                      "options": {**options, "refine": {**asdict(cfg), "scale": list(cfg.scale)}}}
+    storage.write_bytes(url, checkpoint_bytes(model, ckpt.config, ckpt.classes, input_size=cfg.input_size,
+                                              manifest=ckpt.manifest, metrics={"history": history,
+                                                                               "last": history[-1]},
+                                              training_state=training_state))
+    return {"checkpoint": url, "history": history, "steps": cfg.epochs * spe}

@@ -36,6 +36,7 @@ from weakseg.tasks.evaluate.scoring import (
     read_runs,
     read_split_ids,
     score_image,
+    unmatched_scores,
 )
 
 __all__ = ["evaluate_segmentation"]
@@ -140,15 +141,7 @@ def evaluate_segmentation(
                 run["run_id"], len(run["classes"]), len(ids), split, storage.redact_url(ground_truth), len(gt_classes),
                 extra or "none")
     found, counts = read_masks(predictions, run["run_id"], ids)
-    scores: list[ImageScore] = []
-    for image_id in ids:
-        if image_id in counts["ambiguous"]:
-            scores.append(ImageScore(image_id, None, "ambiguous",
-                                     f"several images of the run have this file stem: {counts['ambiguous'][image_id]}"))
-        elif image_id not in found:
-            run_status = counts["image_status"].get(image_id)
-            scores.append(ImageScore(image_id, None, "missing_prediction", "no mask for this image in the run"
-                                     + (f" (its status in the run: {run_status})" if run_status else "")))
+    scores = unmatched_scores(ids, found, counts)
     matched = [found[i] for i in ids if i in found]
     futures = [score_chunk.submit(ground_truth, matched[i : i + chunk_size], alignment, i)
                for i in range(0, len(matched), chunk_size)]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import math
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ __all__ = [
     "read_split_ids",
     "score_image",
     "segmentation_metrics",
+    "unmatched_scores",
 ]
 
 VOID = 255
@@ -310,34 +311,7 @@ def find_predicted_masks(predictions: str, run_id: str, image_ids: Sequence[str]
     as file stem (``JPEGImages/2007_000033.jpg`` -> ``2007_000033``). Several images with
     the same stem make that id ambiguous: it is reported, not guessed.
     """
-    wanted = set(image_ids)
-    key_to_id: dict[str, str] = {k: k for k in wanted}
-    ambiguous: dict[str, list[str]] = {}
-    status: dict[str, str] = {}  # the run's status of each matched image (images table)
-    images = _dataset(storage.join(predictions, "images"))
-    if images is not None and {"image_key", "image_uri"} <= set(images.schema.names):
-        by_stem: dict[str, set[str]] = {}
-        flt = ds.field("run_id") == run_id if "run_id" in images.schema.names else None
-        cols = ["image_key", "image_uri", *(["status"] if "status" in images.schema.names else [])]
-        for batch in images.to_batches(columns=cols, filter=flt, batch_size=batch_rows * 16):
-            statuses = batch.column("status").to_pylist() if "status" in cols else [None] * batch.num_rows
-            for key, uri, st in zip(batch.column("image_key").to_pylist(), batch.column("image_uri").to_pylist(),
-                                    statuses, strict=True):
-                stem = _stem(uri or "")
-                image_id = key if key in wanted else stem if stem in wanted else None
-                if image_id is None:
-                    continue
-                if st is not None:
-                    status[image_id] = st
-                if key not in wanted:
-                    by_stem.setdefault(stem, set()).add(key)
-        for stem, keys in by_stem.items():
-            if stem in ambiguous:
-                continue
-            if len(keys) > 1:
-                ambiguous[stem] = sorted(keys)
-            else:
-                key_to_id[next(iter(keys))] = stem
+    key_to_id, ambiguous, status = _match_image_keys(predictions, run_id, set(image_ids), batch_rows)
     masks = _dataset(storage.join(predictions, "masks"))
     if masks is None:
         raise ValueError(f"{storage.join(predictions, 'masks')} does not exist")
@@ -365,6 +339,41 @@ def find_predicted_masks(predictions: str, run_id: str, image_ids: Sequence[str]
     counts = {"run_masks": run_masks, "duplicate_masks": duplicates, "ambiguous": ambiguous, "image_status": status,
               "masks_without_ground_truth": run_masks - len(found) - duplicates}
     return found, counts
+
+
+def _match_image_keys(predictions: str, run_id: str, wanted: set[str], batch_rows: int
+                      ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str]]:
+    """From the run's images table: image_key -> ground-truth id (by key, else by unique file
+    stem), the ids several images share a stem with, and each matched id's status."""
+    key_to_id: dict[str, str] = {k: k for k in wanted}
+    ambiguous: dict[str, list[str]] = {}
+    status: dict[str, str] = {}  # the run's status of each matched image (images table)
+    images = _dataset(storage.join(predictions, "images"))
+    if images is None or not {"image_key", "image_uri"} <= set(images.schema.names):
+        return key_to_id, ambiguous, status
+    by_stem: dict[str, set[str]] = {}
+    flt = ds.field("run_id") == run_id if "run_id" in images.schema.names else None
+    cols = ["image_key", "image_uri", *(["status"] if "status" in images.schema.names else [])]
+    for batch in images.to_batches(columns=cols, filter=flt, batch_size=batch_rows * 16):
+        statuses = batch.column("status").to_pylist() if "status" in cols else [None] * batch.num_rows
+        for key, uri, st in zip(batch.column("image_key").to_pylist(), batch.column("image_uri").to_pylist(),
+                                statuses, strict=True):
+            stem = _stem(uri or "")
+            image_id = key if key in wanted else stem if stem in wanted else None
+            if image_id is None:
+                continue
+            if st is not None:
+                status[image_id] = st
+            if key not in wanted:
+                by_stem.setdefault(stem, set()).add(key)
+    for stem, keys in by_stem.items():
+        if stem in ambiguous:
+            continue
+        if len(keys) > 1:
+            ambiguous[stem] = sorted(keys)
+        else:
+            key_to_id[next(iter(keys))] = stem
+    return key_to_id, ambiguous, status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +436,21 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_jsonable(v) for v in obj]
     return obj
+
+
+def unmatched_scores(image_ids: Sequence[str], found: Mapping[str, PredictedMask],
+                     counts: Mapping[str, Any]) -> list[ImageScore]:
+    """The scores of the ids without a mask to score: ambiguous ones, and those the run has no mask for."""
+    scores = []
+    for image_id in image_ids:
+        if image_id in counts["ambiguous"]:
+            scores.append(ImageScore(image_id, None, "ambiguous",
+                                     f"several images of the run have this file stem: {counts['ambiguous'][image_id]}"))
+        elif image_id not in found:
+            run_status = counts["image_status"].get(image_id)
+            scores.append(ImageScore(image_id, None, "missing_prediction", "no mask for this image in the run"
+                                     + (f" (its status in the run: {run_status})" if run_status else "")))
+    return scores
 
 
 def metrics_document(scores: Iterable[ImageScore], alignment: ClassAlignment, *, run_id: str, split: str,

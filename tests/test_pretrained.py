@@ -1,4 +1,6 @@
 """The offline ImageNet weights are real, and foreign weights load through one mapping."""
+import io
+
 import pytest
 import timm
 import torch
@@ -65,3 +67,17 @@ def test_timm_pretrained_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="pretrained='none' or a path"):
         create_backbone("resnet18", pretrained="auto")
+
+
+def test_pretrained_weights_from_a_url_are_opened_by_storage(tmp_path):
+    from weakseg.tasks import storage
+
+    source = timm.create_model("resnet18", pretrained=False)
+    buf = io.BytesIO()
+    torch.save(source.state_dict(), buf)
+    storage.write_bytes("memory://pretrained-test/resnet18.pth", buf.getvalue())
+    assert storage.open_weights("none") == "none" and storage.open_weights(str(tmp_path)) == str(tmp_path)
+    backbone = create_backbone("resnet18", pretrained=storage.open_weights("memory://pretrained-test/resnet18.pth"))
+    assert torch.equal(backbone.body.conv1.weight, source.conv1.weight)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        storage.open_weights("memory://pretrained-test/missing.pth")

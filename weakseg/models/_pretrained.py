@@ -6,8 +6,9 @@ does with ``pretrained_cfg``, and foreign key names are remapped by one pure fun
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -84,23 +85,19 @@ def load_offline_weights(model: nn.Module) -> None:
     model.load_state_dict(efficientnet_lite0_filter_fn(state_dict, model), strict=True)
 
 
-def load_state_dict_file(url: str) -> dict[str, torch.Tensor]:
-    """Read a state dict from a local path, an fsspec URL or http(s)."""
-    if url.startswith(("http://", "https://")):
-        obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
-    else:
-        import fsspec
-
-        try:
-            with fsspec.open(url, "rb") as f:
-                obj = torch.load(f, map_location="cpu", weights_only=True)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"pretrained weights not found: {url}") from err
+def load_state_dict_file(source: str | os.PathLike | BinaryIO) -> dict[str, torch.Tensor]:
+    """Read a state dict from a local path or an open binary file (URLs are opened by the
+    tasks layer: :func:`weakseg.tasks.storage.open_weights`)."""
+    name = str(source) if isinstance(source, str | os.PathLike) else getattr(source, "name", "the weights file")
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"pretrained weights not found: {name}") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{url} does not hold a state dict of tensors")
+        raise ValueError(f"{name} does not hold a state dict of tensors")
     return dict(obj)
 
 

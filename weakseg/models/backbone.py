@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Iterator
+from typing import BinaryIO
 
 import timm
 import torch
@@ -117,19 +118,20 @@ class Backbone(nn.Module):
 
 def create_backbone(
     name: str,
-    pretrained: str = "auto",
+    pretrained: str | BinaryIO = "auto",
     output_stride: int | None = 16,
     finetune_from: int | None = None,
 ) -> Backbone:
     """Build a dense backbone.
 
     ``pretrained``: ``auto`` (offline EfficientNet-Lite0 weights for the Lite0 names, timm's
-    own pretrained loading for every other name), ``none``, or a path/URL of a state dict.
+    own pretrained loading for every other name), ``none``, or a state dict's local path or
+    open binary file (:func:`weakseg.tasks.storage.open_weights` opens URLs).
     ``output_stride`` 8 or 16 dilates the last stages to keep score maps dense; backbones
     that cannot dilate fall back to their native stride with a warning.
     """
     _check_name(name)
-    source = resolve_pretrained(name, pretrained)
+    source = resolve_pretrained(name, pretrained) if isinstance(pretrained, str) else pretrained
     kwargs: dict = {"features_only": True, "pretrained": source == "timm"}
     try:
         body = _create(name, kwargs, output_stride)
@@ -146,7 +148,7 @@ def create_backbone(
     if source == "offline":
         load_offline_weights(body)
         mean, std = OFFLINE_WEIGHTS[name]["mean"], OFFLINE_WEIGHTS[name]["std"]
-    elif source not in ("none", "timm"):
+    elif not isinstance(source, str) or source not in ("none", "timm"):
         load_user_weights(body, load_state_dict_file(source))
     return Backbone(body, name, tuple(mean), tuple(std), finetune_from)
 

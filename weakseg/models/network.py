@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +137,7 @@ class WeakSegNet(nn.Module):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def create_model(config: ModelConfig, pretrained: str = "auto") -> tuple[WeakSegNet, ModelConfig]:
+def create_model(config: ModelConfig, pretrained: str | BinaryIO = "auto") -> tuple[WeakSegNet, ModelConfig]:
     """The one way to build a network from a config; returns it with mean/std and cell offset resolved.
 
     The cell offset is the config's, or measured on the backbone (:mod:`.alignment`) when it has none.

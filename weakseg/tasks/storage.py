@@ -6,6 +6,7 @@ Writes are atomic: a reader sees the old object or the new one, never half of on
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
@@ -132,3 +133,17 @@ def duckdb_connection(url: str):
     if "://" in url and not url.startswith("file://"):
         con.register_filesystem(fs)
     return con
+
+
+def open_weights(source: str) -> str | io.BytesIO:
+    """A ``--pretrained`` value as the models take it: ``auto``, ``none`` and local paths as they
+    are; the bytes of any other URL (``s3://``, ``memory://``, ``file://``, ``http(s)://``...)."""
+    if "://" not in source:
+        return source
+    try:
+        data = read_bytes(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"pretrained weights not found: {redact_url(source)}") from err
+    buf = io.BytesIO(data)
+    buf.name = redact_url(source)
+    return buf

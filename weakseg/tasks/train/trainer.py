@@ -370,7 +370,7 @@ def _resume_or_create(out: str, cfg: TrainConfig, classes: list[str], model_conf
     if not existing:
         if cfg.resume:
             log.info("--resume: no checkpoint in %s yet, starting fresh", storage.redact_url(out))
-        model, config = create_model(model_config, pretrained=pretrained)
+        model, config = create_model(model_config, pretrained=storage.open_weights(pretrained))
         return model, config, {}, state
     url = existing[-1][1]
     ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(url)))

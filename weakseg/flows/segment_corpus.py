@@ -45,11 +45,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
@@ -69,9 +67,9 @@ from weakseg.tasks.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from weakseg.tasks.ingest.sources import SourceError
 from weakseg.tasks.segment import runs, tables
 from weakseg.tasks.segment.chunk import ChunkResult, SegmentOptions, segment_chunk
-from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, ModelError, load_thresholds, pin_model, predict
+from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, ModelError
 from weakseg.tasks.segment.inputs import ChunkSpec, iter_chunks
-from weakseg.tasks.segment.priors import default_thresholds, parse_priors
+from weakseg.tasks.segment.priors import parse_priors
 
 __all__ = ["segment_corpus"]
 
@@ -80,52 +78,11 @@ __all__ = ["segment_corpus"]
 _retry_io_only = retry_unless(ModelError, SourceError, tables.OutputError, ValueError)
 
 
-def _check_serves(bundle, model: str) -> None:
-    """One forward pass on a small blank image: a model that cannot serve fails the run now,
-    not as one error row per image."""
-    try:
-        pred = predict(bundle, [np.full((64, 64, 3), 127, np.uint8)])[0]
-    except Exception as err:
-        raise ModelError(f"model {storage.redact_url(model)} cannot serve: {type(err).__name__}: "
-                         f"{storage.redact(str(err))}") from None
-    if not np.isfinite(pred.image_probs).all() or not np.isfinite(pred.probs()).all():
-        raise ModelError(f"model {storage.redact_url(model)} cannot serve: its outputs are not finite (NaN or "
-                         "infinite weights?)")
-
-
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_io_only)
 def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | None, priors: tuple[str, ...],
-            skip_existing: bool) -> dict[str, Any]:
+            skip_existing: bool) -> runs.RunSetup:
     """Check the output, pin the model (once, by content), resolve thresholds, find run_date."""
-    attempt = uuid.uuid4().hex[:12]  # scratch names per attempt: two live runs of one run_id never share them
-    tables.check_writable(out, f"{run_id}-{attempt}")
-    bundle, pinned = pin_model(model, storage.join(out, "_state"), device, prefix=f"model-{run_id}-")
-    _check_serves(bundle, model)
-    resolved = {p: list(v) for p, v in bundle.thresholds.items()}
-    sources = dict.fromkeys(resolved, "checkpoint")
-    if thresholds:
-        prior, vec, chain = load_thresholds(thresholds, bundle.classes)
-        if chain is not None and prior in priors and parse_priors(chain) != priors:
-            get_run_logger().warning("%s holds δ chosen for priors %s; this run applies %s (the test then acts "
-                                     "on other labels, so δ may not be the best)", storage.redact_url(thresholds),
-                                     ",".join(chain), ",".join(priors) or "none")
-        resolved[prior] = list(vec)
-        sources[prior] = storage.redact_url(thresholds)
-    for prior in ("bb", "seg"):
-        if prior in priors and prior not in resolved:
-            resolved[prior] = list(default_thresholds(len(bundle.classes)))
-            sources[prior] = "default (0.5/K)"
-    run_date = tables.find_run_date(out, run_id) or datetime.now(UTC).date().isoformat()
-    done_index, done = None, 0
-    if skip_existing:
-        done_index = storage.join(out, "_state", f"done-{run_id}-{attempt}.parquet")
-        done = tables.build_done_index(out, bundle.model_id, done_index, run_id)
-        if not done:
-            done_index = None
-    return {"model_id": bundle.model_id, "model_sha256": bundle.sha256, "model_pinned": pinned,
-            "classes": list(bundle.classes), "thresholds": resolved, "thresholds_source": sources,
-            "run_date": run_date, "done_index": done_index, "done": done,
-            "background": bundle.background_index is not None, "device": str(bundle.device)}
+    return runs.prepare_run(model, device, out, run_id, thresholds, priors, skip_existing, get_run_logger())
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, task_run_name="segment-chunk-{spec.index:06d}")
@@ -149,7 +106,7 @@ def _check_gpu_workers(logger) -> None:
 
 @flow(name="segment-corpus-chunks")
 def segment_chunks(images: str, chunk_size: int, opts: SegmentOptions, workers: int,
-                   gpu_resources: bool = False) -> dict[str, Any]:
+                   gpu_resources: bool = False) -> runs.Fanout:
     """Segment every chunk on this subflow's task runner, at most ``workers`` in flight.
 
     Returns the chunk results, the failed chunks' messages, the number of chunks listed, the
@@ -193,8 +150,7 @@ def segment_chunks(images: str, chunk_size: int, opts: SegmentOptions, workers: 
             collect(done, pending.pop(done))
     for future in as_completed(list(pending)):
         collect(future, pending.pop(future))
-    return {"results": results, "failed_chunks": failed_chunks, "chunks": n_chunks,
-            "seconds": time.perf_counter() - t0, "start_seconds": start_seconds}
+    return runs.Fanout(results, failed_chunks, n_chunks, time.perf_counter() - t0, start_seconds)
 
 
 def _gpu_annotation():
@@ -228,30 +184,29 @@ def _public(url: str | None) -> str | None:
     return None if url is None else storage.redact_url(url)
 
 
-def _artifacts(results: list[ChunkResult], classes: list[str], counts: dict[str, int], out: str,
-               thumbnails: list[dict[str, str]]) -> None:
-    images: dict[str, int] = {}
-    pixels: dict[str, int] = {}
-    for r in results:
-        for c, n in r.class_images.items():
-            images[c] = images.get(c, 0) + n
-        for c, n in r.class_pixels.items():
-            pixels[c] = pixels.get(c, 0) + n
-    total_px = sum(pixels.values()) or 1
-    rows = [{"class": c, "images": images.get(c, 0), "pixel_share": round(pixels.get(c, 0) / total_px, 4)}
-            for c in classes if images.get(c)]
-    rows.sort(key=lambda r: -r["images"])
+def _artifacts(fanout: runs.Fanout, classes: list[str], counts: dict[str, int], out: str, thumbnails: int) -> None:
+    rows = runs.class_table(fanout.results, classes)
     create_table_artifact(key="segment-corpus-classes", table=rows or [{"class": "(none)", "images": 0}],
                           description=f"classes found: {counts['ok']} images segmented, {counts['failed']} "
                           f"failed, {counts['skipped']} skipped; tables under {_public(out)}")
     lines = ["# segment-corpus: overlays", "", "| image | labels | overlay |", "|---|---|---|"]
-    for t in thumbnails:
+    thumbs = runs.first_thumbnails(fanout.results, thumbnails)
+    for t in thumbs:
         name = t["uri"].rsplit("/", 1)[-1].replace("|", "/")
         lines.append(f"| {name} | {t['labels']} | ![overlay]({t['png']}) |")
-    if not thumbnails:
+    if not thumbs:
         lines.append("| (no image segmented) | | |")
     create_markdown_artifact(key="segment-corpus-overlays", markdown="\n".join(lines),
                              description="image | mask overlay, first images of the run")
+
+
+def _final_state(state_name: str, message: str | None, summary: dict[str, Any]) -> Any:
+    """The flow's return: Failed, Completed named CompletedWithErrors, or the summary itself."""
+    if state_name == "Failed":
+        return Failed(message=message, data=summary)
+    if state_name == "CompletedWithErrors":
+        return Completed(name="CompletedWithErrors", data=summary, message=message)
+    return summary
 
 
 @flow(name="segment-corpus", task_runner=ThreadPoolTaskRunner(max_workers=16))
@@ -293,65 +248,47 @@ def segment_corpus(
                                                "than this fraction of its inputs failed")] = 0.5,
 ) -> dict[str, Any]:
     """Segment a corpus; returns the run summary (the ``runs`` row)."""
+    parameters = dict(locals())  # first: exactly the flow's parameters, for the runs row
     logger = get_run_logger()
-    started_at = datetime.now(UTC)
-    t_start = time.perf_counter()
+    started_at, t_start = datetime.now(UTC), time.perf_counter()
     prior_list = parse_priors(priors)
     check_parameters({"min_side": min_side, "max_side": max_side})
     flow_run_id = str(get_run_context().flow_run.id)
-    run_id = run_id or f"{started_at:%Y%m%dT%H%M%SZ}-{flow_run_id.replace('-', '')[-8:]}"  # uuid7: random tail
+    run_id = run_id or runs.default_run_id(started_at, flow_run_id)
     chunk_device = _chunk_device(device, task_runner, dask_address)
     # On Dask the flow process only reads the model's metadata; the workers run it.
     info = prepare(model, "cpu" if task_runner == "dask" else device, out, run_id, thresholds, prior_list,
                    skip_existing)
     if task_runner == "threads":
-        chunk_device = info["device"]
+        chunk_device = info.device
     if skip_existing:
-        logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info["done"],
-                    info["model_id"])
-    opts = SegmentOptions(out=out, run_id=run_id, run_date=info["run_date"], model=info["model_pinned"],
-                          model_sha256=info["model_sha256"], max_bytes=max_bytes, device=chunk_device,
+        logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info.done,
+                    info.model_id)
+    opts = SegmentOptions(out=out, run_id=run_id, run_date=info.run_date, model=info.model_pinned,
+                          model_sha256=info.model_sha256, max_bytes=max_bytes, device=chunk_device,
                           priors=prior_list, batch_size=batch_size, max_side=max_side, min_side=min_side,
-                          max_pixels=max_pixels, thresholds={p: tuple(v) for p, v in info["thresholds"].items()},
-                          done_index=info["done_index"], thumbnails=thumbnails)
+                          max_pixels=max_pixels, thresholds={p: tuple(v) for p, v in info.thresholds.items()},
+                          done_index=info.done_index, thumbnails=thumbnails)
     logger.info("run %s: model %s (%d classes), priors %s, writing to %s/*/run_date=%s/ (%s, %d workers, %s)",
-                run_id, info["model_id"], len(info["classes"]), ",".join(prior_list) or "none", _public(out),
-                info["run_date"], task_runner, workers, chunk_device)
+                run_id, info.model_id, len(info.classes), ",".join(prior_list) or "none", _public(out),
+                info.run_date, task_runner, workers, chunk_device)
     gpu = task_runner == "dask" and chunk_device.startswith("cuda")
     runner = make_task_runner(task_runner, workers, dask_address, resources={"GPU": 1} if gpu else None)
     fanout = segment_chunks.with_options(task_runner=runner)(images, chunk_size, opts, workers, gpu_resources=gpu)
-    results: list[ChunkResult] = fanout["results"]
-    failed_chunks: list[str] = fanout["failed_chunks"]
-    n_chunks: int = fanout["chunks"]
-    if n_chunks == 0:
+    if fanout.chunks == 0:
         raise SourceError(f"--images {images} holds no images")
-    counts = runs.run_counts(results, n_chunks, failed_chunks)
+    counts = runs.run_counts(fanout.results, fanout.chunks, fanout.failed_chunks)
     seconds = time.perf_counter() - t_start
-    state_name = runs.final_state(counts, failed_chunks, max_error_fraction)
-    parameters = {"images": _public(images), "model": _public(model), "out": _public(out), "priors": priors,
-                  "batch_size": batch_size, "skip_existing": skip_existing, "chunk_size": chunk_size,
-                  "max_side": max_side, "min_side": min_side, "max_pixels": max_pixels, "device": chunk_device,
-                  "thresholds": _public(thresholds), "task_runner": task_runner, "workers": workers,
-                  "dask_address": _public(dask_address), "max_bytes": max_bytes,
-                  "max_error_fraction": max_error_fraction}
+    state_name = runs.final_state(counts, fanout.failed_chunks, max_error_fraction)
     row = runs.runs_row(run_id=run_id, flow_run_id=flow_run_id, model=model, info=info, priors=prior_list,
-                        parameters=parameters, counts=counts, state=state_name, started_at=started_at,
-                        seconds=seconds)
-    scratch = [p for p in (info["done_index"], info["model_pinned"]) if p]
-    finish_run(out, info["run_date"], run_id, n_chunks, row, scratch)
-    thumbs = [t for r in sorted(results, key=lambda r: r.index) for t in r.thumbnails][:thumbnails]
-    _artifacts(results, info["classes"], counts, out, thumbs)
-    summary = runs.run_summary(row, results, fanout["start_seconds"], fanout["seconds"])
+                        parameters=runs.run_parameters(parameters, chunk_device), counts=counts, state=state_name,
+                        started_at=started_at, seconds=seconds)
+    finish_run(out, info.run_date, run_id, fanout.chunks, row, [p for p in (info.done_index, info.model_pinned) if p])
+    _artifacts(fanout, info.classes, counts, out, thumbnails)
+    summary = runs.run_summary(row, fanout.results, fanout.start_seconds, fanout.seconds)
     logger.info("run %s: %d ok, %d failed, %d skipped, %d chunks (%d failed) in %.1f s (%.2f images/s)", run_id,
-                counts["ok"], counts["failed"], counts["skipped"], n_chunks, len(failed_chunks), seconds,
+                counts["ok"], counts["failed"], counts["skipped"], fanout.chunks, len(fanout.failed_chunks), seconds,
                 row["images_per_second"])
-    if failed_chunks:
-        return Failed(message=f"{len(failed_chunks)} of {n_chunks} chunks failed after retries "
-                      f"(rerun with --run-id {run_id}): {failed_chunks[:3]}", data=summary)
-    if state_name == "Failed":
-        return Failed(message=f"{counts['failed']} of {counts['listed']} inputs failed, over --max-error-fraction "
-                      f"{max_error_fraction} (see the errors table): {summary['errors_by_type']}", data=summary)
-    if counts["failed"]:
-        return Completed(name="CompletedWithErrors", data=summary,
-                         message=f"{counts['failed']} of {counts['listed']} inputs failed; see the errors table")
-    return summary
+    message = runs.outcome_message(state_name, counts, fanout.failed_chunks, run_id, max_error_fraction,
+                                   summary["errors_by_type"])
+    return _final_state(state_name, message, summary)

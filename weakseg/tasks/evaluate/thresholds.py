@@ -39,7 +39,14 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import storage
-from ..segment.priors import has_objectness, label_score, objectness_inputs, threshold_prior
+from ..segment.priors import (
+    default_thresholds,
+    has_objectness,
+    label_score,
+    objectness_inputs,
+    parse_priors,
+    threshold_prior,
+)
 from .scoring import VOID, align_classes
 
 __all__ = [
@@ -49,7 +56,9 @@ __all__ = [
     "ThresholdFit",
     "ThresholdSample",
     "ThresholdSearch",
+    "ThresholdsInUse",
     "read_thresholds",
+    "resolve_thresholds",
     "search_thresholds",
     "threshold_sample",
     "write_thresholds",
@@ -278,3 +287,35 @@ def read_thresholds(url: str) -> dict[str, Any]:
         raise ValueError(f"{url}: needs a 'classes' list and a 'thresholds' object")
     _validate(doc.get("prior"), doc["classes"], doc["thresholds"], url, doc.get("priors"))
     return doc
+
+
+@dataclass(frozen=True)
+class ThresholdsInUse:
+    """The δ a segment-corpus run applies, per prior, and where each came from."""
+
+    values: dict[str, list[float]]  # prior -> δ[K] in the model's class order
+    sources: dict[str, str]  # prior -> "checkpoint", the file's (public) URL, or "default (0.5/K)"
+    warning: str | None = None  # the file's δ were chosen for another chain
+
+
+def resolve_thresholds(checkpoint: Mapping[str, Sequence[float]], num_classes: int, priors: Sequence[str],
+                       from_file: tuple[str, Sequence[float], Sequence[str] | None] | None = None,
+                       file_url: str = "") -> ThresholdsInUse:
+    """Which δ win: a thresholds file's (``from_file`` = its prior, δ, chain; read from
+    ``file_url``, shown without credentials) over the checkpoint's, over 0.5/K for a bb or seg
+    prior of ``priors`` that has none."""
+    values = {p: list(v) for p, v in checkpoint.items()}
+    sources = dict.fromkeys(values, "checkpoint")
+    warning = None
+    if from_file is not None:
+        prior, vec, chain = from_file
+        if chain is not None and prior in priors and parse_priors(chain) != tuple(priors):
+            warning = (f"{file_url} holds δ chosen for priors {','.join(chain)}; this run applies "
+                       f"{','.join(priors) or 'none'} (the test then acts on other labels, so δ may not be the best)")
+        values[prior] = list(vec)
+        sources[prior] = file_url
+    for prior in ("bb", "seg"):
+        if prior in priors and prior not in values:
+            values[prior] = list(default_thresholds(num_classes))
+            sources[prior] = "default (0.5/K)"
+    return ThresholdsInUse(values, sources, warning)

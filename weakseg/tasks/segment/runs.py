@@ -1,20 +1,122 @@
-"""A segment-corpus run's bookkeeping: its counts, final state, ``runs`` row and summary.
+"""A segment-corpus run's bookkeeping: its set-up, counts, final state, ``runs`` row and summary.
 
-Plain functions over the chunks' :class:`~weakseg.tasks.segment.chunk.ChunkResult`; the
-flow writes the row (:func:`weakseg.tasks.segment.tables.write_rows`) and returns the summary.
+Plain functions: :func:`prepare_run` before the chunks, the rest over the chunks'
+:class:`~weakseg.tasks.segment.chunk.ChunkResult`; the flow writes the row
+(:func:`weakseg.tasks.segment.tables.write_rows`) and returns the summary.
 """
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from ... import __version__
 from .. import storage
+from ..evaluate.thresholds import resolve_thresholds
 from . import tables
 from .chunk import ChunkResult
+from .inference import ModelError, load_thresholds, pin_model, predict
 
-__all__ = ["final_state", "run_counts", "run_summary", "runs_row"]
+__all__ = [
+    "Fanout",
+    "RunSetup",
+    "class_table",
+    "default_run_id",
+    "final_state",
+    "first_thumbnails",
+    "outcome_message",
+    "prepare_run",
+    "run_counts",
+    "run_parameters",
+    "run_summary",
+    "runs_row",
+]
+
+# the flow's parameters that are URLs: written and logged without credentials
+_URL_PARAMETERS = ("images", "model", "out", "thresholds", "dask_address")
+# the flow's parameters the runs row does not repeat (run_id has its own column)
+_UNRECORDED = ("run_id", "thumbnails")
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What preparing a run found: the pinned model, its classes, the δ in use, the run's date."""
+
+    model_id: str
+    model_sha256: str
+    model_pinned: str  # URL of the run's copy of the checkpoint
+    classes: list[str]
+    thresholds: dict[str, list[float]]  # prior -> δ[K]
+    thresholds_source: dict[str, str]  # prior -> where its δ came from
+    run_date: str
+    done_index: str | None  # skip-existing: URL of the (uri, content hash) index, None when nothing is done
+    done: int  # images already segmented by this model (skip-existing)
+    background: bool
+    device: str
+
+
+@dataclass(frozen=True)
+class Fanout:
+    """What segmenting every chunk gave: results, failed chunks' messages, chunks listed, timing."""
+
+    results: list[ChunkResult]
+    failed_chunks: list[str]
+    chunks: int
+    seconds: float  # the fan-out's wall time after the runner started
+    start_seconds: float  # time to start (or join) the runner's cluster
+
+
+def default_run_id(started_at: datetime, flow_run_id: str) -> str:
+    """Start time plus the flow run id's random tail (uuid7)."""
+    return f"{started_at:%Y%m%dT%H%M%SZ}-{flow_run_id.replace('-', '')[-8:]}"
+
+
+def check_serves(bundle, model: str) -> None:
+    """One forward pass on a small blank image: a model that cannot serve fails the run now,
+    not as one error row per image."""
+    try:
+        pred = predict(bundle, [np.full((64, 64, 3), 127, np.uint8)])[0]
+    except Exception as err:
+        raise ModelError(f"model {storage.redact_url(model)} cannot serve: {type(err).__name__}: "
+                         f"{storage.redact(str(err))}") from None
+    if not np.isfinite(pred.image_probs).all() or not np.isfinite(pred.probs()).all():
+        raise ModelError(f"model {storage.redact_url(model)} cannot serve: its outputs are not finite (NaN or "
+                         "infinite weights?)")
+
+
+def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str | None, priors: tuple[str, ...],
+                skip_existing: bool, log: logging.Logger | logging.LoggerAdapter) -> RunSetup:
+    """Check the output, pin the model (once, by content), resolve thresholds, find run_date."""
+    attempt = uuid.uuid4().hex[:12]  # scratch names per attempt: two live runs of one run_id never share them
+    tables.check_writable(out, f"{run_id}-{attempt}")
+    bundle, pinned = pin_model(model, storage.join(out, "_state"), device, prefix=f"model-{run_id}-")
+    check_serves(bundle, model)
+    in_use = resolve_thresholds(bundle.thresholds, len(bundle.classes), priors,
+                                load_thresholds(thresholds, bundle.classes) if thresholds else None,
+                                storage.redact_url(thresholds) if thresholds else "")
+    if in_use.warning:
+        log.warning("%s", in_use.warning)
+    run_date = tables.find_run_date(out, run_id) or datetime.now(UTC).date().isoformat()
+    done_index, done = None, 0
+    if skip_existing:
+        done_index = storage.join(out, "_state", f"done-{run_id}-{attempt}.parquet")
+        done = tables.build_done_index(out, bundle.model_id, done_index, run_id)
+        if not done:
+            done_index = None
+    return RunSetup(bundle.model_id, bundle.sha256, pinned, list(bundle.classes), in_use.values, in_use.sources,
+                    run_date, done_index, done, bundle.background_index is not None, str(bundle.device))
+
+
+def run_parameters(parameters: Mapping[str, Any], device: str) -> dict[str, Any]:
+    """The ``runs.parameters`` record: the flow's parameters, URLs without credentials, the chunks' device."""
+    out = {k: _public(v) if k in _URL_PARAMETERS else v for k, v in parameters.items() if k not in _UNRECORDED}
+    out["device"] = device
+    return out
 
 
 def run_counts(results: Sequence[ChunkResult], n_chunks: int, failed_chunks: Sequence[str]) -> dict[str, int]:
@@ -34,14 +136,14 @@ def final_state(counts: Mapping[str, int], failed_chunks: Sequence[str], max_err
     return "CompletedWithErrors" if counts["failed"] else "Completed"
 
 
-def runs_row(*, run_id: str, flow_run_id: str, model: str, info: Mapping[str, Any], priors: Sequence[str],
+def runs_row(*, run_id: str, flow_run_id: str, model: str, info: RunSetup, priors: Sequence[str],
              parameters: Mapping[str, Any], counts: Mapping[str, int], state: str, started_at: datetime,
              seconds: float) -> dict[str, Any]:
     """The run's one ``runs`` row; ``info`` is what preparing the run found (model, classes, thresholds)."""
-    classes = info["classes"]
-    thresholds = {**{p: dict(zip(classes, v, strict=True)) for p, v in info["thresholds"].items()},
-                  "sources": {p: _public(v) for p, v in info["thresholds_source"].items()}}
-    return {"run_id": run_id, "flow_run_id": flow_run_id, "model_id": info["model_id"], "model_uri": _public(model),
+    classes = info.classes
+    thresholds = {**{p: dict(zip(classes, v, strict=True)) for p, v in info.thresholds.items()},
+                  "sources": {p: _public(v) for p, v in info.thresholds_source.items()}}
+    return {"run_id": run_id, "flow_run_id": flow_run_id, "model_id": info.model_id, "model_uri": _public(model),
             "classes": classes, "priors": ",".join(priors) or "none", "parameters": tables.dumps(parameters),
             "thresholds": tables.dumps(thresholds), "counts": dict(counts), "state": state,
             "started_at": started_at, "ended_at": datetime.now(UTC),
@@ -63,5 +165,41 @@ def run_summary(row: Mapping[str, Any], results: Sequence[ChunkResult], start_se
                        "model_loads": sum(r.model_loads for r in results)}}
 
 
+def outcome_message(state: str, counts: Mapping[str, int], failed_chunks: Sequence[str], run_id: str,
+                    max_error_fraction: float, errors_by_type: Mapping[str, int]) -> str | None:
+    """Why a run ended ``Failed`` or ``CompletedWithErrors`` (None when it completed cleanly)."""
+    if failed_chunks:
+        return (f"{len(failed_chunks)} of {counts['chunks']} chunks failed after retries "
+                f"(rerun with --run-id {run_id}): {list(failed_chunks)[:3]}")
+    if state == "Failed":
+        return (f"{counts['failed']} of {counts['listed']} inputs failed, over --max-error-fraction "
+                f"{max_error_fraction} (see the errors table): {dict(errors_by_type)}")
+    if counts["failed"]:
+        return f"{counts['failed']} of {counts['listed']} inputs failed; see the errors table"
+    return None
+
+
+def class_table(results: Sequence[ChunkResult], classes: Sequence[str]) -> list[dict[str, Any]]:
+    """Per class found: images it is in and its share of the labelled pixels, most images first."""
+    images: dict[str, int] = {}
+    pixels: dict[str, int] = {}
+    for r in results:
+        for c, n in r.class_images.items():
+            images[c] = images.get(c, 0) + n
+        for c, n in r.class_pixels.items():
+            pixels[c] = pixels.get(c, 0) + n
+    total_px = sum(pixels.values()) or 1
+    rows = [{"class": c, "images": images.get(c, 0), "pixel_share": round(pixels.get(c, 0) / total_px, 4)}
+            for c in classes if images.get(c)]
+    rows.sort(key=lambda r: -r["images"])
+    return rows
+
+
+def first_thumbnails(results: Sequence[ChunkResult], n: int) -> list[dict[str, str]]:
+    """The run's first ``n`` overlay thumbnails, in chunk order."""
+    return [t for r in sorted(results, key=lambda r: r.index) for t in r.thumbnails][:n]
+
+
 def _public(url: str | None) -> str | None:
+    """A URL without credentials (userinfo, signed query parameters): what is logged and written."""
     return None if url is None else storage.redact_url(url)

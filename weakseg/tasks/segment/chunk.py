@@ -89,6 +89,21 @@ class ChunkResult:
     worker: str = ""  # host:pid of the process that ran the chunk
     model_loads: int = 0  # checkpoint reads this chunk caused (0 when the process's cached model served)
 
+    def count_image(self, regions: Sequence[Mapping[str, Any]], prior_ms: Mapping[str, float]) -> None:
+        """One image segmented: its classes, pixels and prior timings."""
+        self.ok += 1
+        for name, v in prior_ms.items():
+            self.prior_ms[name] = self.prior_ms.get(name, 0.0) + v
+        for r in regions:
+            self.class_images[r["class_name"]] = self.class_images.get(r["class_name"], 0) + 1
+            self.class_pixels[r["class_name"]] = self.class_pixels.get(r["class_name"], 0) + r["pixel_count"]
+
+    def count_errors(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The chunk's errors rows: how many inputs failed, by error type."""
+        self.failed = len(rows)
+        for row in rows:
+            self.errors_by_type[row["error_type"]] = self.errors_by_type.get(row["error_type"], 0) + 1
+
 
 @dataclass
 class _Decoded:
@@ -272,9 +287,7 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
         bundle = (load_pinned(opts.model, opts.model_sha256, opts.device) if opts.model_sha256
                   else load_model(opts.model, opts.device))
     loads = model_loads() - loads
-    classes = bundle.classes
     thresholds = {p: np.asarray(v, dtype=np.float64) for p, v in opts.thresholds.items()} or bundle.thresholds
-    priors_text = ",".join(opts.priors) or "none"
     result = ChunkResult(spec.index, worker=f"{socket.gethostname()}:{os.getpid()}", model_loads=loads)
     writer = _ChunkWriter(opts, spec)
     for batch in _decoded(read_chunk(spec, opts.max_bytes), opts, spec, writer, result):
@@ -288,42 +301,47 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
             continue
         result.forward_seconds += time.perf_counter() - t0
         for d, pred in zip(batch, preds, strict=True):
-            try:
-                labels, prob_sum, ms = label_image(bundle, pred, d.rgb, opts.priors, thresholds)
-                regions = image_statistics(labels, prob_sum, pred.image_probs, classes)
-                png = encode_mask(labels)
-            except Exception as err:
-                writer.rows["errors"].append(_error_row(opts, spec.index, d.uri, "priors", err))
-                continue
-            key = image_key(d.uri)
-            h, w = labels.shape
-            order = np.argsort(-pred.image_probs)
-            writer.rows["regions"].extend({"run_id": opts.run_id, "image_key": key, **r} for r in regions)
-            writer.rows["masks"].append({"run_id": opts.run_id, "image_key": key, "width": w, "height": h,
-                                         "mask_png": png})
-            writer.rows["images"].append({
-                "run_id": opts.run_id, "model_id": bundle.model_id, "image_key": key, "image_uri": d.uri,
-                "content_sha256": d.sha, "width": w, "height": h, "status": "ok",
-                "top_class": classes[order[0]], "top_prob": float(pred.image_probs[order[0]]),
-                "labels": [r["class_name"] for r in regions],
-                "class_probs": [{"name": classes[i], "prob": float(pred.image_probs[i])} for i in order[:TOP_CLASSES]],
-                "priors": priors_text, "inference_ms": pred.inference_ms,
-                "prior_ms": float(sum(ms.values())), "forward_width": pred.forward_size[1],
-                "forward_height": pred.forward_size[0], "source_format": d.fmt, "chunk": spec.index,
-                "processed_at": _now(),
-            })
-            result.ok += 1
-            for name, v in ms.items():
-                result.prior_ms[name] = result.prior_ms.get(name, 0.0) + v
-            for r in regions:
-                result.class_images[r["class_name"]] = result.class_images.get(r["class_name"], 0) + 1
-                result.class_pixels[r["class_name"]] = result.class_pixels.get(r["class_name"], 0) + r["pixel_count"]
-            if len(result.thumbnails) < opts.thumbnails:
-                result.thumbnails.append({"uri": d.uri, "labels": ", ".join(r["class_name"] for r in regions[:3]),
-                                          "png": overlay_thumbnail(d.rgb, labels)})
+            _segment_image(bundle, d, pred, thresholds, opts, spec.index, writer, result)
     writer.flush()
-    result.failed = len(writer.rows["errors"])
-    for row in writer.rows["errors"]:
-        result.errors_by_type[row["error_type"]] = result.errors_by_type.get(row["error_type"], 0) + 1
+    result.count_errors(writer.rows["errors"])
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _segment_image(bundle: ModelBundle, d: _Decoded, pred: Prediction, thresholds: Mapping[str, np.ndarray],
+                   opts: SegmentOptions, chunk: int, writer: _ChunkWriter, result: ChunkResult) -> None:
+    """One predicted image: priors -> its regions, masks and images rows; a failure is an errors row."""
+    try:
+        labels, prob_sum, ms = label_image(bundle, pred, d.rgb, opts.priors, thresholds)
+        regions = image_statistics(labels, prob_sum, pred.image_probs, bundle.classes)
+        png = encode_mask(labels)
+    except Exception as err:
+        writer.rows["errors"].append(_error_row(opts, chunk, d.uri, "priors", err))
+        return
+    key = image_key(d.uri)
+    h, w = labels.shape
+    writer.rows["regions"].extend({"run_id": opts.run_id, "image_key": key, **r} for r in regions)
+    writer.rows["masks"].append({"run_id": opts.run_id, "image_key": key, "width": w, "height": h, "mask_png": png})
+    writer.rows["images"].append(_image_row(bundle, d, pred, regions, ms, opts, chunk, (h, w)))
+    result.count_image(regions, ms)
+    if len(result.thumbnails) < opts.thumbnails:
+        result.thumbnails.append({"uri": d.uri, "labels": ", ".join(r["class_name"] for r in regions[:3]),
+                                  "png": overlay_thumbnail(d.rgb, labels)})
+
+
+def _image_row(bundle: ModelBundle, d: _Decoded, pred: Prediction, regions: Sequence[Mapping[str, Any]],
+               ms: Mapping[str, float], opts: SegmentOptions, chunk: int, size: tuple[int, int]) -> dict[str, Any]:
+    """The ``images`` row of one segmented image."""
+    classes, (h, w) = bundle.classes, size
+    order = np.argsort(-pred.image_probs)
+    return {
+        "run_id": opts.run_id, "model_id": bundle.model_id, "image_key": image_key(d.uri), "image_uri": d.uri,
+        "content_sha256": d.sha, "width": w, "height": h, "status": "ok",
+        "top_class": classes[order[0]], "top_prob": float(pred.image_probs[order[0]]),
+        "labels": [r["class_name"] for r in regions],
+        "class_probs": [{"name": classes[i], "prob": float(pred.image_probs[i])} for i in order[:TOP_CLASSES]],
+        "priors": ",".join(opts.priors) or "none", "inference_ms": pred.inference_ms,
+        "prior_ms": float(sum(ms.values())), "forward_width": pred.forward_size[1],
+        "forward_height": pred.forward_size[0], "source_format": d.fmt, "chunk": chunk,
+        "processed_at": _now(),
+    }

@@ -245,6 +245,35 @@ def _void_border(mask: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def _check_synthetic(classes: Sequence[str], max_objects: int, train_layout: str, background_fraction: float,
+                     size: tuple[int, int], n_train: int, n_val: int) -> None:
+    """``ValueError`` for options :func:`write_synthetic_dataset` cannot honour."""
+    unknown = [c for c in classes if c not in _ALL_TEXTURES]
+    if unknown or not classes:
+        raise ValueError(f"unknown synthetic classes {unknown}; choose from {BENCHMARK_CLASSES}")
+    if not 1 <= max_objects <= len(classes):
+        raise ValueError(f"max_objects must be 1..{len(classes)}")
+    if train_layout == "imagefolder" and max_objects > 1:
+        raise ValueError("an ImageFolder tree holds one label per image: use max_objects=1 or train_layout='csv'")
+    if not 0 <= background_fraction < 1:
+        raise ValueError("background_fraction must be in [0, 1)")
+    if min(size) < 32 or n_train < 0 or n_val < 0:
+        raise ValueError("size must be at least 32 pixels and the image counts non-negative")
+
+
+def _pick_classes(rng: np.random.Generator, i: int, classes: Sequence[str], max_objects: int,
+                  background_fraction: float | None) -> tuple[str, ...]:
+    """Image ``i``'s object classes: none (a ``background_fraction`` of the images), else 1..max_objects
+    distinct ones, the first cycling through ``classes`` so every class appears early on.
+    ``background_fraction`` None (validation images): no draw for it, so no image is background only."""
+    if background_fraction is not None and rng.random() < background_fraction:
+        return ()
+    k = int(rng.integers(1, max_objects + 1))
+    first = classes[i % len(classes)]
+    others = rng.choice([c for c in classes if c != first], k - 1, replace=False)
+    return (first, *(str(c) for c in others))
+
+
 def write_synthetic_dataset(
     dest: str,
     n_train: int = 200,
@@ -282,17 +311,7 @@ def write_synthetic_dataset(
 
     h, w = (size, size) if isinstance(size, int) else size
     classes = tuple(sorted(classes))
-    unknown = [c for c in classes if c not in _ALL_TEXTURES]
-    if unknown or not classes:
-        raise ValueError(f"unknown synthetic classes {unknown}; choose from {BENCHMARK_CLASSES}")
-    if not 1 <= max_objects <= len(classes):
-        raise ValueError(f"max_objects must be 1..{len(classes)}")
-    if train_layout == "imagefolder" and max_objects > 1:
-        raise ValueError("an ImageFolder tree holds one label per image: use max_objects=1 or train_layout='csv'")
-    if not 0 <= background_fraction < 1:
-        raise ValueError("background_fraction must be in [0, 1)")
-    if min(h, w) < 32 or n_train < 0 or n_val < 0:
-        raise ValueError("size must be at least 32 pixels and the image counts non-negative")
+    _check_synthetic(classes, max_objects, train_layout, background_fraction, (h, w), n_train, n_val)
     gt_classes = ("background", *classes)
     rows, ids = [], {"train": [], "val": []}
     counts: dict[str, dict[str, int]] = {"train": dict.fromkeys(gt_classes, 0), "val": dict.fromkeys(gt_classes, 0)}
@@ -300,13 +319,7 @@ def write_synthetic_dataset(
         for i in range(n):
             rng = np.random.default_rng([seed, split_no, i])
             image_id = f"{split}_{i:06d}"
-            if split == "train" and rng.random() < background_fraction:
-                picked: tuple[str, ...] = ()
-            else:
-                k = int(rng.integers(1, max_objects + 1))
-                first = classes[i % len(classes)]  # every class appears early on
-                others = rng.choice([c for c in classes if c != first], k - 1, replace=False)
-                picked = (first, *(str(c) for c in others))
+            picked = _pick_classes(rng, i, classes, max_objects, background_fraction if split == "train" else None)
             scene = render_benchmark_scene(rng, picked, classes, (h, w), object_size)
             labels = scene.labels or ("background",)
             mask = _void_border(scene.mask, void_border) if void_border else scene.mask

@@ -24,12 +24,11 @@ from pydantic import Field
 from weakseg.flows._params import check_parameters
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.tasks.evaluate.scoring import read_split_ids
-from weakseg.tasks.evaluate.thresholds import write_thresholds
-from weakseg.tasks.evaluate.variants import fit_chain_thresholds
-from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
+from weakseg.tasks.evaluate.variants import ChainThresholds, choose_chain_thresholds
+from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE
 from weakseg.tasks.segment.priors import has_objectness, parse_priors, threshold_prior
 
-__all__ = ["choose_thresholds", "split_warning"]
+__all__ = ["choose_thresholds", "read_split", "search", "split_warning", "write"]
 
 
 def split_warning(split: str, eval_split: str = "val") -> str | None:
@@ -50,19 +49,16 @@ def read_split(ground_truth: str, split: str, limit: int | None) -> list[str]:
 
 
 @task(cache_policy=NONE)
-def search(model: str, device: str, ground_truth: str, ids: list[str], chain: tuple[str, ...], max_side: int,
-           min_side: int) -> tuple[list[str], dict[str, float], dict[str, Any]]:
-    """Load the model and run the search over the images (CPU/GPU-bound, not retried)."""
-    bundle = load_model(model, device)
-    thresholds, how = fit_chain_thresholds(bundle, ground_truth, ids, {"chain": chain}, max_side, min_side)["chain"]
-    return list(bundle.classes), thresholds, how
+def search(model: str, device: str, ground_truth: str, ids: list[str], chains: dict[str, tuple[str, ...]],
+           max_side: int, min_side: int) -> dict[str, ChainThresholds]:
+    """Load the model and run the search for each chain, in one pass over the images (CPU/GPU-bound, not retried)."""
+    return choose_chain_thresholds(model, device, ground_truth, ids, chains, max_side, min_side)
 
 
 @task(cache_policy=NONE, **IO_RETRIES, retry_condition_fn=retry_unless(ValueError))
-def write(out: str, prior: Literal["bb", "seg"], classes: list[str], thresholds: dict[str, float],
-          how: dict[str, Any], chain: tuple[str, ...]) -> dict[str, Any]:
+def write(out: str, chosen: ChainThresholds, how: dict[str, Any]) -> dict[str, Any]:
     """The thresholds file, written atomically (I/O: retried)."""
-    return write_thresholds(out, prior, classes, thresholds, how, priors=chain)
+    return chosen.write(out, how)
 
 
 @flow(name="choose-thresholds")
@@ -96,9 +92,9 @@ def choose_thresholds(
     leak = split_warning(split, eval_split)
     if leak:
         logger.warning(leak)
-    classes, thresholds, how = search(model, device, ground_truth, ids, chain, max_side, min_side)
-    how = {**how, "split": split, **({"split_warning": leak} if leak else {})}
-    doc = write(out, prior, classes, thresholds, how, chain)
+    chosen = search(model, device, ground_truth, ids, {"chain": chain}, max_side, min_side)["chain"]
+    how = {**chosen.how, "split": split, **({"split_warning": leak} if leak else {})}
+    doc = write(out, chosen, how)
     if how["skipped"]:
         logger.warning("%d of %d images could not be read and were skipped, e.g. %s", how["skipped"], len(ids),
                        next(iter(how["skipped_images"].items())))

@@ -18,17 +18,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
+from weakseg.flows.choose_thresholds import read_split, search, write
 from weakseg.flows.evaluate_segmentation import evaluate_segmentation
 from weakseg.flows.segment_corpus import segment_corpus
 from weakseg.flows.shard_imagenet import shard_imagenet
 from weakseg.flows.train_mil import train_mil
 from weakseg.tasks import storage
 from weakseg.tasks.evaluate.scoring import read_split_ids
-from weakseg.tasks.evaluate.thresholds import write_thresholds
-from weakseg.tasks.evaluate.variants import fit_thresholds, threshold_variants
+from weakseg.tasks.evaluate.variants import threshold_variants
 from weakseg.tasks.images import voc_palette
-from weakseg.tasks.segment.inference import load_model
-from weakseg.tasks.segment.priors import VARIANTS, threshold_prior
+from weakseg.tasks.segment.priors import VARIANTS
 from weakseg.tasks.synthetic import write_synthetic_dataset
 
 __all__ = ["demo"]
@@ -51,17 +50,15 @@ def list_split(data: str, split: str, dest: str) -> str:
     return dest
 
 
-@task
 def choose_thresholds(model: str, data: str, n_images: int, out: str) -> dict[str, str]:
-    """δ_k of every variant with SP-bb or SP-seg, on training images (never the scored ones)."""
+    """δ_k of every variant with SP-bb or SP-seg, on training images (never the scored ones): the
+    choose-thresholds flow's tasks, all variants in one pass over the images."""
     urls = {v: storage.join(out, f"thresholds-{v.replace('+', '-')}.json") for v in threshold_variants()}
     missing = [v for v, url in urls.items() if not storage.exists(url)]
     if missing:
-        bundle = load_model(model, "cpu")
-        ids = read_split_ids(data, "train")[:n_images]
-        for v, (thresholds, search) in fit_thresholds(bundle, data, ids, missing).items():
-            write_thresholds(urls[v], threshold_prior(VARIANTS[v]), bundle.classes, thresholds, search,
-                             priors=VARIANTS[v])
+        ids = read_split(data, "train", n_images)
+        for v, chosen in search(model, "cpu", data, ids, {v: VARIANTS[v] for v in missing}, 512, 0).items():
+            write(urls[v], chosen, chosen.how)
     return urls
 
 

@@ -7,18 +7,21 @@ itself never sees a mask.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import storage
 from ..images import decode_image
-from ..segment.inference import ModelBundle, compute_prior_inputs, predict, segment_variants
+from ..segment.inference import ModelBundle, compute_prior_inputs, load_model, predict, segment_variants
 from ..segment.priors import VARIANTS, chain_scores, has_objectness, objectness_prior, parse_priors, threshold_prior
 from .scoring import align_classes, confusion_matrix, decode_mask, gt_mask_url, read_gt_classes, read_split_ids
-from .thresholds import ThresholdFit, ThresholdSample, threshold_sample
+from .thresholds import ThresholdFit, ThresholdSample, threshold_sample, write_thresholds
 
 __all__ = [
+    "ChainThresholds",
+    "choose_chain_thresholds",
     "fit_chain_thresholds",
     "fit_thresholds",
     "iter_voc",
@@ -90,6 +93,35 @@ def fit_chain_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[s
         out[name] = (search.thresholds, {**search.describe(), "priors": list(chains[name]), "images": fit.samples,
                                          "skipped": len(skipped), "skipped_images": dict(list(skipped.items())[:20])})
     return out
+
+
+@dataclass(frozen=True)
+class ChainThresholds:
+    """δ_k chosen for one prior chain: what a thresholds file holds, before it is written."""
+
+    chain: tuple[str, ...]
+    classes: tuple[str, ...]  # the model's, in index order
+    thresholds: dict[str, float]  # δ by class name
+    how: dict[str, Any]  # how the search went (its ``search`` record)
+
+    @property
+    def prior(self) -> str:
+        return threshold_prior(self.chain)
+
+    def write(self, url: str, how: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The thresholds file, written atomically; ``how`` replaces the search record."""
+        return write_thresholds(url, self.prior, self.classes, self.thresholds, self.how if how is None else how,
+                                priors=self.chain)
+
+
+def choose_chain_thresholds(model: str, device: str, ground_truth: str, ids: Sequence[str],
+                            chains: Mapping[str, Sequence[str]], max_side: int = 512,
+                            min_side: int = 0) -> dict[str, ChainThresholds]:
+    """Load the model and choose δ_k of each chain on ``ids`` in one pass (:func:`fit_chain_thresholds`)."""
+    bundle = load_model(model, device)
+    found = fit_chain_thresholds(bundle, ground_truth, ids, chains, max_side, min_side)
+    return {name: ChainThresholds(parse_priors(chains[name]), tuple(bundle.classes), thresholds, how)
+            for name, (thresholds, how) in found.items()}
 
 
 def _chain_samples(bundle: ModelBundle, rgb: np.ndarray, gt: np.ndarray, chains: Mapping[str, tuple[str, ...]],

@@ -37,6 +37,7 @@ from PIL import Image
 
 from .. import storage
 from ..ingest.label_maps import VOC_CLASSES
+from ..uris import split_tar_uri
 
 __all__ = [
     "UNLABELLED_NAME",
@@ -294,8 +295,9 @@ class PredictedMask:
 
 def _stem(uri: str) -> str:
     """File name without extension; for ``tar://member::archive`` the member's."""
-    if uri.startswith("tar://"):
-        uri = uri[len("tar://"):].split("::")[0]
+    member_of = split_tar_uri(uri)
+    if member_of is not None:
+        uri = member_of[0]
     name = posixpath.basename(uri.rstrip("/"))
     return name.rsplit(".", 1)[0] if "." in name else name
 

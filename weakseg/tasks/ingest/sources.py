@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..images import DEFAULT_MAX_BYTES
+from ..uris import MANIFEST_COLUMNS, manifest_column, manifest_ref, tar_uri
 
 __all__ = [
     "InputTooLarge",
@@ -189,16 +190,15 @@ def _tar_headers(f) -> tuple[list[tarfile.TarInfo], str | None]:
 def _tar_items(fs, path: str) -> list[Item]:
     label = posixpath.basename(path)[: -len(".tar")]
     tar_url = storage.to_url(fs, path)
-    base = tar_url if "://" in tar_url else "file://" + tar_url
     size = int(fs.size(path))
     with fs.open(path, "rb") as f:
         members, problem = _tar_headers(f)
-    items = [Item(f"tar://{m.name}::{base}", (label,), None, m.size, tar_url, m.name, m.offset_data)
+    items = [Item(tar_uri(m.name, tar_url), (label,), None, m.size, tar_url, m.name, m.offset_data)
              for m in members if m.isfile() and not posixpath.basename(m.name).startswith(".")]
     if problem is not None and all(m.offset_data + m.size <= size for m in members):
         # no listed member runs past the end (it fails when read): the damage is in a header
         end = max((m.offset_data + m.size for m in members), default=0)
-        items.append(Item(f"tar://@{end}::{base}", (label,), None, 0, tar_url, None, None,
+        items.append(Item(tar_uri(f"@{end}", tar_url), (label,), None, 0, tar_url, None, None,
                           f"{tar_url} is damaged after byte {end} of {size} ({problem}): members after that are lost"))
     return items
 
@@ -224,9 +224,10 @@ def _list_manifest(fs, path: str) -> list[Item]:
     if not rows:
         raise SourceError(f"manifest {path} has no rows")
     columns = set(rows[0])
-    uri_col = next((c for c in ("uri", "path", "image_id") if c in columns), None)
+    uri_col = manifest_column(columns)
     if uri_col is None or "labels" not in columns:
-        raise SourceError(f"manifest {path} needs columns uri (or path, or image_id) and labels; has {sorted(columns)}")
+        raise SourceError(f"manifest {path} needs columns {' or '.join(MANIFEST_COLUMNS)} and labels; "
+                          f"has {sorted(columns)}")
     base = posixpath.dirname(path)
     items = []
     for row in rows:
@@ -234,9 +235,8 @@ def _list_manifest(fs, path: str) -> list[Item]:
         labels = tuple(x.strip() for x in (row["labels"] or "").split(";") if x.strip())
         if not ref or not labels:
             raise SourceError(f"manifest {path}: row without {uri_col if not ref else 'labels'}: {row}")
-        if uri_col == "image_id":  # VOC layout beside the manifest (MSRC-21, PASCAL VOC)
-            ref = posixpath.join(base, "JPEGImages", f"{ref}.jpg")
-        elif "://" not in ref and not ref.startswith("/"):
+        ref = manifest_ref(ref, uri_col)  # image_id: the VOC layout beside the manifest (MSRC-21, PASCAL VOC)
+        if "://" not in ref and not ref.startswith("/"):
             ref = posixpath.join(base, ref)
         uri = ref if "://" in ref else storage.to_url(fs, ref)
         items.append(Item(uri, labels, (row.get("split") or None), 0))

@@ -8,7 +8,8 @@
 - a glob (``*``, ``?``, ``[``): every matching file (``.tar`` ones as shards);
 - a text manifest (``.txt``, ``.lst``): one URI per line, ``#`` comments, relative paths
   resolved beside the manifest;
-- a Parquet or CSV manifest: a column ``image_uri``, ``uri`` or ``path``;
+- a Parquet or CSV manifest: a column ``image_uri``, ``uri``, ``path`` or ``image_id``
+  (:mod:`weakseg.tasks.uris`; ``image_id``: ``JPEGImages/<id>.jpg`` beside the manifest);
 - WebDataset shards: a ``.tar`` URL, or brace notation ``shards-{000000..000009}.tar``.
 
 :func:`iter_chunks` yields :class:`ChunkSpec` records: up to ``chunk_size`` URIs each for
@@ -40,12 +41,12 @@ from fsspec.implementations.local import LocalFileSystem
 from .. import storage
 from ..images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageError
 from ..ingest.sources import SourceError
+from ..uris import MANIFEST_COLUMNS, manifest_column, manifest_ref, split_tar_uri, tar_uri
 
 __all__ = ["ChunkSpec", "InputRecord", "TransientInputError", "canonical_uri", "is_transient",
            "iter_chunks", "iter_inputs", "read_chunk", "stored_uri"]
 
 
-MANIFEST_COLUMNS = ("image_uri", "uri", "path")
 TEXT_MANIFESTS = (".txt", ".lst")
 
 
@@ -100,10 +101,9 @@ def canonical_uri(url: str) -> str:
     ``tar://member::archive`` keeps the member and canonicalises the archive.
     """
     url = os.fspath(url)
-    if url.startswith("tar://") and "::" in url:
-        member, archive = url[len("tar://"):].split("::", 1)
-        archive = canonical_uri(archive)
-        return f"tar://{member}::{archive if '://' in archive else 'file://' + archive}"
+    member_of = split_tar_uri(url)
+    if member_of is not None:
+        return tar_uri(member_of[0], canonical_uri(member_of[1]))
     if url.startswith("file://"):
         url = url[len("file://"):]
     if "://" not in url:
@@ -180,20 +180,20 @@ def _manifest_rows(fs, path: str) -> Iterator[str]:
     if lower.endswith(".parquet"):
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            col = next((c for c in MANIFEST_COLUMNS if c in pf.schema_arrow.names), None)
+            col = manifest_column(pf.schema_arrow.names)
             if col is None:
                 raise SourceError(f"manifest {path} needs a column {' or '.join(MANIFEST_COLUMNS)}; "
                                   f"has {pf.schema_arrow.names}")
             for batch in pf.iter_batches(columns=[col], batch_size=8192):
-                yield from (v for v in batch.column(0).to_pylist() if v)
+                yield from (manifest_ref(v, col) for v in batch.column(0).to_pylist() if v)
     elif lower.endswith(".csv"):
         with fs.open(path, "rt", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            col = next((c for c in MANIFEST_COLUMNS if c in (reader.fieldnames or [])), None)
+            col = manifest_column(reader.fieldnames)
             if col is None:
                 raise SourceError(f"manifest {path} needs a column {' or '.join(MANIFEST_COLUMNS)}; "
                                   f"has {reader.fieldnames}")
-            yield from (row[col].strip() for row in reader if (row.get(col) or "").strip())
+            yield from (manifest_ref(row[col].strip(), col) for row in reader if (row.get(col) or "").strip())
     else:
         with fs.open(path, "rt", encoding="utf-8-sig") as f:
             for line in f:
@@ -316,7 +316,7 @@ def _read_file(url: str, max_bytes: int, attempts: int = 2) -> InputRecord:
 
 
 def _tar_uri(tar_url: str, member: str) -> str:
-    return stored_uri(f"tar://{member}::{tar_url}")
+    return stored_uri(tar_uri(member, tar_url))
 
 
 def _read_shard(url: str, max_bytes: int) -> Iterator[InputRecord]:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import functools
+import http.server
+import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +70,79 @@ def s3():
         yield fs
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder without logging every request."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """``serve(folder, handler=QuietHandler) -> base URL``: a folder over HTTP on 127.0.0.1,
+    shut down when the test ends."""
+    servers = []
+
+    def serve(directory, handler: type[http.server.BaseHTTPRequestHandler] = QuietHandler) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler,
+                                                                                      directory=str(directory)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+class _Collect(logging.Handler):
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def log_messages():
+    """``collect(*logger_names) -> list``: every message of those loggers from now until the test
+    ends (run loggers do not reach caplog reliably)."""
+    handlers: list[tuple[logging.Logger, logging.Handler]] = []
+
+    def collect(*names: str) -> list[str]:
+        messages: list[str] = []
+        handler = _Collect(messages)
+        for name in names:
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            handlers.append((logger, handler))
+        return messages
+
+    yield collect
+    for logger, handler in handlers:
+        logger.removeHandler(handler)
+
+
+def _tiny_checkpoint(classes: list[str], seed: int = 0, head_widths: tuple[int, ...] = (16, 16, 16),
+                     input_size: int = 64, nan: bool = False) -> bytes:
+    from weakseg.models import ModelConfig, checkpoint_bytes, create_model
+
+    torch.manual_seed(seed)
+    model, config = create_model(ModelConfig(num_classes=len(classes), head_widths=head_widths, output_stride=16),
+                                 pretrained="none")
+    if nan:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+    return checkpoint_bytes(model, config, classes, input_size=input_size)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint():
+    """``make(classes, seed=0, head_widths=(16, 16, 16), input_size=64, nan=False) -> bytes``: an
+    untrained small-head checkpoint (no pretrained weights), NaN weights on request."""
+    return _tiny_checkpoint

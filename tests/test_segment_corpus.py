@@ -8,10 +8,8 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from PIL import Image
 
-from weakseg.models import ModelConfig, checkpoint_bytes, create_model
 from weakseg.tasks import storage
 from weakseg.tasks.segment import tables
 
@@ -81,11 +79,8 @@ def write_corpus(root: str, files) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_bytes() -> bytes:
-    torch.manual_seed(0)
-    config = ModelConfig(num_classes=len(CLASSES), head_widths=(32, 32, 32), output_stride=16)
-    model, config = create_model(config, pretrained="none")
-    return checkpoint_bytes(model, config, CLASSES, input_size=128)
+def model_bytes(tiny_checkpoint) -> bytes:
+    return tiny_checkpoint(CLASSES, 0, head_widths=(32, 32, 32), input_size=128)
 
 
 def run(images, model, out, **kw):
@@ -269,33 +264,19 @@ def test_a_chunk_that_cannot_be_written_fails_the_run_after_retries(prefect_harn
     assert tables.read_table(str(tmp_path / "out"), "runs").to_pylist()[0]["state"] == "Failed"
 
 
-def test_thresholds_file_chosen_for_another_chain_is_used_with_a_warning(prefect_harness, tmp_path, model_bytes):
-    import logging
-
+def test_thresholds_file_chosen_for_another_chain_is_used_with_a_warning(prefect_harness, tmp_path, model_bytes,
+                                                                          log_messages):
     from weakseg.tasks.evaluate.thresholds import write_thresholds
-
-    class Collect(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__(logging.WARNING)
-            self.messages: list[str] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.messages.append(record.getMessage())
 
     root = str(tmp_path / "c")
     write_corpus(root, {k: v for k, v in corpus_files().items() if k == "a_rgb.jpg"})
     (tmp_path / "model.pt").write_bytes(model_bytes)
     url = str(tmp_path / "t.json")
     write_thresholds(url, "bb", CLASSES, dict.fromkeys(CLASSES, 0.2), priors=["ilp", "sppxl", "bb"])
-    collect, logger = Collect(), logging.getLogger("prefect.task_runs")
-    logger.addHandler(collect)
-    try:
-        state = run(root, str(tmp_path / "model.pt"), str(tmp_path / "out"), run_id="t1", priors="ilp,bb",
-                    thresholds=url)
-    finally:
-        logger.removeHandler(collect)
+    messages = log_messages("prefect.task_runs")
+    state = run(root, str(tmp_path / "model.pt"), str(tmp_path / "out"), run_id="t1", priors="ilp,bb",
+                thresholds=url)
     assert state.is_completed(), state.message
-    assert any("chosen for priors ilp,sppxl,bb; this run applies ilp,bb" in m for m in collect.messages), \
-        collect.messages
+    assert any("chosen for priors ilp,sppxl,bb; this run applies ilp,bb" in m for m in messages), messages
     used = json.loads(tables.read_table(str(tmp_path / "out"), "runs").to_pylist()[0]["thresholds"])
     assert used["bb"] == dict.fromkeys(CLASSES, 0.2) and used["sources"]["bb"] == url

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
-import logging
 import os
 import tarfile
 import threading
@@ -20,10 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from weakseg.models import ModelConfig, checkpoint_bytes, create_model
 from weakseg.tasks.images import DEFAULT_MAX_BYTES
 from weakseg.tasks.segment import tables
 from weakseg.tasks.segment.inputs import ChunkSpec, canonical_uri, is_transient, read_chunk
@@ -50,20 +47,9 @@ def write_images(folder: Path, n: int, seed: int = 0) -> list[str]:
     return names
 
 
-def _model(classes: list[str], seed: int, nan: bool = False) -> bytes:
-    torch.manual_seed(seed)
-    model, config = create_model(ModelConfig(num_classes=len(classes), head_widths=(16, 16, 16), output_stride=16),
-                                 pretrained="none")
-    if nan:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(float("nan"))
-    return checkpoint_bytes(model, config, classes, input_size=64)
-
-
 @pytest.fixture(scope="module")
-def models() -> dict[str, bytes]:
-    return {"a": _model(CLASSES, 0), "b": _model(OTHER_CLASSES, 1)}
+def models(tiny_checkpoint) -> dict[str, bytes]:
+    return {"a": tiny_checkpoint(CLASSES, 0), "b": tiny_checkpoint(OTHER_CLASSES, 1)}
 
 
 def run(images: str, model: str, out: str, **kw):
@@ -267,18 +253,9 @@ class _Files(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.text: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.text.append(record.getMessage())
-
-
 @pytest.mark.slow
 def test_no_secret_reaches_any_output_and_a_busy_server_retries_the_chunk(prefect_harness, tmp_path, models,
-                                                                         monkeypatch):
+                                                                         monkeypatch, http_server, log_messages):
     from prefect.client.orchestration import get_client
 
     from weakseg.flows import segment_corpus as module
@@ -287,46 +264,35 @@ def test_no_secret_reaches_any_output_and_a_busy_server_retries_the_chunk(prefec
     write_images(root, 2)
     (root / "flaky.jpg").write_bytes((root / "img0000.jpg").read_bytes())
     (root / "model.pt").write_bytes(models["a"])
-    handler = type("Files", (_Files,), {"flaky_left": 2})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    base = http_server(root, type("Files", (_Files,), {"flaky_left": 2}))
     (tmp_path / "list.txt").write_text("\n".join([
-        f"http://alice:{SECRET}@127.0.0.1:{server.server_address[1]}/img0000.jpg?token={SECRET}&w=1",
+        f"{base.replace('http://', f'http://alice:{SECRET}@')}/img0000.jpg?token={SECRET}&w=1",
         f"{base}/img0001.jpg?X-Amz-Credential={SECRET}&X-Amz-Signature={SECRET}",
         f"{base}/missing.jpg?sig={SECRET}",
         f"{base}/flaky.jpg?access_token={SECRET}",
     ]) + "\n")
     monkeypatch.setattr(module.segment_chunk_task, "retry_delay_seconds", [0, 0])
-    collect = _Collect()
-    loggers = [logging.getLogger(n) for n in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "weakseg")]
-    for lg in loggers:
-        lg.addHandler(collect)
+    text = log_messages("", "prefect", "prefect.flow_runs", "prefect.task_runs", "weakseg")
     out = str(tmp_path / "out")
-    try:
-        state = run(str(tmp_path / "list.txt"), f"{base}/model.pt?token={SECRET}", out, run_id="secret",
-                    chunk_size=4, thumbnails=2)
-    finally:
-        for lg in loggers:
-            lg.removeHandler(collect)
-        server.shutdown()
+    state = run(str(tmp_path / "list.txt"), f"{base}/model.pt?token={SECRET}", out, run_id="secret",
+                chunk_size=4, thumbnails=2)
     assert state.name == "CompletedWithErrors", state.message
     images = run_rows(out, "images", "secret")
     assert sorted(r["image_uri"] for r in images) == [f"{base}/flaky.jpg", f"{base}/img0000.jpg?w=1",
                                                        f"{base}/img0001.jpg"]
     assert [(r["image_uri"], r["error_type"]) for r in run_rows(out, "errors", "secret")] == \
         [(f"{base}/missing.jpg", "FileNotFoundError")]
-    shown = [str(state.message), str(state.result()), "\n".join(collect.text)]
+    shown = [str(state.message), str(state.result()), "\n".join(text)]
     for table in ("images", "regions", "masks", "errors", "runs"):
         shown.append(str(tables.read_table(out, table).to_pylist()))
     shown += [p.read_bytes().decode("latin-1") for p in Path(out).rglob("*") if p.is_file()]
     with get_client(sync_client=True) as client:
         shown += [f"{a.key} {a.description} {a.data}" for a in client.read_artifacts()]
-    assert collect.text and all(SECRET not in text for text in shown)
+    assert text and all(SECRET not in t for t in shown)
 
 
 @pytest.mark.slow
-def test_failed_runs_say_so_and_evaluate_skips_them(prefect_harness, tmp_path, models):
+def test_failed_runs_say_so_and_evaluate_skips_them(prefect_harness, tmp_path, models, tiny_checkpoint):
     from weakseg.flows.cli import main
     from weakseg.tasks import storage
 
@@ -335,7 +301,7 @@ def test_failed_runs_say_so_and_evaluate_skips_them(prefect_harness, tmp_path, m
     for i in range(3):
         (tmp_path / "bad" / f"x{i}.jpg").write_bytes(b"corrupt" * i)
     (tmp_path / "model.pt").write_bytes(models["a"])
-    (tmp_path / "nan.pt").write_bytes(_model(CLASSES, 0, nan=True))
+    (tmp_path / "nan.pt").write_bytes(tiny_checkpoint(CLASSES, 0, nan=True))
     out = str(tmp_path / "out")
     common = ["--model", str(tmp_path / "model.pt"), "--out", out, "--device", "cpu", "--priors", "ilp",
               "--max-side", "64", "--thumbnails", "0"]

@@ -2,10 +2,6 @@
 query strings) served by a real HTTP server on 127.0.0.1 never reach the shards, the
 manifest, errors.parquet, the checkpoint or the logs."""
 import io
-import logging
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +18,9 @@ SIGNATURE = "X-Amz-Credential=AKIAWEAKSEGSECRET&X-Amz-Signature=f00dfeedsig"
 SECRETS = ("hunter2pw", "AKIAWEAKSEGSECRET", "f00dfeedsig")
 
 
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
-def http_root(tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield tmp_path, f"http://{USERPASS}@127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+def http_root(tmp_path, http_server):
+    return tmp_path, http_server(tmp_path).replace("http://", f"http://{USERPASS}@")
 
 
 def _jpeg(seed: int) -> bytes:
@@ -43,26 +30,9 @@ def _jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
-class _Collect(logging.Handler):
-    """Every record of the ``prefect`` and ``weakseg`` loggers (run loggers do not reach caplog reliably)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
-def logs():
-    collect = _Collect()
-    loggers = [logging.getLogger(name) for name in ("prefect", "weakseg")]
-    for logger in loggers:
-        logger.addHandler(collect)
-    yield collect.messages
-    for logger in loggers:
-        logger.removeHandler(collect)
+def logs(log_messages):
+    return log_messages("prefect", "weakseg")
 
 
 def _assert_clean(what: str, data: bytes | str) -> None:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from weakseg.tasks.segment.priors import UNLABELLED
-from weakseg.tasks.train.pseudo_labels import pseudo_label, tag_mask
+from weakseg.tasks.train.pseudo_labels import peak_normalise, pseudo_label, tag_mask
 from weakseg.tasks.train.refine import PseudoTransform
 
 
@@ -28,9 +28,17 @@ def test_pseudo_labels_are_chosen_among_the_tags() -> None:
 
 
 def test_unsure_pixels_are_ignored() -> None:
-    probs = np.array([[[0.9, 0.55]], [[0.1, 0.45]]], np.float32)  # two classes, one row of two pixels
-    labels = pseudo_label(probs, np.ones(2), ("ilp",), 0.6, {})
-    assert labels.tolist() == [[0, UNLABELLED]]
+    probs = np.array([[[0.9, 0.55]], [[0.1, 0.45]]], np.float32)  # background 0 and one object, two pixels
+    labels = pseudo_label(probs, np.ones(2), ("ilp",), 0.7, {}, background=0)
+    assert labels.tolist() == [[0, UNLABELLED]]  # pixel 1: the object at its peak, 0.645 after normalising
+
+
+def test_a_tagged_object_wins_at_its_peak() -> None:
+    """Object 2 is under object 1 everywhere, but it is tagged: its best pixel is its own."""
+    probs = np.array([[[0.2, 0.2, 0.2]], [[0.7, 0.6, 0.5]], [[0.1, 0.2, 0.3]]], np.float32)
+    assert peak_normalise(probs, 0)[:, 0].argmax(0).tolist() == [1, 1, 2]
+    assert pseudo_label(probs, np.ones(3), ("ilp",), 0.0, {}, background=0).tolist() == [[1, 1, 2]]
+    assert np.allclose(peak_normalise(probs, 0).sum(0), 1.0)
 
 
 def test_pseudo_label_confidence_is_the_superpixel_mean_with_sppxl() -> None:

@@ -146,3 +146,22 @@ def tiny_checkpoint():
     """``make(classes, seed=0, head_widths=(16, 16, 16), input_size=64, nan=False) -> bytes``: an
     untrained small-head checkpoint (no pretrained weights), NaN weights on request."""
     return _tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def background_run(tmp_path_factory, prefect_harness) -> tuple[str, str, str]:
+    """``(data, shards, model.pt)``: objects on photo backgrounds tagged with their objects only (like VOC),
+    sharded and trained briefly with a learnt background; shared by the background and refinement tests."""
+    from weakseg.flows.shard_imagenet import shard_imagenet
+    from weakseg.flows.train_mil import train_mil
+    from weakseg.tasks.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("background-run")
+    data, shards, out = str(root / "data"), str(root / "shards"), str(root / "model")
+    write_synthetic_dataset(data, n_train=96, n_val=16, size=96, classes=("dots", "stripes"), max_objects=1,
+                            background_fraction=0.15)
+    shard_imagenet(source=f"{data}/labels.csv", dest=shards, max_side=96)
+    train_mil(shards=shards, out=out, epochs=4, steps_per_epoch=20, batch_size=16, input_size=96,
+              head_widths=[64, 64, 64], output_stride=8, lr=3e-3, num_workers=0, checkpoint_every=0, val_every=0,
+              progress=False, rotation=0.0, scale=[1.0, 1.0])
+    return data, shards, f"{out}/model.pt"

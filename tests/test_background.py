@@ -29,23 +29,14 @@ def test_with_background_sets_the_class_in_every_row() -> None:
 
 
 @pytest.mark.slow
-def test_background_is_learned_on_synthetic_data(tmp_path, prefect_harness) -> None:
+def test_background_is_learned_on_synthetic_data(background_run) -> None:
     """Objects on photo backgrounds, tagged with their objects only (like VOC): the trained model labels
     background pixels background — the all-object labelling scores background IoU 0."""
-    from weakseg.flows.shard_imagenet import shard_imagenet
-    from weakseg.flows.train_mil import train_mil
     from weakseg.tasks.evaluate.variants import score_variants
     from weakseg.tasks.segment.inference import load_model
-    from weakseg.tasks.synthetic import write_synthetic_dataset
 
-    data, shards, out = str(tmp_path / "data"), str(tmp_path / "shards"), str(tmp_path / "model")
-    write_synthetic_dataset(data, n_train=96, n_val=12, size=96, classes=("dots", "stripes"), max_objects=1,
-                            background_fraction=0.15)
-    shard_imagenet(source=f"{data}/labels.csv", dest=shards, max_side=96)
-    train_mil(shards=shards, out=out, epochs=4, steps_per_epoch=20, batch_size=16, input_size=96,
-              head_widths=[64, 64, 64], output_stride=8, lr=3e-3, num_workers=0, checkpoint_every=0, val_every=0,
-              progress=False, rotation=0.0, scale=[1.0, 1.0])
-    bundle = load_model(f"{out}/model.pt", "cpu")
+    data, _, model = background_run
+    bundle = load_model(model, "cpu")
     assert bundle.checkpoint.config.image_prior == "sigmoid"
     metrics = score_variants(bundle, data, "val", variants=("base",))["base"]
     # Labelling every pixel an object (what the paper's literal labels teach) scores 0 here; a run

@@ -9,7 +9,7 @@ from weakseg.flows.cli import COMMANDS, main
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "weakseg.flows.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for name in ("shard", "train", "segment", "evaluate", "thresholds", "demo"):
+    for name in ("shard", "train", "refine", "segment", "evaluate", "thresholds", "demo"):
         assert name in out
 
 
@@ -21,6 +21,7 @@ DESIGN_OPTIONS = {
     "segment": ["--images", "--model", "--out", "--priors", "--batch-size", "--run-id", "--skip-existing",
                 "--task-runner"],
     "evaluate": ["--predictions", "--ground-truth", "--split", "--out"],
+    "refine": ["--shards", "--model", "--out", "--priors", "--epochs", "--device"],
     "demo": ["--workdir"],
 }
 
@@ -40,3 +41,14 @@ def test_unknown_options_of_built_commands_are_refused():
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--bogus"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("name", ["segment", "thresholds", "refine"])
+def test_a_bad_tta_spec_is_refused_before_any_flow_run(name, tmp_path, capsys):
+    required = {"segment": ["--images", str(tmp_path), "--model", "m.pt", "--out", str(tmp_path)],
+                "thresholds": ["--model", "m.pt", "--ground-truth", str(tmp_path), "--out", "t.json"],
+                "refine": ["--shards", str(tmp_path), "--model", "m.pt", "--out", str(tmp_path)]}[name]
+    with pytest.raises(SystemExit) as exc:
+        main([name, *required, "--tta", "1,9+flip"])
+    assert exc.value.code == 2
+    assert "--tta" in capsys.readouterr().err

@@ -66,32 +66,22 @@ def test_pseudo_transform_moves_labels_with_the_image() -> None:
 
 
 @pytest.mark.slow
-def test_refine_improves_over_its_input_model(tmp_path, prefect_harness) -> None:
-    """Synthetic objects on photo backgrounds, tagged with their objects only: refine-mil's checkpoint is
-    used by the scoring code unchanged and labels val pixels better than the model it was refined from."""
+def test_refine_improves_over_its_input_model(tmp_path, background_run) -> None:
+    """refine-mil's checkpoint is used by the scoring code unchanged and labels val pixels better than the
+    model it was refined from (synthetic objects on photo backgrounds, tagged with their objects only)."""
     from weakseg.flows.refine_mil import refine_mil
-    from weakseg.flows.shard_imagenet import shard_imagenet
-    from weakseg.flows.train_mil import train_mil
     from weakseg.tasks.evaluate.variants import score_variants
     from weakseg.tasks.segment.inference import load_model
-    from weakseg.tasks.synthetic import write_synthetic_dataset
 
-    data, shards = str(tmp_path / "data"), str(tmp_path / "shards")
-    mil, refined = str(tmp_path / "mil"), str(tmp_path / "refined")
-    write_synthetic_dataset(data, n_train=96, n_val=16, size=96, classes=("dots", "stripes"), max_objects=1,
-                            background_fraction=0.15)
-    shard_imagenet(source=f"{data}/labels.csv", dest=shards, max_side=96)
-    train_mil(shards=shards, out=mil, epochs=3, steps_per_epoch=20, batch_size=16, input_size=96,
-              head_widths=[64, 64, 64], output_stride=8, lr=3e-3, num_workers=0, checkpoint_every=0, val_every=0,
-              progress=False, rotation=0.0, scale=[1.0, 1.0])
-    result = refine_mil(shards=shards, model=f"{mil}/model.pt", out=refined, epochs=3, steps_per_epoch=20,
+    data, shards, model = background_run
+    result = refine_mil(shards=shards, model=model, out=str(tmp_path / "refined"), epochs=3, steps_per_epoch=20,
                         batch_size=16, input_size=96, lr=3e-3, num_workers=0, progress=False)
     pseudo = result["pseudo_labels"]
     assert pseudo["images"] == 96 and 0 < pseudo["coverage"] <= 1
     assert set(pseudo["class_pixels"]) == {"background", "dots", "stripes"}
 
-    before = score_variants(load_model(f"{mil}/model.pt", "cpu"), data, "val", variants=("base",))["base"]
+    before = score_variants(load_model(model, "cpu"), data, "val", variants=("base",))["base"]
     after = score_variants(load_model(result["checkpoint"], "cpu"), data, "val", variants=("base",))["base"]
     assert after["mean_iou"] > before["mean_iou"], (before["mean_iou"], after["mean_iou"])
-    ckpt = load_model(result["checkpoint"], "cpu").checkpoint
-    assert ckpt.training_state["refined_from"]["model_id"] == load_model(f"{mil}/model.pt", "cpu").model_id
+    refined = load_model(result["checkpoint"], "cpu").checkpoint
+    assert refined.training_state["refined_from"]["model_id"] == load_model(model, "cpu").model_id

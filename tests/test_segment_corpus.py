@@ -144,6 +144,11 @@ def test_local_corpus_bad_files_rerun_and_skip_existing(prefect_harness, tmp_pat
     runs = t["runs"].to_pylist()
     assert len(runs) == 1 and runs[0]["classes"] == CLASSES and runs[0]["state"] == "CompletedWithErrors"
     assert runs[0]["priors"] == "ilp,sppxl,bb,seg" and json.loads(runs[0]["parameters"])["chunk_size"] == 4
+    # The default test-time view is the image at twice its plain forward size (b_large: shrunk to 256 first).
+    assert json.loads(runs[0]["parameters"])["tta"] == "2"
+    forward = {r["image_uri"].rsplit("/", 1)[-1]: (r["forward_width"], r["forward_height"])
+               for r in t["images"].to_pylist()}
+    assert forward["a_rgb.jpg"] == (240, 180) and forward["b_large.jpg"] == (512, 342)
     used = json.loads(runs[0]["thresholds"])
     assert used["bb"] == used["seg"] == dict.fromkeys(CLASSES, 0.125)  # default 0.5/K
     assert used["sources"] == {"bb": "default (0.5/K)", "seg": "default (0.5/K)"}
@@ -165,7 +170,7 @@ def test_local_corpus_bad_files_rerun_and_skip_existing(prefect_harness, tmp_pat
     write_corpus(root, more)
     storage.write_bytes(storage.join(root, "a_rgb.jpg"), changed)
     files = {**files, **more, "a_rgb.jpg": (changed, (120, 90))}
-    state = run(root, model, out, run_id="r2", skip_existing=True, priors="ilp", min_side=192)
+    state = run(root, model, out, run_id="r2", skip_existing=True, priors="ilp", min_side=192, tta="1")
     summary = state.result()
     assert summary["counts"]["ok"] == 3 and summary["counts"]["skipped"] == len(GOOD) - 1
     t3 = check_tables(out, "r2", files, {"n_new1.jpg", "n_new2.png", "a_rgb.jpg"})

@@ -108,5 +108,12 @@ def check_parameters(values: Mapping[str, Any]) -> None:
         mean, std = values["mean"] or (), values["std"] or ()
         if len(mean) not in (0, 3) or len(std) not in (0, 3) or bool(mean) != bool(std):
             problems.append("--mean and --std take three values each, or neither")
+    if "tta" in values:
+        from weakseg.tasks.segment.tta import TTAError, parse_tta
+
+        try:
+            parse_tta(values["tta"])
+        except TTAError as err:
+            problems.append(f"--tta: {err}")
     if problems:
         raise ValueError("; ".join(problems))

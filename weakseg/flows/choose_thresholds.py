@@ -27,6 +27,7 @@ from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.variants import ChainThresholds, choose_chain_thresholds
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE
 from weakseg.tasks.segment.priors import has_objectness, parse_priors, threshold_prior
+from weakseg.tasks.segment.tta import DEFAULT_TTA
 
 __all__ = ["choose_thresholds", "read_split", "search", "split_warning", "write"]
 
@@ -50,9 +51,9 @@ def read_split(ground_truth: str, split: str, limit: int | None) -> list[str]:
 
 @task(cache_policy=NONE)
 def search(model: str, device: str, ground_truth: str, ids: list[str], chains: dict[str, tuple[str, ...]],
-           max_side: int, min_side: int) -> dict[str, ChainThresholds]:
+           max_side: int, min_side: int, tta: str = DEFAULT_TTA) -> dict[str, ChainThresholds]:
     """Load the model and run the search for each chain, in one pass over the images (CPU/GPU-bound, not retried)."""
-    return choose_chain_thresholds(model, device, ground_truth, ids, chains, max_side, min_side)
+    return choose_chain_thresholds(model, device, ground_truth, ids, chains, max_side, min_side, tta)
 
 
 @task(cache_policy=NONE, **IO_RETRIES, retry_condition_fn=retry_unless(ValueError))
@@ -77,6 +78,8 @@ def choose_thresholds(
     max_side: Annotated[int, Field(ge=32, description="forward-pass longer side, as in segment")] = DEFAULT_MAX_SIDE,
     min_side: Annotated[int, Field(ge=0, description="enlarge smaller images to this longer side, as in segment "
                                    "(0: never)")] = 0,
+    tta: Annotated[str, Field(description="test-time views, as in segment (δ belong to the maps they were "
+                              "chosen on)")] = DEFAULT_TTA,
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
 ) -> dict[str, Any]:
     """Choose δ_k for one chain; returns the thresholds document."""
@@ -84,7 +87,7 @@ def choose_thresholds(
     chain = parse_priors(priors)
     if not has_objectness(chain):
         raise ValueError(f"priors {priors!r} have no objectness prior (bb or seg): there is no δ to choose")
-    check_parameters({"min_side": min_side, "max_side": max_side})
+    check_parameters({"min_side": min_side, "max_side": max_side, "tta": tta})
     prior = threshold_prior(chain)
     ids = read_split(ground_truth, split, limit)
     logger.info("choosing δ of %s for priors %s on %d %s images of %s", prior, ",".join(chain), len(ids), split,
@@ -92,7 +95,7 @@ def choose_thresholds(
     leak = split_warning(split, eval_split)
     if leak:
         logger.warning(leak)
-    chosen = search(model, device, ground_truth, ids, {"chain": chain}, max_side, min_side)["chain"]
+    chosen = search(model, device, ground_truth, ids, {"chain": chain}, max_side, min_side, tta)["chain"]
     how = {**chosen.how, "split": split, **({"split_warning": leak} if leak else {})}
     doc = write(out, chosen, how)
     if how["skipped"]:

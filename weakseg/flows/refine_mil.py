@@ -20,6 +20,7 @@ from prefect.cache_policies import NONE
 from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
+from weakseg.flows._params import check_parameters
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import load_checkpoint
 from weakseg.models.losses import background_index
@@ -28,6 +29,7 @@ from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.ingest.manifest import ManifestError, load_manifest
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
 from weakseg.tasks.segment.priors import parse_priors
+from weakseg.tasks.segment.tta import DEFAULT_TTA
 from weakseg.tasks.storage import redact_url
 from weakseg.tasks.train.pseudo_labels import write_pseudo_labels
 from weakseg.tasks.train.refine import RefineConfig, run_refine
@@ -43,7 +45,7 @@ def read_manifest(shards: str) -> dict[str, Any]:
 
 @task(cache_policy=NONE)
 def label_training_images(model: str, device: str, shards: str, manifest: dict[str, Any], out: str,
-                          priors: tuple[str, ...], confidence: float, max_side: int) -> dict[str, Any]:
+                          priors: tuple[str, ...], confidence: float, max_side: int, tta: str) -> dict[str, Any]:
     """Pseudo-label the training split with the model (compute-bound, not retried)."""
     bundle = load_model(model, device)
     if list(bundle.classes) != list(manifest["classes"]):
@@ -52,7 +54,7 @@ def label_training_images(model: str, device: str, shards: str, manifest: dict[s
     options = bundle.checkpoint.training_state.get("options", {})
     background = background_index(bundle.classes, options.get("background", "auto"))
     stats = write_pseudo_labels(bundle, shards, manifest, storage.join(out, "pseudo-labels"), priors=priors,
-                                confidence=confidence, max_side=max_side, background=background)
+                                confidence=confidence, max_side=max_side, background=background, tta=tta)
     return {**stats.to_dict(), "parent": {"url": bundle.model_uri, "model_id": bundle.model_id,
                                           "sha256": bundle.sha256}}
 
@@ -94,6 +96,8 @@ def refine_mil(
     mil_weight: Annotated[float, Field(ge=0, description="weight of the image-level MIL loss")] = 1.0,
     max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
         DEFAULT_MAX_SIDE),
+    tta: Annotated[str, Field(description="test-time views of the pseudo-labelling forward pass, as in segment")] = (
+        DEFAULT_TTA),
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: CUDA when present")] = "auto",
     num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes")] = 2,
     seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,
@@ -102,9 +106,10 @@ def refine_mil(
     """Pseudo-label the training images with the model, fine-tune it on them; returns the checkpoint URL."""
     logger = get_run_logger()
     chain = parse_priors(priors)
+    check_parameters({"tta": tta})
     manifest = read_manifest(shards)
     with gpu_slot(str(resolve_device(device))):
-        pseudo = label_training_images(model, device, shards, manifest, out, chain, confidence, max_side)
+        pseudo = label_training_images(model, device, shards, manifest, out, chain, confidence, max_side, tta)
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
                     100 * pseudo["coverage"], pseudo["skipped"])
         config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, lr=lr,

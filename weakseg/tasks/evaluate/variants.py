@@ -58,7 +58,8 @@ def threshold_variants(variants: Sequence[str] = tuple(VARIANTS)) -> list[str]:
 
 def fit_chain_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[str],
                          chains: Mapping[str, Sequence[str]], max_side: int = 512,
-                         min_side: int = 0) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
+                         min_side: int = 0,
+                         tta: str | None = None) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
     """δ_k of each prior chain (``{name: ("ilp", "sppxl", "seg")}``), maximising its mean IoU on ``ids``.
 
     One pass over the images for all chains. Returns ``{name: (δ by class name, how the
@@ -77,7 +78,7 @@ def fit_chain_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[s
     for image_id in ids:
         try:  # everything of one image first, so a bad one adds to no chain's fit
             rgb, gt = read_voc(ground_truth, image_id)
-            samples = _chain_samples(bundle, rgb, gt, chains, needed, max_side, min_side)
+            samples = _chain_samples(bundle, rgb, gt, chains, needed, max_side, min_side, tta)
             checked = {name: fit.check(samples[name]) for name, fit in fits.items()}
         except (OSError, ValueError) as err:
             skipped[image_id] = f"{type(err).__name__}: {err}"
@@ -116,18 +117,19 @@ class ChainThresholds:
 
 def choose_chain_thresholds(model: str, device: str, ground_truth: str, ids: Sequence[str],
                             chains: Mapping[str, Sequence[str]], max_side: int = 512,
-                            min_side: int = 0) -> dict[str, ChainThresholds]:
+                            min_side: int = 0, tta: str | None = None) -> dict[str, ChainThresholds]:
     """Load the model and choose δ_k of each chain on ``ids`` in one pass (:func:`fit_chain_thresholds`)."""
     bundle = load_model(model, device)
-    found = fit_chain_thresholds(bundle, ground_truth, ids, chains, max_side, min_side)
+    found = fit_chain_thresholds(bundle, ground_truth, ids, chains, max_side, min_side, tta)
     return {name: ChainThresholds(parse_priors(chains[name]), tuple(bundle.classes), thresholds, how)
             for name, (thresholds, how) in found.items()}
 
 
 def _chain_samples(bundle: ModelBundle, rgb: np.ndarray, gt: np.ndarray, chains: Mapping[str, tuple[str, ...]],
-                   needed: Sequence[str], max_side: int, min_side: int) -> dict[str, ThresholdSample]:
+                   needed: Sequence[str], max_side: int, min_side: int,
+                   tta: str | None = None) -> dict[str, ThresholdSample]:
     """One image's threshold sample for every chain, from one forward pass."""
-    pred = predict(bundle, [rgb], max_side, min_side)[0]
+    pred = predict(bundle, [rgb], max_side, min_side, tta)[0]
     inputs, _ = compute_prior_inputs(rgb, needed)
     probs = pred.probs()
     samples = {}
@@ -141,12 +143,14 @@ def _chain_samples(bundle: ModelBundle, rgb: np.ndarray, gt: np.ndarray, chains:
 
 def fit_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[str],
                    variants: Sequence[str] | None = None,
-                   max_side: int = 512, min_side: int = 0) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
+                   max_side: int = 512, min_side: int = 0,
+                   tta: str | None = None) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
     """:func:`fit_chain_thresholds` for the :data:`~weakseg.tasks.segment.priors.VARIANTS` with bb or seg."""
     names = threshold_variants(variants if variants is not None else tuple(VARIANTS))
     if not names:
         raise ValueError("none of the variants has an objectness prior (bb or seg) to choose δ for")
-    return fit_chain_thresholds(bundle, ground_truth, ids, {v: VARIANTS[v] for v in names}, max_side, min_side)
+    return fit_chain_thresholds(bundle, ground_truth, ids, {v: VARIANTS[v] for v in names}, max_side, min_side,
+                                tta)
 
 
 def thresholds_by_variant(found: Mapping[str, tuple[Mapping[str, float], Any]],
@@ -161,7 +165,8 @@ def thresholds_by_variant(found: Mapping[str, tuple[Mapping[str, float], Any]],
 def score_variants(bundle: ModelBundle, ground_truth: str, split: str,
                    thresholds: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                    variants: Sequence[str] = tuple(VARIANTS),
-                   max_side: int = 512, limit: int | None = None, min_side: int = 0) -> dict[str, dict[str, Any]]:
+                   max_side: int = 512, limit: int | None = None, min_side: int = 0,
+                   tta: str | None = None) -> dict[str, dict[str, Any]]:
     """Metrics (mean IoU, per-class IoU, pixel accuracy, ...) of each variant on a split.
 
     ``thresholds``: δ per variant, ``{variant: {"bb" or "seg": δ[K]}}`` (see
@@ -174,7 +179,7 @@ def score_variants(bundle: ModelBundle, ground_truth: str, split: str,
     ids = read_split_ids(ground_truth, split)[:limit]
     for _, rgb, gt in iter_voc(ground_truth, ids):
         masks = segment_variants(bundle, rgb, max_side=max_side, variants=variants, variant_thresholds=thresholds,
-                                 min_side=min_side)
+                                 min_side=min_side, tta=tta)
         for variant, mask in masks.items():
             confusions[variant] += confusion_matrix(gt, mask, alignment)
     return {v: {**segmentation_metrics(conf, alignment), "images": len(ids)} for v, conf in confusions.items()}

@@ -67,6 +67,7 @@ class SegmentOptions:
     batch_size: int = 8
     max_side: int = DEFAULT_MAX_SIDE
     min_side: int = 0  # enlarge smaller images to this longer side for the forward pass (0: never)
+    tta: str = "1"  # test-time views (weakseg.tasks.segment.tta); "1": the plain forward pass
     max_pixels: int = DEFAULT_MAX_PIXELS
     thresholds: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     done_index: str | None = None  # skip-existing: URL of the (image_uri, content_sha256) index
@@ -293,7 +294,7 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
     for batch in _decoded(read_chunk(spec, opts.max_bytes), opts, spec, writer, result):
         t0 = time.perf_counter()
         try:
-            preds = predict(bundle, [d.rgb for d in batch], opts.max_side, opts.min_side)
+            preds = predict(bundle, [d.rgb for d in batch], opts.max_side, opts.min_side, opts.tta)
         except Exception as err:  # e.g. out of memory on one odd batch: record, go on
             _logger.warning("chunk %d: forward pass failed for %d images: %s", spec.index, len(batch), redact(str(err)))
             for d in batch:

@@ -137,11 +137,12 @@ def _write_shard(out: str, index: int, rows: list[dict]) -> str:
 
 
 def write_pseudo_labels(bundle: ModelBundle, shards: str, manifest: dict, out: str, *, priors: Sequence[str],
-                        confidence: float, max_side: int, background: int | None, batch_size: int = 8,
-                        split: str = "train", progress=None) -> PseudoLabelStats:
+                        confidence: float, max_side: int, background: int | None, tta: str | None = None,
+                        batch_size: int = 8, split: str = "train", progress=None) -> PseudoLabelStats:
     """Label every ``split`` image of the shards with ``bundle`` (module doc); shards under ``out``.
 
-    ``background``: the class index that is a tag of every image (the model's training made it one), or None.
+    ``background``: the class index that is a tag of every image (the model's training made it one), or None;
+    ``tta``: the test-time views of the forward pass (as ``weakseg segment --tta``).
     """
     classes = list(manifest["classes"])
     priors = parse_priors(priors)
@@ -152,7 +153,7 @@ def write_pseudo_labels(bundle: ModelBundle, shards: str, manifest: dict, out: s
     batch: list[tuple[dict, dict]] = []
 
     def flush() -> None:
-        preds = predict(bundle, [d["image"] for _, d in batch], max_side)
+        preds = predict(bundle, [d["image"] for _, d in batch], max_side, tta=tta)
         for (raw, d), pred in zip(batch, preds, strict=True):
             inputs, _ = compute_prior_inputs(d["image"], priors)
             tags = tag_mask(d["labels"], len(classes), bg)

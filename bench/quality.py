@@ -8,7 +8,8 @@ the 236 val images: the reported figure, run once with the settings dev chose.
 Per seed: ``weakseg shard`` of the tags -> ``weakseg train`` (the flows the CLI runs, with
 the README's settings) -> ``weakseg segment`` with the default priors and ``weakseg
 evaluate`` on the split (the CLI path, the headline) -> every prior variant scored from one
-forward pass (:func:`weakseg.tasks.quality.score_variants`; δ_k of SP-bb / SP-seg chosen on
+forward pass (:func:`weakseg.tasks.evaluate.variants.score_variants`, with the commands' default
+``--tta``; δ_k of SP-bb / SP-seg chosen on
 the training images' masks for the variants marked "δ fitted", the mask-free default δ
 otherwise). Prints JSON and a markdown table: mean ± standard deviation over the seeds of
 mean IoU, pixel accuracy (and background IoU) per variant. ``--refine`` scores each seed's
@@ -34,6 +35,7 @@ from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.variants import fit_thresholds, score_variants, thresholds_by_variant
 from weakseg.tasks.segment.inference import load_model
 from weakseg.tasks.segment.priors import VARIANTS
+from weakseg.tasks.segment.tta import DEFAULT_TTA
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {"msrc21": SHARED / "msrc21", "msrc21-objects": SHARED / "msrc21-objects"}
@@ -103,14 +105,15 @@ def cli_path(model: str, layout: Path, work: Path, split: str, seed: int, tag: s
 
 def score_seed(model: str, layout: Path, split: str, limit: int | None, fit: bool) -> dict:
     bundle = load_model(model, "cpu")
-    plain = score_variants(bundle, str(layout), split, None, tuple(VARIANTS), max_side=MAX_SIDE, limit=limit)
+    plain = score_variants(bundle, str(layout), split, None, tuple(VARIANTS), max_side=MAX_SIDE, limit=limit,
+                           tta=DEFAULT_TTA)
     if not fit:
         return plain
     found = fit_thresholds(bundle, str(layout), read_split_ids(str(layout), "train"), tuple(VARIANTS),
-                           max_side=MAX_SIDE)
+                           max_side=MAX_SIDE, tta=DEFAULT_TTA)
     fitted = {f"{v} (δ fitted)": t for v, t in thresholds_by_variant(found, bundle.classes).items()}
     tuned = score_variants(bundle, str(layout), split, {v.split(" ")[0]: t for v, t in fitted.items()},
-                           tuple(v.split(" ")[0] for v in fitted), max_side=MAX_SIDE, limit=limit)
+                           tuple(v.split(" ")[0] for v in fitted), max_side=MAX_SIDE, limit=limit, tta=DEFAULT_TTA)
     return {**plain, **{f"{v} (δ fitted)": m for v, m in tuned.items()}}
 
 
@@ -175,7 +178,7 @@ def report(args: argparse.Namespace, work: Path, per_seed: list[dict], headline:
     doc = {
         "benchmark": f"quality_{args.dataset}", "split": args.split, "refined": args.refine,
         "seeds": [int(x) for x in args.seeds.split(",")][: len(per_seed)],
-        "train": TRAIN, "max_side": MAX_SIDE,
+        "train": TRAIN, "max_side": MAX_SIDE, "tta": DEFAULT_TTA,
         "cli_default_chain": [{"mean_iou": h["mean_iou"], "pixel_accuracy": h["pixel_accuracy"],
                                "per_class_iou": {c: x["iou"] for c, x in h["per_class"].items()}} for h in headline],
         "mean_iou": summary(per_seed, "mean_iou"), "pixel_accuracy": summary(per_seed, "pixel_accuracy"),

@@ -28,9 +28,10 @@ def test_pseudo_labels_are_chosen_among_the_tags() -> None:
 
 
 def test_unsure_pixels_are_ignored() -> None:
-    probs = np.array([[[0.9, 0.55]], [[0.1, 0.45]]], np.float32)  # background 0 and one object, two pixels
+    """A pixel is unsure when its label's probability is under confidence x that label's best in the image."""
+    probs = np.array([[[0.9, 0.6, 0.2]], [[0.1, 0.4, 0.8]]], np.float32)  # background 0 and one object
     labels = pseudo_label(probs, np.ones(2), ("ilp",), 0.7, {}, background=0)
-    assert labels.tolist() == [[0, UNLABELLED]]  # pixel 1: the object at its peak, 0.645 after normalising
+    assert labels.tolist() == [[0, UNLABELLED, 1]]  # pixel 1: background at 0.545, its best is 0.878
 
 
 def test_a_tagged_object_wins_at_its_peak() -> None:
@@ -42,10 +43,12 @@ def test_a_tagged_object_wins_at_its_peak() -> None:
 
 
 def test_pseudo_label_confidence_is_the_superpixel_mean_with_sppxl() -> None:
-    probs = np.array([[[0.9, 0.55, 0.2]], [[0.1, 0.45, 0.8]]], np.float32)
-    segments = np.array([[0, 0, 1]])
-    labels = pseudo_label(probs, np.ones(2), ("ilp", "sppxl"), 0.7, {"superpixels": segments})
-    assert labels.tolist() == [[0, 0, 1]]  # pixel 1 alone is unsure (0.55); its superpixel's mean is 0.725
+    probs = np.array([[[0.9, 0.5, 0.95, 0.2]], [[0.1, 0.5, 0.05, 0.8]]], np.float32)
+    segments = np.array([[0, 0, 0, 1]])
+    # Alone, pixel 1 is class 1 at 0.54, under 0.8 x class 1's best (0.83); its superpixel votes 0, at 0.76.
+    assert pseudo_label(probs, np.ones(2), ("ilp",), 0.8, {}).tolist() == [[0, UNLABELLED, 0, 1]]
+    smoothed = pseudo_label(probs, np.ones(2), ("ilp", "sppxl"), 0.8, {"superpixels": segments})
+    assert smoothed.tolist() == [[0, 0, 0, 1]]
 
 
 def test_pseudo_transform_moves_labels_with_the_image() -> None:

@@ -87,7 +87,8 @@ def refine_mil(
     priors: Annotated[str, Field(description="priors of the pseudo-labels: the training image's tags restrict "
                                              "the labels (ilp), sppxl smooths them")] = "ilp,sppxl",
     confidence: Annotated[float, Field(ge=0, le=1, description=(
-        "pixels whose label probability (superpixel mean with sppxl) is under this are ignored"))] = 0.5,
+        "a pixel is ignored when its label's probability (superpixel mean with sppxl) is under this times the "
+        "most that label reaches in the image"))] = 0.8,
     epochs: Annotated[int, Field(ge=1, description="passes over the pseudo-labelled images")] = 6,
     steps_per_epoch: Annotated[int, Field(ge=0, description="optimiser steps per epoch; 0: one pass")] = 0,
     batch_size: Annotated[int, Field(ge=1, description="crops per step")] = 16,

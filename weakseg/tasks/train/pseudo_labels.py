@@ -6,8 +6,8 @@ treats it as a tag of every image), each object's map scaled to its peak
 (:func:`peak_normalise`) and renormalised, then the priors are applied as at
 inference (``sppxl``'s vote; ``ilp`` is the restriction itself, the tags being the
 image-level truth). A pixel is kept when the probability of its label, averaged over its
-superpixel with ``sppxl``, is at least ``confidence``; the rest are 255 (ignored by the
-refinement loss).
+superpixel with ``sppxl``, is at least ``confidence`` times the most that label reaches in
+the image (:func:`pseudo_label`); the rest are 255 (ignored by the refinement loss).
 
 The labels are written as WebDataset shards next to the refined model
 (``{out}/pseudo-labels/pseudo-{i:06d}.tar``: the original ``.jpg``, the ``.png`` labels,
@@ -96,7 +96,14 @@ def peak_normalise(probs: np.ndarray, background: int | None) -> np.ndarray:
 
 def pseudo_label(probs: np.ndarray, tags: np.ndarray, priors: Sequence[str], confidence: float,
                  inputs: dict[str, np.ndarray], background: int | None = None) -> np.ndarray:
-    """``uint8[H, W]`` labels among the tags, 255 where the label's probability is under ``confidence``.
+    """``uint8[H, W]`` labels among the tags, 255 where the label is unsure.
+
+    Unsure: the label's probability (its superpixel's mean with ``sppxl``) is under
+    ``confidence`` times the highest that label reaches in the image. Relative to each
+    label, so every tagged object keeps its most certain pixels; an absolute bar dropped
+    the weak classes entirely (dog, face and aeroplane kept no pixel at 0.8 on
+    MSRC-21-objects), while at ``0.8 x`` each class keeps at least 16 % of its pixels and
+    the kept ones are 93 % right (dev, ``--tta 2``; 84 % with every pixel kept).
 
     ``probs[K, H, W]`` per-pixel probabilities, ``tags[K]`` from :func:`tag_mask`, ``inputs``
     the prior inputs (:func:`~weakseg.tasks.segment.inference.compute_prior_inputs`).
@@ -108,7 +115,9 @@ def pseudo_label(probs: np.ndarray, tags: np.ndarray, priors: Sequence[str], con
     score = label_score(restricted, labels)
     if "superpixels" in inputs and "sppxl" in priors:
         score = superpixel_mean(score, inputs["superpixels"])
-    return np.where(score >= confidence, labels, np.uint8(UNLABELLED)).astype(np.uint8)
+    best = np.zeros(256, score.dtype)
+    np.maximum.at(best, labels.ravel(), score.ravel())
+    return np.where(score >= confidence * best[labels], labels, np.uint8(UNLABELLED)).astype(np.uint8)
 
 
 def _samples(shards: str, manifest: dict, split: str) -> Iterator[dict]:

@@ -103,13 +103,14 @@ def cli_path(model: str, layout: Path, work: Path, split: str, seed: int, tag: s
                                  run_id=run_id, out=str(work / "evaluation" / run_id))
 
 
-def score_seed(model: str, layout: Path, split: str, limit: int | None, fit: bool) -> dict:
+def score_seed(model: str, layout: Path, split: str, limit: int | None, fit: bool,
+               variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
     bundle = load_model(model, "cpu")
-    plain = score_variants(bundle, str(layout), split, None, tuple(VARIANTS), max_side=MAX_SIDE, limit=limit,
+    plain = score_variants(bundle, str(layout), split, None, variants, max_side=MAX_SIDE, limit=limit,
                            tta=DEFAULT_TTA)
     if not fit:
         return plain
-    found = fit_thresholds(bundle, str(layout), read_split_ids(str(layout), "train"), tuple(VARIANTS),
+    found = fit_thresholds(bundle, str(layout), read_split_ids(str(layout), "train"), variants,
                            max_side=MAX_SIDE, tta=DEFAULT_TTA)
     fitted = {f"{v} (δ fitted)": t for v, t in thresholds_by_variant(found, bundle.classes).items()}
     tuned = score_variants(bundle, str(layout), split, {v.split(" ")[0]: t for v, t in fitted.items()},
@@ -153,6 +154,8 @@ def main() -> None:
     parser.add_argument("--fit-thresholds", action="store_true",
                         help="also score SP-bb/SP-seg variants with δ_k fitted on the training images' masks")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="the prior variants scored beside the CLI path (comma list)")
     parser.add_argument("--refine", action="store_true",
                         help="score the refined model (weakseg refine of each seed's model, its defaults)")
     args = parser.parse_args()
@@ -169,7 +172,8 @@ def main() -> None:
         if args.refine:
             model = refine(model, work, seed)
         headline.append(cli_path(model, layout, work, args.split, seed, "-refined" if args.refine else ""))
-        per_seed.append(score_seed(model, layout, args.split, args.limit, args.fit_thresholds))
+        per_seed.append(score_seed(model, layout, args.split, args.limit, args.fit_thresholds,
+                                   tuple(args.variants.split(","))))
         table = report(args, work, per_seed, headline, started)  # after every seed: a partial run still reports
     print(table)
 

@@ -3,15 +3,15 @@ from pathlib import Path
 
 import pytest
 
-from weakseg.flows.demo import demo
+from weakseg.flows.demo import REFINED, demo
 from weakseg.tasks.segment.priors import VARIANTS
 
 
 @pytest.mark.slow
 def test_reduced_demo_runs_end_to_end_and_reuses_its_work(prefect_harness, tmp_path, capsys):
     workdir = tmp_path / "demo"
-    report = demo(workdir=str(workdir), n_train=24, n_val=4, size=96, epochs=1)
-    assert set(report["mean_iou"]) == set(VARIANTS)
+    report = demo(workdir=str(workdir), n_train=24, n_val=4, size=96, epochs=1, refine_epochs=1)
+    assert set(report["mean_iou"]) == {*VARIANTS, REFINED}
     assert all(0.0 <= v <= 1.0 for v in report["mean_iou"].values())
     assert report["duckdb"]["rows"], "the DuckDB query over the regions table returned nothing"
     assert len(list((workdir / "overlays").glob("*.png"))) == 4
@@ -23,7 +23,9 @@ def test_reduced_demo_runs_end_to_end_and_reuses_its_work(prefect_harness, tmp_p
 
     model = workdir / "model" / "model.pt"
     stamp = model.stat().st_mtime_ns
-    again = demo(workdir=str(workdir), n_train=24, n_val=4, size=96, epochs=1)
+    refined = workdir / "refined" / "model.pt"
+    assert refined.is_file()
+    again = demo(workdir=str(workdir), n_train=24, n_val=4, size=96, epochs=1, refine_epochs=1)
     assert model.stat().st_mtime_ns == stamp  # reused, not retrained
     assert again["mean_iou"] == report["mean_iou"]
     assert Path(report["overlays"]).is_dir()

@@ -2,8 +2,10 @@
 
 synthetic photos-like data -> shard-imagenet -> train-mil (frozen offline-pretrained
 backbone) -> δ_k thresholds on training images -> segment-corpus once per prior variant
--> evaluate-segmentation -> a short report (mean IoU per variant, a DuckDB query, overlays).
-Everything lives under ``workdir``; a second run reuses the data, shards and model.
+-> evaluate-segmentation; then refine-mil (the model fine-tuned on its own pseudo-labels)
+-> segment-corpus and evaluate-segmentation with the default chain -> a short report (mean
+IoU per variant, a DuckDB query, overlays). Everything lives under ``workdir``; a second
+run reuses the data, shards and models.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pydantic import Field
 
 from weakseg.flows.choose_thresholds import read_split, search, write
 from weakseg.flows.evaluate_segmentation import evaluate_segmentation
+from weakseg.flows.refine_mil import refine_mil
 from weakseg.flows.segment_corpus import segment_corpus
 from weakseg.flows.shard_imagenet import shard_imagenet
 from weakseg.flows.train_mil import train_mil
@@ -29,6 +32,8 @@ from weakseg.tasks.evaluate.variants import threshold_variants
 from weakseg.tasks.images import voc_palette
 from weakseg.tasks.segment.priors import VARIANTS
 from weakseg.tasks.synthetic import write_synthetic_dataset
+
+REFINED = "refined ilp+sppxl"  # the report's row for the refined model with the default chain
 
 __all__ = ["demo"]
 
@@ -60,6 +65,15 @@ def choose_thresholds(model: str, data: str, n_images: int, out: str) -> dict[st
         for v, chosen in search(model, "cpu", data, ids, {v: VARIANTS[v] for v in missing}, 512, 0).items():
             write(urls[v], chosen, chosen.how)
     return urls
+
+
+@task
+def refine(shards: str, model: str, out: str, epochs: int, size: int) -> str:
+    """The refinement stage with its defaults (reused when its model exists)."""
+    refined = storage.join(out, "model.pt")
+    if not storage.exists(refined):
+        refine_mil(shards=shards, model=model, out=out, epochs=epochs, input_size=size, num_workers=2)
+    return refined
 
 
 @task
@@ -102,6 +116,7 @@ def demo(
     n_val: Annotated[int, Field(ge=4, description="synthetic validation images (the scored ones)")] = 48,
     size: Annotated[int, Field(ge=64, description="image side in pixels")] = 160,
     epochs: Annotated[int, Field(ge=1, description="training epochs")] = 8,
+    refine_epochs: Annotated[int, Field(ge=0, description="epochs of the refinement stage (0: none)")] = 4,
     seed: Annotated[int, Field(description="data seed")] = 0,
 ) -> dict[str, Any]:
     """Run the whole pipeline and print a report; returns it."""
@@ -129,6 +144,12 @@ def demo(
         metrics = evaluate_segmentation(predictions=segmentation, ground_truth=data, split="val", run_id=run_id,
                                         out=storage.join(workdir, "evaluation", run_id))
         results[variant] = metrics
+    if refine_epochs:
+        refined = refine(shards, model, storage.join(workdir, "refined"), refine_epochs, size)
+        segment_corpus(images=images, model=refined, out=segmentation, run_id="demo-refined", device="cpu")
+        results[REFINED] = evaluate_segmentation(predictions=segmentation, ground_truth=data, split="val",
+                                                 run_id="demo-refined",
+                                                 out=storage.join(workdir, "evaluation", "demo-refined"))
     overlays = write_overlays(segmentation, data, "demo-ilp-sppxl", storage.join(workdir, "overlays"))
     sql, rows = _query(segmentation, "demo-ilp-sppxl")
     report = {

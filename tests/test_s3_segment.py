@@ -1,14 +1,13 @@
 """segment-corpus on s3:// against a real S3 API (moto's server) that fails some requests."""
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
+from samples import block_jpeg
 
 from weakseg.models import ModelConfig, checkpoint_bytes, create_model
 from weakseg.tasks.segment import tables
@@ -16,14 +15,6 @@ from weakseg.tasks.segment import tables
 pytestmark = pytest.mark.slow
 
 CLASSES = ["background", "disk", "square"]
-
-
-def _jpeg(rng: np.random.Generator, side: int) -> bytes:
-    arr = np.full((side, side + 8, 3), rng.integers(0, 256, 3), dtype=np.uint8)
-    arr[8:side // 2, 8:side // 2] = rng.integers(0, 256, 3)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 def test_transient_s3_failures_during_segment_corpus_are_retried(prefect_harness, s3, monkeypatch):
@@ -35,7 +26,7 @@ def test_transient_s3_failures_during_segment_corpus_are_retried(prefect_harness
     n = 12
     rng = np.random.default_rng(0)
     for i in range(n):
-        s3.pipe_file(f"weakseg-test/seg-src/img{i:03d}.jpg", _jpeg(rng, 48 + 4 * i))
+        s3.pipe_file(f"weakseg-test/seg-src/img{i:03d}.jpg", block_jpeg(rng, 48 + 4 * i))
     torch.manual_seed(0)
     model, config = create_model(ModelConfig(num_classes=len(CLASSES), head_widths=(16, 16, 16), output_stride=16),
                                  pretrained="none")
@@ -70,7 +61,7 @@ def test_transient_s3_failures_during_segment_corpus_are_retried(prefect_harness
 def test_an_output_bucket_that_does_not_exist_is_refused_not_created(prefect_harness, s3):
     from weakseg.flows.segment_corpus import segment_corpus
 
-    s3.pipe_file("weakseg-test/nb-src/img.jpg", _jpeg(np.random.default_rng(1), 48))
+    s3.pipe_file("weakseg-test/nb-src/img.jpg", block_jpeg(np.random.default_rng(1), 48))
     model, config = create_model(ModelConfig(num_classes=len(CLASSES), head_widths=(16, 16, 16), output_stride=16),
                                  pretrained="none")
     s3.pipe_file("weakseg-test/nb-model/model.pt", checkpoint_bytes(model, config, CLASSES, input_size=96))

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from samples import block_jpeg
 
 from weakseg.tasks.images import DEFAULT_MAX_BYTES
 from weakseg.tasks.segment import tables
@@ -30,20 +31,12 @@ OTHER_CLASSES = ["background", "ant", "cat", "dog"]
 SECRET = "s3cr3t-Kq7Vw"  # must never appear in any output
 
 
-def _jpeg(rng: np.random.Generator, side: int) -> bytes:
-    arr = np.full((side, side + 6, 3), rng.integers(0, 256, 3), dtype=np.uint8)
-    arr[4:side // 2, 4:side // 2] = rng.integers(0, 256, 3)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
 def write_images(folder: Path, n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     names = [f"img{i:04d}.jpg" for i in range(n)]
     for i, name in enumerate(names):
-        (folder / name).write_bytes(_jpeg(rng, 40 + 4 * i))
+        (folder / name).write_bytes(block_jpeg(rng, 40 + 4 * i))
     return names
 
 

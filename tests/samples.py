@@ -1,0 +1,16 @@
+"""Test images as bytes, shared by the test modules (not shipped in the package)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def block_jpeg(rng: np.random.Generator, side: int, margin: int = 6) -> bytes:
+    """A flat JPEG ``side x (side + margin)`` with a square of another colour: a photo-sized stand-in."""
+    arr = np.full((side, side + margin, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+    arr[margin // 2 + 1:side // 2, margin // 2 + 1:side // 2] = rng.integers(0, 256, 3)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()

@@ -175,7 +175,7 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
             loss, parts = refine_loss(ckpt, batch, device, cfg.mil_weight, loss_kind, multilabel, background)
             loss.backward()
             optimizer.step()
-            sums["loss"] += float(loss)
+            sums["loss"] += float(loss.detach())
             for k, v in parts.items():
                 sums[k] += v
             bar.update(1)

@@ -11,6 +11,11 @@
 3. Peak RSS of the flow process for ``--rss-sizes`` images (1,000 and 10,000 by default),
    each in a separate subprocess (``resource.getrusage``): it must stay flat, since the
    listing is streamed in chunks and only the chunks in flight are held.
+4. ``--skip-existing`` over an unchanged corpus of ``--skip-images`` images (10,000 is the
+   nightly case of issue 15; 1,000 by default): wall time and image bytes read (opens of
+   corpus files through fsspec, and the process's ``rchar`` from /proc), listed from the
+   folder (listing metadata: nothing should be read) and from a text manifest of the same
+   files (no metadata: every image read and hashed, as before). ``--only-skip`` runs just this.
 
 Small images (64-96 px photo crops) and a small head (32/32/32) keep it to minutes on CPU.
 """
@@ -119,6 +124,55 @@ def rss_child(n: int, backbone: str, chunk_size: int, batch_size: int) -> None:
                           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 
+def _rchar() -> int:
+    """Bytes this process has read through read() calls (all files, sockets; /proc/self/io), 0 where unknown."""
+    try:
+        with open("/proc/self/io") as f:
+            return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+    except (OSError, StopIteration):
+        return 0
+
+
+def skip_existing(n: int, backbone: str, chunk_size: int, batch_size: int) -> dict:
+    """A --skip-existing run over an unchanged corpus: wall time and image bytes read, from the
+    folder's listing (metadata) and from a manifest (no metadata: read and hash every image)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_images(root / "images", n)
+        make_checkpoint(root / "model.pt", backbone)
+        corpus, model, out = str(root / "images"), str(root / "model.pt"), str(root / "out")
+        paths = sorted((root / "images").rglob("*.jpg"))
+        (root / "list.txt").write_text("".join(f"{p}\n" for p in paths))
+        t0 = time.perf_counter()
+        first = run_flow(corpus, model, out, priors="none", chunk_size=chunk_size, batch_size=batch_size, workers=2)
+        report = {"images": n, "corpus_bytes": sum(p.stat().st_size for p in paths),
+                  "first_run": {"ok": first["counts"]["ok"], "seconds": round(time.perf_counter() - t0, 1)}}
+        opened: list[str] = []
+        original = LocalFileSystem._open
+
+        def counting(self, path, *args, **kwargs):
+            if str(path).startswith(corpus):
+                opened.append(str(path))
+            return original(self, path, *args, **kwargs)
+
+        LocalFileSystem._open = counting
+        try:
+            for name, images in (("listing", corpus), ("manifest", str(root / "list.txt"))):
+                opened.clear()
+                rchar, t0 = _rchar(), time.perf_counter()
+                s = run_flow(images, model, out, priors="none", chunk_size=chunk_size, batch_size=batch_size,
+                             workers=2, skip_existing=True)
+                report[name] = {"seconds": round(time.perf_counter() - t0, 2), "skipped": s["counts"]["skipped"],
+                                "ok": s["counts"]["ok"], "images_opened": len(opened),
+                                "image_bytes_read": sum(os.path.getsize(p) for p in opened),
+                                "process_bytes_read": _rchar() - rchar}
+        finally:
+            LocalFileSystem._open = original
+        return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=400, help="images for the throughput comparison")
@@ -129,11 +183,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rss-sizes", default="1000,10000", help="comma list; empty to skip")
     p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--skip-images", type=int, default=1000,
+                   help="corpus size of the --skip-existing run (10000: the nightly case); 0 to skip it")
+    p.add_argument("--only-skip", action="store_true", help="run only the --skip-existing measurement")
     args = p.parse_args()
     if args.rss_child:
         rss_child(args.rss_child, args.backbone, args.chunk_size, args.batch_size)
         return
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.only_skip:
+        print(json.dumps({"skip_existing": skip_existing(args.skip_images, args.backbone, 512, args.batch_size)},
+                         indent=2))
+        return
     report: dict = {"device": "cpu", "torch_threads": torch.get_num_threads(), "backbone": args.backbone,
                     "head_widths": [32, 32, 32], "classes": len(CLASSES), "image_side": "64-96 px",
                     "batch_size": args.batch_size, "chunk_size": args.chunk_size}
@@ -176,6 +237,8 @@ def main() -> None:
         rss[str(n)] = json.loads(out.stdout.strip().splitlines()[-1])
     if rss:
         report["peak_rss"] = rss
+    if args.skip_images:
+        report["skip_existing"] = skip_existing(args.skip_images, args.backbone, 512, args.batch_size)
     report["gpu"] = "pending (no GPU in this session)"
     print(json.dumps(report, indent=2))
 

@@ -8,6 +8,7 @@ retries the whole chunk, which rewrites the same file names).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import logging
 import os
@@ -36,7 +37,7 @@ from .inference import (
     model_loads,
     predict,
 )
-from .inputs import ChunkSpec, InputRecord, read_chunk, stored_uri
+from .inputs import ChunkSpec, InputRecord, SourceMeta, archive_uri, read_chunk, stored_uri
 from .priors import (
     argmax_labels,
     chain_scores,
@@ -70,7 +71,7 @@ class SegmentOptions:
     tta: str = "1"  # test-time views (weakseg.tasks.segment.tta); "1": the plain forward pass
     max_pixels: int = DEFAULT_MAX_PIXELS
     thresholds: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
-    done_index: str | None = None  # skip-existing: URL of the (image_uri, content_sha256) index
+    done_index: str | None = None  # skip-existing: URL of the index (tables.build_done_index)
     thumbnails: int = 0  # overlay thumbnails to return (for the run's markdown artifact)
 
 
@@ -112,6 +113,7 @@ class _Decoded:
     sha: str
     rgb: np.ndarray
     fmt: str
+    meta: SourceMeta | None = None
 
 
 def _now() -> datetime:
@@ -247,16 +249,43 @@ def _windows(records: Iterator[InputRecord], n: int) -> Iterator[list[InputRecor
         yield window
 
 
+def skip_unchanged(spec: ChunkSpec, index: str | None, result: ChunkResult) -> tuple[ChunkSpec | None, tables.Done]:
+    """Skip-existing before reading: inputs done by this model whose listing metadata (size plus
+    ETag or mtime) is unchanged are counted skipped and never read; what is left to read (None:
+    nothing), and the index's rows for it (content hashes, for inputs read and hashed).
+
+    A shard is skipped whole when its archive is unchanged and members of it were done; then
+    members that failed before are not read again either (their bytes did not change).
+    """
+    if not index:
+        return spec, tables.Done()
+    if spec.shard is not None:
+        meta = spec.meta_of(0)
+        members = tables.done_archive(index, archive_uri(spec.shard), meta.file_key) if meta else 0
+        if members:
+            result.skipped += members
+            return None, tables.Done()
+        return spec, tables.Done()
+    done = tables.done_lookup(index, [stored_uri(u) for u in spec.uris])
+    keep = [i for i, u in enumerate(spec.uris)
+            if not done.unchanged(stored_uri(u), m.file_key if (m := spec.meta_of(i)) else None)]
+    result.skipped += len(spec.uris) - len(keep)
+    if not keep:
+        return None, done
+    if len(keep) == len(spec.uris):
+        return spec, done
+    return dataclasses.replace(spec, uris=tuple(spec.uris[i] for i in keep),
+                               meta=tuple(spec.meta_of(i) for i in keep) if spec.meta else ()), done
+
+
 def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSpec, writer: _ChunkWriter,
-             result: ChunkResult) -> Iterator[list[_Decoded]]:
+             result: ChunkResult, done: tables.Done) -> Iterator[list[_Decoded]]:
     """Batches of decoded images; read and decode failures and skipped inputs are accounted here."""
     index = opts.done_index
-    done_chunk = tables.done_in_chunk(index, [stored_uri(u) for u in spec.uris]) if index and spec.uris else None
     seen: set[str] = set()
     for window in _windows(records, opts.batch_size):
-        done = done_chunk
-        if index and done is None:  # shard members: look up a batch of URIs at a time
-            done = tables.done_in_chunk(index, [r.uri for r in window if r.error is None])
+        if index and spec.shard is not None:  # shard members: look up a batch of URIs at a time
+            done = tables.done_lookup(index, [r.uri for r in window if r.error is None])
         batch: list[_Decoded] = []
         for rec in window:
             if rec.error is not None or rec.data is None:
@@ -267,7 +296,7 @@ def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSp
                 continue
             seen.add(rec.uri)
             sha = hashlib.sha256(rec.data).hexdigest()
-            if done and sha in done.get(rec.uri, ()):
+            if done.hashed(rec.uri, sha):
                 result.skipped += 1
                 continue
             try:
@@ -275,7 +304,7 @@ def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSp
             except Exception as err:  # ImageError kinds; anything else is recorded the same way
                 writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "decode", err))
                 continue
-            batch.append(_Decoded(rec.uri, sha, np.asarray(dec.image), dec.format))
+            batch.append(_Decoded(rec.uri, sha, np.asarray(dec.image), dec.format, rec.meta))
         if batch:
             yield batch
 
@@ -291,7 +320,9 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
     thresholds = {p: np.asarray(v, dtype=np.float64) for p, v in opts.thresholds.items()} or bundle.thresholds
     result = ChunkResult(spec.index, worker=f"{socket.gethostname()}:{os.getpid()}", model_loads=loads)
     writer = _ChunkWriter(opts, spec)
-    for batch in _decoded(read_chunk(spec, opts.max_bytes), opts, spec, writer, result):
+    to_read, done = skip_unchanged(spec, opts.done_index, result)
+    records = read_chunk(to_read, opts.max_bytes) if to_read is not None else iter(())
+    for batch in _decoded(records, opts, spec, writer, result, done):
         t0 = time.perf_counter()
         try:
             preds = predict(bundle, [d.rgb for d in batch], opts.max_side, opts.min_side, opts.tta)
@@ -344,5 +375,13 @@ def _image_row(bundle: ModelBundle, d: _Decoded, pred: Prediction, regions: Sequ
         "priors": ",".join(opts.priors) or "none", "inference_ms": pred.inference_ms,
         "prior_ms": float(sum(ms.values())), "forward_width": pred.forward_size[1],
         "forward_height": pred.forward_size[0], "source_format": d.fmt, "chunk": chunk,
-        "processed_at": _now(),
+        "processed_at": _now(), **_source_columns(d.meta),
     }
+
+
+def _source_columns(meta: SourceMeta | None) -> dict[str, Any]:
+    """The ``images`` row's ``source_*`` columns: what the listing said (nulls where it said nothing)."""
+    if meta is None:
+        return {}
+    return {"source_size": meta.size, "source_etag": meta.etag, "source_mtime": meta.mtime,
+            "source_member_offset": meta.member_offset, "source_member_size": meta.member_size}

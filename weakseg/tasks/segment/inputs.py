@@ -21,6 +21,12 @@ or the exception that prevented reading it, so the caller can record it and go o
 over ``max_bytes`` are refused on their size (stat, tar header, or a ranged read) and a
 passing failure (expired token, throttling, 5xx) raises :class:`TransientInputError` so
 the whole chunk is retried. URIs are stored without credentials (:func:`stored_uri`).
+
+Listing metadata: where the listing gives it (folders and globs on local disk, S3,
+memory://, ...), each file keeps its :class:`SourceMeta` (size plus ETag or modification
+time) from the listing itself, no extra request; ``--skip-existing`` compares it with the
+``images`` table and skips an unchanged input without reading it. Manifests and brace
+lists give none: those inputs are read and hashed as before.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.parquet as pq
@@ -43,11 +51,35 @@ from ..images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageError
 from ..ingest.sources import SourceError
 from ..uris import MANIFEST_COLUMNS, manifest_column, manifest_ref, split_tar_uri, tar_uri
 
-__all__ = ["ChunkSpec", "InputRecord", "TransientInputError", "canonical_uri", "is_transient",
-           "iter_chunks", "iter_inputs", "read_chunk", "stored_uri"]
+__all__ = ["ChunkSpec", "InputRecord", "SourceMeta", "TransientInputError", "archive_uri", "canonical_uri",
+           "is_transient",
+           "iter_chunks", "iter_inputs", "iter_listing", "read_chunk", "source_meta", "stored_uri"]
 
 
 TEXT_MANIFESTS = (".txt", ".lst")
+
+
+@dataclass(frozen=True)
+class SourceMeta:
+    """What the listing says of a file (a tar member: of its archive, plus the member's place).
+
+    Two listings of one unchanged file give equal values; a rewrite changes the ETag or the
+    modification time (or the size). ``mtime`` is UTC, to the microsecond.
+    """
+
+    size: int
+    etag: str | None = None
+    mtime: datetime | None = None
+    member_offset: int | None = None  # a tar member: where its bytes start in the archive
+    member_size: int | None = None
+
+    def member(self, offset: int, size: int) -> SourceMeta:
+        return SourceMeta(self.size, self.etag, self.mtime, offset, size)
+
+    @property
+    def file_key(self) -> tuple[int, str | None, datetime | None]:
+        """What identifies the listed file's version (the archive's, for a member)."""
+        return self.size, self.etag, self.mtime
 
 
 @dataclass(frozen=True)
@@ -55,6 +87,10 @@ class ChunkSpec:
     index: int
     uris: tuple[str, ...] = ()  # image files
     shard: str | None = None  # or one WebDataset tar, read whole
+    meta: tuple[SourceMeta | None, ...] = ()  # per URI (or the shard's, one), when the listing gave it
+
+    def meta_of(self, i: int) -> SourceMeta | None:
+        return self.meta[i] if i < len(self.meta) else None
 
 
 @dataclass
@@ -62,6 +98,7 @@ class InputRecord:
     uri: str  # as stored: canonical, without credentials (:func:`stored_uri`)
     data: bytes | None
     error: BaseException | None = None
+    meta: SourceMeta | None = None  # from the listing (see :class:`SourceMeta`)
 
 
 class TransientInputError(OSError):
@@ -150,29 +187,66 @@ def _is_glob(url: str) -> bool:
     return any(c in url.split("://")[-1] for c in "*?[")
 
 
-def _walk_local(root: str) -> Iterator[str]:
-    """:func:`_walk` for local folders: names only (no per-file info dicts), one folder at a time."""
+def _utc(value: Any) -> datetime | None:
+    """A listing's time (epoch seconds, a datetime, or an ISO string) as UTC to the microsecond."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(round(float(value) * 1e6) / 1e6, UTC)
+    try:
+        return _utc(datetime.fromisoformat(str(value)))
+    except ValueError:
+        return None
+
+
+def source_meta(info: Any) -> SourceMeta | None:
+    """:class:`SourceMeta` from an fsspec info dict (``ls(detail=True)``, ``info()``), or None
+    when it lacks a size or lacks both an ETag and a modification time."""
+    if not isinstance(info, dict) or info.get("size") is None:
+        return None
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or None
+    mtime = None
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(key) is not None:
+            mtime = _utc(info[key])
+            break
+    if etag is None and mtime is None:
+        return None
+    return SourceMeta(int(info["size"]), str(etag) if etag is not None else None, mtime)
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, SourceMeta | None]]:
+    """:func:`_walk` for local folders: one ``stat`` per file (no info dicts), one folder at a time."""
     files, dirs = [], []
     with os.scandir(root) as entries:
         for entry in entries:
             if not entry.name.startswith("."):
-                (dirs if entry.is_dir() else files).append(entry.name)
-    for name in sorted(files):
-        yield posixpath.join(root, name)
-    for name in sorted(dirs):
+                (dirs if entry.is_dir() else files).append(entry)
+    for entry in sorted(files, key=lambda e: e.name):
+        try:
+            st = entry.stat()
+            meta = SourceMeta(st.st_size, None, _utc(st.st_mtime_ns // 1000 / 1e6))
+        except OSError:  # vanished or a broken link: reading it will say why
+            meta = None
+        yield posixpath.join(root, entry.name), meta
+    for name in sorted(d.name for d in dirs):
         yield from _walk_local(posixpath.join(root, name))
 
 
-def _walk(fs, root: str) -> Iterator[str]:
-    """Files under ``root`` in sorted order, directory by directory (streamed)."""
+def _walk(fs, root: str) -> Iterator[tuple[str, SourceMeta | None]]:
+    """Files under ``root`` in sorted order, directory by directory (streamed), with their metadata."""
     if isinstance(fs, LocalFileSystem):
         yield from _walk_local(root)
         return
-    for dirpath, dirs, files in fs.walk(root, topdown=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for dirpath, dirs, files in fs.walk(root, topdown=True, detail=True):
+        kept = sorted((d, info) for d, info in dirs.items() if not d.startswith("."))
+        dirs.clear()
+        dirs.update(kept)  # in place, in order: fsspec descends into what is left
         for name in sorted(files):
             if not name.startswith("."):
-                yield posixpath.join(dirpath, name)
+                yield posixpath.join(dirpath, name), source_meta(files[name])
 
 
 def _manifest_rows(fs, path: str) -> Iterator[str]:
@@ -207,44 +281,53 @@ def iter_inputs(images: str) -> Iterator[tuple[str, str]]:
 
     Fails fast (:class:`SourceError`) when the URL does not exist.
     """
+    for kind, url, _ in iter_listing(images):
+        yield kind, url
+
+
+def iter_listing(images: str) -> Iterator[tuple[str, str, SourceMeta | None]]:
+    """:func:`iter_inputs` with each input's :class:`SourceMeta` where the listing gives it
+    (folders and globs), else None (manifests, brace lists, a single URL)."""
     if "{" in images and ".." in images and images.lower().endswith(".tar"):
         from braceexpand import braceexpand  # a webdataset dependency
 
         for url in braceexpand(images):
-            yield "shard", url
+            yield "shard", url, None
         return
     fs, root = storage.url_to_fs(images)
     if _is_glob(images):
         first = min(i for i, c in enumerate(images) if c in "*?[" and i > images.find("://") + 2)
         rebase = _Rebase(fs, images[: images.rfind("/", 0, first) + 1] if "/" in images[:first] else "")
-        for path in sorted(fs.glob(root)):
-            if not fs.isdir(path):
-                yield ("shard" if path.lower().endswith(".tar") else "image"), rebase(path)
+        found = fs.glob(root, detail=True)
+        for path in sorted(found):
+            info = found[path]
+            if info.get("type") != "directory":
+                yield ("shard" if path.lower().endswith(".tar") else "image"), rebase(path), source_meta(info)
         return
     if not fs.exists(root):
         raise SourceError(f"--images {storage.redact_url(images)} does not exist")
     if not _is_http(fs) and fs.isdir(root):  # an HTTP URL is one file or manifest, never listed
         rebase = _Rebase(fs, images)
-        for path in _walk(fs, root):
+        for path, meta in _walk(fs, root):
             lower = path.lower()
             if lower.endswith(".tar"):
-                yield "shard", rebase(path)
+                yield "shard", rebase(path), meta
             elif lower.endswith(IMAGE_EXTENSIONS):
-                yield "image", rebase(path)
+                yield "image", rebase(path), meta
         return
     lower = root.lower()
     if lower.endswith(".tar"):
-        yield "shard", images
+        yield "shard", images, None
         return
     if not lower.endswith((".parquet", ".csv", *TEXT_MANIFESTS)):
-        yield "image", images  # a single image file
+        yield "image", images, None  # a single image file
         return
     base = images[: images.rfind("/") + 1] if "/" in images else ""
     for ref in _manifest_rows(fs, root):
         if "://" in ref or ref.startswith("/"):
-            yield "image", ref
+            yield "image", ref, None
         else:
-            yield "image", posixpath.normpath(base + ref) if "://" not in base else base + ref
+            yield "image", (posixpath.normpath(base + ref) if "://" not in base else base + ref), None
 
 
 def iter_chunks(images: str, chunk_size: int) -> Iterator[ChunkSpec]:
@@ -253,24 +336,30 @@ def iter_chunks(images: str, chunk_size: int) -> Iterator[ChunkSpec]:
     URIs are canonical (:func:`canonical_uri`); one listed again anywhere later, in any
     spelling, is dropped. Seen inputs are kept as 16-byte digests of their stored URI (about
     100 bytes each in a set: ~100 MB for a million images), never as the URIs themselves.
+    Each chunk carries its inputs' listing metadata (:class:`SourceMeta`) where there is some.
     """
-    index, pending, seen = 0, [], set()
-    for kind, url in iter_inputs(images):
+    index, pending, metas, seen = 0, [], [], set()
+    for kind, url, meta in iter_listing(images):
         url = canonical_uri(url)
         digest = _digest(storage.redact_url(url))
         if digest in seen:
             continue
         seen.add(digest)
         if kind == "shard":
-            yield ChunkSpec(index, shard=url)
+            yield ChunkSpec(index, shard=url, meta=(meta,) if meta else ())
             index += 1
             continue
         pending.append(url)
+        metas.append(meta)
         if len(pending) >= chunk_size:
-            yield ChunkSpec(index, tuple(pending))
-            index, pending = index + 1, []
+            yield ChunkSpec(index, tuple(pending), meta=_metas(metas))
+            index, pending, metas = index + 1, [], []
     if pending:
-        yield ChunkSpec(index, tuple(pending))
+        yield ChunkSpec(index, tuple(pending), meta=_metas(metas))
+
+
+def _metas(metas: list[SourceMeta | None]) -> tuple[SourceMeta | None, ...]:
+    return tuple(metas) if any(m is not None for m in metas) else ()
 
 
 def _too_large(size: int, max_bytes: int) -> ImageError:
@@ -296,12 +385,12 @@ def _read_bounded(url: str, max_bytes: int) -> bytes:
     return data
 
 
-def _read_file(url: str, max_bytes: int, attempts: int = 2) -> InputRecord:
+def _read_file(url: str, max_bytes: int, attempts: int = 2, meta: SourceMeta | None = None) -> InputRecord:
     """One file as an :class:`InputRecord`; a passing failure that persists raises instead."""
     uri = stored_uri(url)
     for attempt in range(attempts):
         try:
-            return InputRecord(uri, _read_bounded(url, max_bytes))
+            return InputRecord(uri, _read_bounded(url, max_bytes), meta=meta)
         except (FileNotFoundError, IsADirectoryError, ImageError) as err:
             return InputRecord(uri, None, err)  # vanished, a folder or too large: retrying will not help
         except Exception as err:  # one more try here; then a passing error retries the whole chunk
@@ -319,7 +408,12 @@ def _tar_uri(tar_url: str, member: str) -> str:
     return stored_uri(tar_uri(member, tar_url))
 
 
-def _read_shard(url: str, max_bytes: int) -> Iterator[InputRecord]:
+def archive_uri(tar_url: str) -> str:
+    """The archive part of the stored URIs of ``tar_url``'s members (how the skip-existing index names it)."""
+    return _tar_uri(tar_url, "member")[len("tar://member::"):]
+
+
+def _read_shard(url: str, max_bytes: int, meta: SourceMeta | None = None) -> Iterator[InputRecord]:
     """The images of a WebDataset tar (one per sample key, the first image-typed member)."""
     try:
         fs, path = storage.url_to_fs(url)
@@ -347,7 +441,8 @@ def _read_shard(url: str, max_bytes: int) -> Iterator[InputRecord]:
                     continue
                 extracted = tar.extractfile(member)
                 data = extracted.read() if extracted is not None else b""
-                yield InputRecord(_tar_uri(url, name), data)
+                yield InputRecord(_tar_uri(url, name), data,
+                                  meta=meta.member(member.offset_data, member.size) if meta else None)
     except Exception as err:  # a truncated or corrupt tar: what was read stays, the rest is one error
         if is_transient(err):
             raise TransientInputError(f"reading {stored_uri(url)}: {type(err).__name__}") from None
@@ -360,7 +455,7 @@ def read_chunk(spec: ChunkSpec, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[
     Raises :class:`TransientInputError` when an input failed for a passing reason.
     """
     if spec.shard is not None:
-        yield from _read_shard(spec.shard, max_bytes)
+        yield from _read_shard(spec.shard, max_bytes, spec.meta_of(0))
         return
-    for url in spec.uris:
-        yield _read_file(url, max_bytes)
+    for i, url in enumerate(spec.uris):
+        yield _read_file(url, max_bytes, meta=spec.meta_of(i))

@@ -21,6 +21,8 @@ import posixpath
 import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -32,13 +34,16 @@ from ..errors import ERRORS_SCHEMA
 __all__ = [
     "CHUNK_TABLES",
     "SCHEMAS",
+    "Done",
     "OutputError",
     "build_done_index",
     "check_run_id",
     "check_writable",
     "chunk_file",
     "crash_point",
+    "done_archive",
     "done_in_chunk",
+    "done_lookup",
     "find_run_date",
     "read_table",
     "remove_file",
@@ -60,6 +65,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("priors", pa.string()), ("inference_ms", pa.float32()), ("prior_ms", pa.float32()),
         ("forward_width", pa.int32()), ("forward_height", pa.int32()), ("source_format", pa.string()),
         ("chunk", pa.int32()), ("processed_at", pa.timestamp("ms", tz="UTC")),
+        # what the listing said of the input (null where it said nothing, e.g. a manifest):
+        # size, ETag and/or modification time; a tar member's are its archive's, plus its own place
+        ("source_size", pa.int64()), ("source_etag", pa.string()), ("source_mtime", pa.timestamp("us", tz="UTC")),
+        ("source_member_offset", pa.int64()), ("source_member_size", pa.int64()),
     ]),
     "regions": pa.schema([
         ("run_id", pa.string()), ("image_key", pa.string()), ("class_name", pa.string()),
@@ -236,20 +245,28 @@ def check_writable(out: str, run_id: str) -> None:
                           f"{storage.redact(str(err))}") from None
 
 
-_DONE_SQL = ("SELECT DISTINCT image_uri, content_sha256 FROM read_parquet($pattern, hive_partitioning=true) "
+# The skip-existing index: one row per (uri, content hash, listing metadata) done by the model;
+# archive_uri is a tar member's archive (null for files), so a whole unchanged shard can be skipped.
+_DONE_COLUMNS = {"source_size": "BIGINT", "source_etag": "VARCHAR", "source_mtime": "TIMESTAMPTZ"}
+_DONE_SQL = ("SELECT DISTINCT image_uri, content_sha256, {listing}, "
+             "CASE WHEN starts_with(image_uri, 'tar://') AND contains(image_uri, '::') "
+             "THEN substr(image_uri, strpos(image_uri, '::') + 2) END AS archive_uri "
+             "FROM read_parquet($pattern, hive_partitioning=true, union_by_name=true) "
              "WHERE model_id = $model_id AND run_id <> $run_id ORDER BY image_uri")
 
 
 def build_done_index(out: str, model_id: str, index_url: str, run_id: str = "") -> int:
-    """Write the (image_uri, content_sha256) pairs already segmented by ``model_id``, sorted.
+    """Write the (image_uri, content_sha256, listing metadata) rows already segmented by ``model_id``, sorted.
 
     Rows of ``run_id`` itself are left out: a rerun of a run rewrites its own files. Only
-    the ``images`` table counts (written last by a chunk, it is the commit marker).
+    the ``images`` table counts (written last by a chunk, it is the commit marker). Files
+    written before the table had the ``source_*`` columns give nulls there (their inputs are
+    hashed, as before).
 
     DuckDB sorts out of core and its result is streamed into the index file batch by batch,
     so memory stays bounded however large the output; every value (the output path too) is
-    a bound parameter, never pasted into SQL. The sorted file lets :func:`done_in_chunk`
-    prune row groups by statistics. Returns the number of pairs (0 when there is no output yet).
+    a bound parameter, never pasted into SQL. The sorted file lets :func:`done_lookup`
+    prune row groups by statistics. Returns the number of rows (0 when there is no output yet).
     """
     fs, root = storage.url_to_fs(storage.join(out, "images"))
     if not fs.exists(root) or not fs.glob(posixpath.join(root, "run_date=*", "*.parquet")):
@@ -259,7 +276,10 @@ def build_done_index(out: str, model_id: str, index_url: str, run_id: str = "") 
     n = 0
     try:
         params = {"pattern": pattern, "model_id": model_id, "run_id": run_id}
-        reader = con.sql(_DONE_SQL, params=params).to_arrow_reader(16384)
+        present = {r[0] for r in con.sql("DESCRIBE SELECT * FROM read_parquet($pattern, hive_partitioning=true, "
+                                         "union_by_name=true)", params={"pattern": pattern}).fetchall()}
+        listing = ", ".join(c if c in present else f"CAST(NULL AS {t}) AS {c}" for c, t in _DONE_COLUMNS.items())
+        reader = con.sql(_DONE_SQL.format(listing=listing), params=params).to_arrow_reader(16384)
         with tempfile.TemporaryDirectory() as tmp:
             local = posixpath.join(tmp, "done.parquet")
             with pq.ParquetWriter(local, reader.schema) as writer:
@@ -273,18 +293,64 @@ def build_done_index(out: str, model_id: str, index_url: str, run_id: str = "") 
     return n
 
 
+ListingKey = tuple[int, str | None, datetime | None]  # (size, etag, mtime) of a listed file
+
+
+@dataclass
+class Done:
+    """What the skip-existing index holds for some inputs: content hashes and listing keys, by URI."""
+
+    hashes: dict[str, set[str]] = field(default_factory=dict)
+    listed: dict[str, set[ListingKey]] = field(default_factory=dict)
+
+    def unchanged(self, uri: str, key: ListingKey | None) -> bool:
+        """Done from a listing that said exactly this (size, etag, mtime): no need to read it."""
+        return key is not None and key in self.listed.get(uri, ())
+
+    def hashed(self, uri: str, sha: str) -> bool:
+        return sha in self.hashes.get(uri, ())
+
+
+def _listing_key(size: Any, etag: Any, mtime: Any) -> ListingKey | None:
+    if size is None or (etag is None and mtime is None):
+        return None
+    return int(size), etag, mtime
+
+
+def _read_done(index_url: str, filters: list) -> pa.Table:
+    fs, path = storage.url_to_fs(index_url)
+    return pq.read_table(path, filesystem=fs, filters=filters)
+
+
+def done_lookup(index_url: str, uris: Iterable[str]) -> Done:
+    """The index's rows for ``uris`` (stored URIs), as :class:`Done`."""
+    uris = list(uris)
+    done = Done()
+    if not uris:
+        return done
+    table = _read_done(index_url, [("image_uri", "in", uris)])
+    columns = [table.column(c).to_pylist() for c in ("image_uri", "content_sha256", *_DONE_COLUMNS)]
+    for uri, sha, size, etag, mtime in zip(*columns, strict=True):
+        done.hashes.setdefault(uri, set()).add(sha)
+        key = _listing_key(size, etag, mtime)
+        if key is not None:
+            done.listed.setdefault(uri, set()).add(key)
+    return done
+
+
+def done_archive(index_url: str, archive_uri: str, key: ListingKey | None) -> int:
+    """How many members of the tar at ``archive_uri`` (stored URI) were done from an archive whose
+    listing said exactly ``key``: when > 0, the unchanged archive need not be read at all."""
+    if key is None:
+        return 0
+    table = _read_done(index_url, [("archive_uri", "==", archive_uri)])
+    columns = [table.column(c).to_pylist() for c in ("image_uri", *_DONE_COLUMNS)]
+    return len({uri for uri, *listed in zip(*columns, strict=True) if _listing_key(*listed) == key})
+
+
 def done_in_chunk(index_url: str, uris: Iterable[str]) -> dict[str, set[str]]:
     """``{image_uri: {content_sha256, ...}}`` already done, restricted to ``uris``."""
-    uris = list(uris)
-    if not uris:
-        return {}
-    fs, path = storage.url_to_fs(index_url)
-    table = pq.read_table(path, filesystem=fs, filters=[("image_uri", "in", uris)])
-    done: dict[str, set[str]] = {}
-    for uri, sha in zip(table.column("image_uri").to_pylist(), table.column("content_sha256").to_pylist(),
-                        strict=True):
-        done.setdefault(uri, set()).add(sha)
-    return done
+    return done_lookup(index_url, uris).hashes
 
 
 def runs_file(out: str, run_date: str, run_id: str) -> str:

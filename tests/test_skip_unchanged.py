@@ -165,3 +165,13 @@ def test_unchanged_shard_is_not_opened(bundle, opens):
     third = _run(base, out, "t3", bundle, skip=True)
     assert (third.ok, third.skipped) == (0, 3)
     assert [p for p in opens if "train-000000.tar" in p]
+
+
+def test_s3_listing_gives_etag_and_time(s3):
+    s3.pipe("weakseg-test/skip-listing/a.jpg", b"12345")
+    [spec] = list(iter_chunks("s3://weakseg-test/skip-listing", 8))
+    meta = spec.meta[0]
+    assert meta.size == 5 and meta.etag and meta.mtime is not None
+    s3.pipe("weakseg-test/skip-listing/a.jpg", b"54321")  # rewritten: same size, a new ETag
+    [again] = list(iter_chunks("s3://weakseg-test/skip-listing", 8))
+    assert again.meta[0].file_key != meta.file_key

@@ -199,6 +199,9 @@ def _artifacts(fanout: runs.Fanout, classes: list[str], counts: dict[str, int], 
         lines.append("| (no image segmented) | | |")
     create_markdown_artifact(key="segment-corpus-overlays", markdown="\n".join(lines),
                              description="image | mask overlay, first images of the run")
+    create_table_artifact(key="segment-corpus-stages", table=runs.stage_table(fanout.results, fanout.seconds),
+                          description="where the chunks' time went: busy seconds per stage, and the device-busy "
+                          "fraction (forward seconds / the fan-out's wall time)")
 
 
 def _final_state(state_name: str, message: str | None, summary: dict[str, Any]) -> Any:
@@ -284,9 +287,10 @@ def segment_corpus(
     counts = runs.run_counts(fanout.results, fanout.chunks, fanout.failed_chunks)
     seconds = time.perf_counter() - t_start
     state_name = runs.final_state(counts, fanout.failed_chunks, max_error_fraction)
+    timing = runs.stage_timing(fanout.results, fanout.seconds)
     row = runs.runs_row(run_id=run_id, flow_run_id=flow_run_id, model=model, info=info, priors=prior_list,
                         parameters=runs.run_parameters(parameters, chunk_device), counts=counts, state=state_name,
-                        started_at=started_at, seconds=seconds)
+                        started_at=started_at, seconds=seconds, timing=timing)
     finish_run(out, info.run_date, run_id, fanout.chunks, row, [p for p in (info.done_index, info.model_pinned) if p])
     _artifacts(fanout, info.classes, counts, out, thumbnails)
     summary = runs.run_summary(row, fanout.results, fanout.start_seconds, fanout.seconds)

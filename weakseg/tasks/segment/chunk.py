@@ -47,12 +47,17 @@ from .priors import (
     superpixel_vote,
 )
 
-__all__ = ["ChunkResult", "SegmentOptions", "image_statistics", "overlay_thumbnail", "segment_chunk"]
+__all__ = ["STAGES", "ChunkResult", "SegmentOptions", "image_statistics", "overlay_thumbnail", "segment_chunk"]
 
 _logger = logging.getLogger(__name__)
 _PALETTE = np.array(voc_palette(), np.uint8).reshape(-1, 3)  # the overlay colours of thumbnails
 TOP_CLASSES = 5  # class_probs holds this many (name, prob) pairs, best first
 BAND_BYTES = 64 * 2**20  # full-resolution probabilities are produced in row bands of about this size
+# Where a chunk's time goes (ChunkResult.stage_seconds): loading the model; reading (the
+# skip-existing checks, the bytes, their hash); decoding; the forward pass; the priors
+# (upsampling, ILP, proposals, superpixels, argmax, mean probabilities); encoding (region
+# statistics, the PNG mask, the rows); writing the Parquet files.
+STAGES = ("load", "read", "decode", "forward", "priors", "encode", "write")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class ChunkResult:
     skipped: int = 0
     seconds: float = 0.0
     forward_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))  # busy time
     class_images: dict[str, int] = field(default_factory=dict)  # images whose mask holds the class
     class_pixels: dict[str, int] = field(default_factory=dict)
     prior_ms: dict[str, float] = field(default_factory=dict)  # summed over the chunk's images
@@ -238,6 +244,33 @@ class _ChunkWriter:
                 tables.remove_file(url)
 
 
+class _Clock:
+    """Adds the time spent inside ``with clock(stage):`` to a stage of ``stage_seconds``."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds, self.stage, self.t0 = seconds, "", 0.0
+
+    def __call__(self, stage: str) -> _Clock:
+        self.stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self.stage] += time.perf_counter() - self.t0
+
+
+def _timed(items: Iterator[InputRecord], clock: _Clock, stage: str) -> Iterator[InputRecord]:
+    """``items``, the time spent producing each (reading it) counted to ``stage``."""
+    while True:
+        with clock(stage):
+            item = next(items, None)
+        if item is None:
+            return
+        yield item
+
+
 def _windows(records: Iterator[InputRecord], n: int) -> Iterator[list[InputRecord]]:
     window: list[InputRecord] = []
     for rec in records:
@@ -279,13 +312,14 @@ def skip_unchanged(spec: ChunkSpec, index: str | None, result: ChunkResult) -> t
 
 
 def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSpec, writer: _ChunkWriter,
-             result: ChunkResult, done: tables.Done) -> Iterator[list[_Decoded]]:
+             result: ChunkResult, done: tables.Done, clock: _Clock) -> Iterator[list[_Decoded]]:
     """Batches of decoded images; read and decode failures and skipped inputs are accounted here."""
     index = opts.done_index
     seen: set[str] = set()
-    for window in _windows(records, opts.batch_size):
+    for window in _windows(_timed(records, clock, "read"), opts.batch_size):
         if index and spec.shard is not None:  # shard members: look up a batch of URIs at a time
-            done = tables.done_lookup(index, [r.uri for r in window if r.error is None])
+            with clock("read"):
+                done = tables.done_lookup(index, [r.uri for r in window if r.error is None])
         batch: list[_Decoded] = []
         for rec in window:
             if rec.error is not None or rec.data is None:
@@ -295,12 +329,14 @@ def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSp
             if rec.uri in seen:
                 continue
             seen.add(rec.uri)
-            sha = hashlib.sha256(rec.data).hexdigest()
+            with clock("read"):
+                sha = hashlib.sha256(rec.data).hexdigest()
             if done.hashed(rec.uri, sha):
                 result.skipped += 1
                 continue
             try:
-                dec = decode_image(rec.data, opts.max_pixels)
+                with clock("decode"):
+                    dec = decode_image(rec.data, opts.max_pixels)
             except Exception as err:  # ImageError kinds; anything else is recorded the same way
                 writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "decode", err))
                 continue
@@ -312,17 +348,20 @@ def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSp
 def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | None = None) -> ChunkResult:
     """Segment every input of one chunk and write its four table files (see module doc)."""
     started = time.perf_counter()
+    result = ChunkResult(spec.index, worker=f"{socket.gethostname()}:{os.getpid()}")
+    clock = _Clock(result.stage_seconds)
     loads = model_loads()
-    if bundle is None:
-        bundle = (load_pinned(opts.model, opts.model_sha256, opts.device) if opts.model_sha256
-                  else load_model(opts.model, opts.device))
-    loads = model_loads() - loads
+    with clock("load"):
+        if bundle is None:
+            bundle = (load_pinned(opts.model, opts.model_sha256, opts.device) if opts.model_sha256
+                      else load_model(opts.model, opts.device))
+    result.model_loads = model_loads() - loads
     thresholds = {p: np.asarray(v, dtype=np.float64) for p, v in opts.thresholds.items()} or bundle.thresholds
-    result = ChunkResult(spec.index, worker=f"{socket.gethostname()}:{os.getpid()}", model_loads=loads)
     writer = _ChunkWriter(opts, spec)
-    to_read, done = skip_unchanged(spec, opts.done_index, result)
+    with clock("read"):
+        to_read, done = skip_unchanged(spec, opts.done_index, result)
     records = read_chunk(to_read, opts.max_bytes) if to_read is not None else iter(())
-    for batch in _decoded(records, opts, spec, writer, result, done):
+    for batch in _decoded(records, opts, spec, writer, result, done, clock):
         t0 = time.perf_counter()
         try:
             preds = predict(bundle, [d.rgb for d in batch], opts.max_side, opts.min_side, opts.tta)
@@ -331,25 +370,38 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
             for d in batch:
                 writer.rows["errors"].append(_error_row(opts, spec.index, d.uri, "inference", err))
             continue
+        finally:
+            result.stage_seconds["forward"] += time.perf_counter() - t0
         result.forward_seconds += time.perf_counter() - t0
         for d, pred in zip(batch, preds, strict=True):
-            _segment_image(bundle, d, pred, thresholds, opts, spec.index, writer, result)
-    writer.flush()
+            _segment_image(bundle, d, pred, thresholds, opts, spec.index, writer, result, clock)
+    with clock("write"):
+        writer.flush()
     result.count_errors(writer.rows["errors"])
     result.seconds = time.perf_counter() - started
     return result
 
 
 def _segment_image(bundle: ModelBundle, d: _Decoded, pred: Prediction, thresholds: Mapping[str, np.ndarray],
-                   opts: SegmentOptions, chunk: int, writer: _ChunkWriter, result: ChunkResult) -> None:
+                   opts: SegmentOptions, chunk: int, writer: _ChunkWriter, result: ChunkResult, clock: _Clock) -> None:
     """One predicted image: priors -> its regions, masks and images rows; a failure is an errors row."""
     try:
-        labels, prob_sum, ms = label_image(bundle, pred, d.rgb, opts.priors, thresholds)
-        regions = image_statistics(labels, prob_sum, pred.image_probs, bundle.classes)
-        png = encode_mask(labels)
+        with clock("priors"):
+            labels, prob_sum, ms = label_image(bundle, pred, d.rgb, opts.priors, thresholds)
+        with clock("encode"):
+            regions = image_statistics(labels, prob_sum, pred.image_probs, bundle.classes)
+            png = encode_mask(labels)
     except Exception as err:
         writer.rows["errors"].append(_error_row(opts, chunk, d.uri, "priors", err))
         return
+    with clock("encode"):
+        _image_rows(bundle, d, pred, labels, regions, png, ms, opts, chunk, writer, result)
+
+
+def _image_rows(bundle: ModelBundle, d: _Decoded, pred: Prediction, labels: np.ndarray,
+                regions: list[dict[str, Any]], png: bytes, ms: dict[str, float], opts: SegmentOptions, chunk: int,
+                writer: _ChunkWriter, result: ChunkResult) -> None:
+    """One segmented image's rows (regions, masks, images), counts and thumbnail."""
     key = image_key(d.uri)
     h, w = labels.shape
     writer.rows["regions"].extend({"run_id": opts.run_id, "image_key": key, **r} for r in regions)

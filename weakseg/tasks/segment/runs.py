@@ -19,7 +19,7 @@ from ... import __version__
 from .. import storage
 from ..evaluate.thresholds import resolve_thresholds
 from . import tables
-from .chunk import ChunkResult
+from .chunk import STAGES, ChunkResult
 from .inference import ModelError, load_thresholds, pin_model, predict
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
     "run_parameters",
     "run_summary",
     "runs_row",
+    "stage_table",
+    "stage_timing",
 ]
 
 # the flow's parameters that are URLs: written and logged without credentials
@@ -136,10 +138,32 @@ def final_state(counts: Mapping[str, int], failed_chunks: Sequence[str], max_err
     return "CompletedWithErrors" if counts["failed"] else "Completed"
 
 
+def stage_timing(results: Sequence[ChunkResult], wall_seconds: float) -> dict[str, Any]:
+    """Where the chunks' time went: busy seconds per stage (:data:`~weakseg.tasks.segment.chunk.STAGES`,
+    summed over the chunks, so up to ``wall_seconds`` x workers) and the device-busy fraction:
+    forward seconds / ``wall_seconds`` (the fan-out's wall time; at most 1)."""
+    stages = {s: round(sum(r.stage_seconds.get(s, 0.0) for r in results), 4) for s in STAGES}
+    forward = sum(r.forward_seconds for r in results)
+    busy = min(1.0, forward / wall_seconds) if wall_seconds > 0 else 0.0
+    return {"stage_seconds": stages, "device_busy_fraction": round(busy, 4)}
+
+
+def stage_table(results: Sequence[ChunkResult], wall_seconds: float) -> list[dict[str, Any]]:
+    """The run's stages for its artifact: busy seconds and share of the chunks' summed time."""
+    timing = stage_timing(results, wall_seconds)
+    total = sum(r.seconds for r in results) or 1.0
+    rows = [{"stage": s, "busy_seconds": v, "share_of_chunk_time": round(v / total, 3)}
+            for s, v in timing["stage_seconds"].items()]
+    rows.append({"stage": "device busy (forward / wall)", "busy_seconds": round(wall_seconds, 3),
+                 "share_of_chunk_time": timing["device_busy_fraction"]})
+    return rows
+
+
 def runs_row(*, run_id: str, flow_run_id: str, model: str, info: RunSetup, priors: Sequence[str],
              parameters: Mapping[str, Any], counts: Mapping[str, int], state: str, started_at: datetime,
-             seconds: float) -> dict[str, Any]:
-    """The run's one ``runs`` row; ``info`` is what preparing the run found (model, classes, thresholds)."""
+             seconds: float, timing: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run's one ``runs`` row; ``info`` is what preparing the run found (model, classes, thresholds);
+    ``timing`` is :func:`stage_timing`'s."""
     classes = info.classes
     thresholds = {**{p: dict(zip(classes, v, strict=True)) for p, v in info.thresholds.items()},
                   "sources": {p: _public(v) for p, v in info.thresholds_source.items()}}
@@ -147,7 +171,9 @@ def runs_row(*, run_id: str, flow_run_id: str, model: str, info: RunSetup, prior
             "classes": classes, "priors": ",".join(priors) or "none", "parameters": tables.dumps(parameters),
             "thresholds": tables.dumps(thresholds), "counts": dict(counts), "state": state,
             "started_at": started_at, "ended_at": datetime.now(UTC),
-            "images_per_second": counts["ok"] / seconds if seconds > 0 else 0.0, "weakseg_version": __version__}
+            "images_per_second": counts["ok"] / seconds if seconds > 0 else 0.0, "weakseg_version": __version__,
+            "stage_seconds": tables.dumps(timing["stage_seconds"]) if timing else None,
+            "device_busy_fraction": timing["device_busy_fraction"] if timing else None}
 
 
 def run_summary(row: Mapping[str, Any], results: Sequence[ChunkResult], start_seconds: float,

@@ -90,6 +90,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("state", pa.string()), ("started_at", pa.timestamp("ms", tz="UTC")),
         ("ended_at", pa.timestamp("ms", tz="UTC")), ("images_per_second", pa.float64()),
         ("weakseg_version", pa.string()),
+        ("stage_seconds", pa.string()),  # JSON: busy seconds per chunk stage, summed over the chunks
+        ("device_busy_fraction", pa.float64()),  # forward seconds / wall seconds of the chunks' fan-out
     ]),
 }
 

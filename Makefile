@@ -33,6 +33,12 @@ BENCHES ?= model shard train segment scale
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
+# The accelerator check of issue 15 (docs/benchmarks.md): one JSON document, under 5 minutes on a
+# lent GPU; ARGS=--quick for a small CPU run.
+.PHONY: bench-gpu
+bench-gpu:
+	bench/gpu.sh $(ARGS)
+
 # Quality tables (docs/quality.md): three fresh weak trainings per data set (tags only; every
 # setting was chosen on the dev split cut from MSRC train), scored once on the val split,
 # with the CLI's default chain through segment-corpus + evaluate; then the supervised

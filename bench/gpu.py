@@ -1,0 +1,250 @@
+"""The whole accelerator check in one run (issue 15): prints one JSON document.
+
+- ``bare_forward``: images/s of the network alone on the photos, already decoded, resized
+  and batched on the device (the ceiling for segment-corpus);
+- ``segment``: images/s of segment-corpus's chunk engine (read -> decode -> forward ->
+  priors -> PNG -> Parquet, :func:`weakseg.tasks.segment.chunk.segment_chunk`) for the
+  prior sets ``none``, ``ilp``, ``ilp,sppxl``, ``ilp,sppxl,seg``, with its per-stage busy
+  seconds and device-busy fraction (forward seconds / wall seconds), and its ratio to the
+  bare forward. Through the Prefect flow when Prefect is importable, else the same chunk
+  task on a thread pool of ``--workers`` (``"engine"`` says which);
+- ``train``: training samples/s of the trainer's own optimiser step (bf16 autocast and
+  channels_last on CUDA) on batches already in memory;
+- ``peak_device_memory_mib`` (CUDA) or ``peak_rss_mib`` (CPU).
+
+Photos: ``--images`` synthetic photo-like scenes (:mod:`weakseg.tasks.synthetic`), about
+``--side`` px on the longer side (512 of 500 px by default), as JPEG (quality 90); nothing is downloaded. The network is
+the paper's (EfficientNet-Lite0, head 1024/768/512, stride 16, 21 classes) with random
+weights: speed does not depend on them. ``--quick`` makes everything small enough for a
+CPU test. Run it through ``bench/gpu.sh`` (or ``make bench-gpu``).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from weakseg.models import ModelConfig, create_model, save_checkpoint  # noqa: E402
+from weakseg.tasks.devices import resolve_device  # noqa: E402
+
+CLASSES = ["background", *[f"class{i:02d}" for i in range(20)]]  # 21, like PASCAL VOC
+PRIOR_SETS = ("none", "ilp", "ilp,sppxl", "ilp,sppxl,seg")
+
+
+def make_photos(folder: Path, n: int, side: int, seed: int = 0) -> int:
+    """``n`` JPEG scenes of ``side`` x ``3/4 side`` (alternately landscape and portrait); their bytes."""
+    import cv2
+
+    from weakseg.tasks.synthetic import BENCHMARK_CLASSES, render_benchmark_scene
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    total, distinct = 0, min(n, 16)  # render a few scenes, vary them cheaply (flips, crops) for the rest
+    scenes = [render_benchmark_scene(rng, list(rng.choice(BENCHMARK_CLASSES, 2, replace=False)),
+                                     size=(side * 3 // 4, side)).image for _ in range(distinct)]
+    for i in range(n):
+        img = scenes[i % distinct]
+        if (i // distinct) % 2:
+            img = img[:, ::-1]
+        if i % 2:
+            img = np.ascontiguousarray(img.transpose(1, 0, 2))  # portrait
+        _, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR),
+                              [cv2.IMWRITE_JPEG_QUALITY, 90])
+        (folder / f"{i:06d}.jpg").write_bytes(buf.tobytes())
+        total += len(buf)
+    return total
+
+
+def make_checkpoint(path: Path, head_widths: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(num_classes=len(CLASSES), backbone="tf_efficientnet_lite0", head_widths=head_widths,
+                         output_stride=16)
+    model, config = create_model(config, pretrained="none")
+    save_checkpoint(path, model, config, CLASSES, input_size=320)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_forward(model_path: str, arrays: list[np.ndarray], batch_size: int, device: str,
+                 repeats: int) -> float:
+    """images/s of the forward pass alone, as :func:`~weakseg.tasks.segment.inference.predict`
+    runs it (same sizes, padding, normalisation), batches built and moved to the device first."""
+    from weakseg.tasks.segment.inference import forward_size, load_model
+    from weakseg.tasks.tensors import normalize
+
+    bundle = load_model(model_path, device)
+    stride, cfg, dev = bundle.model.stride, bundle.checkpoint.config, bundle.device
+    batches = []
+    for i in range(0, len(arrays), batch_size):
+        group = arrays[i:i + batch_size]
+        sizes = [forward_size(a.shape[0], a.shape[1], stride, 512) for a in group]
+        bh = -(-max(s[0] for s in sizes) // stride) * stride
+        bw = -(-max(s[1] for s in sizes) // stride) * stride
+        x = np.stack([np.pad(a[:bh, :bw], ((0, max(0, bh - a.shape[0])), (0, max(0, bw - a.shape[1])), (0, 0)),
+                             mode="edge") for a in group])
+        batches.append(normalize(torch.from_numpy(x).permute(0, 3, 1, 2).to(dev), cfg.mean, cfg.std))
+    with torch.inference_mode():
+        for x in batches:  # warm-up: every batch shape once
+            bundle.model.dense_maps(x)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for x in batches:
+                bundle.model.dense_maps(x)
+        _sync(dev)
+    return repeats * len(arrays) / (time.perf_counter() - t0)
+
+
+def _prefect() -> bool:
+    try:
+        import prefect  # noqa: F401
+    except ImportError:
+        return False
+    return os.environ.get("WEAKSEG_BENCH_ENGINE", "") != "chunks"
+
+
+def segment(images: str, model: str, out: str, priors: str, device: str, batch_size: int, chunk_size: int,
+            workers: int) -> dict:
+    """One segment-corpus run: images/s, stage seconds, device-busy fraction."""
+    from weakseg.tasks.segment.chunk import SegmentOptions, segment_chunk
+    from weakseg.tasks.segment.inputs import iter_chunks
+    from weakseg.tasks.segment.priors import parse_priors
+    from weakseg.tasks.segment.runs import stage_timing
+
+    t0 = time.perf_counter()
+    if _prefect():
+        from weakseg.flows.segment_corpus import segment_corpus
+
+        s = segment_corpus(images=images, model=model, out=out, priors=priors, device=device,
+                           batch_size=batch_size, chunk_size=chunk_size, workers=workers, thumbnails=0, tta="1",
+                           return_state=True).result()
+        wall = time.perf_counter() - t0
+        return {"engine": "flow", "images": s["counts"]["ok"], "failed": s["counts"]["failed"],
+                "images_per_second": round(s["counts"]["ok"] / wall, 2),
+                "stage_seconds": json.loads(s["stage_seconds"]), "device_busy_fraction": s["device_busy_fraction"]}
+    opts = SegmentOptions(out=out, run_id="bench", run_date="2026-01-01", model=model, device=device,
+                          priors=parse_priors(priors), batch_size=batch_size, tta="1")
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda spec: segment_chunk(spec, opts), iter_chunks(images, chunk_size)))
+    wall = time.perf_counter() - t0
+    timing = stage_timing(results, wall)
+    ok = sum(r.ok for r in results)
+    return {"engine": "chunks", "images": ok, "failed": sum(r.failed for r in results),
+            "images_per_second": round(ok / wall, 2), **timing}
+
+
+def train_speed(device: str, batch_size: int, input_size: int, head_widths: tuple[int, ...], steps: int) -> dict:
+    """Samples/s of the trainer's optimiser step on in-memory batches (bf16 + channels_last on CUDA)."""
+    try:
+        from weakseg.tasks.train.optimizer import make_optimizer
+        from weakseg.tasks.train.trainer import _Runtime, optimizer_step
+    except ImportError as err:  # webdataset missing: carry its wheels (docs/benchmarks.md)
+        return {"error": f"{type(err).__name__}: {err}"}
+    dev = resolve_device(device)
+    config = ModelConfig(num_classes=len(CLASSES), backbone="tf_efficientnet_lite0", head_widths=head_widths,
+                         output_stride=16)
+    model, config = create_model(config, pretrained="none")
+    model.to(dev)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    rt = _Runtime(model, model, make_optimizer(model), dev, config.mean, config.std, multilabel=False)
+    g = torch.Generator().manual_seed(0)
+    batch = {"images": torch.randint(0, 256, (batch_size, 3, input_size, input_size), dtype=torch.uint8, generator=g),
+             "valid": torch.ones(batch_size, 1, input_size, input_size, dtype=torch.bool),
+             "target": torch.nn.functional.one_hot(torch.arange(batch_size) % len(CLASSES), len(CLASSES)).float(),
+             "errors": []}
+    if dev.type == "cuda":
+        batch["images"] = batch["images"].pin_memory()
+
+    def batches():
+        while True:
+            yield batch
+
+    it = batches()
+    for _ in range(2):
+        optimizer_step(rt, it)
+    _sync(dev)
+    t0 = time.perf_counter()
+    n = sum(optimizer_step(rt, it)["samples"] for _ in range(steps))
+    _sync(dev)
+    return {"samples_per_second": round(n / (time.perf_counter() - t0), 2), "batch_size": batch_size,
+            "input_size": input_size, "steps": steps,
+            "precision": "bf16 autocast, channels_last" if dev.type == "cuda" else "fp32"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run of every part")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--images", type=int, default=0, help="photos (default 512; --quick: 8)")
+    p.add_argument("--side", type=int, default=0, help="longer side of the photos (default 500; --quick: 96)")
+    p.add_argument("--batch-size", type=int, default=0, help="forward batch (default 64; --quick: 4)")
+    p.add_argument("--workers", type=int, default=0, help="chunks in flight (default: min(8, cores); --quick: 2)")
+    p.add_argument("--out", default="", help="also write the JSON here")
+    args = p.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    quick = args.quick
+    n = args.images or (8 if quick else 512)
+    side = args.side or (96 if quick else 500)
+    batch = args.batch_size or (4 if quick else 64)
+    workers = args.workers or (2 if quick else min(8, os.cpu_count() or 1))
+    head = (32, 32, 32) if quick else (1024, 768, 512)
+    device = str(resolve_device(args.device))
+    dev = torch.device(device)
+    report: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "images": n, "side": side, "batch_size": batch, "workers": workers, "head_widths": list(head),
+                    "classes": len(CLASSES), "quick": quick}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        report["jpeg_bytes"] = make_photos(root / "photos", n, side)
+        model = str(root / "model.pt")
+        make_checkpoint(Path(model), head)
+        import cv2
+
+        arrays = [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in sorted((root / "photos").glob("*.jpg"))]
+        bare = bare_forward(model, arrays, batch, device, repeats=1 if quick else 3)
+        report["bare_forward_images_per_second"] = round(bare, 2)
+        chunk_size = max(batch, -(-n // (2 * workers)))  # at least two chunks per worker
+        report["chunk_size"] = chunk_size
+        warm = root / "warm-up"
+        warm.mkdir()
+        for f in sorted((root / "photos").glob("*.jpg"))[: 2 * batch]:
+            (warm / f.name).write_bytes(f.read_bytes())
+        # starts Prefect's temporary server (flow engine), loads the model, builds the device's kernels
+        segment(str(warm), model, str(root / "out-warm-up"), "ilp", device, batch, batch, workers)
+        report["segment"] = {}
+        for priors in PRIOR_SETS:
+            r = segment(str(root / "photos"), model, str(root / f"out-{priors.replace(',', '-')}"), priors, device,
+                        batch, chunk_size, workers)
+            r["ratio_to_bare_forward"] = round(r["images_per_second"] / bare, 3) if bare else None
+            report["segment"][priors] = r
+    report["train"] = train_speed(device, 8 if quick else 32, 64 if quick else 320, head, 2 if quick else 20)
+    if dev.type == "cuda":
+        report["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

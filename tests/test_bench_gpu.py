@@ -1,0 +1,30 @@
+"""bench/gpu.sh end to end at --quick size on the CPU, with the engine a device machine without
+Prefect uses (the chunk task on a thread pool): one JSON document with every figure."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_quick_on_cpu(tmp_path):
+    env = {**os.environ, "WEAKSEG_BENCH_ENGINE": "chunks"}
+    done = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "--quick", "--device", "cpu", "--out",
+                           str(tmp_path / "gpu.json")], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report == json.loads((tmp_path / "gpu.json").read_text())
+    assert report["device"] == "cpu" and report["quick"] and report["bare_forward_images_per_second"] > 0
+    assert set(report["segment"]) == {"none", "ilp", "ilp,sppxl", "ilp,sppxl,seg"}
+    for run in report["segment"].values():
+        assert run["engine"] == "chunks" and run["images"] == report["images"] and run["failed"] == 0
+        assert run["images_per_second"] > 0 and 0 < run["device_busy_fraction"] <= 1
+        assert {"read", "decode", "forward", "priors", "encode", "write"} <= set(run["stage_seconds"])
+    assert report["train"]["samples_per_second"] > 0
+    assert report["peak_rss_mib"] > 0

@@ -8,6 +8,7 @@ retries the whole chunk, which rewrites the same file names).
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -248,17 +249,15 @@ class _Clock:
     """Adds the time spent inside ``with clock(stage):`` to a stage of ``stage_seconds``."""
 
     def __init__(self, seconds: dict[str, float]) -> None:
-        self.seconds, self.stage, self.t0 = seconds, "", 0.0
+        self.seconds = seconds
 
-    def __call__(self, stage: str) -> _Clock:
-        self.stage = stage
-        return self
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        self.seconds[self.stage] += time.perf_counter() - self.t0
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
 
 
 def _timed(items: Iterator[InputRecord], clock: _Clock, stage: str) -> Iterator[InputRecord]:

@@ -68,6 +68,17 @@ def choose_thresholds(model: str, data: str, n_images: int, out: str) -> dict[st
 
 
 @task
+def segment_and_score(images: str, data: str, workdir: str, variant: str, model: str, priors: str,
+                      thresholds: str | None) -> dict[str, Any]:
+    """segment-corpus of the val images with one model and chain, then evaluate-segmentation."""
+    run_id = "demo-" + ("refined" if variant == REFINED else variant.replace("+", "-"))
+    segmentation = storage.join(workdir, "segmentation")
+    segment_corpus(images=images, model=model, out=segmentation, priors=priors, run_id=run_id,
+                   thresholds=thresholds, device="cpu")
+    return evaluate_segmentation(predictions=segmentation, ground_truth=data, split="val", run_id=run_id,
+                                 out=storage.join(workdir, "evaluation", run_id))
+
+
 def refine(shards: str, model: str, out: str, epochs: int, size: int) -> str:
     """The refinement stage with its defaults (reused when its model exists)."""
     refined = storage.join(out, "model.pt")
@@ -136,20 +147,11 @@ def demo(
                   rotation=5.0, scale=[0.9, 1.1])
     thresholds = choose_thresholds(model, data, 48, workdir)
     images = list_split(data, "val", storage.join(workdir, "val-images.txt"))
-    results = {}
-    for variant, priors in VARIANTS.items():
-        run_id = "demo-" + variant.replace("+", "-")
-        segment_corpus(images=images, model=model, out=segmentation, priors=",".join(priors) or "none",
-                       run_id=run_id, thresholds=thresholds.get(variant), device="cpu")
-        metrics = evaluate_segmentation(predictions=segmentation, ground_truth=data, split="val", run_id=run_id,
-                                        out=storage.join(workdir, "evaluation", run_id))
-        results[variant] = metrics
+    runs = {v: (model, ",".join(priors) or "none", thresholds.get(v)) for v, priors in VARIANTS.items()}
     if refine_epochs:
-        refined = refine(shards, model, storage.join(workdir, "refined"), refine_epochs, size)
-        segment_corpus(images=images, model=refined, out=segmentation, run_id="demo-refined", device="cpu")
-        results[REFINED] = evaluate_segmentation(predictions=segmentation, ground_truth=data, split="val",
-                                                 run_id="demo-refined",
-                                                 out=storage.join(workdir, "evaluation", "demo-refined"))
+        runs[REFINED] = (refine(shards, model, storage.join(workdir, "refined"), refine_epochs, size), "ilp,sppxl",
+                         None)
+    results = {variant: segment_and_score(images, data, workdir, variant, *run) for variant, run in runs.items()}
     overlays = write_overlays(segmentation, data, "demo-ilp-sppxl", storage.join(workdir, "overlays"))
     sql, rows = _query(segmentation, "demo-ilp-sppxl")
     report = {

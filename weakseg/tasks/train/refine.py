@@ -179,7 +179,7 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
             for k, v in parts.items():
                 sums[k] += v
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         row = {"epoch": epoch + 1, **{k: round(v / spe, 5) for k, v in sums.items()}}
         history.append(row)
         _logger.info("refine epoch %d/%d: %s", epoch + 1, cfg.epochs, row)

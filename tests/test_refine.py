@@ -77,7 +77,8 @@ def test_refine_improves_over_its_input_model(tmp_path, background_run) -> None:
     from weakseg.tasks.segment.inference import load_model
 
     data, shards, model = background_run
-    result = refine_mil(shards=shards, model=model, out=str(tmp_path / "refined"), epochs=3, steps_per_epoch=20,
+    # The default 6 epochs, 20 steps each: 3 were not always enough to beat this small, weak input model.
+    result = refine_mil(shards=shards, model=model, out=str(tmp_path / "refined"), steps_per_epoch=20,
                         batch_size=16, input_size=96, lr=3e-3, num_workers=0, progress=False)
     pseudo = result["pseudo_labels"]
     assert pseudo["images"] == 96 and 0 < pseudo["coverage"] <= 1

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 
 from .. import storage
 from ..ingest.manifest import ShardMismatchError, shard_specs
+from ..segment.chunk import encode_mask
 from ..segment.inference import ModelBundle, compute_prior_inputs, predict
 from ..segment.priors import UNLABELLED, apply_priors, label_score, parse_priors, superpixel_mean
 from .shard_reader import Decode, ErrorLog, ReadShards
@@ -129,12 +129,6 @@ def _samples(shards: str, manifest: dict, split: str) -> Iterator[dict]:
         _logger.warning("pseudo-labels: skipped %s", message)
 
 
-def _png(labels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(labels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _write_shard(out: str, index: int, rows: list[dict]) -> str:
     buf = io.BytesIO()
     with wds.TarWriter(buf) as sink:
@@ -155,7 +149,6 @@ def write_pseudo_labels(bundle: ModelBundle, shards: str, manifest: dict, out: s
     """
     classes = list(manifest["classes"])
     priors = parse_priors(priors)
-    bg = background
     decode = Decode(len(classes), lambda img: (np.asarray(img.convert("RGB")), None), ErrorLog(), classes)
     stats = PseudoLabelStats(classes)
     rows: list[dict] = []
@@ -165,12 +158,12 @@ def write_pseudo_labels(bundle: ModelBundle, shards: str, manifest: dict, out: s
         preds = predict(bundle, [d["image"] for _, d in batch], max_side, tta=tta)
         for (raw, d), pred in zip(batch, preds, strict=True):
             inputs, _ = compute_prior_inputs(d["image"], priors)
-            tags = tag_mask(d["labels"], len(classes), bg)
-            labels = pseudo_label(pred.probs(), tags, priors, confidence, inputs, bg)
+            tags = tag_mask(d["labels"], len(classes), background)
+            labels = pseudo_label(pred.probs(), tags, priors, confidence, inputs, background)
             stats.add(labels)
             meta = {**json.loads(raw.get("json", b"{}") or b"{}"), "labels": d["labels"],
                     "coverage": round(float((labels != UNLABELLED).mean()), 4)}
-            rows.append({"__key__": raw["__key__"], "jpg": raw["jpg"], "png": _png(labels),
+            rows.append({"__key__": raw["__key__"], "jpg": raw["jpg"], "png": encode_mask(labels),
                          "json": json.dumps(meta).encode()})
             if progress is not None:
                 progress.update(1)

@@ -39,14 +39,7 @@ from .inference import (
     predict,
 )
 from .inputs import ChunkSpec, InputRecord, SourceMeta, archive_uri, read_chunk, stored_uri
-from .priors import (
-    argmax_labels,
-    chain_scores,
-    keep_objects,
-    objectness_prior,
-    smooth_for_objectness,
-    superpixel_vote,
-)
+from .postprocess import Labelled, label_batch, regions
 
 __all__ = ["STAGES", "ChunkResult", "SegmentOptions", "image_statistics", "overlay_thumbnail", "segment_chunk"]
 
@@ -55,10 +48,11 @@ _PALETTE = np.array(voc_palette(), np.uint8).reshape(-1, 3)  # the overlay colou
 TOP_CLASSES = 5  # class_probs holds this many (name, prob) pairs, best first
 BAND_BYTES = 64 * 2**20  # full-resolution probabilities are produced in row bands of about this size
 # Where a chunk's time goes (ChunkResult.stage_seconds): loading the model; reading (the
-# skip-existing checks, the bytes, their hash); decoding; the forward pass; the priors
-# (upsampling, ILP, proposals, superpixels, argmax, mean probabilities); encoding (region
-# statistics, the PNG mask, the rows); writing the Parquet files.
-STAGES = ("load", "read", "decode", "forward", "priors", "encode", "write")
+# skip-existing checks, the bytes, their hash); decoding; the forward pass; post-processing
+# on the model's device (upsampling, ILP, argmax, superpixel vote, objectness test, per-class
+# statistics: weakseg.tasks.segment.postprocess); the host-side priors' inputs (superpixels,
+# box and segment proposals); encoding (the PNG mask, the rows); writing the Parquet files.
+STAGES = ("load", "read", "decode", "forward", "postprocess", "priors", "encode", "write")
 
 
 @dataclass(frozen=True)
@@ -133,60 +127,25 @@ def _error_row(opts: SegmentOptions, chunk: int, uri: str, stage: str, err: Base
                        occurred_at=_now()).row()
 
 
-def _bands(pred: Prediction, num_classes: int) -> Iterator[tuple[int, int]]:
-    h, w = pred.size
-    rows = max(1, BAND_BYTES // (4 * num_classes * max(w, 1)))
-    for r0 in range(0, h, rows):
-        yield r0, min(h, r0 + rows)
-
-
 def label_image(bundle: ModelBundle, pred: Prediction, rgb: np.ndarray, priors: Sequence[str],
                 thresholds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Labels ``uint8[H, W]``, per-class mean probability over each label's pixels, prior timings.
+    """Labels ``uint8[H, W]``, Σ probability of each label over its pixels ``[256]``, prior timings.
 
-    Works in row bands so memory is O(K · band) even for very large images, in the order
-    :func:`~weakseg.tasks.segment.priors.apply_priors` uses: argmax (after ILP) band by band; with
-    sppxl, the vote on the whole label map and a second pass over the bands; then, per
-    band, the objectness test and the mean probabilities.
+    One image through the flow's path: the host-side prior inputs, then
+    :func:`~weakseg.tasks.segment.postprocess.label_batch` on the model's device (row bands
+    of :data:`BAND_BYTES`, so memory is O(K · band) even for very large images).
     """
-    k = len(bundle.classes)
     inputs, ms = compute_prior_inputs(rgb, priors)
     t0 = time.perf_counter()
-    h, w = pred.size
-    labels = np.empty((h, w), dtype=np.uint8)
-    prob_sum = np.zeros(256)
-    objectness = objectness_prior(priors, inputs.get("box_obj"), inputs.get("seg_obj"), thresholds, k)
+    out = label_batch([pred], [inputs], priors, thresholds, len(bundle.classes), bundle.background_index,
+                      bundle.device, _band_bytes(bundle))[0]
+    ms["labels"] = (time.perf_counter() - t0) * 1000  # upsampling + applying the priors + statistics
+    return out.labels, out.prob_sum, ms
 
-    def band_scores(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-        p = pred.probs(r0, r1)
-        return p, chain_scores(p, pred.image_probs, priors)
 
-    def finish(r0: int, r1: int, p: np.ndarray, scores: np.ndarray, obj: np.ndarray | None) -> None:
-        """The objectness test (when the chain has one) and the mean probabilities of one band."""
-        if obj is not None:
-            labels[r0:r1] = keep_objects(scores, labels[r0:r1], obj[r0:r1], delta, bundle.background_index)
-        lab = labels[r0:r1].astype(np.int64)
-        picked = np.take_along_axis(p, np.minimum(lab, k - 1)[None], axis=0)[0]
-        prob_sum[:] += np.bincount(lab.ravel(), weights=picked.ravel(), minlength=256)
-
-    obj, delta = objectness if objectness is not None else (None, None)
-    if "sppxl" in priors:
-        for r0, r1 in _bands(pred, k):
-            labels[r0:r1] = argmax_labels(band_scores(r0, r1)[1])
-        if obj is None:
-            labels[:] = superpixel_vote(labels, inputs["superpixels"])
-        else:
-            voted, obj = smooth_for_objectness(labels, obj, inputs["superpixels"])
-            labels[:] = voted
-        for r0, r1 in _bands(pred, k):
-            finish(r0, r1, *band_scores(r0, r1), obj)
-    else:
-        for r0, r1 in _bands(pred, k):
-            p, scores = band_scores(r0, r1)
-            labels[r0:r1] = argmax_labels(scores)
-            finish(r0, r1, p, scores, obj)
-    ms["labels"] = (time.perf_counter() - t0) * 1000  # upsampling + applying the priors + mean probs
-    return labels, prob_sum, ms
+def _band_bytes(bundle: ModelBundle) -> int:
+    """Probabilities labelled at a time: :data:`BAND_BYTES` on the CPU, 16x that on an accelerator."""
+    return BAND_BYTES if bundle.device.type == "cpu" else 16 * BAND_BYTES
 
 
 def image_statistics(labels: np.ndarray, prob_sum: np.ndarray, image_probs: np.ndarray,
@@ -372,8 +331,7 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
         finally:
             result.stage_seconds["forward"] += time.perf_counter() - t0
         result.forward_seconds += time.perf_counter() - t0
-        for d, pred in zip(batch, preds, strict=True):
-            _segment_image(bundle, d, pred, thresholds, opts, spec.index, writer, result, clock)
+        _segment_batch(bundle, batch, preds, thresholds, opts, spec.index, writer, result, clock)
     with clock("write"):
         writer.flush()
     result.count_errors(writer.rows["errors"])
@@ -381,20 +339,74 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
     return result
 
 
-def _segment_image(bundle: ModelBundle, d: _Decoded, pred: Prediction, thresholds: Mapping[str, np.ndarray],
-                   opts: SegmentOptions, chunk: int, writer: _ChunkWriter, result: ChunkResult, clock: _Clock) -> None:
-    """One predicted image: priors -> its regions, masks and images rows; a failure is an errors row."""
+def _prior_inputs(d: _Decoded, priors: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Host-side prior inputs of one image (superpixels, objectness maps) and their timings."""
+    return compute_prior_inputs(d.rgb, priors)
+
+
+def _label(bundle: ModelBundle, preds: Sequence[Prediction], inputs: Sequence[Mapping[str, np.ndarray]],
+           thresholds: Mapping[str, np.ndarray], priors: Sequence[str]) -> list[Labelled | BaseException]:
+    """Device post-processing of a batch; when the batch fails, image by image, so only the
+    images that fail alone become errors (never a lost batch)."""
+    def one(ps, ins):
+        return label_batch(ps, ins, priors, thresholds, len(bundle.classes), bundle.background_index,
+                           bundle.device, _band_bytes(bundle))
     try:
-        with clock("priors"):
-            labels, prob_sum, ms = label_image(bundle, pred, d.rgb, opts.priors, thresholds)
+        return list(one(preds, inputs))
+    except Exception:
+        if len(preds) == 1:
+            raise
+    out: list[Labelled | BaseException] = []
+    for p, i in zip(preds, inputs, strict=True):
+        try:
+            out.extend(one([p], [i]))
+        except Exception as err:
+            out.append(err)
+    return out
+
+
+def _segment_batch(bundle: ModelBundle, batch: Sequence[_Decoded], preds: Sequence[Prediction],
+                   thresholds: Mapping[str, np.ndarray], opts: SegmentOptions, chunk: int, writer: _ChunkWriter,
+                   result: ChunkResult, clock: _Clock) -> None:
+    """One predicted batch: host prior inputs -> device post-processing -> rows; a failure is an errors row."""
+    ready: list[tuple[_Decoded, Prediction, dict[str, np.ndarray], dict[str, float]]] = []
+    for d, pred in zip(batch, preds, strict=True):
+        try:
+            with clock("priors"):
+                inputs, ms = _prior_inputs(d, opts.priors)
+        except Exception as err:
+            writer.rows["errors"].append(_error_row(opts, chunk, d.uri, "priors", err))
+            continue
+        ready.append((d, pred, inputs, ms))
+    if not ready:
+        return
+    t0 = time.perf_counter()
+    try:
+        with clock("postprocess"):
+            labelled = _label(bundle, [r[1] for r in ready], [r[2] for r in ready], thresholds, opts.priors)
+    except Exception as err:
+        labelled = [err] * len(ready)
+    share = (time.perf_counter() - t0) * 1000 / len(ready)
+    for (d, pred, _, ms), out in zip(ready, labelled, strict=True):
+        if isinstance(out, BaseException):
+            writer.rows["errors"].append(_error_row(opts, chunk, d.uri, "priors", out))
+            continue
+        ms["labels"] = share
+        _encode_image(bundle, d, pred, out, ms, opts, chunk, writer, result, clock)
+
+
+def _encode_image(bundle: ModelBundle, d: _Decoded, pred: Prediction, out: Labelled, ms: dict[str, float],
+                  opts: SegmentOptions, chunk: int, writer: _ChunkWriter, result: ChunkResult, clock: _Clock) -> None:
+    """One labelled image: regions, PNG mask, rows; a failure is an errors row."""
+    try:
         with clock("encode"):
-            regions = image_statistics(labels, prob_sum, pred.image_probs, bundle.classes)
-            png = encode_mask(labels)
+            rows = regions(out, pred.image_probs, bundle.classes)
+            png = encode_mask(out.labels)
     except Exception as err:
         writer.rows["errors"].append(_error_row(opts, chunk, d.uri, "priors", err))
         return
     with clock("encode"):
-        _image_rows(bundle, d, pred, labels, regions, png, ms, opts, chunk, writer, result)
+        _image_rows(bundle, d, pred, out.labels, rows, png, ms, opts, chunk, writer, result)
 
 
 def _image_rows(bundle: ModelBundle, d: _Decoded, pred: Prediction, labels: np.ndarray,

@@ -289,9 +289,11 @@ def upsample_cells(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], 
     """Resample cell values ``[K, ch, cw]`` (cell i centred on forward pixel i·stride + offset) to ``out``.
 
     The one cell-to-pixel mapping of inference (and of bench/supervised.py's training loss):
-    bilinear between cell centres, the edge cells' values beyond them. Differentiable.
+    bilinear between cell centres, the edge cells' values beyond them. Differentiable. A batch
+    ``[B, K, ch, cw]`` of same-size maps gives ``[B, K, rows, W]`` (each as it would alone).
     """
-    _, ch, cw = p.shape
+    batched = p.ndim == 4
+    ch, cw = p.shape[-2:]
     (fh, fw), (h, w) = fwd, out
 
     def axis(n_out: int, n_fwd: int, cells: int, off: float) -> torch.Tensor:
@@ -301,6 +303,8 @@ def upsample_cells(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], 
 
     gy, gx = axis(h, fh, ch, offset[0])[row0:row1], axis(w, fw, cw, offset[1])
     grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
+    if batched:
+        return F.grid_sample(p, grid.expand(p.shape[0], -1, -1, -1), mode="bilinear", align_corners=True)
     return F.grid_sample(p[None], grid, mode="bilinear", align_corners=True)[0]
 
 

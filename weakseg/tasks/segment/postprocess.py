@@ -1,0 +1,226 @@
+"""Device-side post-processing: a batch's predictions -> ``uint8`` labels and per-class statistics.
+
+What used to run in numpy on the host after copying ``probs[K, H, W]`` back for every image
+(16 MB an image at 21 classes and 500x375) runs here in torch on the model's device, one
+batch of same-size images at a time: upsampling the score cells to full resolution (the TTA
+views averaged), the image-level prior, the argmax, the superpixel vote, the objectness
+test, and the per-class statistics (pixel counts, Σ probability of each label over its
+pixels, bounding boxes). Only the ``uint8`` label maps and a few ``[256]`` vectors come back.
+What goes to the device is the host-side priors' output: superpixel ids and objectness maps
+(:func:`~weakseg.tasks.segment.inference.compute_prior_inputs`), 4 bytes a pixel each.
+
+The arithmetic is the numpy path's (:func:`~weakseg.tasks.segment.priors.apply_priors`)
+step for step, in the same dtypes (float32 scores, float64 thresholds and sums), so on the
+CPU the labels are identical and the statistics equal to float tolerance (the float64 sums
+may add in another order); ``tests/test_postprocess.py`` checks this against the numpy path.
+
+Memory: a batch is split so that ``B x K x rows x W`` float32 stays under ``band_bytes``;
+an image too large for it alone is labelled in row bands (with sppxl: argmax band by band,
+the vote on the whole label map, then a second pass for the test and the sums).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .inference import Prediction, upsample_cells
+from .priors import UNLABELLED, objectness_prior
+
+__all__ = ["LABEL_VALUES", "Labelled", "label_batch", "regions"]
+
+LABEL_VALUES = 256  # uint8 label values: class indices and 255 (unlabelled)
+
+
+@dataclass
+class Labelled:
+    """One image's labels and the per-label statistics the ``regions`` rows are made of."""
+
+    labels: np.ndarray  # uint8 [H, W]: class index, or 255 (unlabelled)
+    counts: np.ndarray  # int64 [256]: pixels per label value
+    prob_sum: np.ndarray  # float64 [256]: Σ p(label) over each label's pixels (mean_prob = prob_sum / counts)
+    boxes: np.ndarray  # int64 [256, 4]: x0, y0, x1, y1 (exclusive) of each label present
+
+
+def regions(out: Labelled, image_probs: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
+    """One ``regions`` row (without run_id / image_key) per class present, most pixels first."""
+    total = out.labels.size
+    rows = []
+    for k in np.flatnonzero(out.counts[: len(classes)]):
+        n = out.counts[k]
+        x0, y0, x1, y1 = (int(v) for v in out.boxes[k])
+        rows.append({
+            "class_name": classes[k], "class_index": int(k), "pixel_count": int(n),
+            "area_fraction": float(n / total), "mean_prob": float(out.prob_sum[k] / n),
+            "image_prob": float(image_probs[k]), "bbox_x0": x0, "bbox_y0": y0, "bbox_x1": x1, "bbox_y1": y1,
+        })
+    rows.sort(key=lambda r: -r["pixel_count"])
+    return rows
+
+
+def _group_key(pred: Prediction) -> tuple:
+    """Predictions that can share one batched upsampling: same image size, same views."""
+    return pred.size, tuple((v.forward_size, v.flipped, v.stride, v.offset) for v in (pred.views or (pred,)))
+
+
+def label_batch(preds: Sequence[Prediction], inputs: Sequence[Mapping[str, np.ndarray]], priors: Sequence[str],
+                thresholds: Mapping[str, np.ndarray] | None, num_classes: int, background_index: int | None,
+                device: torch.device | str, band_bytes: int = 64 * 2**20) -> list[Labelled]:
+    """Labels and statistics of every prediction (in order), computed on ``device``.
+
+    ``inputs[i]``: image i's host-side prior inputs (``superpixels``, ``box_obj``,
+    ``seg_obj``, as :func:`~weakseg.tasks.segment.inference.compute_prior_inputs` names
+    them) for the chain ``priors``; ``thresholds``: δ by prior (``bb``/``seg``), default
+    0.5/K. Same-size images are labelled together, at most ``band_bytes`` of float32
+    probabilities at a time.
+    """
+    if num_classes > UNLABELLED:
+        raise ValueError(f"{num_classes} classes do not fit an 8-bit mask with 255 = unlabelled")
+    if len(preds) != len(inputs):
+        raise ValueError(f"{len(preds)} predictions but {len(inputs)} prior inputs")
+    device = torch.device(device)
+    groups: dict[tuple, list[int]] = {}
+    for i, pred in enumerate(preds):
+        groups.setdefault(_group_key(pred), []).append(i)
+    out: list[Labelled | None] = [None] * len(preds)
+    for members in groups.values():
+        h, w = preds[members[0]].size
+        per_batch = max(1, band_bytes // max(1, 4 * num_classes * h * w))
+        for s in range(0, len(members), per_batch):
+            idx = members[s:s + per_batch]
+            done = _Group([preds[i] for i in idx], [inputs[i] for i in idx], priors, thresholds, num_classes,
+                          background_index, device, band_bytes).run()
+            for i, res in zip(idx, done, strict=True):
+                out[i] = res
+    return out  # type: ignore[return-value]
+
+
+class _Group:
+    """Same-size predictions labelled as one batch ``[B, K, rows, W]`` on the device."""
+
+    def __init__(self, preds: Sequence[Prediction], inputs: Sequence[Mapping[str, np.ndarray]],
+                 priors: Sequence[str], thresholds: Mapping[str, np.ndarray] | None, num_classes: int,
+                 background_index: int | None, device: torch.device, band_bytes: int) -> None:
+        self.preds, self.priors, self.k, self.dev = preds, tuple(priors), num_classes, device
+        self.h, self.w = preds[0].size
+        self.b = len(preds)
+        self.fill = UNLABELLED if background_index is None else background_index
+        self.rows = max(1, band_bytes // max(1, 4 * num_classes * self.w * self.b))
+        self.image_probs = self._put(np.stack([np.asarray(p.image_probs, np.float32) for p in preds]))  # [B, K]
+        self.superpixels = [np.asarray(i["superpixels"]) for i in inputs] if "sppxl" in priors else None
+        self.obj = self.delta = None
+        made = [objectness_prior(priors, i.get("box_obj"), i.get("seg_obj"), thresholds, num_classes) for i in inputs]
+        if made[0] is not None:
+            self.obj = self._put(np.stack([np.asarray(m[0], np.float32) for m in made]))  # [B, H, W]
+            self.delta = self._put(np.append(np.asarray(made[0][1], np.float64), np.inf))  # δ[K], ∞ for 255
+
+    def _put(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.dev)
+
+    def _bands(self) -> Iterator[tuple[int, int]]:
+        for r0 in range(0, self.h, self.rows):
+            yield r0, min(self.h, r0 + self.rows)
+
+    def _probs(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``[B, K, rows, W]`` probabilities of rows ``r0:r1`` (views averaged) and the chain's scores."""
+        first = self.preds[0]
+        total = None
+        for v in range(len(first.views) or 1):
+            views = [p.views[v] if p.views else p for p in self.preds]
+            cells = torch.stack([x.cells for x in views]).to(self.dev)
+            up = upsample_cells(cells, views[0].forward_size, (self.h, self.w), views[0].stride, views[0].offset,
+                                r0, r1)
+            if views[0].flipped:
+                up = up.flip(-1)
+            total = up if total is None else total.add_(up)
+        if first.views:  # Prediction.probs: the views' mean
+            total = total / torch.tensor(len(first.views), dtype=torch.float32, device=self.dev)
+        scores = total * self.image_probs[:, :, None, None] if "ilp" in self.priors else total
+        return total, scores
+
+    def run(self) -> list[Labelled]:
+        b, h, w = self.b, self.h, self.w
+        labels = torch.empty((b, h, w), dtype=torch.uint8, device=self.dev)
+        prob_sum = torch.zeros(b * LABEL_VALUES, dtype=torch.float64, device=self.dev)
+        image = torch.arange(b, device=self.dev)[:, None, None] * LABEL_VALUES
+        obj = self.obj
+        bands = list(self._bands())
+        if self.superpixels is not None:
+            kept = None
+            for r0, r1 in bands:
+                probs, scores = self._probs(r0, r1)
+                labels[:, r0:r1] = scores.argmax(1)
+                kept = (probs, scores) if len(bands) == 1 else None  # one band: no second upsampling
+            labels, obj = self._vote(labels, obj)
+            for r0, r1 in bands:
+                probs, scores = kept or self._probs(r0, r1)
+                self._finish(labels, prob_sum, image, r0, r1, probs, scores, obj)
+        else:
+            for r0, r1 in bands:
+                probs, scores = self._probs(r0, r1)
+                labels[:, r0:r1] = scores.argmax(1)
+                self._finish(labels, prob_sum, image, r0, r1, probs, scores, obj)
+        counts, boxes = _label_boxes(labels)
+        labels_np = labels.cpu().numpy()
+        counts_np, sums_np, boxes_np = counts.cpu().numpy(), prob_sum.view(b, -1).cpu().numpy(), boxes.cpu().numpy()
+        return [Labelled(labels_np[i], counts_np[i], sums_np[i], boxes_np[i]) for i in range(b)]
+
+    def _vote(self, labels: torch.Tensor, obj: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SP-sppxl on the device: each superpixel's majority label (ties: the smaller); with an
+        objectness map, p(Obj) averaged per superpixel too (:func:`~.priors.smooth_for_objectness`)."""
+        ids, offset = [], 0
+        for sp in self.superpixels:
+            if sp.shape != (self.h, self.w):
+                raise ValueError(f"superpixels {sp.shape} and labels {(self.h, self.w)} differ in shape")
+            sp = sp.astype(np.int64, copy=False)
+            lo, hi = (int(sp.min()), int(sp.max())) if sp.size else (0, -1)
+            if lo < 0 or hi >= 4 * sp.size:  # ids far from 0..S-1: make them dense (same vote, smaller tables)
+                sp = np.unique(sp.ravel(), return_inverse=True)[1].reshape(sp.shape)
+                hi = int(sp.max()) if sp.size else -1
+            ids.append(sp + offset)
+            offset += hi + 1
+        seg = self._put(np.stack(ids)).view(-1)
+        votes = torch.bincount(seg * LABEL_VALUES + labels.view(-1).long(), minlength=offset * LABEL_VALUES)
+        winner = votes.view(offset, LABEL_VALUES).argmax(1).to(torch.uint8)
+        voted = winner[seg].view(labels.shape)
+        if obj is None:
+            return voted, None
+        sums = torch.zeros(offset, dtype=torch.float64, device=self.dev).index_add_(0, seg, obj.reshape(-1).double())
+        sizes = torch.bincount(seg, minlength=offset).clamp_(min=1)
+        return voted, (sums / sizes)[seg].float().view(obj.shape)
+
+    def _finish(self, labels: torch.Tensor, prob_sum: torch.Tensor, image: torch.Tensor, r0: int, r1: int,
+                probs: torch.Tensor, scores: torch.Tensor, obj: torch.Tensor | None) -> None:
+        """One band: the objectness test (:func:`~.priors.keep_objects`) and Σ p(label) per label."""
+        k = self.k
+        lab = labels[:, r0:r1].long()
+        if obj is not None:
+            own = scores.gather(1, lab.clamp(max=k - 1)[:, None])[:, 0]
+            own = torch.where(lab < k, own, torch.zeros((), dtype=own.dtype, device=self.dev))  # ŷ'(label), float32
+            keep = (own * obj[:, r0:r1]).double() > self.delta[lab.clamp(max=k)]
+            labels[:, r0:r1] = torch.where(keep, labels[:, r0:r1], torch.full((), self.fill, dtype=torch.uint8,
+                                                                              device=self.dev))
+            lab = labels[:, r0:r1].long()
+        picked = probs.gather(1, lab.clamp(max=k - 1)[:, None])[:, 0]
+        prob_sum.index_add_(0, (image + lab).view(-1), picked.reshape(-1).double())
+
+
+def _label_boxes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel counts ``[B, 256]`` and bounding boxes ``[B, 256, 4]`` (x0, y0, x1, y1) of each label value."""
+    b, h, w = labels.shape
+    dev, lab = labels.device, labels.long()
+    ar_b = torch.arange(b, device=dev)[:, None, None]
+    ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    per_row = torch.bincount(((ar_b * h + ar_h[:, None]) * LABEL_VALUES + lab).view(-1),
+                             minlength=b * h * LABEL_VALUES).view(b, h, LABEL_VALUES) > 0
+    per_col = torch.bincount(((ar_b * w + ar_w[None, :]) * LABEL_VALUES + lab).view(-1),
+                             minlength=b * w * LABEL_VALUES).view(b, w, LABEL_VALUES) > 0
+    counts = torch.bincount((ar_b * LABEL_VALUES + lab).view(-1), minlength=b * LABEL_VALUES).view(b, LABEL_VALUES)
+    y0 = torch.where(per_row, ar_h[None, :, None], h).amin(1)
+    y1 = torch.where(per_row, ar_h[None, :, None], -1).amax(1) + 1
+    x0 = torch.where(per_col, ar_w[None, :, None], w).amin(1)
+    x1 = torch.where(per_col, ar_w[None, :, None], -1).amax(1) + 1
+    return counts, torch.stack([x0, y0, x1, y1], dim=-1)

@@ -9,7 +9,7 @@ from weakseg.flows.cli import COMMANDS, main
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "weakseg.flows.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for name in ("shard", "train", "refine", "segment", "evaluate", "thresholds", "demo"):
+    for name in ("shard", "train", "refine", "segment", "evaluate", "thresholds", "promote", "demo"):
         assert name in out
 
 
@@ -17,11 +17,12 @@ def test_help_lists_every_command():
 DESIGN_OPTIONS = {
     "shard": ["--source", "--dest", "--label-map", "--max-side", "--val-fraction", "--seed"],
     "train": ["--shards", "--out", "--backbone", "--pretrained", "--epochs", "--batch-size", "--lr", "--lse-r",
-              "--input-size", "--head-widths", "--device", "--resume"],
+              "--input-size", "--head-widths", "--device", "--resume", "--registry"],
     "segment": ["--images", "--model", "--out", "--priors", "--batch-size", "--run-id", "--skip-existing",
                 "--task-runner"],
     "evaluate": ["--predictions", "--ground-truth", "--split", "--out"],
-    "refine": ["--shards", "--model", "--out", "--priors", "--epochs", "--device"],
+    "refine": ["--shards", "--model", "--out", "--priors", "--epochs", "--device", "--registry"],
+    "promote": ["--model", "--registry", "--ground-truth", "--split", "--tolerance", "--force"],
     "demo": ["--workdir"],
 }
 

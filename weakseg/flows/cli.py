@@ -43,6 +43,8 @@ COMMANDS: dict[str, Command] = {
                         "weakseg.flows.evaluate_segmentation:evaluate_segmentation"),
     "thresholds": Command("choose-thresholds", "choose the SP-bb/SP-seg thresholds on VOC-layout ground truth",
                           "weakseg.flows.choose_thresholds:choose_thresholds"),
+    "promote": Command("promote-model", "promote a model to the registry's current release when it is not worse "
+                       "(exit 0 promoted, 1 refused)", "weakseg.flows.promote_model:promote_model"),
     "demo": Command("demo", "run the whole life cycle on synthetic data, offline", "weakseg.flows.demo:demo"),
 }
 

@@ -4,9 +4,11 @@ shards + model -> ``{out}/pseudo-labels/pseudo-*.tar`` (each training image labe
 its own tags, with the priors; :mod:`weakseg.tasks.train.pseudo_labels`) -> the network
 fine-tuned on them with per-pixel cross-entropy plus the MIL loss
 (:mod:`weakseg.tasks.train.refine`) -> ``{out}/model.pt``, an ordinary checkpoint that
-``weakseg segment``, ``thresholds`` and ``evaluate`` use unchanged. The pseudo-label
-statistics (coverage, pixels per class) and the per-epoch losses go to the log, the
-checkpoint and the ``refine-mil-metrics`` artifact. Refining a refined model is allowed
+``weakseg segment``, ``thresholds`` and ``evaluate`` use unchanged; with ``--registry URL``
+also published as the immutable release ``{registry}/releases/{model_id}/``, its card naming
+the parent model (``refined_from``). ``--model`` may be a registry (its current release). The
+pseudo-label statistics (coverage, pixels per class) and the per-epoch losses go to the log,
+the checkpoint and the ``refine-mil-metrics`` artifact. Refining a refined model is allowed
 (an iteration); it is not the default pipeline.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._params import check_parameters
+from weakseg.flows._registry import publish_release, resolve_model
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import load_checkpoint
 from weakseg.models.losses import background_index
@@ -82,7 +85,8 @@ def publish_metrics(pseudo: dict[str, Any], result: dict[str, Any]) -> None:
 @flow(name="refine-mil")
 def refine_mil(
     shards: Annotated[str, Field(description="folder URL of the shards the model was trained on")],
-    model: Annotated[str, Field(description="URL of the MIL model to refine (weakseg train's model.pt)")],
+    model: Annotated[str, Field(description="URL of the MIL model to refine (weakseg train's model.pt), or a "
+                                "registry (its current release)")],
     out: Annotated[str, Field(description="folder URL for pseudo-labels/ and the refined model.pt")],
     priors: Annotated[str, Field(description="priors of the pseudo-labels: the training image's tags restrict "
                                              "the labels (ilp), sppxl smooths them")] = "ilp,sppxl",
@@ -103,12 +107,15 @@ def refine_mil(
     num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes")] = 2,
     seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,
     progress: Annotated[bool, Field(description="tqdm progress bar in the terminal")] = True,
+    registry: Annotated[str | None, Field(description="registry folder URL: publish the refined model.pt as "
+                                          "the release {registry}/releases/{model_id}/")] = None,
 ) -> dict[str, Any]:
     """Pseudo-label the training images with the model, fine-tune it on them; returns the checkpoint URL."""
     logger = get_run_logger()
     chain = parse_priors(priors)
     check_parameters({"tta": tta})
     manifest = read_manifest(shards)
+    model = resolve_model(model).url  # once: a registry's pointer may move during the run
     with gpu_slot(str(resolve_device(device))):
         pseudo = label_training_images(model, device, shards, manifest, out, chain, confidence, max_side, tta)
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
@@ -119,4 +126,6 @@ def refine_mil(
         result = refine(model, device, pseudo, out, config)
     publish_metrics(pseudo, result)
     logger.info("refined model %s", redact_url(result["checkpoint"]))
+    if registry:
+        result["release"] = publish_release(registry, result["checkpoint"])
     return {**result, "pseudo_labels": pseudo}

@@ -3,8 +3,10 @@
 Reads ``{shards}/manifest.json`` and the shards it lists (any fsspec URL), trains, and
 writes checkpoints to ``{out}/`` (see :mod:`weakseg.tasks.train.trainer` for the names and the
 resume semantics): ``checkpoint-step-{step:09d}.pt`` during training, ``model.pt`` at the
-end. Per-epoch metrics go to the checkpoint, to the ``train-mil-metrics`` table artifact
-and to the log; a tqdm bar shows loss and speed in the terminal.
+end. With ``--registry URL`` the finished ``model.pt`` is also published as the immutable
+release ``{registry}/releases/{model_id}/`` (:mod:`weakseg.tasks.registry`). Per-epoch
+metrics go to the checkpoint, to the ``train-mil-metrics`` table artifact and to the log; a
+tqdm bar shows loss and speed in the terminal.
 
 Multi-GPU: ``torchrun --nproc-per-node 8 -m weakseg.flows.cli train --shards ... --out ...``.
 Every rank runs this flow (and is its own Prefect flow run); rank 0 writes checkpoints and
@@ -23,6 +25,7 @@ from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._params import check_parameters
+from weakseg.flows._registry import publish_release
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import ModelConfig
 from weakseg.models.losses import BackgroundMode, MultiLabelLoss
@@ -115,8 +118,10 @@ def train_mil(
     seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,
     resume: Annotated[bool, Field(description="continue from the newest checkpoint in --out")] = False,
     progress: Annotated[bool, Field(description="tqdm progress bar in the terminal")] = True,
+    registry: Annotated[str | None, Field(description="registry folder URL: publish the final model.pt as "
+                                          "the release {registry}/releases/{model_id}/")] = None,
 ) -> dict[str, Any]:
-    """Train the MIL network; returns the final checkpoint URL and the metrics."""
+    """Train the MIL network; returns the final checkpoint URL, the metrics and, with a registry, the release."""
     logger = get_run_logger()
     check_parameters({"mean": mean, "std": std})
     manifest = read_manifest(shards)
@@ -140,6 +145,8 @@ def train_mil(
     with gpu_slot(str(resolve_device(device))):
         result = train(shards, out, manifest, model_config, augment, config, pretrained)
     publish_metrics(result)
+    if registry and result["rank"] == 0:
+        result["release"] = publish_release(registry, result["checkpoint"])
     logger.info("final checkpoint %s (step %d, last epoch: %s)", redact_url(result["checkpoint"]), result["step"],
                 result["last"])
     return result

@@ -1,0 +1,126 @@
+"""promote-model: the promotion gate of the model registry.
+
+candidate checkpoint -> published as an immutable release (a no-op when it already is one)
+-> candidate and current release scored on the same set: mean IoU on VOC-layout ground truth
+(``--ground-truth``), else image-level mAP on a held-out split of the shards (``--shards``,
+by default the ones the candidate was trained on) -> ``{registry}/current.json`` moved to the
+candidate (history entry first, pointer last) when it is not worse than the current release
+by more than ``--tolerance``, or with ``--force`` (recorded). The per-class comparison is the
+``promote-model`` markdown artifact. Refused: the run ends Failed (``weakseg promote`` exits 1)
+with the comparison as its data.
+
+The return value (also a refused run's data) is a plain dict with ``promoted``, ``model_id``,
+``previous``, ``comparison`` and ``pointer``, for a parent flow to read.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from prefect.states import Failed
+from pydantic import Field
+
+from weakseg.flows._params import check_parameters
+from weakseg.flows._retries import IO_RETRIES, retry_unless
+from weakseg.tasks import registry as reg
+from weakseg.tasks import storage
+from weakseg.tasks.evaluate.promotion import compare, comparison_markdown, score_on_ground_truth, score_on_shards
+from weakseg.tasks.evaluate.promotion import variant_of as _variant_of
+from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
+from weakseg.tasks.segment.tta import DEFAULT_TTA
+
+__all__ = ["promote_model"]
+
+
+@task(**IO_RETRIES, retry_condition_fn=retry_unless(ValueError), cache_policy=NONE)
+def publish_candidate(model: str, registry: str) -> dict[str, Any]:
+    """The candidate as a release of the registry (I/O: retried; a clash of bytes is not)."""
+    resolved = reg.resolve_model(model)
+    release = reg.publish_checkpoint(registry, resolved.url)
+    return {"model_id": release.model_id, "url": release.model_url, "card": release.card}
+
+
+@task(**IO_RETRIES, retry_condition_fn=retry_unless(ValueError), cache_policy=NONE)
+def read_current(registry: str) -> dict[str, Any] | None:
+    """The pointer, or None before the first promotion (I/O: retried)."""
+    return reg.read_pointer(registry)
+
+
+@task(cache_policy=NONE)
+def score(model_url: str, device: str, ground_truth: str | None, split: str, shards: str | None, priors: str,
+          max_side: int, tta: str, limit: int | None, batch_size: int) -> dict[str, Any]:
+    """One model on the gate's set (compute-bound, not retried)."""
+    bundle = load_model(model_url, device)
+    if ground_truth:
+        return score_on_ground_truth(bundle, ground_truth, split, priors, max_side, tta, limit)
+    return score_on_shards(bundle, shards, split, batch_size)
+
+
+@task(**IO_RETRIES, retry_condition_fn=retry_unless(ValueError), cache_policy=NONE)
+def move_pointer(registry: str, model_id: str, forced: bool, comparison: dict[str, Any],
+                 reason: str) -> dict[str, Any]:
+    """History entry, then ``current.json`` (I/O: retried; an incomplete release is refused, not retried)."""
+    return reg.write_pointer(registry, model_id, forced=forced, comparison=comparison, reason=reason)
+
+
+@flow(name="promote-model")
+def promote_model(
+    model: Annotated[str, Field(description="candidate checkpoint URL (train's or refine's model.pt, or a "
+                                "release's); published as a release first")],
+    registry: Annotated[str, Field(description="registry folder URL (releases/, history/, current.json)")],
+    ground_truth: Annotated[str | None, Field(description="VOC-layout folder URL to score on (mean IoU); "
+                                              "default: image-level mAP on --shards")] = None,
+    split: Annotated[str, Field(min_length=1, description="split of the ground truth, or of the shards, to "
+                                "score on")] = "val",
+    tolerance: Annotated[float, Field(ge=0, le=1, description="promote when candidate >= current - this")] = 0.0,
+    force: Annotated[bool, Field(description="promote whatever the comparison says (recorded in the "
+                                 "history and the pointer)")] = False,
+    reason: Annotated[str, Field(description="why, recorded with the promotion (e.g. for --force)")] = "",
+    shards: Annotated[str | None, Field(description="shards whose split the mAP is scored on without ground "
+                                        "truth; default: the ones the candidate was trained on")] = None,
+    priors: Annotated[str, Field(description="prior chain scored on ground truth (as segment applies it)")] = (
+        "ilp,sppxl"),
+    limit: Annotated[int | None, Field(ge=1, description="score only the first N ground-truth images")] = None,
+    max_side: Annotated[int, Field(ge=32, description="forward-pass longer side, as in segment")] = DEFAULT_MAX_SIDE,
+    tta: Annotated[str, Field(description="test-time views, as in segment")] = DEFAULT_TTA,
+    batch_size: Annotated[int, Field(ge=1, description="images per forward pass on shards")] = 16,
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
+) -> dict[str, Any]:
+    """Publish the candidate, score it against the current release, move the pointer or refuse."""
+    logger = get_run_logger()
+    _variant_of(priors)  # a chain the gate cannot score is refused before any work
+    check_parameters({"tta": tta})
+    candidate = publish_candidate(model, registry)
+    current = read_current(registry)
+    shards = shards or (None if ground_truth else candidate["card"].get("manifest", {}).get("url"))
+    if not ground_truth and not shards:
+        raise ValueError("no --ground-truth and no --shards, and the candidate records no shards: nothing to "
+                         "score it on")
+    args = (device, ground_truth, split, shards, priors, max_side, tta, limit, batch_size)
+    cand_score = score(candidate["url"], *args)
+    same = current is not None and current["model_id"] == candidate["model_id"]
+    cur_score = None if current is None else cand_score if same else score(
+        storage.join(registry, current["model"]), *args)
+    comparison = compare(cand_score, cur_score, tolerance)
+    promote = comparison["passed"] or force
+    result: dict[str, Any] = {"promoted": promote, "forced": force and not comparison["passed"],
+                              "model_id": candidate["model_id"],
+                              "previous": None if current is None else current["model_id"],
+                              "comparison": comparison, "pointer": current}
+    if promote and not same:
+        result["pointer"] = move_pointer(registry, candidate["model_id"], result["forced"], comparison, reason)
+    outcome = ("already current" if same else "promoted (forced)" if result["forced"] else "promoted") if promote \
+        else "refused"
+    create_markdown_artifact(key="promote-model", markdown=comparison_markdown(
+        comparison, candidate["model_id"], result["previous"], outcome),
+        description=f"promote-model {candidate['model_id']}: {outcome}")
+    message = (f"candidate {candidate['model_id']} {comparison['metric']} {comparison['candidate']} vs current "
+               f"{result['previous']} {comparison['current']} (tolerance {tolerance}): {outcome}")
+    if not promote:
+        logger.error("%s", message)
+        return Failed(message=message, data=result)
+    logger.info("%s; %s -> %s", message, storage.redact_url(storage.join(registry, reg.POINTER)),
+                candidate["model_id"])
+    return result

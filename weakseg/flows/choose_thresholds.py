@@ -6,7 +6,8 @@ image of the split, in one pass -> one shared δ by grid search, then per-class 
 ascent on mean IoU (:mod:`weakseg.tasks.evaluate.thresholds`) -> the thresholds JSON that
 ``weakseg segment --thresholds`` reads, and a table artifact of δ per class. δ belong to
 the chain they were chosen for (``ilp,sppxl,seg`` tests smoothed labels, ``ilp,seg`` raw
-ones); the file records it. Images that cannot be read are skipped and counted, never fatal.
+ones); the file records it, and the model's id (``search.model_id``). ``--model`` may be a
+registry, resolved once to its current release. Images that cannot be read are skipped and counted, never fatal.
 
 δ are chosen on the training split by default: tuned on the split an evaluation of the same
 output scores (``eval_split``, ``val`` by default), they flatter that evaluation. Asked to,
@@ -22,6 +23,7 @@ from prefect.cache_policies import NONE
 from pydantic import Field
 
 from weakseg.flows._params import check_parameters
+from weakseg.flows._registry import resolve_model
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.variants import ChainThresholds, choose_chain_thresholds
@@ -64,7 +66,8 @@ def write(out: str, chosen: ChainThresholds, how: dict[str, Any]) -> dict[str, A
 
 @flow(name="choose-thresholds")
 def choose_thresholds(
-    model: Annotated[str, Field(description="checkpoint URL (train-mil's model.pt)")],
+    model: Annotated[str, Field(description="checkpoint URL (train-mil's model.pt), or a registry (its "
+                                "current release)")],
     ground_truth: Annotated[str, Field(description="VOC-layout folder URL (JPEGImages/, SegmentationClass/, "
                                        "ImageSets/)")],
     out: Annotated[str, Field(description="thresholds JSON URL to write (weakseg segment --thresholds reads it)")],
@@ -95,7 +98,9 @@ def choose_thresholds(
     leak = split_warning(split, eval_split)
     if leak:
         logger.warning(leak)
-    chosen = search(model, device, ground_truth, ids, {"chain": chain}, max_side, min_side, tta)["chain"]
+    resolved = resolve_model(model)  # once: a registry's pointer may move during the run
+    chosen = search(resolved.url, device, ground_truth, ids, {"chain": chain}, max_side, min_side, tta)["chain"]
+    resolved.check(chosen.how["model_id"])
     how = {**chosen.how, "split": split, **({"split_warning": leak} if leak else {})}
     doc = write(out, chosen, how)
     if how["skipped"]:
@@ -105,8 +110,8 @@ def choose_thresholds(
         key="choose-thresholds",
         table=[{"class": c, "delta": v} for c, v in doc["thresholds"].items()],
         description=(f"{'WARNING: ' + leak + '. ' if leak else ''}"
-                     f"δ of {prior} for priors {','.join(chain)} on {how['images']} {split} images "
-                     f"({how['skipped']} skipped): mean IoU {how['mean_iou']:.4f} with them, "
+                     f"model {how['model_id']}: δ of {prior} for priors {','.join(chain)} on {how['images']} "
+                     f"{split} images ({how['skipped']} skipped): mean IoU {how['mean_iou']:.4f} with them, "
                      f"{how['shared_mean_iou']:.4f} with one shared δ = {how['shared_threshold']:.4g}. "
                      f"{out}"),
     )

@@ -102,8 +102,9 @@ def publish(doc: dict[str, Any], out: str) -> None:
         key="evaluate-segmentation",
         table=rows,
         description=(
-            f"run {doc['run_id']} on split {doc['split']}: mean IoU {pct(doc['mean_iou'])}%, pixel accuracy "
-            f"{pct(doc['pixel_accuracy'])}%; {im['scored']}/{im['ground_truth']} images scored, "
+            f"run {doc['run_id']} (model {doc['model_id']}) on split {doc['split']}: mean IoU "
+            f"{pct(doc['mean_iou'])}%, pixel accuracy {pct(doc['pixel_accuracy'])}%; "
+            f"{im['scored']}/{im['ground_truth']} images scored, "
             f"{im['missing_prediction']} without prediction, {im['missing_ground_truth']} without ground truth, "
             f"{im['size_mismatch']} size mismatches, {im['invalid']} invalid, {im['ambiguous']} ambiguous; "
             f"{im['masks_without_ground_truth']} masks of the run not in the split. "
@@ -147,7 +148,7 @@ def evaluate_segmentation(
                for i in range(0, len(matched), chunk_size)]
     for future in futures:
         scores.extend(future.result())
-    doc = metrics_document(scores, alignment, run_id=run["run_id"], split=split,
+    doc = metrics_document(scores, alignment, run_id=run["run_id"], model_id=run.get("model_id"), split=split,
                            predictions=storage.redact_url(predictions),
                            ground_truth=storage.redact_url(ground_truth), gt_images=len(ids), match_counts=counts)
     if doc["images"]["scored"] == 0:

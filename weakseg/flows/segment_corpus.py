@@ -217,7 +217,8 @@ def _final_state(state_name: str, message: str | None, summary: dict[str, Any]) 
 def segment_corpus(
     images: Annotated[str, Field(description="folder, glob, .txt/.csv/.parquet manifest of URIs, or "
                                  "WebDataset .tar shards (any fsspec URL)")],
-    model: Annotated[str, Field(description="checkpoint URL (train-mil's model.pt)")],
+    model: Annotated[str, Field(description="checkpoint URL (train-mil's model.pt), or a registry (its "
+                                "current release, resolved once at the start)")],
     out: Annotated[str, Field(description="output folder URL for the Parquet tables")],
     priors: Annotated[str, Field(pattern=r"^(none|(ilp|sppxl|bb|seg)( *, *(ilp|sppxl|bb|seg))*)$",
                                  description="comma list of ilp, sppxl, bb, seg; or none")] = "ilp,sppxl",
@@ -288,7 +289,7 @@ def segment_corpus(
     seconds = time.perf_counter() - t_start
     state_name = runs.final_state(counts, fanout.failed_chunks, max_error_fraction)
     timing = runs.stage_timing(fanout.results, fanout.seconds)
-    row = runs.runs_row(run_id=run_id, flow_run_id=flow_run_id, model=model, info=info, priors=prior_list,
+    row = runs.runs_row(run_id=run_id, flow_run_id=flow_run_id, model=info.model_uri, info=info, priors=prior_list,
                         parameters=runs.run_parameters(parameters, chunk_device), counts=counts, state=state_name,
                         started_at=started_at, seconds=seconds, timing=timing)
     finish_run(out, info.run_date, run_id, fanout.chunks, row, [p for p in (info.done_index, info.model_pinned) if p])

@@ -457,8 +457,9 @@ def unmatched_scores(image_ids: Sequence[str], found: Mapping[str, PredictedMask
 
 def metrics_document(scores: Iterable[ImageScore], alignment: ClassAlignment, *, run_id: str, split: str,
                      predictions: str, ground_truth: str, gt_images: int,
-                     match_counts: dict[str, Any]) -> dict[str, Any]:
-    """``metrics.json``: totals over the scored images plus what could not be scored, NaN as null."""
+                     match_counts: dict[str, Any], model_id: str | None = None) -> dict[str, Any]:
+    """``metrics.json``: totals over the scored images plus what could not be scored, NaN as null;
+    ``model_id``: the model that made the run's masks (the ``runs`` row's)."""
     scores = list(scores)
     k, c = len(alignment.gt_classes), len(alignment.columns)
     conf = np.zeros((k, c), np.int64)
@@ -488,6 +489,7 @@ def metrics_document(scores: Iterable[ImageScore], alignment: ClassAlignment, *,
         "format": "weakseg.evaluation",
         "format_version": 1,
         "run_id": run_id,
+        "model_id": model_id,
         "split": split,
         "predictions": predictions,
         "ground_truth": ground_truth,

@@ -18,6 +18,7 @@ import numpy as np
 from ... import __version__
 from .. import storage
 from ..evaluate.thresholds import resolve_thresholds
+from ..registry import resolve_model
 from . import tables
 from .chunk import STAGES, ChunkResult
 from .inference import ModelError, load_thresholds, pin_model, predict
@@ -60,6 +61,7 @@ class RunSetup:
     done: int  # images already segmented by this model (skip-existing)
     background: bool
     device: str
+    model_uri: str = ""  # the checkpoint the run reads, without credentials (a registry's release)
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,15 @@ def check_serves(bundle, model: str) -> None:
 
 def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str | None, priors: tuple[str, ...],
                 skip_existing: bool, log: logging.Logger | logging.LoggerAdapter) -> RunSetup:
-    """Check the output, pin the model (once, by content), resolve thresholds, find run_date."""
+    """Check the output, resolve a registry to its current release, pin the model (once, by content),
+    resolve thresholds, find run_date."""
     attempt = uuid.uuid4().hex[:12]  # scratch names per attempt: two live runs of one run_id never share them
     tables.check_writable(out, f"{run_id}-{attempt}")
-    bundle, pinned = pin_model(model, storage.join(out, "_state"), device, prefix=f"model-{run_id}-")
+    resolved = resolve_model(model)
+    if resolved.registry is not None:
+        log.info("model %s resolves to release %s", storage.redact_url(model), resolved.model_id)
+    bundle, pinned = pin_model(resolved.url, storage.join(out, "_state"), device, prefix=f"model-{run_id}-")
+    resolved.check(bundle.model_id)
     check_serves(bundle, model)
     in_use = resolve_thresholds(bundle.thresholds, len(bundle.classes), priors,
                                 load_thresholds(thresholds, bundle.classes) if thresholds else None,
@@ -111,7 +118,8 @@ def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str 
         if not done:
             done_index = None
     return RunSetup(bundle.model_id, bundle.sha256, pinned, list(bundle.classes), in_use.values, in_use.sources,
-                    run_date, done_index, done, bundle.background_index is not None, str(bundle.device))
+                    run_date, done_index, done, bundle.background_index is not None, str(bundle.device),
+                    storage.redact_url(resolved.url))
 
 
 def run_parameters(parameters: Mapping[str, Any], device: str) -> dict[str, Any]:

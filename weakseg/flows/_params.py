@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -70,6 +71,9 @@ def add_flow_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
         elif get_origin(base) is Literal:
             kwargs["choices"] = list(get_args(base))
             kwargs["type"] = type(get_args(base)[0])
+        elif base is dict or get_origin(base) is dict:
+            kwargs["type"] = json.loads
+            kwargs["metavar"] = "JSON"
         elif get_origin(base) in (list, tuple):
             item = get_args(base)[0] if get_args(base) else str
             kwargs["type"] = _list_parser(item)

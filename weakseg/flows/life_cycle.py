@@ -1,0 +1,165 @@
+"""life-cycle: the whole model life cycle as one flow, for a weekly schedule.
+
+shard-imagenet -> train-mil -> refine-mil (``--refine``) -> choose-thresholds (when the
+segment chain ``--priors`` has bb or seg, on ``--ground-truth``) -> promote-model (the gate)
+-> segment-corpus with the promoted release, each step a subflow. Every output lands under
+``{work}`` (``{cycle_id}`` replaced; the ISO week by default), the releases in ``--registry``.
+
+Resumable: before each step its output is checked (:mod:`weakseg.tasks.cycle`: the shard
+manifest, ``model.pt``, the δ file naming the candidate, the pointer naming it, the ``runs``
+row of the segmentation with it); a finished step is skipped, so a rerun after a kill or a
+failure starts at the first unfinished one (training resumes from its newest step
+checkpoint). A refused promotion ends the cycle Failed before segmenting: the corpus keeps
+the current release (``segment-corpus/nightly``). Each step's other parameters come as a
+mapping (``--train-options '{"epochs": 4}'``), named as its own command takes them.
+"""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.states import Failed
+from pydantic import Field
+
+from weakseg.flows._params import flow_parameters
+from weakseg.flows._registry import publish_release
+from weakseg.flows._retries import IO_RETRIES
+from weakseg.flows.choose_thresholds import choose_thresholds
+from weakseg.flows.promote_model import promote_model
+from weakseg.flows.refine_mil import refine_mil
+from weakseg.flows.segment_corpus import segment_corpus
+from weakseg.flows.shard_imagenet import shard_imagenet
+from weakseg.flows.train_mil import train_mil
+from weakseg.tasks import cycle, storage
+from weakseg.tasks.segment.priors import has_objectness, parse_priors
+
+__all__ = ["life_cycle"]
+
+# What the cycle sets itself in each step: not accepted in that step's options.
+_SET_BY_CYCLE = {
+    "shard": (shard_imagenet, {"source", "dest"}),
+    "train": (train_mil, {"shards", "out", "device", "registry"}),
+    "refine": (refine_mil, {"shards", "model", "out", "device", "registry"}),
+    "thresholds": (choose_thresholds, {"model", "ground_truth", "out", "priors", "device"}),
+    "promote": (promote_model, {"model", "registry", "ground_truth", "device"}),
+    "segment": (segment_corpus, {"images", "model", "out", "priors", "thresholds", "device"}),
+}
+
+
+def check_options(options: dict[str, dict[str, Any]]) -> None:
+    """Refuse an option a step does not take, or one the cycle sets itself, before any work."""
+    problems = []
+    for step, given in options.items():
+        fn, fixed = _SET_BY_CYCLE[step]
+        names = {p.name for p in flow_parameters(fn)}
+        problems += [f"--{step}-options: {k!r} is set by the cycle" for k in given if k in fixed]
+        problems += [f"--{step}-options: {fn.name} has no parameter {k!r}" for k in given if k not in names]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+@task(**IO_RETRIES, cache_policy=NONE)
+def finished(check: str, args: list[str]) -> bool:
+    """Whether a step's output is there (:mod:`weakseg.tasks.cycle`; I/O: retried)."""
+    return bool(getattr(cycle, check)(*args))
+
+
+Options = Annotated[dict[str, Any] | None, Field(description="more parameters of that step, as its command "
+                                                 "takes them (JSON on the command line)")]
+
+
+@flow(name="life-cycle")
+def life_cycle(
+    source: Annotated[str, Field(description="labelled image collection to shard (as weakseg shard --source)")],
+    registry: Annotated[str, Field(description="registry folder URL: releases are published and promoted there")],
+    images: Annotated[str, Field(description="corpus to segment with the promoted release (as weakseg segment "
+                                 "--images)")],
+    out: Annotated[str, Field(description="output folder URL of the segmentation tables")],
+    work: Annotated[str, Field(description="folder URL of this cycle's shards/, model/, refined/ and δ files; "
+                               "{cycle_id} is replaced")] = "./cycles/{cycle_id}",
+    cycle_id: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                                          description="this cycle's id (default: the ISO week, e.g. 2025-W07); "
+                                          "the same id resumes a cycle")] = None,
+    ground_truth: Annotated[str | None, Field(description="VOC-layout folder URL: δ are chosen on its train split "
+                                              "and the gate scores mean IoU on its val split; without it the gate "
+                                              "scores image-level mAP on the held-out shards")] = None,
+    refine: Annotated[bool, Field(description="refine the trained model on its pseudo-labels; the refined "
+                                  "model is the candidate")] = True,
+    priors: Annotated[str, Field(description="prior chain of the segmentation (and of δ when it has bb/seg)")] = (
+        "ilp,sppxl"),
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
+    shard_options: Options = None,
+    train_options: Options = None,
+    refine_options: Options = None,
+    thresholds_options: Options = None,
+    promote_options: Options = None,
+    segment_options: Options = None,
+) -> dict[str, Any]:
+    """Run the cycle's unfinished steps; returns what each step did, the candidate and the segmentation run."""
+    logger = get_run_logger()
+    opts = {"shard": shard_options or {}, "train": train_options or {}, "refine": refine_options or {},
+            "thresholds": thresholds_options or {}, "promote": promote_options or {},
+            "segment": {"skip_existing": True, **(segment_options or {})}}
+    check_options(opts)
+    chain = parse_priors(priors)
+    cycle_id = cycle_id or cycle.default_cycle_id(datetime.now(UTC))
+    layout = cycle.CycleLayout.for_cycle(work, cycle_id)
+    steps: dict[str, str] = {}
+
+    def step(name: str, done: bool, run) -> Any:
+        steps[name] = "reused" if done else "ran"
+        logger.info("cycle %s: %s %s", cycle_id, name, "finished before: skipped" if done else "running")
+        return None if done else run()
+
+    step("shard", finished("shards_done", [layout.shards]),
+         lambda: shard_imagenet(source=source, dest=layout.shards, **opts["shard"]))
+    step("train", finished("checkpoint_done", [layout.model_dir]),
+         lambda: train_mil(shards=layout.shards, out=layout.model_dir, device=device,
+                           **{"resume": True, **opts["train"]}))
+    trained = candidate = publish_release(registry, storage.join(layout.model_dir, "model.pt"))
+    if refine:
+        step("refine", finished("checkpoint_done", [layout.refined_dir]),
+             lambda: refine_mil(shards=layout.shards, model=trained["url"], out=layout.refined_dir, device=device,
+                                **opts["refine"]))
+        candidate = publish_release(registry, storage.join(layout.refined_dir, "model.pt"))
+    else:
+        steps["refine"] = "off"
+    thresholds = None
+    if not has_objectness(chain):
+        steps["thresholds"] = "not needed (no bb/seg in the chain)"
+    elif not ground_truth:
+        steps["thresholds"] = "skipped: no ground truth (the checkpoint's δ)"
+        logger.warning("priors %s use δ but there is no --ground-truth to choose them on", priors)
+    else:
+        thresholds = layout.thresholds(",".join(chain))
+        step("thresholds", finished("thresholds_done", [thresholds, candidate["model_id"]]),
+             lambda: choose_thresholds(model=candidate["url"], ground_truth=ground_truth, out=thresholds,
+                                       priors=",".join(chain), device=device, **opts["thresholds"]))
+    result: dict[str, Any] = {"cycle_id": cycle_id, "work": layout.root, "steps": steps, "trained": trained,
+                              "candidate": candidate, "thresholds": thresholds}
+    gate = step("promote", finished("promoted", [registry, candidate["model_id"]]),
+                lambda: promote_model(model=candidate["url"], registry=registry, ground_truth=ground_truth,
+                                      device=device, return_state=True, **opts["promote"]))
+    if gate is not None and gate.is_failed():
+        _report(cycle_id, steps, candidate)
+        return Failed(message=f"cycle {cycle_id}: the gate refused {candidate['model_id']}: {gate.message}",
+                      data=result)
+    run_id = opts["segment"].pop("run_id", None) or f"cycle-{cycle_id}"
+    segmentation = step("segment", finished("segmented", [out, run_id, candidate["model_id"]]),
+                        lambda: segment_corpus(images=images, model=candidate["url"], out=out, priors=priors,
+                                               thresholds=thresholds, device=device, run_id=run_id,
+                                               return_state=True, **opts["segment"]))
+    result["run_id"] = run_id
+    _report(cycle_id, steps, candidate)
+    if segmentation is not None and segmentation.is_failed():
+        return Failed(message=f"cycle {cycle_id}: segment-corpus failed: {segmentation.message}", data=result)
+    return result
+
+
+def _report(cycle_id: str, steps: dict[str, str], candidate: dict[str, Any]) -> None:
+    create_table_artifact(key="life-cycle", table=[{"step": s, "outcome": steps.get(s, "not reached")}
+                                                   for s in cycle.STEPS],
+                          description=f"life-cycle {cycle_id}: candidate release {candidate['model_id']}")

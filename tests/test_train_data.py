@@ -44,6 +44,22 @@ def test_train_transform_crops_at_input_size_and_masks_rotation_corners():
     assert valid.all() and (image == 200).all()  # every augmentation can be switched off
 
 
+def test_main_process_augmentations_depend_on_their_seed_only():
+    """With num_workers=0 the draws are the transform's own: another thread's use of ``random``
+    (Prefect's run in the same process) must not change a training with a given seed."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), np.uint8))
+    config = AugmentConfig(input_size=64, rotation=20, scale=(0.7, 1.3))
+    a, b = TrainTransform(config, seed=5), TrainTransform(config, seed=5)
+    first = [a(img)[0] for _ in range(4)]
+    second = []
+    for _ in range(4):
+        random.random()  # someone else draws from the module's generator in between
+        second.append(b(img)[0])
+    assert all(np.array_equal(x, y) for x, y in zip(first, second, strict=True))
+    other = TrainTransform(config, seed=6)
+    assert not all(np.array_equal(x, other(img)[0]) for x in first)
+
+
 def test_small_scale_pads_and_marks_padding_invalid():
     t = TrainTransform(AugmentConfig(input_size=64, rotation=0, scale=(0.5, 0.5)))
     _, valid = t(_image(64, 64), random.Random(0))

@@ -22,17 +22,23 @@ Per-channel normalisation happens on the device, after the uint8 batch is transf
 (:func:`weakseg.tasks.tensors.normalize`): four times less to copy than float32.
 
 Transforms are classes (picklable, so they survive DataLoader worker processes) and take
-a ``random.Random``; DataLoader seeds each worker's ``random`` module differently.
+a ``random.Random``. Without one they draw from :func:`sample_rng`: in a DataLoader worker
+the worker's ``random`` module (DataLoader seeds each worker differently); in the main
+process (``num_workers=0``) their own seeded generator, because the module's is shared
+with every other thread of the process (Prefect's among them), which made two trainings
+with one seed differ.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch.utils.data
 from PIL import Image, ImageEnhance
 
-__all__ = ["CROPS", "AugmentConfig", "EvalTransform", "TrainTransform", "resolve_crop"]
+__all__ = ["CROPS", "AugmentConfig", "EvalTransform", "TrainTransform", "resolve_crop", "sample_rng"]
 
 CROPS = ("random", "whole")
 
@@ -91,14 +97,20 @@ def _place(img: Image.Image, mask: Image.Image | None, size: int, rng: random.Ra
     return out, valid
 
 
+def sample_rng(own: random.Random) -> Any:
+    """The generator a transform draws from: the worker's ``random`` module, or ``own`` in the main process."""
+    return random if torch.utils.data.get_worker_info() is not None else own
+
+
 class TrainTransform:
     """PIL image -> (``[S, S, 3]`` uint8, ``[S, S]`` bool validity) with random deformation."""
 
-    def __init__(self, config: AugmentConfig) -> None:
+    def __init__(self, config: AugmentConfig, seed: int = 0) -> None:
         self.config = config
+        self.rng = random.Random(seed)
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray]:
-        rng = rng if rng is not None else random  # the module's generator: DataLoader seeds it per worker
+        rng = rng if rng is not None else sample_rng(self.rng)
         c = self.config
         img = img.convert("RGB")
         w, h = img.size

@@ -37,6 +37,7 @@ from .. import storage
 from ..segment.inference import upsample_cells
 from ..segment.priors import UNLABELLED
 from ..tensors import normalize
+from .augment import sample_rng
 from .optimizer import make_optimizer
 from .shard_reader import ErrorLog, ReadShards
 
@@ -70,12 +71,14 @@ class PseudoTransform:
     geometries move together, padding is invalid and unlabelled.
     """
 
-    def __init__(self, input_size: int, scale: tuple[float, float] = (0.8, 1.2), hflip: bool = True) -> None:
+    def __init__(self, input_size: int, scale: tuple[float, float] = (0.8, 1.2), hflip: bool = True,
+                 seed: int = 0) -> None:
         self.size, self.scale, self.hflip = input_size, scale, hflip
+        self.rng = random.Random(seed)
 
     def __call__(self, img: Image.Image, labels: Image.Image,
                  rng: random.Random | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rng = rng if rng is not None else random
+        rng = rng if rng is not None else sample_rng(self.rng)
         s = self.size
         w, h = img.size
         factor = s / max(w, h) * rng.uniform(*self.scale)
@@ -122,7 +125,7 @@ def pseudo_loader(urls: Sequence[str], num_classes: int, cfg: RefineConfig, seed
         wds.ResampledShards(list(urls), seed=seed, deterministic=True),
         ReadShards(ErrorLog(0.5)),
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), rng=random.Random(seed)),
-        wds.map(_decode(PseudoTransform(cfg.input_size, cfg.scale, cfg.hflip), num_classes)),
+        wds.map(_decode(PseudoTransform(cfg.input_size, cfg.scale, cfg.hflip, seed=seed), num_classes)),
     )
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(pipeline, batch_size=cfg.batch_size, collate_fn=_collate,

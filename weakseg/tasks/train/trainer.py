@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import posixpath
-import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -436,8 +435,8 @@ class _Loop:
         cfg, info, state, optimizer = self.cfg, self.info, self.state, self.rt.optimizer
         end = (epoch + 1) * self.spe
         stream_seed = hash((cfg.seed, epoch, state["step"])) & 0x7FFFFFFF
-        random.seed(stream_seed + info.rank)  # augmentations in the main process (num_workers=0)
-        pipeline = train_pipeline(list(self.train_specs), len(self.classes), TrainTransform(self.augment),
+        pipeline = train_pipeline(list(self.train_specs), len(self.classes),
+                                  TrainTransform(self.augment, seed=stream_seed + info.rank),
                                   seed=stream_seed, shuffle_buffer=cfg.shuffle_buffer, specs=self.train_specs,
                                   classes=self.classes, max_skip_fraction=cfg.max_skip_fraction)
         loader = make_loader(pipeline, len(self.classes), cfg.batch_size, num_workers=cfg.num_workers,

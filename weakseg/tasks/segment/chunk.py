@@ -1,9 +1,33 @@
-"""One chunk of segment-corpus: read -> decode -> batched forward -> priors -> statistics -> Parquet.
+"""One chunk of segment-corpus: read -> decode -> batched forward -> post-processing -> PNG -> Parquet.
 
-Stages are small generators with one error policy: an input that fails to read, decode,
-run or encode becomes an ``errors`` row (stage, error_type, message) and the rest of the
-chunk goes on. Only a failure to *write* the chunk's files raises (the Prefect task then
-retries the whole chunk, which rewrites the same file names).
+A pipelined engine built of small generators over standard tools (``concurrent.futures``):
+
+- **read** on the calling thread (sequential I/O of the chunk's inputs, the skip-existing
+  checks and the content hash);
+- **decode and prior inputs** (:func:`~weakseg.images.decode_image`, then superpixels and
+  proposals, :func:`~weakseg.tasks.segment.inference.compute_prior_inputs`) as jobs in the
+  process's host pool, up to ``ahead`` inputs ahead of the forward pass (PIL, OpenCV, scipy
+  and scikit-image's Felzenszwalb release the GIL in their loops);
+- **batches bucketed by forward size** (:func:`_buckets`): full batches of one size, no
+  padding between sizes, a bounded number of images waiting;
+- **forward and post-processing** on the model's device, on the calling thread
+  (:func:`~weakseg.tasks.segment.inference.predict`, then
+  :func:`~weakseg.tasks.segment.postprocess.label_batch`: only uint8 labels and per-class
+  vectors come back);
+- **PNG encoding** as pool jobs, rows added in input order as they finish;
+- **Parquet**: the chunk's tables written side by side in the pool, ``images`` last.
+
+Every queue is bounded (``ahead`` decoded inputs, two batches' worth of images in buckets,
+``ahead`` encodes), so memory does not grow with the chunk or the corpus. With ``host_workers=0``
+(the default when the model runs on the CPU, whose cores the forward pass already uses)
+the same code runs inline, one stage after the other. ``stage_seconds`` are busy seconds
+per stage, timed where the work runs, so with a pool they add up over threads.
+
+One error policy: an input that fails to read, decode, run or encode becomes an ``errors``
+row (stage, error_type, message) and the rest of the chunk goes on; a batch whose
+post-processing fails is retried image by image. Only a failure to *write* the chunk's
+files (or a transient read error) raises: the Prefect task then retries the whole chunk,
+which rewrites the same file names.
 """
 from __future__ import annotations
 
@@ -14,14 +38,18 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from ..errors import ErrorRecord
 from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image, voc_palette
@@ -33,6 +61,7 @@ from .inference import (
     ModelBundle,
     Prediction,
     compute_prior_inputs,
+    forward_size,
     load_model,
     load_pinned,
     model_loads,
@@ -52,6 +81,7 @@ BAND_BYTES = 64 * 2**20  # full-resolution probabilities are produced in row ban
 # on the model's device (upsampling, ILP, argmax, superpixel vote, objectness test, per-class
 # statistics: weakseg.tasks.segment.postprocess); the host-side priors' inputs (superpixels,
 # box and segment proposals); encoding (the PNG mask, the rows); writing the Parquet files.
+HOST_WORKERS_ENV = "WEAKSEG_HOST_WORKERS"  # overrides the automatic host pool size (host_workers())
 STAGES = ("load", "read", "decode", "forward", "postprocess", "priors", "encode", "write")
 
 
@@ -73,6 +103,7 @@ class SegmentOptions:
     thresholds: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     done_index: str | None = None  # skip-existing: URL of the index (tables.build_done_index)
     thumbnails: int = 0  # overlay thumbnails to return (for the run's markdown artifact)
+    host_workers: int | None = None  # threads for decode, prior inputs, PNG, Parquet (None: host_workers())
 
 
 @dataclass
@@ -188,27 +219,39 @@ def overlay_thumbnail(rgb: np.ndarray, labels: np.ndarray, side: int = 128) -> s
 
 
 class _ChunkWriter:
-    """Accumulates one chunk's rows; writes each table's file atomically at the end."""
+    """Accumulates one chunk's rows (from the calling thread only); writes each table's file atomically at the end."""
 
     def __init__(self, opts: SegmentOptions, spec: ChunkSpec) -> None:
         self.opts, self.spec = opts, spec
         self.rows: dict[str, list[dict[str, Any]]] = {t: [] for t in tables.CHUNK_TABLES}
 
-    def flush(self) -> None:
-        for table in tables.CHUNK_TABLES:  # images last
-            tables.crash_point(table, self.spec.index)
-            url = tables.chunk_file(self.opts.out, table, self.opts.run_date, self.opts.run_id, self.spec.index)
-            if self.rows[table]:
-                tables.write_rows(url, table, self.rows[table])
-            else:  # nothing to write (e.g. all skipped): drop an earlier attempt's file of this name
-                tables.remove_file(url)
+    def _write(self, table: str) -> None:
+        tables.crash_point(table, self.spec.index)
+        url = tables.chunk_file(self.opts.out, table, self.opts.run_date, self.opts.run_id, self.spec.index)
+        if self.rows[table]:
+            tables.write_rows(url, table, self.rows[table])
+        else:  # nothing to write (e.g. all skipped): drop an earlier attempt's file of this name
+            tables.remove_file(url)
+
+    def flush(self, pool: Executor | None = None) -> None:
+        """The tables before ``images`` side by side in ``pool`` (Arrow and fsspec release the GIL), ``images`` last."""
+        first = tables.CHUNK_TABLES[:-1]
+        if pool is None:
+            for table in first:
+                self._write(table)
+        else:
+            for future in [pool.submit(self._write, table) for table in first]:
+                future.result()
+        self._write(tables.CHUNK_TABLES[-1])
 
 
 class _Clock:
-    """Adds the time spent inside ``with clock(stage):`` to a stage of ``stage_seconds``."""
+    """Adds the time spent inside ``with clock(stage):`` to a stage of ``stage_seconds`` (thread-safe:
+    pool threads time their own stages, so a stage's seconds are busy seconds summed over threads)."""
 
     def __init__(self, seconds: dict[str, float]) -> None:
         self.seconds = seconds
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -216,7 +259,52 @@ class _Clock:
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            with self._lock:
+                self.seconds[stage] += elapsed
+
+
+class _Inline(Executor):
+    """An executor that runs each job when it is submitted: the engine with ``host_workers=0``
+    (one thread, stages one after the other, the same code path as with a pool)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # delivered through the future, as a pool would
+            future.set_exception(err)
+        return future
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def host_workers(requested: int | None, device: torch.device) -> int:
+    """Threads for the host-side stages (decode, prior inputs, PNG, Parquet): ``requested``, else
+    ``$WEAKSEG_HOST_WORKERS``, else every core when the model runs on an accelerator, and none (0:
+    inline) when it runs on the CPU, whose cores the forward pass already keeps busy."""
+    if requested is None and os.environ.get(HOST_WORKERS_ENV, "").strip():
+        requested = int(os.environ[HOST_WORKERS_ENV])
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"host workers must be >= 0, not {requested}")
+        return requested
+    if device.type == "cpu":
+        return 0
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _pool(workers: int) -> Executor:
+    """The process's shared host pool of ``workers`` threads (chunks running side by side share it,
+    so the threads stay sized to the cores); 0: :class:`_Inline`."""
+    if workers == 0:
+        return _Inline()
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="weakseg-host")
+        return _POOLS[workers]
 
 
 def _timed(items: Iterator[InputRecord], clock: _Clock, stage: str) -> Iterator[InputRecord]:
@@ -269,16 +357,61 @@ def skip_unchanged(spec: ChunkSpec, index: str | None, result: ChunkResult) -> t
                                meta=tuple(spec.meta_of(i) for i in keep) if spec.meta else ()), done
 
 
-def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSpec, writer: _ChunkWriter,
-             result: ChunkResult, done: tables.Done, clock: _Clock) -> Iterator[list[_Decoded]]:
-    """Batches of decoded images; read and decode failures and skipped inputs are accounted here."""
+@dataclass
+class _Failed:
+    """An input that failed at ``stage``: it becomes an ``errors`` row."""
+
+    uri: str
+    stage: str
+    err: BaseException
+
+
+@dataclass
+class _Prepared:
+    """A decoded image with its host-side prior inputs, ready for the forward pass."""
+
+    d: _Decoded
+    inputs: dict[str, np.ndarray]
+    ms: dict[str, float]
+
+
+def _prepare(rec: InputRecord, sha: str, opts: SegmentOptions, clock: _Clock) -> _Prepared | _Failed:
+    """Pool job: decode one input and compute its prior inputs (superpixels, proposals) on the host."""
+    try:
+        with clock("decode"):
+            dec = decode_image(rec.data, opts.max_pixels)
+    except Exception as err:  # ImageError kinds; anything else is recorded the same way
+        return _Failed(rec.uri, "decode", err)
+    d = _Decoded(rec.uri, sha, np.asarray(dec.image), dec.format, rec.meta)
+    try:
+        with clock("priors"):
+            inputs, ms = compute_prior_inputs(d.rgb, opts.priors)
+    except Exception as err:
+        return _Failed(rec.uri, "priors", err)
+    return _Prepared(d, inputs, ms)
+
+
+def _prepared(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSpec, writer: _ChunkWriter,
+              result: ChunkResult, done: tables.Done, clock: _Clock, pool: Executor,
+              ahead: int) -> Iterator[_Prepared]:
+    """Decoded images with their prior inputs, in input order, decoded in ``pool`` up to ``ahead``
+    inputs ahead of the consumer; read and decode failures and skipped inputs are accounted here."""
     index = opts.done_index
     seen: set[str] = set()
+    pending: deque[Future] = deque()
+
+    def ready(limit: int) -> Iterator[_Prepared]:
+        while len(pending) > limit:
+            out = pending.popleft().result()
+            if isinstance(out, _Failed):
+                writer.rows["errors"].append(_error_row(opts, spec.index, out.uri, out.stage, out.err))
+            else:
+                yield out
+
     for window in _windows(_timed(records, clock, "read"), opts.batch_size):
         if index and spec.shard is not None:  # shard members: look up a batch of URIs at a time
             with clock("read"):
                 done = tables.done_lookup(index, [r.uri for r in window if r.error is None])
-        batch: list[_Decoded] = []
         for rec in window:
             if rec.error is not None or rec.data is None:
                 err = rec.error or OSError("no data")
@@ -292,15 +425,29 @@ def _decoded(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSp
             if done.hashed(rec.uri, sha):
                 result.skipped += 1
                 continue
-            try:
-                with clock("decode"):
-                    dec = decode_image(rec.data, opts.max_pixels)
-            except Exception as err:  # ImageError kinds; anything else is recorded the same way
-                writer.rows["errors"].append(_error_row(opts, spec.index, rec.uri, "decode", err))
-                continue
-            batch.append(_Decoded(rec.uri, sha, np.asarray(dec.image), dec.format, rec.meta))
-        if batch:
-            yield batch
+            pending.append(pool.submit(_prepare, rec, sha, opts, clock))
+            yield from ready(ahead)
+    yield from ready(0)
+
+
+def _buckets(items: Iterator[_Prepared], key: Callable[[_Prepared], tuple[int, int]], size: int,
+             hold: int) -> Iterator[list[_Prepared]]:
+    """Batches of up to ``size`` images of one forward size (no padding between sizes, full batches
+    where the corpus allows); at most ``hold`` images wait: past it, the fullest bucket goes."""
+    buckets: dict[tuple[int, int], list[_Prepared]] = {}
+    held = 0
+    for item in items:
+        k = key(item)
+        buckets.setdefault(k, []).append(item)
+        held += 1
+        if len(buckets[k]) >= size:
+            held -= len(buckets[k])
+            yield buckets.pop(k)
+        elif held > hold:
+            fullest = max(buckets, key=lambda b: len(buckets[b]))
+            held -= len(buckets[fullest])
+            yield buckets.pop(fullest)
+    yield from sorted(buckets.values(), key=len, reverse=True)
 
 
 def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | None = None) -> ChunkResult:
@@ -315,33 +462,52 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
                       else load_model(opts.model, opts.device))
     result.model_loads = model_loads() - loads
     thresholds = {p: np.asarray(v, dtype=np.float64) for p, v in opts.thresholds.items()} or bundle.thresholds
+    workers = host_workers(opts.host_workers, bundle.device)
+    pool = _pool(workers)
+    ahead = 0 if workers == 0 else max(opts.batch_size, 2 * workers)  # inputs decoded ahead of the forward
     writer = _ChunkWriter(opts, spec)
     with clock("read"):
         to_read, done = skip_unchanged(spec, opts.done_index, result)
     records = read_chunk(to_read, opts.max_bytes) if to_read is not None else iter(())
-    for batch in _decoded(records, opts, spec, writer, result, done, clock):
-        t0 = time.perf_counter()
-        try:
-            preds = predict(bundle, [d.rgb for d in batch], opts.max_side, opts.min_side, opts.tta)
-        except Exception as err:  # e.g. out of memory on one odd batch: record, go on
-            _logger.warning("chunk %d: forward pass failed for %d images: %s", spec.index, len(batch), redact(str(err)))
-            for d in batch:
-                writer.rows["errors"].append(_error_row(opts, spec.index, d.uri, "inference", err))
-            continue
-        finally:
-            result.stage_seconds["forward"] += time.perf_counter() - t0
-        result.forward_seconds += time.perf_counter() - t0
-        _segment_batch(bundle, batch, preds, thresholds, opts, spec.index, writer, result, clock)
+    stride = bundle.model.stride
+
+    def size_of(p: _Prepared) -> tuple[int, int]:
+        return forward_size(*p.d.rgb.shape[:2], stride, opts.max_side, opts.min_side)
+
+    encoding: deque[tuple[_Prepared, Prediction, Future]] = deque()
+    try:
+        prepared = _prepared(records, opts, spec, writer, result, done, clock, pool, ahead)
+        for batch in _buckets(prepared, size_of, opts.batch_size, 2 * opts.batch_size):
+            preds = _forward(bundle, batch, opts, spec.index, writer, result)
+            if preds is not None:
+                _postprocess(bundle, batch, preds, thresholds, opts, spec.index, writer, clock, pool, encoding)
+            _rows(bundle, encoding, ahead, opts, spec.index, writer, result, clock)
+        _rows(bundle, encoding, 0, opts, spec.index, writer, result, clock)
+    finally:
+        for *_, future in encoding:  # a chunk that raises (e.g. a transient read error) leaves no job behind
+            future.cancel()
     with clock("write"):
-        writer.flush()
+        writer.flush(None if workers == 0 else pool)
     result.count_errors(writer.rows["errors"])
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _prior_inputs(d: _Decoded, priors: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Host-side prior inputs of one image (superpixels, objectness maps) and their timings."""
-    return compute_prior_inputs(d.rgb, priors)
+def _forward(bundle: ModelBundle, batch: Sequence[_Prepared], opts: SegmentOptions, chunk: int,
+             writer: _ChunkWriter, result: ChunkResult) -> list[Prediction] | None:
+    """The batch's forward pass; a failure (e.g. out of memory on one odd batch) makes errors rows."""
+    t0 = time.perf_counter()
+    try:
+        return predict(bundle, [p.d.rgb for p in batch], opts.max_side, opts.min_side, opts.tta)
+    except Exception as err:
+        _logger.warning("chunk %d: forward pass failed for %d images: %s", chunk, len(batch), redact(str(err)))
+        for p in batch:
+            writer.rows["errors"].append(_error_row(opts, chunk, p.d.uri, "inference", err))
+        return None
+    finally:
+        elapsed = time.perf_counter() - t0
+        result.stage_seconds["forward"] += elapsed
+        result.forward_seconds += elapsed
 
 
 def _label(bundle: ModelBundle, preds: Sequence[Prediction], inputs: Sequence[Mapping[str, np.ndarray]],
@@ -353,9 +519,9 @@ def _label(bundle: ModelBundle, preds: Sequence[Prediction], inputs: Sequence[Ma
                            bundle.device, _band_bytes(bundle))
     try:
         return list(one(preds, inputs))
-    except Exception:
+    except Exception as err:
         if len(preds) == 1:
-            raise
+            return [err]
     out: list[Labelled | BaseException] = []
     for p, i in zip(preds, inputs, strict=True):
         try:
@@ -365,48 +531,41 @@ def _label(bundle: ModelBundle, preds: Sequence[Prediction], inputs: Sequence[Ma
     return out
 
 
-def _segment_batch(bundle: ModelBundle, batch: Sequence[_Decoded], preds: Sequence[Prediction],
-                   thresholds: Mapping[str, np.ndarray], opts: SegmentOptions, chunk: int, writer: _ChunkWriter,
-                   result: ChunkResult, clock: _Clock) -> None:
-    """One predicted batch: host prior inputs -> device post-processing -> rows; a failure is an errors row."""
-    ready: list[tuple[_Decoded, Prediction, dict[str, np.ndarray], dict[str, float]]] = []
-    for d, pred in zip(batch, preds, strict=True):
-        try:
-            with clock("priors"):
-                inputs, ms = _prior_inputs(d, opts.priors)
-        except Exception as err:
-            writer.rows["errors"].append(_error_row(opts, chunk, d.uri, "priors", err))
-            continue
-        ready.append((d, pred, inputs, ms))
-    if not ready:
-        return
+def _postprocess(bundle: ModelBundle, batch: Sequence[_Prepared], preds: Sequence[Prediction],
+                 thresholds: Mapping[str, np.ndarray], opts: SegmentOptions, chunk: int, writer: _ChunkWriter,
+                 clock: _Clock, pool: Executor, encoding: deque) -> None:
+    """Device post-processing of a predicted batch; each labelled image's PNG goes to the pool."""
     t0 = time.perf_counter()
-    try:
-        with clock("postprocess"):
-            labelled = _label(bundle, [r[1] for r in ready], [r[2] for r in ready], thresholds, opts.priors)
-    except Exception as err:
-        labelled = [err] * len(ready)
-    share = (time.perf_counter() - t0) * 1000 / len(ready)
-    for (d, pred, _, ms), out in zip(ready, labelled, strict=True):
+    with clock("postprocess"):
+        labelled = _label(bundle, preds, [p.inputs for p in batch], thresholds, opts.priors)
+    share = (time.perf_counter() - t0) * 1000 / len(batch)
+    for p, pred, out in zip(batch, preds, labelled, strict=True):
         if isinstance(out, BaseException):
-            writer.rows["errors"].append(_error_row(opts, chunk, d.uri, "priors", out))
+            writer.rows["errors"].append(_error_row(opts, chunk, p.d.uri, "priors", out))
             continue
-        ms["labels"] = share
-        _encode_image(bundle, d, pred, out, ms, opts, chunk, writer, result, clock)
+        p.ms["labels"] = share
+        encoding.append((p, pred, pool.submit(_encode, out, pred.image_probs, bundle.classes, clock)))
 
 
-def _encode_image(bundle: ModelBundle, d: _Decoded, pred: Prediction, out: Labelled, ms: dict[str, float],
-                  opts: SegmentOptions, chunk: int, writer: _ChunkWriter, result: ChunkResult, clock: _Clock) -> None:
-    """One labelled image: regions, PNG mask, rows; a failure is an errors row."""
-    try:
-        with clock("encode"):
-            rows = regions(out, pred.image_probs, bundle.classes)
-            png = encode_mask(out.labels)
-    except Exception as err:
-        writer.rows["errors"].append(_error_row(opts, chunk, d.uri, "priors", err))
-        return
+def _encode(out: Labelled, image_probs: np.ndarray, classes: Sequence[str],
+            clock: _Clock) -> tuple[np.ndarray, list[dict[str, Any]], bytes]:
+    """Pool job: an image's regions and PNG mask."""
     with clock("encode"):
-        _image_rows(bundle, d, pred, out.labels, rows, png, ms, opts, chunk, writer, result)
+        return out.labels, regions(out, image_probs, classes), encode_mask(out.labels)
+
+
+def _rows(bundle: ModelBundle, encoding: deque, limit: int, opts: SegmentOptions, chunk: int,
+          writer: _ChunkWriter, result: ChunkResult, clock: _Clock) -> None:
+    """Rows of the encoded images, in order, until at most ``limit`` are still in the pool."""
+    while len(encoding) > limit:
+        p, pred, future = encoding.popleft()
+        try:
+            labels, rows, png = future.result()
+        except Exception as err:
+            writer.rows["errors"].append(_error_row(opts, chunk, p.d.uri, "priors", err))
+            continue
+        with clock("encode"):
+            _image_rows(bundle, p.d, pred, labels, rows, png, p.ms, opts, chunk, writer, result)
 
 
 def _image_rows(bundle: ModelBundle, d: _Decoded, pred: Prediction, labels: np.ndarray,

@@ -1,0 +1,210 @@
+"""The pipelined chunk engine: same tables as the inline engine, one error policy, bounded queues, stage times."""
+from __future__ import annotations
+
+import io
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from weakseg.tasks.segment import chunk, tables
+from weakseg.tasks.segment.chunk import STAGES, SegmentOptions, host_workers, segment_chunk
+from weakseg.tasks.segment.inference import load_model
+from weakseg.tasks.segment.inputs import iter_chunks
+
+CLASSES = ["background", "disk", "square"]
+SIZES = [(80, 112), (112, 80), (80, 112), (96, 96), (80, 112), (112, 80), (96, 96)]  # three forward sizes
+
+
+def _corpus(folder, sizes=SIZES, bad=True, black=()) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        buf = io.BytesIO()
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels * 0 if i in black else pixels).save(buf, "JPEG")
+        (folder / f"{i:02d}.jpg").write_bytes(buf.getvalue())
+    if bad:
+        (folder / "bad.jpg").write_bytes(b"not an image")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_checkpoint):
+    path = tmp_path_factory.mktemp("pipe") / "model.pt"
+    path.write_bytes(tiny_checkpoint(CLASSES, 0))
+    return load_model(str(path), "cpu")
+
+
+def _segment(folder, out, bundle, workers, priors=("ilp", "sppxl"), chunk_size=100, batch_size=2, run_id="t"):
+    opts = SegmentOptions(out=str(out), run_id=run_id, run_date="2026-01-01", model="unused", priors=priors,
+                          batch_size=batch_size, host_workers=workers, thumbnails=2)
+    return [segment_chunk(spec, opts, bundle) for spec in iter_chunks(str(folder), chunk_size)]
+
+
+def _rows(out, table, drop=()):
+    rows = tables.read_table(str(out), table).to_pylist()
+    for r in rows:
+        for k in drop:
+            r.pop(k, None)
+    return sorted(rows, key=lambda r: (r.get("image_key") or r.get("image_uri"), r.get("class_index") or 0))
+
+
+def test_pipelined_engine_writes_what_the_inline_engine_writes(tmp_path, bundle):
+    _corpus(tmp_path / "c")
+    for priors in (("ilp", "sppxl"), ("ilp", "sppxl", "seg")):
+        inline = _segment(tmp_path / "c", tmp_path / f"a{len(priors)}", bundle, 0, priors)
+        piped = _segment(tmp_path / "c", tmp_path / f"b{len(priors)}", bundle, 3, priors)
+        assert [(r.ok, r.failed) for r in inline] == [(r.ok, r.failed) for r in piped] == [(7, 1)]
+        timing = ("inference_ms", "prior_ms", "processed_at")
+        for table in ("images", "regions", "masks"):
+            a = _rows(tmp_path / f"a{len(priors)}", table, timing)
+            assert a == _rows(tmp_path / f"b{len(priors)}", table, timing), table
+        errs = [_rows(tmp_path / f"{k}{len(priors)}", "errors", ("occurred_at",)) for k in "ab"]
+        assert errs[0] == errs[1] and errs[0][0]["stage"] == "decode"
+        assert len(piped[0].thumbnails) == 2
+
+
+def test_batches_are_bucketed_by_forward_size(tmp_path, bundle, monkeypatch):
+    _corpus(tmp_path / "c", bad=False)
+    sizes: list[list[tuple[int, int]]] = []
+    original = chunk.predict
+
+    def spy(b, images, *args, **kwargs):
+        sizes.append([im.shape[:2] for im in images])
+        return original(b, images, *args, **kwargs)
+
+    monkeypatch.setattr(chunk, "predict", spy)
+    (r,) = _segment(tmp_path / "c", tmp_path / "out", bundle, 2, ("ilp",), batch_size=3)
+    assert r.ok == len(SIZES)
+    assert all(len(set(batch)) == 1 for batch in sizes)  # one forward size per batch: nothing padded between sizes
+    assert [len(b) for b in sizes].count(3) == 1 and sum(len(b) for b in sizes) == len(SIZES)
+
+
+def test_buckets_hold_a_bounded_number_of_images():
+    items = [(i, s) for i, s in enumerate("abcabdeafgha" * 5)]
+    held, most = 0, 0
+
+    def counted():
+        nonlocal held, most
+        for it in items:
+            held += 1
+            most = max(most, held)
+            yield it
+
+    out = []
+    for batch in chunk._buckets(counted(), key=lambda it: it[1], size=3, hold=4):
+        held -= len(batch)
+        assert len({k for _, k in batch}) == 1 and len(batch) <= 3
+        out.extend(batch)
+    assert sorted(out) == sorted(items) and most <= 5  # hold + the one just read
+
+
+class _CountingPool:
+    """Runs jobs at once but counts how many were submitted and not yet asked for."""
+
+    def __init__(self):
+        self.outstanding, self.most = 0, 0
+
+    def submit(self, fn, *args):
+        f = Future()
+        f.set_result(fn(*args))
+        self.outstanding += 1
+        self.most = max(self.most, self.outstanding)
+        orig = f.result
+
+        def result(timeout=None):
+            self.outstanding -= 1
+            return orig(timeout)
+
+        f.result = result
+        return f
+
+
+def test_decoding_runs_a_bounded_number_of_inputs_ahead(tmp_path, bundle):
+    _corpus(tmp_path / "c", sizes=[(32, 32)] * 12, bad=False)
+    (spec,) = list(iter_chunks(str(tmp_path / "c"), 100))
+    opts = SegmentOptions(out=str(tmp_path / "o"), run_id="t", run_date="2026-01-01", model="x", batch_size=2)
+    result = chunk.ChunkResult(0)
+    writer = chunk._ChunkWriter(opts, spec)
+    pool = _CountingPool()
+    got = chunk._prepared(chunk.read_chunk(spec), opts, spec, writer, result, tables.Done(),
+                          chunk._Clock(result.stage_seconds), pool, ahead=3)
+    assert len(list(got)) == 12 and pool.most <= 4
+
+
+def test_one_error_policy_in_every_stage(tmp_path, bundle, monkeypatch):
+    """A failing image is an errors row at its stage; the rest of its batch is segmented."""
+    _corpus(tmp_path / "c", sizes=[(48, 64)] * 6, black=(1,))
+    real_inputs, real_label = chunk.compute_prior_inputs, chunk.label_batch
+
+    def inputs(rgb, priors):
+        if rgb.max() < 8:  # image 01, all black
+            raise RuntimeError("superpixels exploded")
+        return real_inputs(rgb, priors)
+
+    def label(preds, ins, *args, **kwargs):
+        if any(p.size == (48, 64) and "poison" in i for p, i in zip(preds, ins, strict=True)):
+            raise RuntimeError("device fault")
+        return real_label(preds, ins, *args, **kwargs)
+
+    monkeypatch.setattr(chunk, "compute_prior_inputs", inputs)
+    monkeypatch.setattr(chunk, "label_batch", label)
+    real_prepare = chunk._prepare
+
+    def prepare(rec, *args):
+        out = real_prepare(rec, *args)
+        if rec.uri.endswith("03.jpg"):
+            out.inputs["poison"] = np.zeros(1)
+        return out
+
+    monkeypatch.setattr(chunk, "_prepare", prepare)
+    for workers in (0, 2):
+        (r,) = _segment(tmp_path / "c", tmp_path / f"o{workers}", bundle, workers, batch_size=3, run_id=f"w{workers}")
+        errors = {e["image_uri"].rsplit("/", 1)[1]: e for e in tables.read_table(str(tmp_path / f"o{workers}"),
+                                                                                 "errors").to_pylist()}
+        assert (r.ok, r.failed) == (4, 3)
+        assert errors["bad.jpg"]["stage"] == "decode"
+        assert errors["01.jpg"]["stage"] == "priors" and "exploded" in errors["01.jpg"]["message"]
+        assert errors["03.jpg"]["stage"] == "priors" and "device fault" in errors["03.jpg"]["message"]
+        assert len(tables.read_table(str(tmp_path / f"o{workers}"), "images")) == 4
+
+
+def test_a_failed_forward_is_errors_rows_for_its_batch_only(tmp_path, bundle, monkeypatch):
+    _corpus(tmp_path / "c", sizes=[(48, 64), (48, 64), (40, 40)], bad=False)
+    original = chunk.predict
+
+    def predict(b, images, *args, **kwargs):
+        if images[0].shape[:2] == (40, 40):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(b, images, *args, **kwargs)
+
+    monkeypatch.setattr(chunk, "predict", predict)
+    (r,) = _segment(tmp_path / "c", tmp_path / "o", bundle, 2)
+    assert (r.ok, r.failed) == (2, 1)
+    (err,) = tables.read_table(str(tmp_path / "o"), "errors").to_pylist()
+    assert err["stage"] == "inference" and err["image_uri"].endswith("02.jpg")
+
+
+def test_stage_times_with_a_pool(tmp_path, bundle):
+    _corpus(tmp_path / "c")
+    workers = 2
+    for r in _segment(tmp_path / "c", tmp_path / "o", bundle, workers, chunk_size=4):
+        assert set(r.stage_seconds) == set(STAGES)
+        assert r.stage_seconds["forward"] == pytest.approx(r.forward_seconds, abs=1e-3)
+        assert r.forward_seconds < r.seconds
+        for stage in ("read", "decode", "forward", "postprocess", "priors", "encode", "write"):
+            assert 0 < r.stage_seconds[stage] <= r.seconds * (workers + 1), stage  # busy seconds over the threads
+
+
+def test_host_workers(monkeypatch):
+    monkeypatch.delenv(chunk.HOST_WORKERS_ENV, raising=False)
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert host_workers(3, torch.device("cpu")) == 3
+    assert host_workers(None, torch.device("cuda")) == cores  # the device runs the forward: every core decodes
+    assert host_workers(None, torch.device("cpu")) == 0  # the forward pass keeps the cores busy: inline
+    monkeypatch.setenv(chunk.HOST_WORKERS_ENV, "5")
+    assert host_workers(None, torch.device("cpu")) == 5
+    with pytest.raises(ValueError):
+        host_workers(-1, torch.device("cpu"))

@@ -2,6 +2,7 @@
 `prefect --no-prompt deploy --all`, then `prefect deployment run ... --watch`."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -123,3 +124,56 @@ def test_segment_corpus_on_demand_deployment(prefect_stack, tmp_path):
     assert [Path(r["image_uri"]).name for r in errors] == ["broken.jpg"]
     assert {r["run_id"] for r in images} == {"deployed"}
     assert np.all([r["width"] == 160 for r in images if r["status"] == "ok"])
+
+
+def _set_defaults(env: dict, deployment: str, **params) -> None:
+    """Change a deployment's default parameters on the server (what an operator does in the UI)."""
+    script = (
+        "import json, sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.actions import DeploymentUpdate\n"
+        "with get_client(sync_client=True) as client:\n"
+        "    d = client.read_deployment_by_name(sys.argv[1])\n"
+        "    client.update_deployment(d.id, DeploymentUpdate(parameters={**d.parameters, **json.loads(sys.argv[2])}))\n"
+    )
+    subprocess.run([sys.executable, "-c", script, deployment, json.dumps(params)], env=env, check=True, timeout=120)
+
+
+def _wait_for(path: Path, logs: Path, timeout: float = 360) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared; worker log:\n"
+                               + (logs / "worker.log").read_text(errors="replace")[-4000:])
+        time.sleep(2)
+
+
+@pytest.mark.slow
+def test_a_published_release_is_promoted_and_gets_thresholds_by_triggers(prefect_stack, tmp_path):
+    """train (CLI, on the server) publishes -> promote-model/default runs on the worker -> choose-thresholds/default."""
+    from weakseg.tasks import registry as reg
+    from weakseg.tasks.synthetic import write_synthetic_dataset
+
+    env, logs = prefect_stack
+    data, shards, registry = tmp_path / "data", tmp_path / "shards", tmp_path / "registry"
+    write_synthetic_dataset(str(data), n_train=16, n_val=4, size=96, classes=("dots", "stripes"), max_objects=1,
+                            background_fraction=0.15)
+    fast = {"ground_truth": str(data), "limit": 4, "max_side": 96, "tta": "1", "device": "cpu"}
+    _set_defaults(env, "promote-model/default", **fast)
+    _set_defaults(env, "choose-thresholds/default", **fast)
+    weakseg = str(Path(sys.executable).parent / "weakseg")
+    subprocess.run([weakseg, "shard", "--source", str(data / "labels.csv"), "--dest", str(shards), "--max-side",
+                              "96"], env=env, check=True, capture_output=True, timeout=300)
+    trained = subprocess.run([
+        weakseg, "train", "--shards", str(shards), "--out", str(tmp_path / "model"), "--registry", str(registry),
+        "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--input-size", "96", "--pretrained", "none",
+        "--head-widths", "16,16,16", "--output-stride", "8", "--num-workers", "0", "--checkpoint-every", "0",
+        "--val-every", "0", "--no-progress", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    model_id = reg.content_id((tmp_path / "model" / "model.pt").read_bytes())[0]
+
+    _wait_for(registry / "current.json", logs)  # the gate ran on the worker, started by the trigger
+    assert reg.read_pointer(str(registry))["model_id"] == model_id
+    thresholds = registry / "thresholds" / f"{model_id}-ilp-sppxl-seg.json"
+    _wait_for(thresholds, logs)  # and the promotion started choose-thresholds for the new release
+    assert json.loads(thresholds.read_text())["search"]["model_id"] == model_id

@@ -23,6 +23,7 @@ from prefect.states import Failed
 from pydantic import Field
 
 from weakseg.flows._params import check_parameters
+from weakseg.flows._registry import PROMOTED, announce
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.tasks import registry as reg
 from weakseg.tasks import storage
@@ -111,6 +112,7 @@ def promote_model(
                               "comparison": comparison, "pointer": current}
     if promote and not same:
         result["pointer"] = move_pointer(registry, candidate["model_id"], result["forced"], comparison, reason)
+        announce(PROMOTED, registry, candidate["model_id"])
     outcome = ("already current" if same else "promoted (forced)" if result["forced"] else "promoted") if promote \
         else "refused"
     create_markdown_artifact(key="promote-model", markdown=comparison_markdown(

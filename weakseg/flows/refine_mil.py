@@ -23,7 +23,7 @@ from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._params import check_parameters
-from weakseg.flows._registry import publish_release, resolve_model
+from weakseg.flows._registry import PUBLISHED, announce, publish_release, resolve_model
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import load_checkpoint
 from weakseg.models.losses import background_index
@@ -128,4 +128,5 @@ def refine_mil(
     logger.info("refined model %s", redact_url(result["checkpoint"]))
     if registry:
         result["release"] = publish_release(registry, result["checkpoint"])
+        announce(PUBLISHED, registry, result["release"]["model_id"])
     return {**result, "pseudo_labels": pseudo}

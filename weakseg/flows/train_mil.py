@@ -25,7 +25,7 @@ from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._params import check_parameters
-from weakseg.flows._registry import publish_release
+from weakseg.flows._registry import PUBLISHED, announce, publish_release
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import ModelConfig
 from weakseg.models.losses import BackgroundMode, MultiLabelLoss
@@ -147,6 +147,7 @@ def train_mil(
     publish_metrics(result)
     if registry and result["rank"] == 0:
         result["release"] = publish_release(registry, result["checkpoint"])
+        announce(PUBLISHED, registry, result["release"]["model_id"])
     logger.info("final checkpoint %s (step %d, last epoch: %s)", redact_url(result["checkpoint"]), result["step"],
                 result["last"])
     return result

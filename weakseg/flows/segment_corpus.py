@@ -65,6 +65,7 @@ from weakseg.tasks import storage
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from weakseg.tasks.ingest.sources import SourceError
+from weakseg.tasks.legend import legend_markdown
 from weakseg.tasks.segment import runs, tables
 from weakseg.tasks.segment.chunk import ChunkResult, SegmentOptions, segment_chunk
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, ModelError
@@ -197,6 +198,9 @@ def _artifacts(fanout: runs.Fanout, classes: list[str], counts: dict[str, int], 
         lines.append(f"| {name} | {t['labels']} | ![overlay]({t['png']}) |")
     if not thumbs:
         lines.append("| (no image segmented) | | |")
+    else:
+        lines += ["", "Legend (mask colours of the classes found):", "",
+                  legend_markdown(classes, [r["class"] for r in rows])]
     create_markdown_artifact(key="segment-corpus-overlays", markdown="\n".join(lines),
                              description="image | mask overlay, first images of the run")
     create_table_artifact(key="segment-corpus-stages", table=runs.stage_table(fanout.results, fanout.seconds),

@@ -1,11 +1,12 @@
 """The demo: the whole life cycle on embedded defaults, offline, on 2 CPU cores.
 
-synthetic photos-like data -> shard-imagenet -> train-mil (frozen offline-pretrained
-backbone) -> δ_k thresholds on training images -> segment-corpus once per prior variant
--> evaluate-segmentation; then refine-mil (the model fine-tuned on its own pseudo-labels)
--> segment-corpus and evaluate-segmentation with the default chain -> a short report (mean
-IoU per variant, a DuckDB query, overlays). Everything lives under ``workdir``; a second
-run reuses the data, shards and models.
+synthetic photos-like data -> the life-cycle flow (shard-imagenet -> train-mil with a frozen
+offline-pretrained backbone -> refine-mil -> promote-model into ``{workdir}/registry`` ->
+segment-corpus of the validation images with the promoted, refined release) -> the MIL
+model's δ_k on training images -> segment-corpus once per prior variant -> evaluate-segmentation
+of every run -> a short report (mean IoU per variant and for the refined model, a DuckDB
+query, overlays with a legend). Everything lives under ``workdir``; a second run resumes the
+life cycle where it stopped and reuses the data, shards and models.
 """
 from __future__ import annotations
 
@@ -16,20 +17,19 @@ from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
 from weakseg.flows.choose_thresholds import read_split, search, write
 from weakseg.flows.evaluate_segmentation import evaluate_segmentation
-from weakseg.flows.refine_mil import refine_mil
+from weakseg.flows.life_cycle import life_cycle
 from weakseg.flows.segment_corpus import segment_corpus
-from weakseg.flows.shard_imagenet import shard_imagenet
-from weakseg.flows.train_mil import train_mil
 from weakseg.tasks import storage
 from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.variants import threshold_variants
 from weakseg.tasks.images import voc_palette
+from weakseg.tasks.legend import with_legend_strip
 from weakseg.tasks.segment.priors import VARIANTS
 from weakseg.tasks.synthetic import write_synthetic_dataset
 
@@ -67,29 +67,29 @@ def choose_thresholds(model: str, data: str, n_images: int, out: str) -> dict[st
     return urls
 
 
+def _run_id(variant: str) -> str:
+    return "demo-" + ("refined" if variant == REFINED else variant.replace("+", "-"))
+
+
+@task
+def score(data: str, workdir: str, run_id: str) -> dict[str, Any]:
+    """evaluate-segmentation of one segment-corpus run on the val images."""
+    return evaluate_segmentation(predictions=storage.join(workdir, "segmentation"), ground_truth=data, split="val",
+                                 run_id=run_id, out=storage.join(workdir, "evaluation", run_id))
+
+
 @task
 def segment_and_score(images: str, data: str, workdir: str, variant: str, model: str, priors: str,
                       thresholds: str | None) -> dict[str, Any]:
     """segment-corpus of the val images with one model and chain, then evaluate-segmentation."""
-    run_id = "demo-" + ("refined" if variant == REFINED else variant.replace("+", "-"))
-    segmentation = storage.join(workdir, "segmentation")
-    segment_corpus(images=images, model=model, out=segmentation, priors=priors, run_id=run_id,
-                   thresholds=thresholds, device="cpu")
-    return evaluate_segmentation(predictions=segmentation, ground_truth=data, split="val", run_id=run_id,
-                                 out=storage.join(workdir, "evaluation", run_id))
-
-
-def refine(shards: str, model: str, out: str, epochs: int, size: int) -> str:
-    """The refinement stage with its defaults (reused when its model exists)."""
-    refined = storage.join(out, "model.pt")
-    if not storage.exists(refined):
-        refine_mil(shards=shards, model=model, out=out, epochs=epochs, input_size=size, num_workers=2)
-    return refined
+    segment_corpus(images=images, model=model, out=storage.join(workdir, "segmentation"), priors=priors,
+                   run_id=_run_id(variant), thresholds=thresholds, device="cpu")
+    return score.fn(data, workdir, _run_id(variant))
 
 
 @task
 def write_overlays(segmentation: str, data: str, run_id: str, dest: str, limit: int = 6) -> list[str]:
-    """Image | mask | blend PNGs of a few segmented images, for people to look at."""
+    """Image | mask | blend PNGs of a few segmented images, a legend of their classes under each, for people."""
     masks, images = (storage.join(segmentation, table, "**", "*.parquet") for table in ("masks", "images"))
     rows = storage.duckdb_connection(segmentation).execute(
         "SELECT i.image_uri, m.mask_png FROM read_parquet(?, hive_partitioning=true) m "
@@ -97,12 +97,17 @@ def write_overlays(segmentation: str, data: str, run_id: str, dest: str, limit: 
         "WHERE m.run_id = ? ORDER BY i.image_uri LIMIT ?",
         [masks, images, run_id, limit],
     ).fetchall()
+    classes = storage.duckdb_connection(segmentation).execute(
+        "SELECT classes FROM read_parquet(?, hive_partitioning=true) WHERE run_id = ?",
+        [storage.join(segmentation, "runs", "**", "*.parquet"), run_id]).fetchone()[0]
     palette = np.array(voc_palette(), np.uint8).reshape(-1, 3)
     written = []
     for uri, png in rows:
         rgb = np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"))
-        colour = palette[np.asarray(Image.open(io.BytesIO(png)))]
+        labels = np.asarray(Image.open(io.BytesIO(png)))
+        colour = palette[labels]
         tile = np.concatenate([rgb, colour, (0.5 * rgb + 0.5 * colour).astype(np.uint8)], axis=1)
+        tile = with_legend_strip(tile, classes, labels)
         url = storage.join(dest, uri.rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".png")
         buf = io.BytesIO()
         Image.fromarray(tile).save(buf, "PNG")
@@ -131,27 +136,26 @@ def demo(
     seed: Annotated[int, Field(description="data seed")] = 0,
 ) -> dict[str, Any]:
     """Run the whole pipeline and print a report; returns it."""
-    logger = get_run_logger()
     if "://" not in workdir:  # manifests below list image paths: make them absolute
         workdir = os.path.abspath(workdir)
-    data, shards = storage.join(workdir, "data"), storage.join(workdir, "shards")
-    model_dir, segmentation = storage.join(workdir, "model"), storage.join(workdir, "segmentation")
+    data, segmentation = storage.join(workdir, "data"), storage.join(workdir, "segmentation")
     make_data(data, n_train, n_val, size, seed)
-    shard_imagenet(source=storage.join(data, "labels.csv"), dest=shards, max_side=size)
-    model = storage.join(model_dir, "model.pt")
-    if storage.exists(model):
-        logger.info("reusing the trained model %s", model)
-    else:
-        train_mil(shards=shards, out=model_dir, epochs=epochs, batch_size=16, input_size=size,
-                  head_widths=[128, 128, 128], output_stride=8, lr=1e-3, num_workers=2, checkpoint_every=0,
-                  rotation=5.0, scale=[0.9, 1.1])
-    thresholds = choose_thresholds(model, data, 48, workdir)
     images = list_split(data, "val", storage.join(workdir, "val-images.txt"))
+    cycle = life_cycle(
+        source=storage.join(data, "labels.csv"), registry=storage.join(workdir, "registry"), images=images,
+        out=segmentation, work=workdir, cycle_id="demo", ground_truth=data, refine=refine_epochs > 0,
+        priors="ilp,sppxl", device="cpu", shard_options={"max_side": size},
+        train_options={"epochs": epochs, "batch_size": 16, "input_size": size, "head_widths": [128, 128, 128],
+                       "output_stride": 8, "lr": 1e-3, "num_workers": 2, "checkpoint_every": 0, "rotation": 5.0,
+                       "scale": [0.9, 1.1]},
+        refine_options={"epochs": refine_epochs, "input_size": size, "num_workers": 2} if refine_epochs else {},
+        segment_options={"run_id": _run_id(REFINED) if refine_epochs else "demo-cycle"})
+    model = storage.join(workdir, "model", "model.pt")  # the MIL model, before refinement
+    thresholds = choose_thresholds(model, data, 48, workdir)
     runs = {v: (model, ",".join(priors) or "none", thresholds.get(v)) for v, priors in VARIANTS.items()}
-    if refine_epochs:
-        runs[REFINED] = (refine(shards, model, storage.join(workdir, "refined"), refine_epochs, size), "ilp,sppxl",
-                         None)
     results = {variant: segment_and_score(images, data, workdir, variant, *run) for variant, run in runs.items()}
+    if refine_epochs:  # the cycle segmented the val images with its promoted release, the refined model
+        results[REFINED] = score(data, workdir, cycle["run_id"])
     overlays = write_overlays(segmentation, data, "demo-ilp-sppxl", storage.join(workdir, "overlays"))
     sql, rows = _query(segmentation, "demo-ilp-sppxl")
     report = {
@@ -171,7 +175,9 @@ def demo(
     print(f"\nDuckDB over the output tables:\n  {sql}")
     for row in rows:
         print("   ", row)
-    print(f"\nOverlays (image | mask | blend): {report['overlays']} ({len(overlays)} files)")
+    print(f"\nLife cycle {cycle['cycle_id']}: " + ", ".join(f"{k} {v}" for k, v in cycle["steps"].items())
+          + f"; current release {cycle['candidate']['model_id']} in {workdir}/registry")
+    print(f"\nOverlays (image | mask | blend, with a legend): {report['overlays']} ({len(overlays)} files)")
     print(f"Tables: {segmentation}/{{images,regions,masks,errors,runs}}; metrics: {workdir}/evaluation/")
     storage.write_bytes(storage.join(workdir, "report.json"), json.dumps(report, indent=2, default=str).encode())
     return report

@@ -226,3 +226,13 @@ def test_releases_and_promotion_on_s3(prefect_harness, s3, models):
     assert storage.read_json(f"{registry}/current.json")["history"].startswith("history/")
     assert reg.publish_release(registry, Path(models["good"]).read_bytes()).model_id == result["model_id"]
 
+
+
+def test_a_url_with_a_query_is_a_checkpoint_not_a_registry() -> None:
+    """A signed URL names one file: nothing is probed after its query (a server would answer
+    ``model.pt?token=...//current.json`` with the checkpoint itself)."""
+    from weakseg.tasks.registry import resolve_model
+
+    url = "http://127.0.0.1:9/model.pt?token=s3cret"  # the discard port: any request would fail
+    resolved = resolve_model(url)
+    assert (resolved.url, resolved.model_id, resolved.registry) == (url, None, None)

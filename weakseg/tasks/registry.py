@@ -23,6 +23,7 @@ import posixpath
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..models.checkpoint import CheckpointError, load_checkpoint
 from . import storage
@@ -243,6 +244,10 @@ def resolve_model(model: str) -> ResolvedModel:
     """A model argument as a concrete checkpoint: a registry folder or its ``current.json`` -> the current
     release's ``model.pt`` (checked complete); anything else is a checkpoint URL, returned as it is."""
     model = model.rstrip("/") or model
+    if urlsplit(model).query:
+        # A signed or tokenised URL names one file; a registry is a folder, and joining a name
+        # after the query would ask the server for the same file again.
+        return ResolvedModel(model, None, None)
     if posixpath.basename(model) == POINTER:
         registry = posixpath.dirname(model) or "."
     elif storage.exists(storage.join(model, POINTER)):

@@ -141,9 +141,9 @@ def publish_release(registry: str, data: bytes) -> Release:
     existing = _read_or_none(release.model_url)
     if existing is None:
         storage.write_bytes(release.model_url, data)
-    elif hashlib.sha256(existing).hexdigest() != sha:
+    elif (held := content_id(existing))[1] != sha:
         raise RegistryError(f"release {model_id} in {storage.redact_url(registry)} holds other bytes "
-                            f"(sha256 {hashlib.sha256(existing).hexdigest()[:16]}...): releases are never rewritten")
+                            f"(sha256 {held[0]}...): releases are never rewritten")
     card_url = storage.join(release.folder, CARD)
     old_card = _read_or_none(card_url)
     if old_card is None:

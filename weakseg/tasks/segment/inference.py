@@ -44,6 +44,7 @@ from ...models.losses import BACKGROUND
 from .. import storage
 from ..devices import resolve_device
 from ..evaluate.thresholds import read_thresholds
+from ..registry import content_id
 from ..tensors import normalize
 from .priors import VARIANTS, apply_priors, default_thresholds, parse_priors
 from .proposals import box_objectness_map, segment_objectness_map, superpixels
@@ -157,7 +158,7 @@ def _cached(sha: str, dev: torch.device) -> ModelBundle | None:
 def _bundle(data: bytes, url: str, dev: torch.device) -> ModelBundle:
     """The model of these exact bytes on ``dev``, built once per process (call under the lock)."""
     global _LOADS
-    sha = hashlib.sha256(data).hexdigest()
+    model_id, sha = content_id(data)
     bundle = _cached(sha, dev)
     if bundle is not None:
         return bundle
@@ -166,7 +167,7 @@ def _bundle(data: bytes, url: str, dev: torch.device) -> ModelBundle:
     except CheckpointError as err:
         raise ModelError(f"model {storage.redact_url(url)}: {err}") from None
     ckpt.model.eval()
-    bundle = ModelBundle(ckpt, dev, sha[:16], storage.redact_url(url), _ckpt_thresholds(ckpt), sha256=sha)
+    bundle = ModelBundle(ckpt, dev, model_id, storage.redact_url(url), _ckpt_thresholds(ckpt), sha256=sha)
     if bundle.thresholds:
         bundle.thresholds_source = "checkpoint"
     while len(_CACHE) >= _CACHE_MODELS:

@@ -27,7 +27,13 @@ from weakseg.flows._registry import PROMOTED, announce
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.tasks import registry as reg
 from weakseg.tasks import storage
-from weakseg.tasks.evaluate.promotion import compare, comparison_markdown, score_on_ground_truth, score_on_shards
+from weakseg.tasks.evaluate.promotion import (
+    compare,
+    comparison_markdown,
+    format_score,
+    score_on_ground_truth,
+    score_on_shards,
+)
 from weakseg.tasks.evaluate.promotion import variant_of as _variant_of
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
 from weakseg.tasks.segment.tta import DEFAULT_TTA
@@ -118,8 +124,8 @@ def promote_model(
     create_markdown_artifact(key="promote-model", markdown=comparison_markdown(
         comparison, candidate["model_id"], result["previous"], outcome),
         description=f"promote-model {candidate['model_id']}: {outcome}")
-    message = (f"candidate {candidate['model_id']} {comparison['metric']} {comparison['candidate']} vs current "
-               f"{result['previous']} {comparison['current']} (tolerance {tolerance}): {outcome}")
+    message = (f"candidate {candidate['model_id']} {comparison['metric']} {format_score(comparison['candidate'])} vs "
+               f"current {result['previous']} {format_score(comparison['current'])} (tolerance {tolerance}): {outcome}")
     if not promote:
         logger.error("%s", message)
         return Failed(message=message, data=result)

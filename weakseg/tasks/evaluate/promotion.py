@@ -26,7 +26,7 @@ from ..train.shard_reader import eval_pipeline, make_loader
 from ..train.trainer import average_precision
 from .variants import score_variants
 
-__all__ = ["compare", "comparison_markdown", "score_on_ground_truth", "score_on_shards", "variant_of"]
+__all__ = ["compare", "comparison_markdown", "format_score", "score_on_ground_truth", "score_on_shards", "variant_of"]
 
 
 def variant_of(priors: str) -> str:
@@ -110,7 +110,7 @@ def compare(candidate: Mapping[str, Any], current: Mapping[str, Any] | None, tol
             "delta": delta, "tolerance": tolerance, "per_class": rows}
 
 
-def _fmt(x: float | None, signed: bool = False) -> str:
+def format_score(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "-"
     return f"{x:+.4f}" if signed else f"{x:.4f}"
@@ -125,15 +125,16 @@ def comparison_markdown(comparison: Mapping[str, Any], candidate_id: str, curren
         f"# promote-model: {outcome}",
         "",
         f"Candidate `{candidate_id}` vs current `{current_id or 'none'}` on {comparison.get('set')}: "
-        f"{metric} {_fmt(comparison['candidate'])} vs {_fmt(comparison['current'])} "
+        f"{metric} {format_score(comparison['candidate'])} vs {format_score(comparison['current'])} "
         f"(tolerance {comparison['tolerance']}).",
         "",
         f"| class | candidate {per} | current {per} | Δ |",
         "|---|---:|---:|---:|",
     ]
     for row in comparison["per_class"]:
-        lines.append(f"| {row['class']} | {_fmt(row['candidate'])} | {_fmt(row['current'])} | "
-                     f"{_fmt(row['delta'], signed=True)} |")
-    lines.append(f"| **{metric}** | **{_fmt(comparison['candidate'])}** | **{_fmt(comparison['current'])}** | "
-                 f"**{_fmt(comparison['delta'], signed=True)}** |")
+        lines.append(f"| {row['class']} | {format_score(row['candidate'])} | {format_score(row['current'])} | "
+                     f"{format_score(row['delta'], signed=True)} |")
+    lines.append(f"| **{metric}** | **{format_score(comparison['candidate'])}** | "
+                 f"**{format_score(comparison['current'])}** | "
+                 f"**{format_score(comparison['delta'], signed=True)}** |")
     return "\n".join(lines)

@@ -244,6 +244,9 @@ def segment_corpus(
         int, Field(ge=1, description="refuse larger images (decompression bombs)")
     ] = DEFAULT_MAX_PIXELS,
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
+    decode: Annotated[Literal["auto", "host", "device"], Field(description="where JPEGs are decoded: device "
+                      "(nvjpeg on CUDA) when no prior needs host pixels; auto: device on CUDA, else "
+                      "host")] = "auto",
     thresholds: Annotated[str | None, Field(description="thresholds JSON URL (weakseg thresholds) for bb/seg "
                                             "(default: the checkpoint's, else 0.5/K)")] = None,
     task_runner: Annotated[TaskRunnerKind, Field(description="where chunks run: threads, or Dask worker "
@@ -280,7 +283,7 @@ def segment_corpus(
                           model_sha256=info.model_sha256, max_bytes=max_bytes, device=chunk_device,
                           priors=prior_list, batch_size=batch_size, max_side=max_side, min_side=min_side, tta=tta,
                           max_pixels=max_pixels, thresholds={p: tuple(v) for p, v in info.thresholds.items()},
-                          done_index=info.done_index, thumbnails=thumbnails)
+                          done_index=info.done_index, thumbnails=thumbnails, decode=decode)
     logger.info("run %s: model %s (%d classes), priors %s, writing to %s/*/run_date=%s/ (%s, %d workers, %s)",
                 run_id, info.model_id, len(info.classes), ",".join(prior_list) or "none", _public(out),
                 info.run_date, task_runner, workers, chunk_device)

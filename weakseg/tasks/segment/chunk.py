@@ -7,7 +7,9 @@ A pipelined engine built of small generators over standard tools (``concurrent.f
 - **decode and prior inputs** (:func:`~weakseg.images.decode_image`, then superpixels and
   proposals, :func:`~weakseg.tasks.segment.inference.compute_prior_inputs`) as jobs in the
   process's host pool, up to ``ahead`` inputs ahead of the forward pass (PIL, OpenCV, scipy
-  and scikit-image's Felzenszwalb release the GIL in their loops);
+  and scikit-image's Felzenszwalb release the GIL in their loops); on CUDA, with no prior
+  that needs host pixels, JPEGs are decoded on the device instead
+  (:mod:`~weakseg.tasks.segment.device_decode`, nvjpeg);
 - **batches bucketed by forward size** (:func:`_buckets`): full batches of one size, no
   padding between sizes, a bounded number of images waiting;
 - **forward and post-processing** on the model's device, on the calling thread
@@ -56,6 +58,7 @@ from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_i
 from ..ingest.sources import image_key
 from ..storage import redact
 from . import tables
+from .device_decode import DecodeMode, decode_jpeg_on, device_decoding, jpeg_header
 from .inference import (
     DEFAULT_MAX_SIDE,
     ModelBundle,
@@ -104,6 +107,7 @@ class SegmentOptions:
     done_index: str | None = None  # skip-existing: URL of the index (tables.build_done_index)
     thumbnails: int = 0  # overlay thumbnails to return (for the run's markdown artifact)
     host_workers: int | None = None  # threads for decode, prior inputs, PNG, Parquet (None: host_workers())
+    decode: DecodeMode = "auto"  # where JPEGs are decoded (device_decode.device_decoding; auto: CUDA, no host priors)
 
 
 @dataclass
@@ -143,9 +147,12 @@ class ChunkResult:
 class _Decoded:
     uri: str
     sha: str
-    rgb: np.ndarray
+    rgb: np.ndarray | torch.Tensor  # uint8 [H, W, 3] on the host, or on the model's device (device_decode)
     fmt: str
     meta: SourceMeta | None = None
+
+    def host_rgb(self) -> np.ndarray:
+        return self.rgb.cpu().numpy() if isinstance(self.rgb, torch.Tensor) else self.rgb
 
 
 def _now() -> datetime:
@@ -375,8 +382,17 @@ class _Prepared:
     ms: dict[str, float]
 
 
-def _prepare(rec: InputRecord, sha: str, opts: SegmentOptions, clock: _Clock) -> _Prepared | _Failed:
-    """Pool job: decode one input and compute its prior inputs (superpixels, proposals) on the host."""
+def _prepare(rec: InputRecord, sha: str, opts: SegmentOptions, clock: _Clock,
+             decode_on: torch.device | None = None) -> _Prepared | _Failed:
+    """Pool job: decode one input (on ``decode_on`` when it is a plain JPEG, see
+    :mod:`.device_decode`) and compute its prior inputs (superpixels, proposals) on the host."""
+    if decode_on is not None and jpeg_header(rec.data, opts.max_pixels) is not None:
+        try:
+            with clock("decode"):
+                rgb = decode_jpeg_on(rec.data, decode_on)
+            return _Prepared(_Decoded(rec.uri, sha, rgb, "JPEG", rec.meta), {}, {})
+        except Exception as err:  # the host decoder below decodes it or says why it cannot
+            _logger.debug("%s: device decoding failed (%s); decoding on the host", redact(rec.uri), err)
     try:
         with clock("decode"):
             dec = decode_image(rec.data, opts.max_pixels)
@@ -393,7 +409,7 @@ def _prepare(rec: InputRecord, sha: str, opts: SegmentOptions, clock: _Clock) ->
 
 def _prepared(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSpec, writer: _ChunkWriter,
               result: ChunkResult, done: tables.Done, clock: _Clock, pool: Executor,
-              ahead: int) -> Iterator[_Prepared]:
+              ahead: int, decode_on: torch.device | None = None) -> Iterator[_Prepared]:
     """Decoded images with their prior inputs, in input order, decoded in ``pool`` up to ``ahead``
     inputs ahead of the consumer; read and decode failures and skipped inputs are accounted here."""
     index = opts.done_index
@@ -425,7 +441,7 @@ def _prepared(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkS
             if done.hashed(rec.uri, sha):
                 result.skipped += 1
                 continue
-            pending.append(pool.submit(_prepare, rec, sha, opts, clock))
+            pending.append(pool.submit(_prepare, rec, sha, opts, clock, decode_on))
             yield from ready(ahead)
     yield from ready(0)
 
@@ -470,13 +486,14 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
         to_read, done = skip_unchanged(spec, opts.done_index, result)
     records = read_chunk(to_read, opts.max_bytes) if to_read is not None else iter(())
     stride = bundle.model.stride
+    decode_on = bundle.device if device_decoding(opts.decode, bundle.device, opts.priors) else None
 
     def size_of(p: _Prepared) -> tuple[int, int]:
         return forward_size(*p.d.rgb.shape[:2], stride, opts.max_side, opts.min_side)
 
     encoding: deque[tuple[_Prepared, Prediction, Future]] = deque()
     try:
-        prepared = _prepared(records, opts, spec, writer, result, done, clock, pool, ahead)
+        prepared = _prepared(records, opts, spec, writer, result, done, clock, pool, ahead, decode_on)
         for batch in _buckets(prepared, size_of, opts.batch_size, 2 * opts.batch_size):
             preds = _forward(bundle, batch, opts, spec.index, writer, result)
             if preds is not None:
@@ -580,7 +597,7 @@ def _image_rows(bundle: ModelBundle, d: _Decoded, pred: Prediction, labels: np.n
     result.count_image(regions, ms)
     if len(result.thumbnails) < opts.thumbnails:
         result.thumbnails.append({"uri": d.uri, "labels": ", ".join(r["class_name"] for r in regions[:3]),
-                                  "png": overlay_thumbnail(d.rgb, labels)})
+                                  "png": overlay_thumbnail(d.host_rgb(), labels)})
 
 
 def _image_row(bundle: ModelBundle, d: _Decoded, pred: Prediction, regions: Sequence[Mapping[str, Any]],

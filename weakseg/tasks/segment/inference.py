@@ -310,9 +310,10 @@ def upsample_cells(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], 
 
 
 @torch.no_grad()
-def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = DEFAULT_MAX_SIDE,
+def predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], max_side: int = DEFAULT_MAX_SIDE,
             min_side: int = 0, tta: str | TTA | None = None) -> list[Prediction]:
-    """Batched forward passes over RGB ``uint8[H, W, 3]`` images of any sizes (see :func:`forward_size`).
+    """Batched forward passes over RGB ``uint8[H, W, 3]`` images of any sizes (see :func:`forward_size`):
+    host arrays, or tensors on the model's device (decoded there, :mod:`.device_decode`).
 
     Images are batched by forward size: padding an image to a larger neighbour's size
     changes what the convolutions see near its border, so a mixed batch would make an
@@ -335,7 +336,7 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = D
             groups.setdefault(view_size(plain, scale, stride, MIN_CELLS), []).append((i, v))
     done: dict[tuple[int, int], Prediction] = {}
     for size, members in groups.items():
-        batch = [np.ascontiguousarray(images[i][:, ::-1]) if views[v][1] else images[i] for i, v in members]
+        batch = [_mirrored(images[i]) if views[v][1] else images[i] for i, v in members]
         for (i, v), pred in zip(members, _forward(bundle, batch, size), strict=True):
             pred.flipped = views[v][1]
             done[i, v] = pred
@@ -344,19 +345,56 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray], max_side: int = D
     return [Prediction.average([done[i, v] for v in range(len(views))]) for i in range(len(images))]
 
 
-def _forward(bundle: ModelBundle, images: Sequence[np.ndarray], size: tuple[int, int]) -> list[Prediction]:
+def _mirrored(image: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """An ``[H, W, 3]`` image mirrored left-right (a TTA view)."""
+    return image.flip(1) if isinstance(image, torch.Tensor) else np.ascontiguousarray(image[:, ::-1])
+
+
+def _input_batch(images: Sequence[np.ndarray | torch.Tensor], size: tuple[int, int], stride: int,
+                 device: torch.device) -> torch.Tensor:
+    """``uint8 [B, 3, bh, bw]`` on ``device``: each image resized to ``size``, edge-padded to the stride.
+
+    Host arrays are resized with OpenCV and copied over in one transfer; images decoded on
+    the device (:mod:`~weakseg.tasks.segment.device_decode`) are resized where they are.
+    """
+    fh, fw = size
+    bh, bw = -(-fh // stride) * stride, -(-fw // stride) * stride
+    host = [i for i, im in enumerate(images) if isinstance(im, np.ndarray)]
+    batch = np.empty((len(host), bh, bw, 3), dtype=np.uint8)
+    for j, i in enumerate(host):
+        im = images[i]
+        if (fh, fw) != im.shape[:2]:
+            shrink = fh * fw < im.shape[0] * im.shape[1]
+            im = cv2.resize(im, (fw, fh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        batch[j] = np.pad(im, ((0, bh - fh), (0, bw - fw), (0, 0)), mode="edge")
+    x = torch.from_numpy(batch).to(device)
+    if len(host) < len(images):
+        x = torch.empty((len(images), bh, bw, 3), dtype=torch.uint8, device=device).index_copy_(
+            0, torch.tensor(host, dtype=torch.long, device=device), x)
+        for i, im in enumerate(images):
+            if isinstance(im, torch.Tensor):
+                x[i] = _resize_pad(im.to(device), (fh, fw), (bh, bw))
+    return x.permute(0, 3, 1, 2)  # channels-last in memory, whichever way the images came
+
+
+def _resize_pad(image: torch.Tensor, size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` on the device -> ``uint8 [bh, bw, 3]``: antialiased shrink or bilinear
+    enlargement to ``size`` (as OpenCV's area / linear do on the host), then edge padding."""
+    x = image.permute(2, 0, 1)[None].float()
+    if tuple(x.shape[-2:]) != size:
+        shrink = size[0] * size[1] < x.shape[-2] * x.shape[-1]
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    x = F.pad(x, (0, padded[1] - size[1], 0, padded[0] - size[0]), mode="replicate")
+    return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _forward(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor],
+             size: tuple[int, int]) -> list[Prediction]:
     """One forward pass over images brought to the same forward ``size`` (padded to the stride)."""
     model, stride, offset = bundle.model, bundle.model.stride, bundle.model.cell_offset
     started = time.perf_counter()
     fh, fw = size
-    bh, bw = -(-fh // stride) * stride, -(-fw // stride) * stride
-    batch = np.empty((len(images), bh, bw, 3), dtype=np.uint8)
-    for i, im in enumerate(images):
-        if (fh, fw) != im.shape[:2]:
-            shrink = fh * fw < im.shape[0] * im.shape[1]
-            im = cv2.resize(im, (fw, fh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        batch[i] = np.pad(im, ((0, bh - fh), (0, bw - fw), (0, 0)), mode="edge")
-    x = torch.from_numpy(batch).to(bundle.device).permute(0, 3, 1, 2)
+    x = _input_batch(images, size, stride, bundle.device)
     x = normalize(x, bundle.checkpoint.config.mean, bundle.checkpoint.config.std)
     maps = model.dense_maps(x)  # [B, K, bh/stride, bw/stride]; cell i over pixel i*stride + cell_offset
     forward_ms = (time.perf_counter() - started) * 1000 / len(images)

@@ -1,0 +1,117 @@
+"""JPEGs decoded on the model's device: the same pixels, predictions and tables as the host path.
+
+On CUDA this is nvjpeg; here the same code runs with torchvision's CPU decoder (decode="device").
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from weakseg.tasks.images import decode_image
+from weakseg.tasks.segment import tables
+from weakseg.tasks.segment.chunk import SegmentOptions, segment_chunk
+from weakseg.tasks.segment.device_decode import decode_jpeg_on, device_decoding, jpeg_header
+from weakseg.tasks.segment.inference import load_model, predict
+from weakseg.tasks.segment.inputs import iter_chunks
+
+CLASSES = ["background", "disk", "square"]
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    from skimage import data
+
+    y, x = 10 * seed, 7 * seed
+    return np.ascontiguousarray(data.astronaut()[y:y + h, x:x + w])
+
+
+def _jpeg(pixels: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_checkpoint):
+    path = tmp_path_factory.mktemp("dec") / "model.pt"
+    path.write_bytes(tiny_checkpoint(CLASSES, 0))
+    return load_model(str(path), "cpu")
+
+
+def test_device_decoding_only_where_no_prior_needs_host_pixels():
+    assert device_decoding("auto", CUDA, ("ilp",)) and device_decoding("auto", CUDA, ())
+    assert not device_decoding("auto", CPU, ("ilp",))
+    assert not device_decoding("auto", CUDA, ("ilp", "sppxl"))
+    assert not device_decoding("device", CPU, ("ilp", "bb"))
+    assert device_decoding("device", CPU, ("ilp",)) and not device_decoding("host", CUDA, ("ilp",))
+    with pytest.raises(ValueError, match="decode must be"):
+        device_decoding("gpu", CUDA, ())  # type: ignore[arg-type]
+
+
+def test_only_plain_upright_jpegs_go_to_the_device_decoder():
+    rgb = _photo(60, 80)
+    assert jpeg_header(_jpeg(rgb), 10**6) == (60, 80)
+    assert jpeg_header(_jpeg(rgb[..., 0]), 10**6) == (60, 80)  # greyscale: decoded to RGB
+    assert jpeg_header(_jpeg(rgb), 60 * 80 - 1) is None  # over max_pixels: the host path's error row
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert jpeg_header(_jpeg(rgb, exif=exif.tobytes()), 10**6) is None  # rotated: PIL applies EXIF
+    cmyk = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(cmyk, "JPEG")
+    assert jpeg_header(cmyk.getvalue(), 10**6) is None
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, "PNG")
+    assert jpeg_header(png.getvalue(), 10**6) is None
+    assert jpeg_header(b"not an image", 10**6) is None
+
+
+def test_device_decoder_gives_the_host_decoders_pixels():
+    for data in (_jpeg(_photo(75, 101)), _jpeg(_photo(64, 48)[..., 1])):
+        on_device = decode_jpeg_on(data, CPU)
+        assert on_device.dtype == torch.uint8 and on_device.shape[-1] == 3
+        np.testing.assert_array_equal(on_device.numpy(), np.asarray(decode_image(data).image))
+    with pytest.raises(RuntimeError):
+        decode_jpeg_on(_jpeg(_photo(64, 64))[:300], CPU)  # truncated: refused, so the host path says why
+
+
+def test_predictions_from_device_tensors_match_host_arrays(bundle):
+    images = [_photo(96, 128), _photo(200, 150, 1), _photo(40, 60, 2)]  # as is, shrunk, enlarged
+    kwargs = {"max_side": 128, "min_side": 96}
+    host = predict(bundle, images, **kwargs)
+    device = predict(bundle, [torch.from_numpy(im) for im in images], **kwargs)
+    for h, d in zip(host, device, strict=True):
+        assert h.size == d.size and h.forward_size == d.forward_size
+    torch.testing.assert_close(host[0].cells, device[0].cells)  # no resize: the same input exactly
+    for h, d in zip(host[1:], device[1:], strict=True):  # resized on the device vs OpenCV: close
+        assert (h.cells - d.cells).abs().max() < 0.05
+        assert np.abs(h.image_probs - d.image_probs).max() < 0.05
+    flipped = predict(bundle, [torch.from_numpy(images[0])], tta="1+flip", **kwargs)[0]
+    torch.testing.assert_close(flipped.probs(), predict(bundle, images[:1], tta="1+flip", **kwargs)[0].probs())
+
+
+def test_chunk_decoded_on_the_device_writes_the_host_paths_tables(tmp_path, bundle):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(96, 128), (128, 96), (96, 128), (100, 100)]):
+        (folder / f"{i}.jpg").write_bytes(_jpeg(_photo(h, w, i)))
+    Image.fromarray(_photo(80, 80, 3)).save(folder / "4.png")  # not a JPEG: decoded on the host
+    (folder / "5.jpg").write_bytes(_jpeg(_photo(96, 96, 5))[:400])  # truncated: an errors row on both paths
+    (folder / "6.jpg").write_bytes(b"not an image")
+    drop = ("inference_ms", "prior_ms", "processed_at", "occurred_at")
+    written = {}
+    for decode in ("host", "device"):
+        out = tmp_path / decode
+        opts = SegmentOptions(out=str(out), run_id="t", run_date="2026-01-01", model="unused", priors=("ilp",),
+                              batch_size=2, host_workers=2, thumbnails=1, decode=decode)
+        (r,) = [segment_chunk(spec, opts, bundle) for spec in iter_chunks(str(folder), 100)]
+        assert (r.ok, r.failed) == (5, 2) and len(r.thumbnails) == 1
+        written[decode] = {t: sorted(({k: v for k, v in row.items() if k not in drop}
+                                      for row in tables.read_table(str(out), t).to_pylist()),
+                                     key=lambda row: (row["image_key"], row.get("class_index") or 0))
+                           for t in ("images", "regions", "masks", "errors")}
+    assert written["device"] == written["host"]
+    assert {row["error_type"] for row in written["device"]["errors"]} == {"CorruptImage", "NotAnImage"}

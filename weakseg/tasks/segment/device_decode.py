@@ -1,0 +1,59 @@
+"""JPEG decoding on the model's device (nvjpeg through ``torchvision.io.decode_jpeg`` on CUDA).
+
+On an accelerator the host's cores, not the device, limit segment-corpus: decoding a 500 px
+JPEG costs the host a few milliseconds, the forward pass a fraction of one. When no host-side
+prior needs the pixels (chains of ``ilp`` only, or none), a plain baseline JPEG is decoded
+where the network runs and never lands in host memory; the forward pass resizes it there.
+
+Only inputs whose header PIL reads as a JPEG in RGB or greyscale, upright (EXIF orientation
+1) and within ``max_pixels`` go this way; anything else, and any input the device decoder
+refuses, goes through :func:`weakseg.tasks.images.decode_image` as before, so validation and
+error rows are the same on both paths. On the CPU the same code runs with libjpeg-turbo
+(the tests' way to exercise it).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from PIL import Image
+
+__all__ = ["DecodeMode", "decode_jpeg_on", "device_decoding", "jpeg_header"]
+
+DecodeMode = Literal["auto", "host", "device"]
+_HOST_PIXEL_PRIORS = frozenset({"sppxl", "bb", "seg"})  # priors whose inputs are computed from host pixels
+
+
+def device_decoding(mode: DecodeMode, device: torch.device, priors: Sequence[str]) -> bool:
+    """Whether a chunk decodes JPEGs on ``device``: ``auto`` does on CUDA when no prior needs host pixels."""
+    if mode not in ("auto", "host", "device"):
+        raise ValueError(f"decode must be auto, host or device, not {mode!r}")
+    if mode == "host" or _HOST_PIXEL_PRIORS.intersection(priors):
+        return False
+    return mode == "device" or device.type == "cuda"
+
+
+def jpeg_header(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """``(height, width)`` of a JPEG the device decoder can take as is; None: decode on the host."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            if img.width * img.height > max_pixels or img.getexif().get(0x0112, 1) != 1:
+                return None
+            return img.height, img.width
+    except Exception:  # not a JPEG header PIL reads: the host path says why
+        return None
+
+
+def decode_jpeg_on(data: bytes, device: torch.device) -> torch.Tensor:
+    """``uint8[H, W, 3]`` on ``device`` (HWC like the host path's arrays); raises when the decoder refuses it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device).permute(1, 2, 0)

@@ -65,6 +65,8 @@ def test_pretrained_from_a_state_dict_file(tmp_path):
 
 def test_timm_pretrained_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable when it is imported: without this the test waits on network timeouts
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="pretrained='none' or a path"):
         create_backbone("resnet18", pretrained="auto")
 

@@ -7,7 +7,8 @@
   prior sets ``none``, ``ilp``, ``ilp,sppxl``, ``ilp,sppxl,seg``, with its per-stage busy
   seconds and device-busy fraction (forward seconds / wall seconds), and its ratio to the
   bare forward. Through the Prefect flow when Prefect is importable, else the same chunk
-  task on a thread pool of ``--workers`` (``"engine"`` says which);
+  task on a thread pool of ``--workers`` (``"engine"`` says which). On CUDA ``none`` and
+  ``ilp`` decode the JPEGs on the device (nvjpeg, ``--decode auto``), the others on the host;
 - ``train``: training samples/s of the trainer's own optimiser step (bf16 autocast and
   channels_last on CUDA) on batches already in memory;
 - ``peak_device_memory_mib`` (CUDA) or ``peak_rss_mib`` (CPU).

@@ -11,7 +11,8 @@
    listing, runs row, artifacts included); "in_run" is the flow's own count / duration.
 2. Host-side work per image and prior set (decode, the priors' inputs: superpixels, box and
    segment proposals, the PNG mask): images/s on one core (one worker process) and the
-   scaling from 1 to 2 worker processes (``concurrent.futures.ProcessPoolExecutor``), so the
+   scaling from 1 to 2 worker processes (``concurrent.futures.ProcessPoolExecutor``) and
+   from 1 to 2 threads (``ThreadPoolExecutor``, as the engine's host pool runs it), so the
    cores a device needs for a given rate can be read off.
 3. Peak RSS of the flow process for ``--rss-sizes`` images (1,000 and 10,000 by default),
    each in a separate subprocess (``resource.getrusage``): it must stay flat, since the
@@ -156,25 +157,30 @@ def host_job(paths: list[str], priors: str) -> int:
 
 
 def host_throughput(paths: list[str], repeats: int) -> dict:
-    """Host-side images/s per prior set with 1 and 2 worker processes (best of ``repeats``), and the scaling."""
+    """Host-side images/s per prior set with 1 and 2 worker processes and with 1 and 2 threads
+    (the engine's own pool), best of ``repeats``, and the 1 -> 2 scaling of each."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
     out = {}
     ctx = multiprocessing.get_context("spawn")
-    for procs in (1, 2):
-        with ProcessPoolExecutor(procs, mp_context=ctx) as pool:
-            list(pool.map(host_job, [paths[:2]] * procs, ["ilp,sppxl,seg,bb"] * procs))  # imports, warm caches
-            for priors in PRIOR_SETS:
-                best = 0.0
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    done = sum(pool.map(host_job, [paths[i::procs] for i in range(procs)], [priors] * procs))
-                    best = max(best, done / (time.perf_counter() - t0))
-                out.setdefault(priors, {})[f"images_per_second_{procs}_process"] = round(best, 1)
+    pools = {"process": lambda n: ProcessPoolExecutor(n, mp_context=ctx), "thread": ThreadPoolExecutor}
+    for kind, make in pools.items():
+        for n in (1, 2):
+            with make(n) as pool:
+                list(pool.map(host_job, [paths[:2]] * n, ["ilp,sppxl,seg,bb"] * n))  # imports, warm caches
+                for priors in PRIOR_SETS:
+                    best = 0.0
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        done = sum(pool.map(host_job, [paths[i::n] for i in range(n)], [priors] * n))
+                        best = max(best, done / (time.perf_counter() - t0))
+                    out.setdefault(priors, {})[f"images_per_second_{n}_{kind}"] = round(best, 1)
     for r in out.values():
         r["ms_per_image_one_core"] = round(1000 / r["images_per_second_1_process"], 1)
-        r["scaling_1_to_2"] = round(r["images_per_second_2_process"] / r["images_per_second_1_process"], 2)
+        for kind, plural in (("process", "processes"), ("thread", "threads")):
+            one, two = r[f"images_per_second_1_{kind}"], r[f"images_per_second_2_{kind}"]
+            r[f"scaling_1_to_2_{plural}"] = round(two / one, 2)
     return out
 
 

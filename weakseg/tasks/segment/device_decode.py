@@ -21,17 +21,18 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from .inference import PRIOR_INPUTS  # the priors whose inputs are computed from host pixels
+
 __all__ = ["DecodeMode", "decode_jpeg_on", "device_decoding", "jpeg_header"]
 
 DecodeMode = Literal["auto", "host", "device"]
-_HOST_PIXEL_PRIORS = frozenset({"sppxl", "bb", "seg"})  # priors whose inputs are computed from host pixels
 
 
 def device_decoding(mode: DecodeMode, device: torch.device, priors: Sequence[str]) -> bool:
     """Whether a chunk decodes JPEGs on ``device``: ``auto`` does on CUDA when no prior needs host pixels."""
     if mode not in ("auto", "host", "device"):
         raise ValueError(f"decode must be auto, host or device, not {mode!r}")
-    if mode == "host" or _HOST_PIXEL_PRIORS.intersection(priors):
+    if mode == "host" or any(p in PRIOR_INPUTS for p in priors):
         return False
     return mode == "device" or device.type == "cuda"
 

@@ -120,7 +120,7 @@ def _prefect() -> bool:
 
 
 def segment(images: str, model: str, out: str, priors: str, device: str, batch_size: int, chunk_size: int,
-            workers: int) -> dict:
+            workers: int, decode: str = "auto") -> dict:
     """One segment-corpus run: images/s, stage seconds, device-busy fraction."""
     from weakseg.tasks.segment.chunk import SegmentOptions, segment_chunk
     from weakseg.tasks.segment.inputs import iter_chunks
@@ -133,13 +133,13 @@ def segment(images: str, model: str, out: str, priors: str, device: str, batch_s
 
         s = segment_corpus(images=images, model=model, out=out, priors=priors, device=device,
                            batch_size=batch_size, chunk_size=chunk_size, workers=workers, thumbnails=0, tta="1",
-                           return_state=True).result()
+                           decode=decode, return_state=True).result()
         wall = time.perf_counter() - t0
         return {"engine": "flow", "images": s["counts"]["ok"], "failed": s["counts"]["failed"],
                 "images_per_second": round(s["counts"]["ok"] / wall, 2),
                 "stage_seconds": json.loads(s["stage_seconds"]), "device_busy_fraction": s["device_busy_fraction"]}
     opts = SegmentOptions(out=out, run_id="bench", run_date="2026-01-01", model=model, device=device,
-                          priors=parse_priors(priors), batch_size=batch_size, tta="1")
+                          priors=parse_priors(priors), batch_size=batch_size, tta="1", decode=decode)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda spec: segment_chunk(spec, opts), iter_chunks(images, chunk_size)))
     wall = time.perf_counter() - t0
@@ -147,6 +147,26 @@ def segment(images: str, model: str, out: str, priors: str, device: str, batch_s
     ok = sum(r.ok for r in results)
     return {"engine": "chunks", "images": ok, "failed": sum(r.failed for r in results),
             "images_per_second": round(ok / wall, 2), **timing}
+
+
+def mask_agreement(out_a: str, out_b: str) -> dict:
+    """Fraction of mask pixels two runs over the same photos label alike (device vs host decoding)."""
+    import cv2
+
+    from weakseg.tasks.segment import tables
+
+    def masks(out: str) -> dict[str, bytes]:
+        t = tables.read_table(out, "masks")
+        return dict(zip(t.column("image_key").to_pylist(), t.column("mask_png").to_pylist(), strict=True))
+
+    a, b = masks(out_a), masks(out_b)
+    same = total = 0
+    for key in a.keys() & b.keys():
+        ma, mb = (cv2.imdecode(np.frombuffer(m[key], np.uint8), cv2.IMREAD_UNCHANGED) for m in (a, b))
+        same += int((ma == mb).sum()) if ma.shape == mb.shape else 0
+        total += ma.size
+    return {"images_compared": len(a.keys() & b.keys()), "images_only_in_one": len(a.keys() ^ b.keys()),
+            "pixel_agreement": round(same / total, 5) if total else None}
 
 
 def train_speed(device: str, batch_size: int, input_size: int, head_widths: tuple[int, ...], steps: int) -> dict:
@@ -188,6 +208,12 @@ def train_speed(device: str, batch_size: int, input_size: int, head_widths: tupl
             "precision": "bf16 autocast, channels_last" if dev.type == "cuda" else "fp32"}
 
 
+def _write(report: dict, out: str) -> None:
+    """The figures so far, so a run stopped at its time limit still leaves them."""
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run of every part")
@@ -222,6 +248,7 @@ def main() -> None:
         arrays = [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in sorted((root / "photos").glob("*.jpg"))]
         bare = bare_forward(model, arrays, batch, device, repeats=1 if quick else 3)
         report["bare_forward_images_per_second"] = round(bare, 2)
+        _write(report, args.out)
         chunk_size = max(batch, -(-n // (2 * workers)))  # at least two chunks per worker
         report["chunk_size"] = chunk_size
         warm = root / "warm-up"
@@ -229,22 +256,40 @@ def main() -> None:
         for f in sorted((root / "photos").glob("*.jpg"))[: 2 * batch]:
             (warm / f.name).write_bytes(f.read_bytes())
         # starts Prefect's temporary server (flow engine), loads the model, builds the device's kernels
-        segment(str(warm), model, str(root / "out-warm-up"), "ilp", device, batch, batch, workers)
+        try:
+            segment(str(warm), model, str(root / "out-warm-up"), "ilp", device, batch, batch, workers)
+        except Exception as err:  # a Prefect stack that cannot run here: still measure the chunk engine
+            if not _prefect():
+                raise
+            report["flow_error"] = f"{type(err).__name__}: {err}"
+            os.environ["WEAKSEG_BENCH_ENGINE"] = "chunks"
+            segment(str(warm), model, str(root / "out-warm-up"), "ilp", device, batch, batch, workers)
         report["segment"] = {}
-        for priors in PRIOR_SETS:
-            r = segment(str(root / "photos"), model, str(root / f"out-{priors.replace(',', '-')}"), priors, device,
-                        batch, chunk_size, workers)
-            r["ratio_to_bare_forward"] = round(r["images_per_second"] / bare, 3) if bare else None
-            report["segment"][priors] = r
+        # ilp once more with the other decoder (auto is nvjpeg on CUDA, the host's on CPU): what decoding
+        # on the device buys, and that it labels like the host path
+        other = "host" if dev.type == "cuda" else "device"
+        runs = [(p, "auto") for p in PRIOR_SETS]
+        runs.insert(2, ("ilp", other))
+        for priors, decode in runs:
+            name = priors if decode == "auto" else f"{priors} (decode {decode})"
+            try:
+                r = segment(str(root / "photos"), model, str(root / f"out-{priors.replace(',', '-')}-{decode}"),
+                            priors, device, batch, chunk_size, workers, decode)
+                r["ratio_to_bare_forward"] = round(r["images_per_second"] / bare, 3) if bare else None
+            except Exception as err:  # keep the other figures
+                r = {"error": f"{type(err).__name__}: {err}"}
+            report["segment"][name] = r
+            _write(report, args.out)
+        if "error" not in report["segment"][f"ilp (decode {other})"]:
+            report["device_vs_host_decode"] = mask_agreement(str(root / "out-ilp-auto"), str(root / f"out-ilp-{other}"))
+    _write(report, args.out)
     report["train"] = train_speed(device, 8 if quick else 32, 64 if quick else 320, head, 2 if quick else 20)
     if dev.type == "cuda":
         report["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    _write(report, args.out)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

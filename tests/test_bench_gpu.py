@@ -21,10 +21,13 @@ def test_gpu_script_quick_on_cpu(tmp_path):
     report = json.loads(done.stdout)
     assert report == json.loads((tmp_path / "gpu.json").read_text())
     assert report["device"] == "cpu" and report["quick"] and report["bare_forward_images_per_second"] > 0
-    assert set(report["segment"]) == {"none", "ilp", "ilp,sppxl", "ilp,sppxl,seg"}
+    assert set(report["segment"]) == {"none", "ilp", "ilp (decode device)", "ilp,sppxl", "ilp,sppxl,seg"}
     for run in report["segment"].values():
         assert run["engine"] == "chunks" and run["images"] == report["images"] and run["failed"] == 0
         assert run["images_per_second"] > 0 and 0 < run["device_busy_fraction"] <= 1
         assert {"read", "decode", "forward", "priors", "encode", "write"} <= set(run["stage_seconds"])
+    agreement = report["device_vs_host_decode"]  # libjpeg-turbo's pixels; resized by torch, not OpenCV
+    assert agreement["images_compared"] == report["images"] and agreement["images_only_in_one"] == 0
+    assert agreement["pixel_agreement"] > 0.8
     assert report["train"]["samples_per_second"] > 0
     assert report["peak_rss_mib"] > 0

@@ -115,3 +115,45 @@ def test_chunk_decoded_on_the_device_writes_the_host_paths_tables(tmp_path, bund
                            for t in ("images", "regions", "masks", "errors")}
     assert written["device"] == written["host"]
     assert {row["error_type"] for row in written["device"]["errors"]} == {"CorruptImage", "NotAnImage"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg); runs on a GPU machine only")
+def test_chunk_on_cuda_decoded_by_nvjpeg_labels_like_the_host_decoder(tmp_path, tiny_checkpoint):
+    """nvjpeg's IDCT is not libjpeg-turbo's, so pixels may differ by a level or two: the same rows and
+    errors, masks that agree almost everywhere."""
+    import cv2
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(tiny_checkpoint(CLASSES, 0))
+    bundle = load_model(str(path), "cuda")
+    assert device_decoding("auto", bundle.device, ("ilp",))
+    data = _jpeg(_photo(75, 101))
+    on_device = decode_jpeg_on(data, bundle.device)
+    assert on_device.is_cuda and on_device.shape == (75, 101, 3)
+    host_pixels = np.asarray(decode_image(data).image).astype(np.int16)
+    assert np.abs(on_device.cpu().numpy().astype(np.int16) - host_pixels).mean() < 2
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(96, 128), (128, 96), (300, 400), (100, 100)]):
+        (folder / f"{i}.jpg").write_bytes(_jpeg(_photo(h, w, i)))
+    (folder / "5.jpg").write_bytes(_jpeg(_photo(96, 96, 5))[:400])
+    (folder / "6.jpg").write_bytes(b"not an image")
+    written = {}
+    for decode in ("host", "auto"):
+        out = tmp_path / decode
+        opts = SegmentOptions(out=str(out), run_id="t", run_date="2026-01-01", model="unused", priors=("ilp",),
+                              batch_size=2, host_workers=2, decode=decode)
+        (r,) = [segment_chunk(spec, opts, bundle) for spec in iter_chunks(str(folder), 100)]
+        assert (r.ok, r.failed) == (4, 2)
+        written[decode] = {t: tables.read_table(str(out), t).to_pylist() for t in ("images", "masks", "errors")}
+    keyed = {d: {t: {row["image_key"]: row for row in rows} for t, rows in w.items()} for d, w in written.items()}
+    for table, columns in (("images", ("width", "height", "status", "forward_width", "forward_height")),
+                           ("errors", ("error_type",))):
+        assert {k: [row[c] for c in columns] for k, row in keyed["auto"][table].items()} == \
+            {k: [row[c] for c in columns] for k, row in keyed["host"][table].items()}
+    same = total = 0
+    for key, row in keyed["host"]["masks"].items():
+        a, b = (cv2.imdecode(np.frombuffer(m, np.uint8), cv2.IMREAD_UNCHANGED)
+                for m in (row["mask_png"], keyed["auto"]["masks"][key]["mask_png"]))
+        same, total = same + int((a == b).sum()), total + a.size
+    assert same / total > 0.9

@@ -221,7 +221,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=0, help="photos (default 512; --quick: 8)")
     p.add_argument("--side", type=int, default=0, help="longer side of the photos (default 500; --quick: 96)")
     p.add_argument("--batch-size", type=int, default=0, help="forward batch (default 64; --quick: 4)")
-    p.add_argument("--workers", type=int, default=0, help="chunks in flight (default: min(8, cores); --quick: 2)")
+    p.add_argument("--workers", type=int, default=0, help="chunks in flight (default 2, segment-corpus's default)")
     p.add_argument("--out", default="", help="also write the JSON here")
     args = p.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -229,7 +229,7 @@ def main() -> None:
     n = args.images or (8 if quick else 512)
     side = args.side or (96 if quick else 500)
     batch = args.batch_size or (4 if quick else 64)
-    workers = args.workers or (2 if quick else min(8, os.cpu_count() or 1))
+    workers = args.workers or 2
     head = (32, 32, 32) if quick else (1024, 768, 512)
     device = str(resolve_device(args.device))
     dev = torch.device(device)

@@ -1,6 +1,8 @@
 """Image batches -> the network's input: one normalisation for training and inference."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["normalize"]
@@ -11,6 +13,14 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     x = images.float()
     if images.dtype == torch.uint8:
         x = x / 255.0
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device)[:, None, None]
-    s = torch.tensor(std, dtype=x.dtype, device=x.device)[:, None, None]
+    m, s = _channel_constants(tuple(mean), tuple(std), x.dtype, x.device)
     return (x - m) / s
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[3, 1, 1]`` mean and std, made once per device: made per batch they are two copies to
+    an accelerator per batch, each a point where a thread gives up the GIL and waits to get it back."""
+    return (torch.tensor(mean, dtype=dtype, device=device)[:, None, None],
+            torch.tensor(std, dtype=dtype, device=device)[:, None, None])

@@ -11,7 +11,6 @@ import concurrent.futures
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def main() -> None:
     args = p.parse_args()
     import cv2
 
-    from weakseg.tasks.segment.chunk import SegmentOptions, segment_chunk
+    from weakseg.tasks.segment.chunk import STAGES, SegmentOptions, segment_chunk
     from weakseg.tasks.segment.device_decode import decode_jpeg_on
     from weakseg.tasks.segment.inference import load_model, predict
     from weakseg.tasks.segment.inputs import iter_chunks
@@ -87,33 +86,22 @@ def main() -> None:
         for workers in (0, 16):
             for decode in ("auto", "host"):
                 name = f"chunk_64_workers{workers}_{decode}"
-                r = timed(name + "_s", lambda: segment_chunk(specs[0], opts(name, workers, decode), bundle), 1)
+                o = opts(name, workers, decode)
+                r = timed(name + "_s", lambda o=o: segment_chunk(specs[0], o, bundle), 1)
                 report[name + "_stages"] = {k: round(v, 3) for k, v in r.stage_seconds.items()}
-        for threads, switch in ((1, 0), (2, 0), (8, 0), (8, 0.0005)):
-            if switch:
-                sys.setswitchinterval(switch)
-            for lock in (False,):
-                gate = threading.Lock()
-                if lock:
-                    import weakseg.tasks.segment.chunk as chunk_mod
-                    real = chunk_mod.predict
-
-                    def locked(*a, **k):
-                        with gate:
-                            return real(*a, **k)
-                    chunk_mod.predict = locked
-                name = f"chunks_8x64_threads{threads}{'_locked' if lock else ''}{f'_switch{switch}' if switch else ''}"
-                t0 = time.perf_counter()
-                with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-                    rs = list(pool.map(lambda s: segment_chunk(s, opts(name, 16), bundle), specs[:8]))
-                sync()
-                wall = time.perf_counter() - t0
-                report[name] = {"wall_s": round(wall, 3), "images_per_second": round(sum(r.ok for r in rs) / wall, 1),
-                                "stages": {k: round(sum(r.stage_seconds[k] for r in rs), 3) for k in rs[0].stage_seconds}}
-                if lock:
-                    chunk_mod.predict = real
-                save()
-                print(name, report[name], flush=True)
+        # chunks side by side, each on a new thread (as the task runner runs them)
+        for threads in (1, 2, 8):
+            name = f"chunks_8x64_threads{threads}"
+            o = opts(name, 16)
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                rs = list(pool.map(lambda s, o=o: segment_chunk(s, o, bundle), specs[:8]))
+            sync()
+            wall = time.perf_counter() - t0
+            report[name] = {"wall_s": round(wall, 3), "images_per_second": round(sum(r.ok for r in rs) / wall, 1),
+                            "stages": {k: round(sum(r.stage_seconds[k] for r in rs), 3) for k in STAGES}}
+            save()
+            print(name, report[name], flush=True)
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])

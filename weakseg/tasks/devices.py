@@ -1,9 +1,18 @@
-"""Which torch device a run uses: one rule for training and inference."""
+"""Which torch device a run uses (one rule for training and inference), and the one thread that
+feeds an accelerator its forward passes."""
 from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["on_device_thread", "resolve_device", "uses_device_thread"]
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -14,3 +23,39 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device auto or cpu")
     return device
+
+
+# Why one thread per accelerator: PyTorch caches cuDNN's execution plans per thread (pytorch
+# #103939), so the first forward pass of each input shape on a new thread builds a plan for every
+# convolution, holding the GIL. segment-corpus's chunks run on the task runner's threads, new ones
+# each run: on an H200 that held it at 39 images/s against 1,067 for the bare forward pass (2.4 s
+# a thread for the paper's network at two shapes; bench/gpu_profile.py). On one long-lived thread
+# every plan is built once per process, and the forward passes reach the device in one stream of
+# submissions, which is how it runs them anyway. The CPU keeps running them on the caller's
+# thread: oneDNN has no such cache and chunks side by side share its cores.
+_THREADS: dict[tuple[int, torch.device], ThreadPoolExecutor] = {}
+_LOCK = threading.Lock()
+_LOCAL = threading.local()
+
+
+def uses_device_thread(device: torch.device) -> bool:
+    """Whether forward passes on ``device`` go through :func:`on_device_thread` (accelerators)."""
+    return device.type != "cpu"
+
+
+def _mark() -> None:
+    _LOCAL.device_thread = True
+
+
+def on_device_thread(device: torch.device, fn: Callable[..., T], /, *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)`` on ``device``'s own thread (made on first use, one per process),
+    waiting for it; exceptions come back as raised. A call from that thread runs in place."""
+    if getattr(_LOCAL, "device_thread", False):
+        return fn(*args, **kwargs)
+    key = (os.getpid(), device)  # a forked child gets its own thread, not the parent's dead one
+    with _LOCK:
+        pool = _THREADS.get(key)
+        if pool is None:
+            pool = _THREADS[key] = ThreadPoolExecutor(1, thread_name_prefix=f"weakseg-{device}",
+                                                      initializer=_mark)
+    return pool.submit(fn, *args, **kwargs).result()

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ...models import Checkpoint, CheckpointError, image_probabilities, load_checkpoint
 from ...models.losses import BACKGROUND
 from .. import storage
-from ..devices import resolve_device
+from ..devices import on_device_thread, resolve_device, uses_device_thread
 from ..evaluate.thresholds import read_thresholds
 from ..registry import content_id
 from ..tensors import normalize
@@ -309,7 +309,6 @@ def upsample_cells(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], 
     return F.grid_sample(p[None], grid, mode="bilinear", align_corners=True)[0]
 
 
-@torch.no_grad()
 def predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], max_side: int = DEFAULT_MAX_SIDE,
             min_side: int = 0, tta: str | TTA | None = None) -> list[Prediction]:
     """Batched forward passes over RGB ``uint8[H, W, 3]`` images of any sizes (see :func:`forward_size`):
@@ -326,6 +325,14 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], ma
     each image gets a :class:`Prediction` averaging its views. ``None`` or ``"1"``: the
     plain forward pass, unchanged.
     """
+    if uses_device_thread(bundle.device):  # see weakseg.tasks.devices: cuDNN's plans are cached per thread
+        return on_device_thread(bundle.device, _predict, bundle, images, max_side, min_side, tta)
+    return _predict(bundle, images, max_side, min_side, tta)
+
+
+@torch.no_grad()
+def _predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], max_side: int,
+             min_side: int, tta: str | TTA | None) -> list[Prediction]:
     spec = parse_tta(tta)
     views = spec.views()
     stride = bundle.model.stride

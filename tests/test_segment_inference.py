@@ -242,3 +242,24 @@ def test_reads_retry_once_then_become_error_records(monkeypatch):
     with pytest.raises(TransientInputError):  # throttled twice: the whole chunk is retried, no error row
         list(read_chunk(ChunkSpec(0, ("/d/throttled",))))
     assert calls["throttled"] == 2
+
+
+def test_batch_padded_to_a_power_of_two_predicts_the_same(tmp_path, tiny_checkpoint):
+    """Accelerators fill a batch up to a power of two (cuDNN plans are per shape); the padding's
+    outputs are dropped and the real images' predictions are what they are unpadded."""
+    from skimage import data
+
+    from weakseg.tasks.segment.inference import _forward, load_model
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(tiny_checkpoint(["background", "disk", "square"], 0))
+    bundle = load_model(str(path), "cpu")
+    photo = data.astronaut()
+    images = [np.ascontiguousarray(photo[10 * i:10 * i + 96, 7 * i:7 * i + 128]) for i in range(3)]
+    with torch.no_grad():
+        plain = _forward(bundle, images, (96, 128))
+        padded = _forward(bundle, images, (96, 128), pad_batch=True)  # 3 -> 4
+    assert len(padded) == 3
+    for a, b in zip(plain, padded, strict=True):
+        torch.testing.assert_close(a.cells, b.cells, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(a.image_probs, b.image_probs, atol=1e-6)

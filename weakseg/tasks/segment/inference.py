@@ -344,7 +344,8 @@ def _predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], m
     done: dict[tuple[int, int], Prediction] = {}
     for size, members in groups.items():
         batch = [_mirrored(images[i]) if views[v][1] else images[i] for i, v in members]
-        for (i, v), pred in zip(members, _forward(bundle, batch, size), strict=True):
+        for (i, v), pred in zip(members, _forward(bundle, batch, size, uses_device_thread(bundle.device)),
+                                strict=True):
             pred.flipped = views[v][1]
             done[i, v] = pred
     if spec.plain:
@@ -398,20 +399,28 @@ def _resize_pad(image: torch.Tensor, size: tuple[int, int], padded: tuple[int, i
 
 
 def _forward(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor],
-             size: tuple[int, int]) -> list[Prediction]:
-    """One forward pass over images brought to the same forward ``size`` (padded to the stride)."""
+             size: tuple[int, int], pad_batch: bool = False) -> list[Prediction]:
+    """One forward pass over images brought to the same forward ``size`` (padded to the stride).
+
+    ``pad_batch`` (accelerators): the batch is filled up to a power of two with copies of its
+    last image, whose outputs are dropped. cuDNN builds its plans per input shape, about 1 s
+    each for the paper's network on an H200, and a corpus of many image sizes would otherwise
+    build one for every batch size that a size's leftovers happen to make.
+    """
     model, stride, offset = bundle.model, bundle.model.stride, bundle.model.cell_offset
     started = time.perf_counter()
     fh, fw = size
     x = _input_batch(images, size, stride, bundle.device)
+    n = len(images)
+    if pad_batch and n & (n - 1):
+        x = torch.cat([x, x[-1:].expand((1 << n.bit_length()) - n, -1, -1, -1)])
     x = normalize(x, bundle.checkpoint.config.mean, bundle.checkpoint.config.std)
-    maps = model.dense_maps(x)  # [B, K, bh/stride, bw/stride]; cell i over pixel i*stride + cell_offset
+    maps = model.dense_maps(x)[:n]  # [B, K, bh/stride, bw/stride]; cell i over pixel i*stride + cell_offset
     forward_ms = (time.perf_counter() - started) * 1000 / len(images)
     ch = _cells_on_image(fh, maps.shape[-2], stride, offset[0])
     cw = _cells_on_image(fw, maps.shape[-1], stride, offset[1])
-    # Whole-batch ops and one transfer: a per-image ``.cpu()`` waits on the device and then for the
-    # GIL, which chunks running side by side hold (on an H200, 8 chunks in flight made 64 waits
-    # per batch cost 2 s a batch, 30x the forward pass).
+    # Whole-batch ops and one transfer per batch: each per-image ``.cpu()`` waited for the device,
+    # then for the GIL that the other chunks' threads hold.
     m = maps[:, :, :ch, :cw].float()
     image_probs = image_probabilities(model.pool(m).double(), bundle.checkpoint.config.image_prior).cpu().numpy()
     probs = m.softmax(1)

@@ -9,13 +9,15 @@
   bare forward. Through the Prefect flow when Prefect is importable, else the same chunk
   task on a thread pool of ``--workers`` (``"engine"`` says which). On CUDA ``none`` and
   ``ilp`` decode the JPEGs on the device (nvjpeg, ``--decode auto``), the others on the host;
+- ``ilp_steady_state``: ``ilp`` on half the photos too: the marginal rate of the other half
+  (a long run's rate) and the fixed cost per run;
 - ``train``: training samples/s of the trainer's own optimiser step (bf16 autocast and
   channels_last on CUDA) on batches already in memory;
 - ``peak_device_memory_mib`` (CUDA) or ``peak_rss_mib`` (CPU).
 
 Photos: ``--images`` synthetic photo-like scenes (:mod:`weakseg.tasks.synthetic`), about
-``--side`` px on the longer side (512 of 500 px by default), as JPEG (quality 90); nothing is downloaded. The network is
-the paper's (EfficientNet-Lite0, head 1024/768/512, stride 16, 21 classes) with random
+``--side`` px on the longer side (1,024 of 500 px by default), as JPEG (quality 90); nothing
+is downloaded. The network is the paper's (EfficientNet-Lite0, head 1024/768/512, stride 16, 21 classes) with random
 weights: speed does not depend on them. ``--quick`` makes everything small enough for a
 CPU test. Run it through ``bench/gpu.sh`` (or ``make bench-gpu``).
 """
@@ -136,7 +138,7 @@ def segment(images: str, model: str, out: str, priors: str, device: str, batch_s
                            decode=decode, return_state=True).result()
         wall = time.perf_counter() - t0
         return {"engine": "flow", "images": s["counts"]["ok"], "failed": s["counts"]["failed"],
-                "images_per_second": round(s["counts"]["ok"] / wall, 2),
+                "seconds": round(wall, 3), "images_per_second": round(s["counts"]["ok"] / wall, 2),
                 "stage_seconds": json.loads(s["stage_seconds"]), "device_busy_fraction": s["device_busy_fraction"]}
     opts = SegmentOptions(out=out, run_id="bench", run_date="2026-01-01", model=model, device=device,
                           priors=parse_priors(priors), batch_size=batch_size, tta="1", decode=decode)
@@ -146,7 +148,26 @@ def segment(images: str, model: str, out: str, priors: str, device: str, batch_s
     timing = stage_timing(results, wall)
     ok = sum(r.ok for r in results)
     return {"engine": "chunks", "images": ok, "failed": sum(r.failed for r in results),
-            "images_per_second": round(ok / wall, 2), **timing}
+            "seconds": round(wall, 3), "images_per_second": round(ok / wall, 2), **timing}
+
+
+def steady_state(root: Path, model: str, device: str, batch: int, chunk_size: int, workers: int, n: int,
+                 full_seconds: float, bare: float) -> dict:
+    """``ilp`` on the first half of the photos too: the second half's marginal rate is the flow's
+    rate in a long run, and the intercept its fixed cost per run (server calls, listing, artifacts),
+    which a few seconds' corpus cannot amortise on a fast device."""
+    half = root / "half"
+    half.mkdir()
+    for f in sorted((root / "photos").glob("*.jpg"))[: n // 2]:
+        (half / f.name).write_bytes(f.read_bytes())
+    r = segment(str(half), model, str(root / "out-half"), "ilp", device, batch, chunk_size, workers)
+    extra = full_seconds - r["seconds"]
+    if extra <= 0:  # too noisy to say (tiny runs)
+        return {"half_seconds": r["seconds"], "full_seconds": full_seconds, "images_per_second": None}
+    rate = (n - n // 2) / extra
+    return {"half_seconds": r["seconds"], "full_seconds": full_seconds, "images_per_second": round(rate, 2),
+            "ratio_to_bare_forward": round(rate / bare, 3) if bare else None,
+            "fixed_seconds": round(r["seconds"] - (n // 2) / rate, 2)}
 
 
 def mask_agreement(out_a: str, out_b: str) -> dict:
@@ -218,7 +239,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run of every part")
     p.add_argument("--device", default="auto")
-    p.add_argument("--images", type=int, default=0, help="photos (default 512; --quick: 8)")
+    p.add_argument("--images", type=int, default=0, help="photos (default 1024; --quick: 8)")
     p.add_argument("--side", type=int, default=0, help="longer side of the photos (default 500; --quick: 96)")
     p.add_argument("--batch-size", type=int, default=0, help="forward batch (default 64; --quick: 4)")
     p.add_argument("--workers", type=int, default=0, help="chunks in flight (default 2, segment-corpus's default)")
@@ -226,7 +247,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     quick = args.quick
-    n = args.images or (8 if quick else 512)
+    n = args.images or (8 if quick else 1024)
     side = args.side or (96 if quick else 500)
     batch = args.batch_size or (4 if quick else 64)
     workers = args.workers or 2
@@ -283,6 +304,9 @@ def main() -> None:
             _write(report, args.out)
         if "error" not in report["segment"][f"ilp (decode {other})"]:
             report["device_vs_host_decode"] = mask_agreement(str(root / "out-ilp-auto"), str(root / f"out-ilp-{other}"))
+        if "error" not in report["segment"]["ilp"]:
+            report["ilp_steady_state"] = steady_state(root, model, device, batch, chunk_size, workers, n,
+                                                      report["segment"]["ilp"]["seconds"], bare)
     _write(report, args.out)
     report["train"] = train_speed(device, 8 if quick else 32, 64 if quick else 320, head, 2 if quick else 20)
     if dev.type == "cuda":

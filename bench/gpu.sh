@@ -3,7 +3,7 @@
 # bare forward, segment-corpus for each prior set, device-busy fraction, training samples/s
 # (bf16, channels_last), peak device memory. Prints one JSON document (bench/gpu.py).
 #
-#   bench/gpu.sh                 # full size: 512 photos of 500 px, device auto (cuda when there)
+#   bench/gpu.sh                 # full size: 1,024 photos of 500 px, device auto (cuda when there)
 #   bench/gpu.sh --quick         # tiny sizes: a smoke run of every part, on CPU too
 #   make bench-gpu               # the same as bench/gpu.sh
 #

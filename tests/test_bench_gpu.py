@@ -29,5 +29,8 @@ def test_gpu_script_quick_on_cpu(tmp_path):
     agreement = report["device_vs_host_decode"]  # libjpeg-turbo's pixels; resized by torch, not OpenCV
     assert agreement["images_compared"] == report["images"] and agreement["images_only_in_one"] == 0
     assert agreement["pixel_agreement"] > 0.8
+    steady = report["ilp_steady_state"]
+    assert steady["half_seconds"] > 0 and steady["full_seconds"] == report["segment"]["ilp"]["seconds"]
+    assert steady["images_per_second"] is None or steady["images_per_second"] > 0
     assert report["train"]["samples_per_second"] > 0
     assert report["peak_rss_mib"] > 0

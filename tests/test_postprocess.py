@@ -90,10 +90,10 @@ def _photos():
             data.rocket()[:90, :61], rng.integers(0, 256, (77, 131, 3), dtype=np.uint8)]
 
 
-def _check(bundle, preds, images, priors, thresholds, band_bytes=64 * 2**20, band_rows=None):
+def _check(bundle, preds, images, priors, thresholds, band_bytes=64 * 2**20, band_rows=None, from_cells=None):
     k = len(bundle.classes)
     inputs = [compute_prior_inputs(im, priors)[0] for im in images]
-    outs = label_batch(preds, inputs, priors, thresholds, k, bundle.background_index, "cpu", band_bytes)
+    outs = label_batch(preds, inputs, priors, thresholds, k, bundle.background_index, "cpu", band_bytes, from_cells)
     for pred, ins, out in zip(preds, inputs, outs, strict=True):
         want, want_sum = _numpy_label_image(pred, ins, priors, thresholds, k, bundle.background_index, band_rows)
         np.testing.assert_array_equal(out.labels, want, err_msg=",".join(priors))
@@ -117,6 +117,18 @@ def test_every_chain_matches_the_numpy_path_on_photos(bundle, variant):
     preds = predict(bundle, images, max_side=160)
     thresholds = {"bb": np.linspace(0.01, 0.2, len(CLASSES)), "seg": np.full(len(CLASSES), 0.05)}
     _check(bundle, preds, images, VARIANTS[variant], thresholds)
+
+
+@pytest.mark.parametrize("priors", [(), ("ilp",)])
+def test_argmax_chains_from_the_cells_or_upsampling_every_class(bundle, no_background, priors):
+    """On the CPU the argmax-only chains label from the score cells where they agree; an
+    accelerator upsamples every class. Both are the numpy path's labels, with and without TTA."""
+    for model in (bundle, no_background):
+        images = _photos()
+        for tta in ("1", "0.5,1+flip"):
+            preds = predict(model, images, max_side=160, tta=tta)
+            for from_cells in (True, False):
+                _check(model, preds, images, priors, {}, from_cells=from_cells)
 
 
 @pytest.mark.parametrize("priors", [("ilp", "sppxl"), ("ilp", "bb"), ("sppxl", "seg"), ("ilp", "sppxl", "bb", "seg")])

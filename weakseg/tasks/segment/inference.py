@@ -57,6 +57,7 @@ __all__ = [
     "ModelError",
     "Prediction",
     "SegmentResult",
+    "cell_grid",
     "compute_prior_inputs",
     "load_model",
     "load_pinned",
@@ -285,6 +286,20 @@ def forward_size(h: int, w: int, stride: int, max_side: int, min_side: int = 0) 
     return max(cells, round(h * scale)), max(cells, round(w * scale))
 
 
+def cell_grid(cells: tuple[int, int], fwd: tuple[int, int], out: tuple[int, int], stride: int,
+              offset: tuple[float, float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grid_sample`` coordinates (align_corners, in [-1, 1]) of every output row and column in a
+    ``cells``-sized map: :func:`upsample_cells`'s mapping, one axis at a time."""
+    (ch, cw), (fh, fw), (h, w) = cells, fwd, out
+
+    def axis(n_out: int, n_fwd: int, n_cells: int, off: float) -> torch.Tensor:
+        pixel = (torch.arange(n_out, dtype=torch.float32, device=device) + 0.5) * n_fwd / n_out - 0.5
+        pos = ((pixel - off) / stride).clamp(0, n_cells - 1)
+        return pos / (n_cells - 1) * 2 - 1 if n_cells > 1 else torch.zeros_like(pos)
+
+    return axis(h, fh, ch, offset[0]), axis(w, fw, cw, offset[1])
+
+
 def upsample_cells(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], stride: int,
                    offset: tuple[float, float] = (0.0, 0.0), row0: int = 0, row1: int | None = None) -> torch.Tensor:
     """Resample cell values ``[K, ch, cw]`` (cell i centred on forward pixel i·stride + offset) to ``out``.
@@ -294,15 +309,8 @@ def upsample_cells(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], 
     ``[B, K, ch, cw]`` of same-size maps gives ``[B, K, rows, W]`` (each as it would alone).
     """
     batched = p.ndim == 4
-    ch, cw = p.shape[-2:]
-    (fh, fw), (h, w) = fwd, out
-
-    def axis(n_out: int, n_fwd: int, cells: int, off: float) -> torch.Tensor:
-        pixel = (torch.arange(n_out, dtype=torch.float32, device=p.device) + 0.5) * n_fwd / n_out - 0.5
-        pos = ((pixel - off) / stride).clamp(0, cells - 1)
-        return pos / (cells - 1) * 2 - 1 if cells > 1 else torch.zeros_like(pos)
-
-    gy, gx = axis(h, fh, ch, offset[0])[row0:row1], axis(w, fw, cw, offset[1])
+    gy, gx = cell_grid(tuple(p.shape[-2:]), fwd, out, stride, offset, p.device)
+    gy = gy[row0:row1]
     grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
     if batched:
         return F.grid_sample(p, grid.expand(p.shape[0], -1, -1, -1), mode="bilinear", align_corners=True)

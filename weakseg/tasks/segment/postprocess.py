@@ -34,6 +34,9 @@ from .priors import UNLABELLED, objectness_prior
 __all__ = ["LABEL_VALUES", "Labelled", "label_batch", "regions"]
 
 LABEL_VALUES = 256  # uint8 label values: class indices and 255 (unlabelled)
+# Above this share of a band's pixels between disagreeing cells, upsampling every class at every
+# pixel is cheaper than at those pixels alone (on the CPU, measured with trained and random maps).
+MAX_UNDECIDED = 0.2
 
 
 @dataclass
@@ -73,10 +76,11 @@ def label_batch(preds: Sequence[Prediction], inputs: Sequence[Mapping[str, np.nd
                 from_cells: bool | None = None) -> list[Labelled]:
     """Labels and statistics of every prediction (in order), computed on ``device``.
 
-    ``from_cells`` (default: on the CPU): a chain that is the argmax alone (``ilp`` or none)
-    labels from the score cells where they agree (``_Group._argmax_from_cells``), the same
-    result for a quarter of the CPU time. An accelerator upsamples every class in a few
-    kernels instead: the shortcut's per-image steps would each wait for it.
+    ``from_cells`` (default: on the CPU): a chain without an objectness test (``ilp``,
+    ``ilp,sppxl``, none) labels from the score cells where they agree
+    (``_Group._argmax_from_cells``), the same result for a third of the CPU time. An
+    accelerator upsamples every class in a few kernels instead: the shortcut's per-image
+    steps would each wait for it.
 
     ``inputs[i]``: image i's host-side prior inputs (``superpixels``, ``box_obj``,
     ``seg_obj``, as :func:`~weakseg.tasks.segment.inference.compute_prior_inputs` names
@@ -156,7 +160,18 @@ class _Group:
         image = torch.arange(b, device=self.dev)[:, None, None] * LABEL_VALUES
         obj = self.obj
         bands = list(self._bands())
-        if self.superpixels is not None:
+        if self.superpixels is not None and obj is None and from_cells:  # sppxl: the vote needs labels only
+            argmax = torch.empty_like(labels)
+            picked = torch.empty((b, h, w), dtype=torch.float32, device=self.dev)
+            kept = None
+            for r0, r1 in bands:
+                argmax[:, r0:r1], picked[:, r0:r1], probs = self._argmax_from_cells(r0, r1)
+                kept = probs if len(bands) == 1 else None  # one band: no second upsampling
+            labels, _ = self._vote(argmax, None)
+            for r0, r1 in bands:
+                got = self._relabelled(labels, argmax, picked[:, r0:r1], r0, r1, kept)
+                prob_sum.index_add_(0, (image + labels[:, r0:r1].long()).view(-1), got.reshape(-1).double())
+        elif self.superpixels is not None:
             kept = None
             for r0, r1 in bands:
                 probs, scores = self._probs(r0, r1)
@@ -168,7 +183,7 @@ class _Group:
                 self._finish(labels, prob_sum, image, r0, r1, probs, scores, obj)
         elif obj is None and from_cells:  # the argmax alone (ilp, or no prior): from the cells where they agree
             for r0, r1 in bands:
-                labels[:, r0:r1], picked = self._argmax_from_cells(r0, r1)
+                labels[:, r0:r1], picked, _ = self._argmax_from_cells(r0, r1)
                 prob_sum.index_add_(0, (image + labels[:, r0:r1].long()).view(-1), picked.reshape(-1).double())
         else:
             for r0, r1 in bands:
@@ -180,7 +195,36 @@ class _Group:
         counts_np, sums_np, boxes_np = counts.cpu().numpy(), prob_sum.view(b, -1).cpu().numpy(), boxes.cpu().numpy()
         return [Labelled(labels_np[i], counts_np[i], sums_np[i], boxes_np[i]) for i in range(b)]
 
-    def _argmax_from_cells(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views(self, r0: int, r1: int) -> list[tuple[torch.Tensor, bool, torch.Tensor, torch.Tensor]]:
+        """Per TTA view: its cells ``[B, K, ch, cw]``, whether it is mirrored, and the grid
+        coordinates of rows ``r0:r1`` and of every column (:func:`~.inference.cell_grid`)."""
+        out = []
+        for v in range(len(self.preds[0].views) or 1):
+            views = [p.views[v] if p.views else p for p in self.preds]
+            cells = torch.stack([x.cells for x in views]).to(self.dev)
+            gy, gx = cell_grid(tuple(cells.shape[-2:]), views[0].forward_size, (self.h, self.w), views[0].stride,
+                               views[0].offset, self.dev)
+            out.append((cells, views[0].flipped, gy[r0:r1], gx))
+        return out
+
+    def _mean(self, total: torch.Tensor) -> torch.Tensor:
+        """The views' sum -> their mean, as ``_probs`` divides it (nothing to divide for one plain view)."""
+        if not self.preds[0].views:
+            return total
+        return total / torch.tensor(len(self.preds[0].views), dtype=torch.float32, device=self.dev)
+
+    def _probs_at(self, views: list, i: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """float32 ``[K, n]``: image ``i``'s probabilities at pixels ``(ys, xs)`` of the band (views
+        averaged), each the value ``_probs`` gives there (``grid_sample`` computes every point alike)."""
+        total = None
+        for cells, flipped, gy, gx in views:
+            cols = (self.w - 1 - xs) if flipped else xs
+            pts = torch.stack([gx[cols], gy[ys]], dim=-1)[None, None]  # [1, 1, n, 2]
+            vals = F.grid_sample(cells[i:i + 1], pts, mode="bilinear", align_corners=True)[0, :, 0]
+            total = vals if total is None else total.add_(vals)
+        return self._mean(total)
+
+    def _argmax_from_cells(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Labels of rows ``r0:r1`` and each pixel's probability of its label, as ``_probs`` and the
         argmax give them, without upsampling all K classes everywhere.
 
@@ -191,19 +235,15 @@ class _Group:
         tip them), and the pixels they reach, like those between cells that disagree (edges), get
         the full K-class upsampling at those pixels alone. Same labels; the same probabilities,
         since ``grid_sample`` computes every point alike. On the CPU, at 21 classes and 500 px,
-        ``label_batch`` takes 12 ms an image this way, 31 upsampling every class.
+        ``label_batch`` takes 12 ms an image this way, 24 upsampling every class. Maps so noisy
+        that more than :data:`MAX_UNDECIDED` of the pixels lie between disagreeing cells (an
+        untrained model's) are upsampled the plain way, whose probabilities come back too.
         """
-        first, b, w = self.preds[0], self.b, self.w
-        n_views = len(first.views) or 1
+        b = self.b
+        views = self._views(r0, r1)
         agreed = picked = None
-        cells_by_view, grids = [], []
-        for v in range(n_views):
-            views = [p.views[v] if p.views else p for p in self.preds]
-            cells = torch.stack([x.cells for x in views]).to(self.dev)  # [B, K, ch, cw]
+        for cells, flipped, gy, gx in views:
             ch, cw = cells.shape[-2:]
-            gy, gx = cell_grid((ch, cw), views[0].forward_size, (self.h, w), views[0].stride, views[0].offset,
-                               self.dev)
-            gy = gy[r0:r1]
             scores = cells * self.image_probs[:, :, None, None] if "ilp" in self.priors else cells
             best = scores.max(1)
             if self.k > 1:
@@ -212,6 +252,8 @@ class _Group:
             else:
                 sure = torch.ones_like(best.indices, dtype=torch.bool)
             cell_label = torch.where(sure, best.indices, -1)  # [B, ch, cw]; -1: not sure
+            if _undecided_cells(cell_label) > MAX_UNDECIDED:  # noisy maps: cheaper to upsample every class
+                return self._argmax_everywhere(r0, r1)
             (ylo, ymid, yhi), (xlo, xmid, xhi) = _neighbours(gy, ch), _neighbours(gx, cw)
             a0, a1, a2 = cell_label[:, :, xlo], cell_label[:, :, xmid], cell_label[:, :, xhi]
             across = torch.where((a0 == a1) & (a1 == a2), a0, -1)  # [B, ch, W]
@@ -220,31 +262,48 @@ class _Group:
             own = cells.gather(1, best.indices[:, None])  # [B, 1, ch, cw]: each cell's p(its argmax)
             up = F.grid_sample(own, torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
                                .expand(b, -1, -1, -1), mode="bilinear", align_corners=True)[:, 0]
-            if views[0].flipped:
+            if flipped:
                 label, up = label.flip(-1), up.flip(-1)
             agreed = label if agreed is None else torch.where(agreed == label, agreed, -1)
             picked = up if picked is None else picked.add_(up)
-            cells_by_view.append((cells, views[0].flipped))
-            grids.append((gy, gx))
-        if first.views:
-            picked = picked / torch.tensor(len(first.views), dtype=torch.float32, device=self.dev)
+        undecided = agreed < 0
+        if float(undecided.float().mean()) > MAX_UNDECIDED:
+            return self._argmax_everywhere(r0, r1)
+        picked = self._mean(picked)
         for i in range(b):  # the rest: every class, at those pixels only
-            ys, xs = torch.nonzero(agreed[i] < 0, as_tuple=True)
-            if not len(ys):
-                continue
-            total = None
-            for (cells, flipped), (gy, gx) in zip(cells_by_view, grids, strict=True):
-                cols = (w - 1 - xs) if flipped else xs
-                pts = torch.stack([gx[cols], gy[ys]], dim=-1)[None, None]  # [1, 1, n, 2]
-                vals = F.grid_sample(cells[i:i + 1], pts, mode="bilinear", align_corners=True)[0, :, 0]  # [K, n]
-                total = vals if total is None else total.add_(vals)
-            if first.views:
-                total = total / torch.tensor(len(first.views), dtype=torch.float32, device=self.dev)
-            scores = total * self.image_probs[i, :, None] if "ilp" in self.priors else total
-            lab = scores.max(0).indices
-            agreed[i, ys, xs] = lab
-            picked[i, ys, xs] = total.gather(0, lab[None])[0]
-        return agreed.to(torch.uint8), picked
+            ys, xs = torch.nonzero(undecided[i], as_tuple=True)
+            if len(ys):
+                probs = self._probs_at(views, i, ys, xs)
+                scores = probs * self.image_probs[i, :, None] if "ilp" in self.priors else probs
+                lab = scores.max(0).indices
+                agreed[i, ys, xs] = lab
+                picked[i, ys, xs] = probs.gather(0, lab[None])[0]
+        return agreed.to(torch.uint8), picked, None
+
+    def _argmax_everywhere(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_argmax_from_cells``'s result the plain way (every class upsampled at every pixel),
+        with those probabilities."""
+        probs, scores = self._probs(r0, r1)
+        labels = scores.max(1).indices  # argmax (first on ties)
+        return labels.to(torch.uint8), probs.gather(1, labels[:, None])[:, 0], probs
+
+    def _relabelled(self, labels: torch.Tensor, before: torch.Tensor, picked: torch.Tensor, r0: int,
+                    r1: int, probs: torch.Tensor | None) -> torch.Tensor:
+        """``picked`` (p of each pixel's label ``before``, rows ``r0:r1``) where the label is
+        unchanged, p of its new label where the superpixel vote changed it (from ``probs``, the
+        band's probabilities, when they were computed)."""
+        changed = labels[:, r0:r1] != before[:, r0:r1]
+        if probs is not None or float(changed.float().mean()) > MAX_UNDECIDED:
+            probs = self._probs(r0, r1)[0] if probs is None else probs
+            return probs.gather(1, labels[:, r0:r1].long()[:, None])[:, 0]
+        views = None
+        for i in range(self.b):
+            ys, xs = torch.nonzero(changed[i], as_tuple=True)
+            if len(ys):
+                views = views or self._views(r0, r1)
+                probs = self._probs_at(views, i, ys, xs)
+                picked[i, ys, xs] = probs.gather(0, labels[i, r0:r1][ys, xs].long()[None])[0]
+        return picked
 
     def _vote(self, labels: torch.Tensor, obj: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """SP-sppxl on the device: each superpixel's majority label (ties: the smaller); with an
@@ -284,6 +343,17 @@ class _Group:
             lab = labels[:, r0:r1].long()
         picked = probs.gather(1, lab.clamp(max=k - 1)[:, None])[:, 0]
         prob_sum.index_add_(0, (image + lab).view(-1), picked.reshape(-1).double())
+
+
+def _undecided_cells(cell_label: torch.Tensor) -> float:
+    """Share of 2x2 cell blocks ``[B, ch, cw]`` that are not one sure label: about the share of
+    pixels :meth:`_Group._argmax_from_cells` would have to upsample every class at."""
+    if min(cell_label.shape[-2:]) < 2:
+        return float((cell_label < 0).float().mean())
+    top = cell_label[..., :-1, :-1]
+    mixed = ((top < 0) | (top != cell_label[..., 1:, :-1]) | (top != cell_label[..., :-1, 1:])
+             | (top != cell_label[..., 1:, 1:]))
+    return float(mixed.float().mean())
 
 
 def _neighbours(g: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -127,7 +127,7 @@ def prior_costs(model_path: str, arrays: list[np.ndarray]) -> dict[str, float]:
         for name, priors in (("labels_ilp", ("ilp",)), ("labels_ilp_sppxl", ("ilp", "sppxl"))):
             t0 = time.perf_counter()
             labels, prob_sum, ms2 = label_image(bundle, pred, rgb, priors, {})
-            image_statistics(labels, prob_sum, pred.image_probs, CLASSES)
+            image_statistics(labels, prob_sum, pred.image_probs, bundle.classes)
             totals[name] += (time.perf_counter() - t0) * 1000 - ms2.get("sppxl", 0.0)
     return {k: round(v / len(arrays), 2) for k, v in totals.items()}
 
@@ -251,6 +251,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--model", default="", help="a trained checkpoint instead of random weights (parts 1 and 2): "
+                   "on the CPU post-processing is cheaper on a trained model's smooth maps (postprocess.py)")
     p.add_argument("--prior-images", type=int, default=24)
     p.add_argument("--priors", default="ilp;ilp,sppxl", help="';'-separated prior chains of the flow runs")
     p.add_argument("--pool-threads", type=int, default=2, help="flow runs with this host pool too (0: only auto)")
@@ -277,8 +279,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_images(root / "images", args.images, sides=(320, 500))
-        model = str(root / "model.pt")
-        make_checkpoint(Path(model), args.backbone, HEAD)
+        model = args.model or str(root / "model.pt")
+        if args.model:
+            cfg = load_model(model, "cpu").checkpoint.config
+            report.update(model=args.model, backbone=cfg.backbone, head_widths=list(cfg.head_widths))
+        else:
+            make_checkpoint(Path(model), args.backbone, HEAD)
         paths = sorted((root / "images").rglob("*.jpg"))
         arrays = [np.asarray(Image.open(f).convert("RGB")) for f in paths]
         if args.host_only:

@@ -37,3 +37,47 @@ def test_results_exceptions_and_nested_calls():
         on_device_thread(CPU, lambda: (_ for _ in ()).throw(ValueError("bad batch")))
     inner = on_device_thread(CPU, lambda: on_device_thread(CPU, threading.get_ident))  # runs in place
     assert inner == on_device_thread(CPU, threading.get_ident)
+
+
+def _forward_threads(bundle, images) -> tuple[set[int], set[int], list]:
+    """The threads the model's forward passes ran on, and those that called predict (new threads)."""
+    from weakseg.tasks.segment.inference import predict
+
+    seen: set[int] = set()
+    hook = bundle.model.register_forward_hook(lambda *_: seen.add(threading.get_ident()))
+    try:
+        with ThreadPoolExecutor(3) as callers:
+            done = list(callers.map(lambda im: (threading.get_ident(), predict(bundle, [im])), images))
+    finally:
+        hook.remove()
+    return seen, {ident for ident, _ in done}, [pred for _, pred in done]
+
+
+def _bundle(tmp_path, tiny_checkpoint, device: str):
+    from weakseg.tasks.segment.inference import load_model
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(tiny_checkpoint(["background", "disk", "square"], 0))
+    return load_model(str(path), device)
+
+
+def _images() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (64, 80, 3), dtype=np.uint8) for _ in range(3)]
+
+
+def test_on_the_cpu_each_caller_runs_its_own_forward(tmp_path, tiny_checkpoint):
+    seen, callers, _ = _forward_threads(_bundle(tmp_path, tiny_checkpoint, "cpu"), _images())
+    assert seen == callers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; runs on a GPU machine only")
+def test_on_cuda_every_callers_forward_runs_on_the_device_thread(tmp_path, tiny_checkpoint):
+    from weakseg.tasks.segment.inference import predict
+
+    bundle = _bundle(tmp_path, tiny_checkpoint, "cuda")
+    images = _images()
+    seen, callers, preds = _forward_threads(bundle, images)
+    assert len(seen) == 1 and not seen & callers and threading.get_ident() not in seen
+    for im, pred in zip(images, preds, strict=True):
+        torch.testing.assert_close(pred[0].cells, predict(bundle, [im])[0].cells)

@@ -65,6 +65,7 @@ __all__ = [
     "model_loads",
     "pin_model",
     "predict",
+    "sample_cells",
     "segment_image",
     "segment_variants",
     "upsample_cells",
@@ -308,11 +309,15 @@ def upsample_cells(p: torch.Tensor, fwd: tuple[int, int], out: tuple[int, int], 
     bilinear between cell centres, the edge cells' values beyond them. Differentiable. A batch
     ``[B, K, ch, cw]`` of same-size maps gives ``[B, K, rows, W]`` (each as it would alone).
     """
-    batched = p.ndim == 4
     gy, gx = cell_grid(tuple(p.shape[-2:]), fwd, out, stride, offset, p.device)
-    gy = gy[row0:row1]
+    return sample_cells(p, gy[row0:row1], gx)
+
+
+def sample_cells(p: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+    """Cell values ``[K, ch, cw]`` (or a batch ``[B, K, ch, cw]``) bilinearly sampled at every
+    row ``gy`` x column ``gx`` of :func:`cell_grid`'s coordinates: ``[K, rows, W]`` (``[B, ...]``)."""
     grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
-    if batched:
+    if p.ndim == 4:
         return F.grid_sample(p, grid.expand(p.shape[0], -1, -1, -1), mode="bilinear", align_corners=True)
     return F.grid_sample(p[None], grid, mode="bilinear", align_corners=True)[0]
 

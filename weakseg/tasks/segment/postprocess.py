@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .inference import Prediction, cell_grid, upsample_cells
+from .inference import Prediction, cell_grid, sample_cells
 from .priors import UNLABELLED, objectness_prior
 
 __all__ = ["LABEL_VALUES", "Labelled", "label_batch", "regions"]
@@ -138,18 +138,13 @@ class _Group:
 
     def _probs(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``[B, K, rows, W]`` probabilities of rows ``r0:r1`` (views averaged) and the chain's scores."""
-        first = self.preds[0]
         total = None
-        for v in range(len(first.views) or 1):
-            views = [p.views[v] if p.views else p for p in self.preds]
-            cells = torch.stack([x.cells for x in views]).to(self.dev)
-            up = upsample_cells(cells, views[0].forward_size, (self.h, self.w), views[0].stride, views[0].offset,
-                                r0, r1)
-            if views[0].flipped:
+        for cells, flipped, gy, gx in self._views(r0, r1):
+            up = sample_cells(cells, gy, gx)
+            if flipped:
                 up = up.flip(-1)
             total = up if total is None else total.add_(up)
-        if first.views:  # Prediction.probs: the views' mean
-            total = total / torch.tensor(len(first.views), dtype=torch.float32, device=self.dev)
+        total = self._mean(total)  # Prediction.probs: the views' mean
         scores = total * self.image_probs[:, :, None, None] if "ilp" in self.priors else total
         return total, scores
 
@@ -170,7 +165,7 @@ class _Group:
             labels, _ = self._vote(argmax, None)
             for r0, r1 in bands:
                 got = self._relabelled(labels, argmax, picked[:, r0:r1], r0, r1, kept)
-                prob_sum.index_add_(0, (image + labels[:, r0:r1].long()).view(-1), got.reshape(-1).double())
+                _add_picked(prob_sum, image, labels[:, r0:r1].long(), got)
         elif self.superpixels is not None:
             kept = None
             for r0, r1 in bands:
@@ -184,7 +179,7 @@ class _Group:
         elif obj is None and from_cells:  # the argmax alone (ilp, or no prior): from the cells where they agree
             for r0, r1 in bands:
                 labels[:, r0:r1], picked, _ = self._argmax_from_cells(r0, r1)
-                prob_sum.index_add_(0, (image + labels[:, r0:r1].long()).view(-1), picked.reshape(-1).double())
+                _add_picked(prob_sum, image, labels[:, r0:r1].long(), picked)
         else:
             for r0, r1 in bands:
                 probs, scores = self._probs(r0, r1)
@@ -260,8 +255,7 @@ class _Group:
             c0, c1, c2 = across[:, ylo], across[:, ymid], across[:, yhi]
             label = torch.where((c0 == c1) & (c1 == c2), c0, -1)  # [B, rows, W]
             own = cells.gather(1, best.indices[:, None])  # [B, 1, ch, cw]: each cell's p(its argmax)
-            up = F.grid_sample(own, torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
-                               .expand(b, -1, -1, -1), mode="bilinear", align_corners=True)[:, 0]
+            up = sample_cells(own, gy, gx)[:, 0]
             if flipped:
                 label, up = label.flip(-1), up.flip(-1)
             agreed = label if agreed is None else torch.where(agreed == label, agreed, -1)
@@ -341,8 +335,13 @@ class _Group:
             labels[:, r0:r1] = torch.where(keep, labels[:, r0:r1], torch.full((), self.fill, dtype=torch.uint8,
                                                                               device=self.dev))
             lab = labels[:, r0:r1].long()
-        picked = probs.gather(1, lab.clamp(max=k - 1)[:, None])[:, 0]
-        prob_sum.index_add_(0, (image + lab).view(-1), picked.reshape(-1).double())
+        _add_picked(prob_sum, image, lab, probs.gather(1, lab.clamp(max=k - 1)[:, None])[:, 0])
+
+
+def _add_picked(prob_sum: torch.Tensor, image: torch.Tensor, lab: torch.Tensor, picked: torch.Tensor) -> None:
+    """Σ p(label) per image and label: ``picked`` (each pixel's p of its label ``lab``, ``[B, rows, W]``)
+    added into ``prob_sum`` (float64 ``[B * 256]``; ``image``: each image's offset into it)."""
+    prob_sum.index_add_(0, (image + lab).view(-1), picked.reshape(-1).double())
 
 
 def _undecided_cells(cell_label: torch.Tensor) -> float:

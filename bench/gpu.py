@@ -151,16 +151,22 @@ def segment(images: str, model: str, out: str, priors: str, device: str, batch_s
             "seconds": round(wall, 3), "images_per_second": round(ok / wall, 2), **timing}
 
 
+def first_photos(root: Path, name: str, k: int) -> str:
+    """A folder ``root/name`` holding copies of the first ``k`` photos."""
+    folder = root / name
+    folder.mkdir()
+    for f in sorted((root / "photos").glob("*.jpg"))[:k]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    return str(folder)
+
+
 def steady_state(root: Path, model: str, device: str, batch: int, chunk_size: int, workers: int, n: int,
                  full_seconds: float, bare: float) -> dict:
     """``ilp`` on the first half of the photos too: the second half's marginal rate is the flow's
     rate in a long run, and the intercept its fixed cost per run (server calls, listing, artifacts),
     which a few seconds' corpus cannot amortise on a fast device."""
-    half = root / "half"
-    half.mkdir()
-    for f in sorted((root / "photos").glob("*.jpg"))[: n // 2]:
-        (half / f.name).write_bytes(f.read_bytes())
-    r = segment(str(half), model, str(root / "out-half"), "ilp", device, batch, chunk_size, workers)
+    half = first_photos(root, "half", n // 2)
+    r = segment(half, model, str(root / "out-half"), "ilp", device, batch, chunk_size, workers)
     extra = full_seconds - r["seconds"]
     if extra <= 0:  # too noisy to say (tiny runs)
         return {"half_seconds": r["seconds"], "full_seconds": full_seconds, "images_per_second": None}
@@ -272,20 +278,17 @@ def main() -> None:
         _write(report, args.out)
         chunk_size = max(batch, -(-n // (2 * workers)))  # at least two chunks per worker
         report["chunk_size"] = chunk_size
-        warm = root / "warm-up"
-        warm.mkdir()
-        for f in sorted((root / "photos").glob("*.jpg"))[: chunk_size]:
-            (warm / f.name).write_bytes(f.read_bytes())
+        warm = first_photos(root, "warm-up", chunk_size)
         # starts Prefect's temporary server (flow engine), loads the model, builds the device's kernels
         # (cuDNN's plans for the batch shapes the runs below make: one chunk of theirs)
         try:
-            segment(str(warm), model, str(root / "out-warm-up"), "ilp", device, batch, chunk_size, workers)
+            segment(warm, model, str(root / "out-warm-up"), "ilp", device, batch, chunk_size, workers)
         except Exception as err:  # a Prefect stack that cannot run here: still measure the chunk engine
             if not _prefect():
                 raise
             report["flow_error"] = f"{type(err).__name__}: {err}"
             os.environ["WEAKSEG_BENCH_ENGINE"] = "chunks"
-            segment(str(warm), model, str(root / "out-warm-up"), "ilp", device, batch, chunk_size, workers)
+            segment(warm, model, str(root / "out-warm-up"), "ilp", device, batch, chunk_size, workers)
         report["segment"] = {}
         # ilp once more with the other decoder (auto is nvjpeg on CUDA, the host's on CPU): what decoding
         # on the device buys, and that it labels like the host path

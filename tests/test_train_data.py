@@ -153,6 +153,22 @@ def test_worker_processes_split_the_shards_and_carry_error_counts(shards):
     del it
 
 
+def test_workers_reading_one_shard_draw_different_orders(tmp_path):
+    """A small data set is one shard: every worker resamples it, and each must shuffle it its own way
+    (one seed copied into both workers gave them the same order: each image twice in a row)."""
+    write_synthetic_shards(str(tmp_path), n_train=16, n_val=4, size=48, per_shard=16)
+    urls = shard_urls(str(tmp_path), load_manifest(str(tmp_path)), "train")
+    assert len(urls) == 1
+    stream = make_loader(train_pipeline(urls, 4, TrainTransform(AugmentConfig(input_size=48)), shuffle_buffer=16),
+                         4, batch_size=4, num_workers=2)
+    it = iter(stream)
+    batches = [next(it)["keys"] for _ in range(8)]  # workers take turns: even batches from one, odd from the other
+    del it
+    first, second = [k for b in batches[0::2] for k in b], [k for b in batches[1::2] for k in b]
+    assert set(first) | set(second) <= {f"train_{i:05d}" for i in range(16)}
+    assert first != second
+
+
 def test_reads_shards_from_memory_url():
     dest = "memory://weakseg-test/shards"
     write_synthetic_shards(dest, n_train=8, n_val=4, size=48, per_shard=4)

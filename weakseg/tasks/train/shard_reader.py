@@ -3,7 +3,9 @@
 Training stream: shards are *resampled* (drawn with replacement, a different draw for
 every DDP rank and DataLoader worker, seeded by ``seed``, epoch and start step) so every
 rank and worker gets an endless, independent stream and an epoch is simply a number of
-steps; the tar members are expanded, mixed in a sample shuffle buffer, decoded with PIL,
+steps; the tar members are expanded, mixed in a sample shuffle buffer (seeded per rank and
+worker too: with fewer shards than workers, one seed would give every worker the same
+order, so each image came once per worker), decoded with PIL,
 augmented and batched. Validation stream: every val shard once, split by DDP rank and by
 worker, no shuffle, a fixed resize.
 
@@ -34,7 +36,6 @@ import importlib
 import io
 import json
 import logging
-import random
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -63,6 +64,7 @@ __all__ = [
     "open_verified",
     "register_fsspec_opener",
     "train_pipeline",
+    "worker_shuffle",
     "write_synthetic_shards",
 ]
 
@@ -311,9 +313,21 @@ def train_pipeline(
         # Different draws per rank and worker come from webdataset's worker seed.
         wds.ResampledShards(list(urls), seed=seed, deterministic=True),
         ReadShards(errors, specs),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
+        worker_shuffle(shuffle_buffer, seed),
         Decode(num_classes, transform, errors, classes),
     )
+
+
+def worker_shuffle(bufsize: int, seed: int) -> Callable[[Iterable[Any]], Iterator[Any]]:
+    """webdataset's sample shuffle, seeded by ``seed`` and the DDP rank and DataLoader worker it runs in.
+
+    One ``random.Random(seed)`` copied into every worker draws the same order in each: with a
+    single shard (a small data set) the workers then deliver every sample twice in a row.
+    """
+    def run(src: Iterable[Any]) -> Iterator[Any]:
+        worker_seed = wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed())
+        return wds.shuffle(bufsize, initial=min(bufsize, 100), seed=worker_seed)(iter(src))
+    return run
 
 
 def eval_pipeline(urls: Sequence[str], num_classes: int, transform: Callable, *, split_by_node: bool = True,

@@ -5,11 +5,13 @@ import random
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from weakseg.tasks.segment.priors import UNLABELLED
 from weakseg.tasks.train.pseudo_labels import peak_normalise, pseudo_label, tag_mask
-from weakseg.tasks.train.refine import PseudoTransform
+from weakseg.tasks.train.refine import PseudoTransform, pixel_class_weights
 
 
 def test_tag_mask_adds_background_when_every_image_has_it() -> None:
@@ -66,6 +68,34 @@ def test_pseudo_transform_moves_labels_with_the_image() -> None:
         blue = valid & (image[..., 2] > 200) & (image[..., 0] < 50)
         assert red.any() and blue.any()
         assert (labels[red] == 1).all() and (labels[blue] == 2).all()
+
+
+def test_balanced_class_weights_lift_rare_classes() -> None:
+    """1/sqrt(frequency), an average pseudo-labelled pixel at weight 1, absent classes at 0; "none" is plain CE;
+    "auto" balances only a model with a background class."""
+    classes = ("background", "cat", "dog", "bird")
+    pixels = {"background": 8100, "cat": 900, "dog": 100}
+    assert pixel_class_weights(classes, pixels, "none", background=0) is None
+    assert pixel_class_weights(classes, pixels, "auto", background=None) is None
+    assert torch.equal(pixel_class_weights(classes, pixels, "auto", background=0),
+                       pixel_class_weights(classes, pixels, "balanced"))
+    w = pixel_class_weights(classes, pixels, "balanced")
+    share = torch.tensor([8100, 900, 100, 0]) / 9100
+    assert float((w * share).sum()) == pytest.approx(1.0)
+    assert float(w[1] / w[0]) == pytest.approx(3.0) and float(w[2] / w[1]) == pytest.approx(3.0)
+    assert float(w[3]) == 0.0
+    with pytest.raises(ValueError, match="class_weights"):
+        pixel_class_weights(classes, pixels, "inverse")
+
+
+def test_balanced_weights_make_a_rare_class_count() -> None:
+    """A pixel of a rare class missed costs more than a missed background pixel under "balanced"."""
+    w = pixel_class_weights(("background", "cat"), {"background": 990, "cat": 10}, "balanced")
+    logits = torch.tensor([[[[2.0, 2.0]], [[0.0, 0.0]]]])  # both pixels predicted background
+    labels = torch.tensor([[[0, 1]]])
+    plain = F.cross_entropy(logits, labels, reduction="none")
+    weighted = F.cross_entropy(logits, labels, weight=w, reduction="none")
+    assert float(weighted[0, 0, 1] / weighted[0, 0, 0]) > float(plain[0, 0, 1] / plain[0, 0, 0]) * 9
 
 
 @pytest.mark.slow

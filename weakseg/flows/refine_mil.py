@@ -99,6 +99,10 @@ def refine_mil(
     input_size: Annotated[int, Field(ge=16, description="training crop side in pixels")] = 288,
     lr: Annotated[float, Field(gt=0, description="SGD learning rate")] = 1e-3,
     mil_weight: Annotated[float, Field(ge=0, description="weight of the image-level MIL loss")] = 1.0,
+    class_weights: Annotated[Literal["auto", "none", "balanced"], Field(description=(
+        "balanced: weight the pixel loss by 1/sqrt(class frequency in the pseudo-labels), so objects that "
+        "cover few pixels beside a large background are not lost; auto: balanced when the model has a "
+        "background class, none otherwise"))] = "auto",
     max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
         DEFAULT_MAX_SIDE),
     tta: Annotated[str, Field(description="test-time views of the pseudo-labelling forward pass, as in segment")] = (
@@ -121,8 +125,8 @@ def refine_mil(
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
                     100 * pseudo["coverage"], pseudo["skipped"])
         config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, lr=lr,
-                              mil_weight=mil_weight, steps_per_epoch=steps_per_epoch, num_workers=num_workers,
-                              seed=seed, progress=progress)
+                              mil_weight=mil_weight, class_weights=class_weights, steps_per_epoch=steps_per_epoch,
+                              num_workers=num_workers, seed=seed, progress=progress)
         result = refine(model, device, pseudo, out, config)
     publish_metrics(pseudo, result)
     logger.info("refined model %s", redact_url(result["checkpoint"]))

@@ -39,7 +39,7 @@ from ..segment.priors import UNLABELLED
 from ..tensors import normalize
 from .augment import sample_rng
 from .optimizer import make_optimizer
-from .shard_reader import ErrorLog, ReadShards
+from .shard_reader import ErrorLog, ReadShards, worker_shuffle
 
 __all__ = ["PseudoTransform", "RefineConfig", "pseudo_loader", "refine_loss", "run_refine"]
 
@@ -55,6 +55,7 @@ class RefineConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-5
     mil_weight: float = 1.0  # weight of the image-level MIL term beside the pixel term
+    class_weights: str = "auto"  # pixel term: balanced (1/sqrt(class share)), none; auto: balanced with a background
     scale: tuple[float, float] = (0.8, 1.2)
     hflip: bool = True
     steps_per_epoch: int = 0  # 0: one pass over the pseudo-labelled images
@@ -124,7 +125,7 @@ def pseudo_loader(urls: Sequence[str], num_classes: int, cfg: RefineConfig, seed
     pipeline = wds.DataPipeline(
         wds.ResampledShards(list(urls), seed=seed, deterministic=True),
         ReadShards(ErrorLog(0.5)),
-        wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), rng=random.Random(seed)),
+        worker_shuffle(cfg.shuffle_buffer, seed),
         wds.map(_decode(PseudoTransform(cfg.input_size, cfg.scale, cfg.hflip, seed=seed), num_classes)),
     )
     generator = torch.Generator().manual_seed(seed)
@@ -133,15 +134,45 @@ def pseudo_loader(urls: Sequence[str], num_classes: int, cfg: RefineConfig, seed
                                        prefetch_factor=4 if cfg.num_workers else None)
 
 
+CLASS_WEIGHTS = ("auto", "none", "balanced")
+
+
+def pixel_class_weights(classes: Sequence[str], class_pixels: dict[str, int], mode: str,
+                        background: int | None = None) -> torch.Tensor | None:
+    """Per-class weights of the pixel term, or None for plain cross-entropy.
+
+    ``balanced``: w_k ∝ 1/sqrt(f_k), f_k the class's share of the pseudo-labelled pixels,
+    scaled so an average pixel keeps weight 1. Beside 70 to 90 % background, an object that
+    covers 1 % of the pixels adds almost nothing to plain cross-entropy, and a short
+    refinement can lose it; the square root keeps a rare class from swamping the rest.
+    ``auto`` balances when the model has a background class and not otherwise: on the dev
+    splits it raised MSRC-21-objects and the demo's data and lowered MSRC-21, where no
+    background dominates and rare classes' noisier pseudo-labels gain weight
+    (docs/method.md, *Choices*).
+    """
+    if mode not in CLASS_WEIGHTS:
+        raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, got {mode!r}")
+    if mode == "none" or (mode == "auto" and background is None):
+        return None
+    pixels = torch.tensor([float(class_pixels.get(c, 0)) for c in classes], dtype=torch.float64)
+    if pixels.sum() <= 0:
+        return None
+    share = pixels / pixels.sum()
+    weights = torch.where(share > 0, share.clamp_min(1e-12).rsqrt(), torch.zeros_like(share))
+    return (weights / (share * weights).sum()).float()
+
+
 def refine_loss(ckpt: Checkpoint, batch: dict[str, torch.Tensor], device: torch.device, mil_weight: float,
-                loss_kind: str, multilabel: bool, background: int | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Pixel cross-entropy on the pseudo-labels plus ``mil_weight`` x the MIL loss on the tags."""
+                loss_kind: str, multilabel: bool, background: int | None,
+                class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pixel cross-entropy on the pseudo-labels (optionally class-weighted) plus ``mil_weight`` x the MIL loss."""
     model, config = ckpt.model, ckpt.config
     x = normalize(batch["images"].to(device), config.mean, config.std)
     maps = model(x, dense=True).float()
     size = tuple(x.shape[-2:])
     logits = torch.stack([upsample_cells(m, size, size, model.stride, model.cell_offset) for m in maps])
-    pixel = F.cross_entropy(logits, batch["labels"].to(device), ignore_index=UNLABELLED)
+    weight = None if class_weights is None else class_weights.to(device)
+    pixel = F.cross_entropy(logits, batch["labels"].to(device), weight=weight, ignore_index=UNLABELLED)
     if not bool((batch["labels"] != UNLABELLED).any()):
         pixel = logits.sum() * 0.0  # a batch with no confident pixel: only the image term
     target = with_background(batch["target"], background).to(device)
@@ -165,6 +196,7 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
     loss_kind = options.get("multilabel_loss", "softmax+bce")
     multilabel = bool(ckpt.manifest.get("multilabel", True))
     background = background_index(ckpt.classes, options.get("background", "auto"))
+    weights = pixel_class_weights(ckpt.classes, pseudo_stats.get("class_pixels", {}), cfg.class_weights, background)
     model = ckpt.model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     spe = cfg.steps_per_epoch or max(1, -(-images // cfg.batch_size))
@@ -175,7 +207,7 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
         sums = {"loss": 0.0, "pixel_loss": 0.0, "mil_loss": 0.0}
         for batch in _steps(loader, spe):
             optimizer.zero_grad(set_to_none=True)
-            loss, parts = refine_loss(ckpt, batch, device, cfg.mil_weight, loss_kind, multilabel, background)
+            loss, parts = refine_loss(ckpt, batch, device, cfg.mil_weight, loss_kind, multilabel, background, weights)
             loss.backward()
             optimizer.step()
             sums["loss"] += float(loss.detach())

@@ -99,10 +99,9 @@ def refine_mil(
     input_size: Annotated[int, Field(ge=16, description="training crop side in pixels")] = 288,
     lr: Annotated[float, Field(gt=0, description="SGD learning rate")] = 1e-3,
     mil_weight: Annotated[float, Field(ge=0, description="weight of the image-level MIL loss")] = 1.0,
-    class_weights: Annotated[Literal["auto", "none", "balanced"], Field(description=(
-        "balanced: weight the pixel loss by 1/sqrt(class frequency in the pseudo-labels), so objects that "
-        "cover few pixels beside a large background are not lost; auto: balanced when the model has a "
-        "background class, none otherwise"))] = "auto",
+    class_weights: Annotated[Literal["none", "balanced"], Field(description=(
+        "balanced: weight the pixel loss by 1/sqrt(class share of the pseudo-labels), so objects that "
+        "cover few pixels beside a large background weigh more"))] = "none",
     max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
         DEFAULT_MAX_SIDE),
     tta: Annotated[str, Field(description="test-time views of the pseudo-labelling forward pass, as in segment")] = (

@@ -55,7 +55,7 @@ class RefineConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-5
     mil_weight: float = 1.0  # weight of the image-level MIL term beside the pixel term
-    class_weights: str = "auto"  # pixel term: balanced (1/sqrt(class share)), none; auto: balanced with a background
+    class_weights: str = "none"  # "balanced": the pixel term weighted by 1/sqrt(class share of the pseudo-labels)
     scale: tuple[float, float] = (0.8, 1.2)
     hflip: bool = True
     steps_per_epoch: int = 0  # 0: one pass over the pseudo-labelled images
@@ -134,25 +134,22 @@ def pseudo_loader(urls: Sequence[str], num_classes: int, cfg: RefineConfig, seed
                                        prefetch_factor=4 if cfg.num_workers else None)
 
 
-CLASS_WEIGHTS = ("auto", "none", "balanced")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
-def pixel_class_weights(classes: Sequence[str], class_pixels: dict[str, int], mode: str,
-                        background: int | None = None) -> torch.Tensor | None:
+def pixel_class_weights(classes: Sequence[str], class_pixels: dict[str, int], mode: str) -> torch.Tensor | None:
     """Per-class weights of the pixel term, or None for plain cross-entropy.
 
     ``balanced``: w_k ∝ 1/sqrt(f_k), f_k the class's share of the pseudo-labelled pixels,
     scaled so an average pixel keeps weight 1. Beside 70 to 90 % background, an object that
     covers 1 % of the pixels adds almost nothing to plain cross-entropy, and a short
-    refinement can lose it; the square root keeps a rare class from swamping the rest.
-    ``auto`` balances when the model has a background class and not otherwise: on the dev
-    splits it raised MSRC-21-objects and the demo's data and lowered MSRC-21, where no
-    background dominates and rare classes' noisier pseudo-labels gain weight
+    refinement can lose it; the square root keeps a rare class from swamping the rest. Not the
+    default: on the dev splits its effect was within the run-to-run spread of a refinement
     (docs/method.md, *Choices*).
     """
     if mode not in CLASS_WEIGHTS:
         raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, got {mode!r}")
-    if mode == "none" or (mode == "auto" and background is None):
+    if mode == "none":
         return None
     pixels = torch.tensor([float(class_pixels.get(c, 0)) for c in classes], dtype=torch.float64)
     if pixels.sum() <= 0:
@@ -196,7 +193,7 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
     loss_kind = options.get("multilabel_loss", "softmax+bce")
     multilabel = bool(ckpt.manifest.get("multilabel", True))
     background = background_index(ckpt.classes, options.get("background", "auto"))
-    weights = pixel_class_weights(ckpt.classes, pseudo_stats.get("class_pixels", {}), cfg.class_weights, background)
+    weights = pixel_class_weights(ckpt.classes, pseudo_stats.get("class_pixels", {}), cfg.class_weights)
     model = ckpt.model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     spe = cfg.steps_per_epoch or max(1, -(-images // cfg.batch_size))

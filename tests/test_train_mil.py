@@ -36,13 +36,14 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(shards, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
-    return out, _train(shards, out, epochs=4, checkpoint_every=5)
+    # 6 epochs: after 4 the val accuracy was 0.44-0.50 over seeds 0-2 (a coin flip at the bar), after 6 0.69-0.75
+    return out, _train(shards, out, epochs=6, checkpoint_every=5)
 
 
 def test_loss_decreases_and_val_accuracy_beats_chance(trained):
     _, result = trained
     history = result["history"]
-    assert result["step"] == 4 * 8  # 64 samples / batch 8 per epoch
+    assert result["step"] == 6 * 8  # 64 samples / batch 8 per epoch
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert history[-1]["val_accuracy"] > 0.5  # 4 classes: chance is 0.25
@@ -68,7 +69,7 @@ def test_checkpoint_reloads_and_predicts(trained, shards):
             assert maps.shape[:2] == (x.shape[0], 4)
     assert correct / total > 0.5
     steps = [s for s, _ in list_checkpoints(out)]
-    assert steps[-1] == 32 and len(steps) <= 3  # pruned to keep_checkpoints
+    assert steps[-1] == 48 and len(steps) <= 3  # pruned to keep_checkpoints
 
 
 def test_resume_continues_from_the_saved_step(shards, tmp_path):

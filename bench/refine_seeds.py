@@ -1,0 +1,82 @@
+"""A refinement setting over several seeds: its mean and spread on a dev split.
+
+One refinement moves by up to 0.10 mean IoU with the order of its crops alone
+(docs/method.md, *Choices*), so a setting is compared over seeds. For each
+``--class-weights`` entry and each seed, the MIL model ``--model`` is refined
+(:func:`~weakseg.tasks.train.refine.run_refine`, the refine-mil flow's loop) on the
+pseudo-labels an earlier ``weakseg refine`` wrote (``--refined``: its ``model.pt`` names
+them in ``training_state``; the labels are the same for every run, only the seed and the
+setting change), and the result scores ``--split`` of ``--data`` (a VOC layout: never
+val) with the default chain, ``--tta 2``. Prints one JSON line per run, then the mean and
+standard deviation per setting.
+
+    .venv/bin/python bench/refine_seeds.py --model demo-output/model/model.pt \\
+        --refined demo-output/refined/model.pt --data /tmp/sdev --split val --epochs 4 --input-size 160
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+
+import torch
+
+from weakseg.models import load_checkpoint
+from weakseg.tasks.evaluate.variants import score_variants
+from weakseg.tasks.segment.inference import load_model
+from weakseg.tasks.segment.tta import DEFAULT_TTA
+from weakseg.tasks.train.refine import RefineConfig, run_refine
+
+CHAIN = "ilp+sppxl"
+
+
+def refine_and_score(args: argparse.Namespace, stats: dict, weights: str, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        if weights == "unrefined":
+            model = args.model
+        else:
+            cfg = RefineConfig(epochs=args.epochs, input_size=args.input_size, num_workers=args.workers,
+                               progress=False, seed=seed, class_weights=weights)
+            with open(args.model, "rb") as f:
+                run_refine(load_checkpoint(f), stats["shards"], stats["images"], out, cfg,
+                           device=torch.device("cpu"), parent={}, pseudo_stats=stats)
+            model = f"{out}/model.pt"
+        m = score_variants(load_model(model, "cpu"), args.data, args.split, variants=[CHAIN], tta=DEFAULT_TTA,
+                           max_side=args.max_side)[CHAIN]
+    return {"class_weights": weights, "seed": seed, "mean_iou": round(m["mean_iou"], 4),
+            "pixel_accuracy": round(m["pixel_accuracy"], 4),
+            "per_class_iou": {k: round(c["iou"], 3) for k, c in m["per_class"].items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the MIL model's model.pt")
+    parser.add_argument("--refined", required=True, help="a weakseg refine model.pt of that model (its pseudo-labels)")
+    parser.add_argument("--data", required=True, help="VOC-layout folder with the dev images and masks")
+    parser.add_argument("--split", default="dev")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--class-weights", default="none,balanced",
+                        help="comma list of settings; 'unrefined' scores the MIL model itself")
+    parser.add_argument("--epochs", type=int, default=RefineConfig.epochs)
+    parser.add_argument("--input-size", type=int, default=RefineConfig.input_size)
+    parser.add_argument("--max-side", type=int, default=512, help="forward-pass longer side when scoring")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of each refinement")
+    args = parser.parse_args()
+    stats = torch.load(args.refined, weights_only=True, map_location="cpu")["training_state"]["pseudo_labels"]
+    runs: dict[str, list[dict]] = {}
+    for weights in args.class_weights.split(","):
+        seeds = [0] if weights == "unrefined" else [int(s) for s in args.seeds.split(",")]
+        for seed in seeds:
+            row = refine_and_score(args, stats, weights, seed)
+            runs.setdefault(weights, []).append(row)
+            print(json.dumps(row), flush=True)
+    summary = {w: {"mean_iou": round(statistics.mean(r["mean_iou"] for r in rows), 4),
+                   "sd": round(statistics.stdev(r["mean_iou"] for r in rows), 4) if len(rows) > 1 else 0.0,
+                   "pixel_accuracy": round(statistics.mean(r["pixel_accuracy"] for r in rows), 4)}
+               for w, rows in runs.items()}
+    print(json.dumps({"benchmark": "refine_seeds", "chain": CHAIN, "summary": summary}))
+
+
+if __name__ == "__main__":
+    main()

@@ -162,14 +162,14 @@ def pixel_class_weights(classes: Sequence[str], class_pixels: dict[str, int], mo
 def refine_loss(ckpt: Checkpoint, batch: dict[str, torch.Tensor], device: torch.device, mil_weight: float,
                 loss_kind: str, multilabel: bool, background: int | None,
                 class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Pixel cross-entropy on the pseudo-labels (optionally class-weighted) plus ``mil_weight`` x the MIL loss."""
+    """Pixel cross-entropy on the pseudo-labels (``class_weights`` on ``device``, optional) plus ``mil_weight`` x
+    the MIL loss."""
     model, config = ckpt.model, ckpt.config
     x = normalize(batch["images"].to(device), config.mean, config.std)
     maps = model(x, dense=True).float()
     size = tuple(x.shape[-2:])
     logits = torch.stack([upsample_cells(m, size, size, model.stride, model.cell_offset) for m in maps])
-    weight = None if class_weights is None else class_weights.to(device)
-    pixel = F.cross_entropy(logits, batch["labels"].to(device), weight=weight, ignore_index=UNLABELLED)
+    pixel = F.cross_entropy(logits, batch["labels"].to(device), weight=class_weights, ignore_index=UNLABELLED)
     if not bool((batch["labels"] != UNLABELLED).any()):
         pixel = logits.sum() * 0.0  # a batch with no confident pixel: only the image term
     target = with_background(batch["target"], background).to(device)
@@ -194,6 +194,7 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
     multilabel = bool(ckpt.manifest.get("multilabel", True))
     background = background_index(ckpt.classes, options.get("background", "auto"))
     weights = pixel_class_weights(ckpt.classes, pseudo_stats.get("class_pixels", {}), cfg.class_weights)
+    weights = None if weights is None else weights.to(device)  # once, not every step
     model = ckpt.model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     spe = cfg.steps_per_epoch or max(1, -(-images // cfg.batch_size))

@@ -2,7 +2,7 @@
 
 One refinement moves by up to 0.10 mean IoU with the order of its crops alone
 (docs/method.md, *Choices*), so a setting is compared over seeds. For each
-``--class-weights`` entry and each seed, the MIL model ``--model`` is refined
+``--class-weights`` and ``--lr-schedules`` pair and each seed, the MIL model ``--model`` is refined
 (:func:`~weakseg.tasks.train.refine.run_refine`, the refine-mil flow's loop) on the
 pseudo-labels an earlier ``weakseg refine`` wrote (``--refined``: its ``model.pt`` names
 them in ``training_state``; the labels are the same for every run, only the seed and the
@@ -31,20 +31,21 @@ from weakseg.tasks.train.refine import RefineConfig, run_refine
 CHAIN = "ilp+sppxl"
 
 
-def refine_and_score(args: argparse.Namespace, stats: dict, weights: str, seed: int) -> dict:
+def refine_and_score(args: argparse.Namespace, stats: dict, weights: str, schedule: str, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         if weights == "unrefined":
             model = args.model
         else:
             cfg = RefineConfig(epochs=args.epochs, input_size=args.input_size, num_workers=args.workers,
-                               progress=False, seed=seed, class_weights=weights)
+                               progress=False, seed=seed, class_weights=weights, lr_schedule=schedule)
             with open(args.model, "rb") as f:
                 run_refine(load_checkpoint(f), stats["shards"], stats["images"], out, cfg,
                            device=torch.device("cpu"), parent={}, pseudo_stats=stats)
             model = f"{out}/model.pt"
         m = score_variants(load_model(model, "cpu"), args.data, args.split, variants=[CHAIN], tta=DEFAULT_TTA,
                            max_side=args.max_side)[CHAIN]
-    return {"class_weights": weights, "seed": seed, "mean_iou": round(m["mean_iou"], 4),
+    setting = weights if weights == "unrefined" else f"{weights}/{schedule}"
+    return {"setting": setting, "seed": seed, "mean_iou": round(m["mean_iou"], 4),
             "pixel_accuracy": round(m["pixel_accuracy"], 4),
             "per_class_iou": {k: round(c["iou"], 3) for k, c in m["per_class"].items()}}
 
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--class-weights", default="none,balanced",
                         help="comma list of settings; 'unrefined' scores the MIL model itself")
+    parser.add_argument("--lr-schedules", default=RefineConfig.lr_schedule, help="comma list: constant, poly")
     parser.add_argument("--epochs", type=int, default=RefineConfig.epochs)
     parser.add_argument("--input-size", type=int, default=RefineConfig.input_size)
     parser.add_argument("--max-side", type=int, default=512, help="forward-pass longer side when scoring")
@@ -65,11 +67,13 @@ def main() -> None:
     args = parser.parse_args()
     stats = torch.load(args.refined, weights_only=True, map_location="cpu")["training_state"]["pseudo_labels"]
     runs: dict[str, list[dict]] = {}
-    for weights in args.class_weights.split(","):
+    settings = [(w, s) for w in args.class_weights.split(",")
+                for s in ([""] if w == "unrefined" else args.lr_schedules.split(","))]
+    for weights, schedule in settings:
         seeds = [0] if weights == "unrefined" else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
-            row = refine_and_score(args, stats, weights, seed)
-            runs.setdefault(weights, []).append(row)
+            row = refine_and_score(args, stats, weights, schedule, seed)
+            runs.setdefault(row["setting"], []).append(row)
             print(json.dumps(row), flush=True)
     summary = {w: {"mean_iou": round(statistics.mean(r["mean_iou"] for r in rows), 4),
                    "sd": round(statistics.stdev(r["mean_iou"] for r in rows), 4) if len(rows) > 1 else 0.0,

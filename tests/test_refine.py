@@ -1,6 +1,7 @@
 """The refinement stage: pseudo-labels among the image's own tags, joint augmentation, refine-mil end to end."""
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from weakseg.tasks.segment.priors import UNLABELLED
 from weakseg.tasks.train.pseudo_labels import peak_normalise, pseudo_label, tag_mask
-from weakseg.tasks.train.refine import PseudoTransform, pixel_class_weights
+from weakseg.tasks.train.refine import PseudoTransform, lr_scheduler, pixel_class_weights
 
 
 def test_tag_mask_adds_background_when_every_image_has_it() -> None:
@@ -92,6 +93,27 @@ def test_balanced_weights_make_a_rare_class_count() -> None:
     plain = F.cross_entropy(logits, labels, reduction="none")
     weighted = F.cross_entropy(logits, labels, weight=w, reduction="none")
     assert float(weighted[0, 0, 1] / weighted[0, 0, 0]) > float(plain[0, 0, 1] / plain[0, 0, 0]) * 9
+
+
+def test_poly_schedule_falls_to_zero_at_the_last_step_and_constant_stays() -> None:
+    """Both parameter groups (decay, no decay) follow the schedule, stepped once per optimiser step."""
+    def rates(schedule: str) -> list[float]:
+        net = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD([{"params": [net.weight]}, {"params": [net.bias], "weight_decay": 0.0}], lr=0.1)
+        sched, seen = lr_scheduler(opt, schedule, 10), []
+        for _ in range(10):
+            seen.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+            sched.step()
+        return [*seen, [g["lr"] for g in opt.param_groups]]
+
+    poly = rates("poly")
+    assert poly[0] == [0.1, 0.1] and poly[-1] == [0.0, 0.0]
+    assert all(a[0] > b[0] and a[0] == a[1] for a, b in itertools.pairwise(poly))
+    assert poly[5][0] == pytest.approx(0.1 * 0.5 ** 0.9)
+    assert all(r == [0.1, 0.1] for r in rates("constant"))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_scheduler(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), "cosine", 10)
 
 
 @pytest.mark.slow

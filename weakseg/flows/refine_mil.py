@@ -102,6 +102,8 @@ def refine_mil(
     class_weights: Annotated[Literal["none", "balanced"], Field(description=(
         "balanced: weight the pixel loss by 1/sqrt(class share of the pseudo-labels), so objects that "
         "cover few pixels beside a large background weigh more"))] = "none",
+    lr_schedule: Annotated[Literal["constant", "poly"], Field(description=(
+        "poly: the learning rate falls as (1 - step/steps)^0.9 to 0 at the last step"))] = "constant",
     max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
         DEFAULT_MAX_SIDE),
     tta: Annotated[str, Field(description="test-time views of the pseudo-labelling forward pass, as in segment")] = (
@@ -124,8 +126,8 @@ def refine_mil(
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
                     100 * pseudo["coverage"], pseudo["skipped"])
         config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, lr=lr,
-                              mil_weight=mil_weight, class_weights=class_weights, steps_per_epoch=steps_per_epoch,
-                              num_workers=num_workers, seed=seed, progress=progress)
+                              mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
+                              steps_per_epoch=steps_per_epoch, num_workers=num_workers, seed=seed, progress=progress)
         result = refine(model, device, pseudo, out, config)
     publish_metrics(pseudo, result)
     logger.info("refined model %s", redact_url(result["checkpoint"]))

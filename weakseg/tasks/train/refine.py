@@ -41,7 +41,7 @@ from .augment import sample_rng
 from .optimizer import make_optimizer
 from .shard_reader import ErrorLog, ReadShards, worker_shuffle
 
-__all__ = ["PseudoTransform", "RefineConfig", "pseudo_loader", "refine_loss", "run_refine"]
+__all__ = ["PseudoTransform", "RefineConfig", "lr_scheduler", "pseudo_loader", "refine_loss", "run_refine"]
 
 _logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class RefineConfig:
     weight_decay: float = 5e-5
     mil_weight: float = 1.0  # weight of the image-level MIL term beside the pixel term
     class_weights: str = "none"  # "balanced": the pixel term weighted by 1/sqrt(class share of the pseudo-labels)
+    lr_schedule: str = "constant"  # "poly": lr x (1 - step/steps)^0.9, down to 0 at the last step
     scale: tuple[float, float] = (0.8, 1.2)
     hflip: bool = True
     steps_per_epoch: int = 0  # 0: one pass over the pseudo-labelled images
@@ -135,6 +136,21 @@ def pseudo_loader(urls: Sequence[str], num_classes: int, cfg: RefineConfig, seed
 
 
 CLASS_WEIGHTS = ("none", "balanced")
+LR_SCHEDULES = ("constant", "poly")
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The refinement's learning-rate schedule, stepped once per optimiser step.
+
+    ``poly`` is the usual schedule of segmentation training (DeepLab): the weights the
+    refinement ends on are not one noisy SGD iterate at the full rate but settle as the
+    rate goes to 0.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if schedule == "poly":
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
 def pixel_class_weights(classes: Sequence[str], class_pixels: dict[str, int], mode: str) -> torch.Tensor | None:
@@ -198,6 +214,7 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
     model = ckpt.model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     spe = cfg.steps_per_epoch or max(1, -(-images // cfg.batch_size))
+    scheduler = lr_scheduler(optimizer, cfg.lr_schedule, cfg.epochs * spe)
     history: list[dict[str, Any]] = []
     bar = tqdm(total=cfg.epochs * spe, desc="refine", unit="step", disable=not cfg.progress)
     for epoch in range(cfg.epochs):
@@ -208,12 +225,14 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
             loss, parts = refine_loss(ckpt, batch, device, cfg.mil_weight, loss_kind, multilabel, background, weights)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             sums["loss"] += float(loss.detach())
             for k, v in parts.items():
                 sums[k] += v
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        row = {"epoch": epoch + 1, **{k: round(v / spe, 5) for k, v in sums.items()}}
+        row = {"epoch": epoch + 1, **{k: round(v / spe, 5) for k, v in sums.items()},
+               "lr": scheduler.get_last_lr()[0]}
         history.append(row)
         _logger.info("refine epoch %d/%d: %s", epoch + 1, cfg.epochs, row)
         if on_epoch is not None:

@@ -103,7 +103,8 @@ def refine_mil(
         "balanced: weight the pixel loss by 1/sqrt(class share of the pseudo-labels), so objects that "
         "cover few pixels beside a large background weigh more"))] = "none",
     lr_schedule: Annotated[Literal["constant", "poly"], Field(description=(
-        "poly: the learning rate falls as (1 - step/steps)^0.9 to 0 at the last step"))] = "constant",
+        "poly: the learning rate falls as (1 - step/steps)^0.9 to 0 at the last step; constant: lr throughout"
+    ))] = "poly",
     max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
         DEFAULT_MAX_SIDE),
     tta: Annotated[str, Field(description="test-time views of the pseudo-labelling forward pass, as in segment")] = (

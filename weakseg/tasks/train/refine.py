@@ -56,7 +56,7 @@ class RefineConfig:
     weight_decay: float = 5e-5
     mil_weight: float = 1.0  # weight of the image-level MIL term beside the pixel term
     class_weights: str = "none"  # "balanced": the pixel term weighted by 1/sqrt(class share of the pseudo-labels)
-    lr_schedule: str = "constant"  # "poly": lr x (1 - step/steps)^0.9, down to 0 at the last step
+    lr_schedule: str = "poly"  # lr x (1 - step/steps)^0.9, down to 0 at the last step; "constant": lr throughout
     scale: tuple[float, float] = (0.8, 1.2)
     hflip: bool = True
     steps_per_epoch: int = 0  # 0: one pass over the pseudo-labelled images

@@ -24,7 +24,7 @@ import torch
 
 from weakseg.models import load_checkpoint
 from weakseg.tasks.evaluate.variants import score_variants
-from weakseg.tasks.segment.inference import load_model
+from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
 from weakseg.tasks.segment.tta import DEFAULT_TTA
 from weakseg.tasks.train.refine import RefineConfig, run_refine
 
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--lr-schedules", default=RefineConfig.lr_schedule, help="comma list: constant, poly")
     parser.add_argument("--epochs", type=int, default=RefineConfig.epochs)
     parser.add_argument("--input-size", type=int, default=RefineConfig.input_size)
-    parser.add_argument("--max-side", type=int, default=512, help="forward-pass longer side when scoring")
+    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="forward-pass longer side when scoring")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of each refinement")
     args = parser.parse_args()
     stats = torch.load(args.refined, weights_only=True, map_location="cpu")["training_state"]["pseudo_labels"]

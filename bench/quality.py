@@ -14,7 +14,8 @@ the training images' masks for the variants marked "δ fitted", the mask-free de
 otherwise). Prints JSON and a markdown table: mean ± standard deviation over the seeds of
 mean IoU, pixel accuracy (and background IoU) per variant. ``--refine`` scores each seed's
 model after ``weakseg refine`` with its defaults instead. ``make quality`` runs both data
-sets on val.
+sets on val. Models and each seed's scores are kept in the work folder (``scores/``), so a
+run stopped between seeds resumes there.
 """
 from __future__ import annotations
 
@@ -118,6 +119,29 @@ def score_seed(model: str, layout: Path, split: str, limit: int | None, fit: boo
     return {**plain, **{f"{v} (δ fitted)": m for v, m in tuned.items()}}
 
 
+def _scores_url(work: Path, seed: int, refined: bool) -> Path:
+    return work / "scores" / f"seed{seed}{'-refined' if refined else ''}.json"
+
+
+def cached_scores(work: Path, seed: int, refined: bool, key: dict) -> dict | None:
+    """A seed's scores from an earlier run of the same model file, split, variants and limit.
+
+    A long run (hours on 2 cores) can be stopped between seeds and extended later
+    (``--seeds 0,1`` then ``--seeds 0,1,2``) without re-scoring what it already has.
+    """
+    path = _scores_url(work, seed, refined)
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    return doc if doc.get("key") == json.loads(json.dumps(key)) else None
+
+
+def write_scores(work: Path, seed: int, refined: bool, scores: dict) -> None:
+    path = _scores_url(work, seed, refined)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(scores, default=str))
+
+
 def summary(per_seed: list[dict], key: str) -> dict[str, list[float]]:
     return {v: [s[v][key] for s in per_seed] for v in per_seed[0]}
 
@@ -167,13 +191,21 @@ def main() -> None:
     started = time.perf_counter()
     layout = dev_layout(data, work / "data")
     per_seed, headline = [], []
+    variants = tuple(args.variants.split(","))
     for seed in (int(s) for s in args.seeds.split(",")):
         model = train(layout, work, seed)
         if args.refine:
             model = refine(model, work, seed)
-        headline.append(cli_path(model, layout, work, args.split, seed, "-refined" if args.refine else ""))
-        per_seed.append(score_seed(model, layout, args.split, args.limit, args.fit_thresholds,
-                                   tuple(args.variants.split(","))))
+        key = {"model": model, "model_size": os.path.getsize(model), "model_mtime_ns": os.stat(model).st_mtime_ns,
+               "split": args.split, "variants": variants, "limit": args.limit, "fit_thresholds": args.fit_thresholds}
+        scores = cached_scores(work, seed, args.refine, key)
+        if scores is None:
+            scores = {"key": key,
+                      "cli": cli_path(model, layout, work, args.split, seed, "-refined" if args.refine else ""),
+                      "variants": score_seed(model, layout, args.split, args.limit, args.fit_thresholds, variants)}
+            write_scores(work, seed, args.refine, scores)
+        headline.append(scores["cli"])
+        per_seed.append(scores["variants"])
         table = report(args, work, per_seed, headline, started)  # after every seed: a partial run still reports
     print(table)
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from weakseg.flows.demo import REFINED, demo
+from weakseg.flows.demo import REFINED, REFINED_STEPS, demo
 from weakseg.tasks.segment.priors import VARIANTS
 
 
@@ -11,12 +11,12 @@ from weakseg.tasks.segment.priors import VARIANTS
 def test_reduced_demo_runs_end_to_end_and_reuses_its_work(prefect_harness, tmp_path, capsys):
     workdir = tmp_path / "demo"
     report = demo(workdir=str(workdir), n_train=24, n_val=4, size=96, epochs=1, refine_epochs=1)
-    assert set(report["mean_iou"]) == {*VARIANTS, REFINED}
+    assert set(report["mean_iou"]) == {*VARIANTS, *(f"refined {s}" for s in REFINED_STEPS), REFINED}
     assert all(0.0 <= v <= 1.0 for v in report["mean_iou"].values())
     assert report["duckdb"]["rows"], "the DuckDB query over the regions table returned nothing"
     assert len(list((workdir / "overlays").glob("*.png"))) == 4
-    for variant in VARIANTS:
-        run = "demo-" + variant.replace("+", "-")
+    runs = ["demo-" + v.replace("+", "-") for v in VARIANTS] + [f"demo-refined-{s}" for s in REFINED_STEPS]
+    for run in [*runs, "demo-refined"]:
         assert (workdir / "evaluation" / run / "metrics.json").is_file()
     out = capsys.readouterr().out
     assert "mean IoU" in out and "ilp+sppxl" in out and "read_parquet" in out

@@ -4,9 +4,10 @@ synthetic photos-like data -> the life-cycle flow (shard-imagenet -> train-mil w
 offline-pretrained backbone -> refine-mil -> promote-model into ``{workdir}/registry`` ->
 segment-corpus of the validation images with the promoted, refined release) -> the MIL
 model's δ_k on training images -> segment-corpus once per prior variant -> evaluate-segmentation
-of every run -> a short report (mean IoU per variant and for the refined model, a DuckDB
-query, overlays with a legend). Everything lives under ``workdir``; a second run resumes the
-life cycle where it stopped and reuses the data, shards and models.
+of every run -> a short report (mean IoU per variant of the MIL model and along the refined
+model's default chain, a DuckDB query, overlays with a legend). Everything lives under
+``workdir``; a second run resumes the life cycle where it stopped and reuses the data,
+shards and models.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from weakseg.tasks.segment.priors import VARIANTS
 from weakseg.tasks.synthetic import write_synthetic_dataset
 
 REFINED = "refined ilp+sppxl"  # the report's row for the refined model with the default chain
+# The refined model's chain up to the default, step by step: a prior that lowers the product shows.
+REFINED_STEPS = ("base", "ilp")
 
 __all__ = ["demo"]
 
@@ -68,7 +71,7 @@ def choose_thresholds(model: str, data: str, n_images: int, out: str) -> dict[st
 
 
 def _run_id(variant: str) -> str:
-    return "demo-" + ("refined" if variant == REFINED else variant.replace("+", "-"))
+    return "demo-" + ("refined" if variant == REFINED else variant.replace(" ", "-").replace("+", "-"))
 
 
 @task
@@ -155,6 +158,10 @@ def demo(
     runs = {v: (model, ",".join(priors) or "none", thresholds.get(v)) for v, priors in VARIANTS.items()}
     results = {variant: segment_and_score(images, data, workdir, variant, *run) for variant, run in runs.items()}
     if refine_epochs:  # the cycle segmented the val images with its promoted release, the refined model
+        for step in REFINED_STEPS:
+            results[f"refined {step}"] = segment_and_score(images, data, workdir, f"refined {step}",
+                                                           cycle["candidate"]["url"],
+                                                           ",".join(VARIANTS[step]) or "none", None)
         results[REFINED] = score(data, workdir, cycle["run_id"])
     overlays = write_overlays(segmentation, data, "demo-ilp-sppxl", storage.join(workdir, "overlays"))
     sql, rows = _query(segmentation, "demo-ilp-sppxl")

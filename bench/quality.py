@@ -119,7 +119,7 @@ def score_seed(model: str, layout: Path, split: str, limit: int | None, fit: boo
     return {**plain, **{f"{v} (δ fitted)": m for v, m in tuned.items()}}
 
 
-def _scores_url(work: Path, seed: int, refined: bool) -> Path:
+def _scores_path(work: Path, seed: int, refined: bool) -> Path:
     return work / "scores" / f"seed{seed}{'-refined' if refined else ''}.json"
 
 
@@ -129,7 +129,7 @@ def cached_scores(work: Path, seed: int, refined: bool, key: dict) -> dict | Non
     A long run (hours on 2 cores) can be stopped between seeds and extended later
     (``--seeds 0,1`` then ``--seeds 0,1,2``) without re-scoring what it already has.
     """
-    path = _scores_url(work, seed, refined)
+    path = _scores_path(work, seed, refined)
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
@@ -137,7 +137,7 @@ def cached_scores(work: Path, seed: int, refined: bool, key: dict) -> dict | Non
 
 
 def write_scores(work: Path, seed: int, refined: bool, scores: dict) -> None:
-    path = _scores_url(work, seed, refined)
+    path = _scores_path(work, seed, refined)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(scores, default=str))
 
@@ -196,8 +196,9 @@ def main() -> None:
         model = train(layout, work, seed)
         if args.refine:
             model = refine(model, work, seed)
-        key = {"model": model, "model_size": os.path.getsize(model), "model_mtime_ns": os.stat(model).st_mtime_ns,
-               "split": args.split, "variants": variants, "limit": args.limit, "fit_thresholds": args.fit_thresholds}
+        stat = os.stat(model)
+        key = {"model": model, "model_size": stat.st_size, "model_mtime_ns": stat.st_mtime_ns, "split": args.split,
+               "variants": variants, "limit": args.limit, "fit_thresholds": args.fit_thresholds}
         scores = cached_scores(work, seed, args.refine, key)
         if scores is None:
             scores = {"key": key,

@@ -159,9 +159,9 @@ def demo(
     results = {variant: segment_and_score(images, data, workdir, variant, *run) for variant, run in runs.items()}
     if refine_epochs:  # the cycle segmented the val images with its promoted release, the refined model
         for step in REFINED_STEPS:
-            results[f"refined {step}"] = segment_and_score(images, data, workdir, f"refined {step}",
-                                                           cycle["candidate"]["url"],
-                                                           ",".join(VARIANTS[step]) or "none", None)
+            name = f"refined {step}"
+            results[name] = segment_and_score(images, data, workdir, name, cycle["candidate"]["url"],
+                                              ",".join(VARIANTS[step]) or "none", None)
         results[REFINED] = score(data, workdir, cycle["run_id"])
     overlays = write_overlays(segmentation, data, "demo-ilp-sppxl", storage.join(workdir, "overlays"))
     sql, rows = _query(segmentation, "demo-ilp-sppxl")

@@ -33,12 +33,21 @@ def fit_scenes(
     pretrained: str = "auto",
     seed: int = 0,
 ) -> tuple[WeakSegNet, ModelConfig, list[float]]:
-    """Train on a handful of single-object scenes (full batch) and return the losses."""
+    """Train on a handful of single-object scenes (full batch) and return the losses.
+
+    The backbone is frozen (eval-mode normalisation, no gradient) and the batch fixed, so its
+    features are computed once and only the head trains on them: the same steps as running
+    the whole network each time, without repeating its most expensive part.
+    """
     torch.manual_seed(seed)
     model, config = create_model(config, pretrained=pretrained)
+    assert model.backbone.fully_frozen, "fit_scenes reuses the backbone's features: it must be frozen"
     x, y = _batch(scenes, config)
     optimizer = make_optimizer(model, lr=lr)
-    losses = [train_step(model, optimizer, x, y) for _ in range(steps)]
+    model.train()
+    with torch.no_grad():
+        features = model.backbone(x)
+    losses = [train_step(model, optimizer, features, y, features=True) for _ in range(steps)]
     return model.eval(), config, losses
 
 
@@ -73,10 +82,12 @@ def train_step(
     target: torch.Tensor,
     valid: torch.Tensor | None = None,
     multilabel: MultiLabelLoss = "softmax",
+    features: bool = False,
 ) -> float:
-    """Forward, LSE, loss, backward, step; returns the loss."""
+    """Forward, LSE, loss, backward, step; returns the loss. ``features``: ``images`` are backbone features."""
     model.train()
-    maps = model(images, dense=True)  # as the trainer: the maps inference reads
+    # dense, as the trainer: the maps inference reads
+    maps = model.head_maps(images, dense=True) if features else model(images, dense=True)
     loss = mil_loss(model.image_scores(maps, valid, dense=True), target, multilabel)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

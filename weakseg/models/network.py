@@ -91,7 +91,10 @@ class WeakSegNet(nn.Module):
 
     def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
         """Score maps ``[B, K, h, w]``; ``dense=True`` covers the whole input (see :meth:`dense_maps`)."""
-        features = self.backbone(x)
+        return self.head_maps(self.backbone(x), dense)
+
+    def head_maps(self, features: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """Score maps from backbone features: a frozen backbone's features can be computed once and reused."""
         if dense:
             m = self.margin
             mode = "reflect" if min(features.shape[-2:]) > m else "replicate"

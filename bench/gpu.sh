@@ -14,7 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -x .venv/bin/python ]]; then
+if [[ -n "${PYTHON:-}" ]]; then
+    PY=$PYTHON  # an interpreter chosen by the caller (the tests pass their own)
+elif [[ -x .venv/bin/python ]]; then
     PY=.venv/bin/python
 else
     PY=python3

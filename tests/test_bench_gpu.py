@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_script_quick_on_cpu(tmp_path):
-    env = {**os.environ, "WEAKSEG_BENCH_ENGINE": "chunks"}
+    env = {**os.environ, "WEAKSEG_BENCH_ENGINE": "chunks", "PYTHON": sys.executable}
     done = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "--quick", "--device", "cpu", "--out",
                            str(tmp_path / "gpu.json")], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

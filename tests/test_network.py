@@ -75,6 +75,18 @@ def test_frozen_backbone_has_no_grad_and_stays_in_eval():
     assert all(p.grad is None for p in model.backbone.parameters())
 
 
+def test_a_fresh_models_frozen_backbone_keeps_its_statistics():
+    """Straight from create_model, before any train()/eval(): a forward pass must not use batch
+    statistics in the frozen backbone, nor overwrite its pretrained running ones."""
+    model, _ = create_model(ModelConfig(num_classes=3, **SMALL), pretrained="none")
+    assert not model.backbone.body.training
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        model(torch.randn(2, 3, 160, 160))
+    after = model.backbone.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
 def test_finetune_from_a_stage(name):
     backbone = create_backbone(name, pretrained="none", finetune_from=3)

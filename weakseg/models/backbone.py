@@ -63,6 +63,7 @@ class Backbone(nn.Module):
         self.std = tuple(float(s) for s in std)
         self.finetune_from = finetune_from
         self._frozen_modules = self._freeze(finetune_from)
+        self.train()  # frozen layers in eval mode from the start, not only after the first train()/eval()
 
     def _stage_end(self, stage: int) -> int:
         """Index in module order of the last module that computes feature stage ``stage``."""

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from weakseg.models import ModelConfig, create_model, mil_loss
@@ -57,7 +56,6 @@ def train_head(model, feats, targets: dict[str, torch.Tensor], epochs: int, lr: 
     """SGD on the head alone; batches of 16 feature maps of one size, a random mirror each."""
     rng = random.Random(seed)
     opt = torch.optim.SGD(model.head.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
-    m = model.margin
     model.head.train()
     for _ in range(epochs):
         groups = defaultdict(list)
@@ -70,7 +68,7 @@ def train_head(model, feats, targets: dict[str, torch.Tensor], epochs: int, lr: 
         rng.shuffle(batches)
         for ids in batches:
             fm = torch.stack([feats[i][rng.random() < 0.5] for i in ids])
-            scores = model.pool(model.head(F.pad(fm, (m, m, m, m), mode="reflect")))
+            scores = model.pool(model.head_maps(fm, dense=True))
             loss = mil_loss(scores, torch.stack([targets[i] for i in ids]), "softmax+bce")
             opt.zero_grad()
             loss.backward()

@@ -44,10 +44,9 @@ def fit_scenes(
     assert model.backbone.fully_frozen, "fit_scenes reuses the backbone's features: it must be frozen"
     x, y = _batch(scenes, config)
     optimizer = make_optimizer(model, lr=lr)
-    model.train()
     with torch.no_grad():
         features = model.backbone(x)
-    losses = [train_step(model, optimizer, features, y, features=True) for _ in range(steps)]
+    losses = [train_step(model, optimizer, features, y) for _ in range(steps)]
     return model.eval(), config, losses
 
 
@@ -78,16 +77,14 @@ def peak_hits(model: WeakSegNet, config: ModelConfig, scenes: Sequence[Scene]) -
 def train_step(
     model: WeakSegNet,
     optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
+    features: torch.Tensor,
     target: torch.Tensor,
     valid: torch.Tensor | None = None,
     multilabel: MultiLabelLoss = "softmax",
-    features: bool = False,
 ) -> float:
-    """Forward, LSE, loss, backward, step; returns the loss. ``features``: ``images`` are backbone features."""
+    """Head forward on backbone features, LSE, loss, backward, step; returns the loss."""
     model.train()
-    # dense, as the trainer: the maps inference reads
-    maps = model.head_maps(images, dense=True) if features else model(images, dense=True)
+    maps = model.head_maps(features, dense=True)  # dense, as the trainer: the maps inference reads
     loss = mil_loss(model.image_scores(maps, valid, dense=True), target, multilabel)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

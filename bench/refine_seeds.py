@@ -37,7 +37,8 @@ def refine_and_score(args: argparse.Namespace, stats: dict, weights: str, schedu
             model = args.model
         else:
             cfg = RefineConfig(epochs=args.epochs, input_size=args.input_size, num_workers=args.workers,
-                               progress=False, seed=seed, class_weights=weights, lr_schedule=schedule)
+                               progress=False, seed=seed, class_weights=weights, lr_schedule=schedule,
+                               finetune_from=args.finetune_from)
             with open(args.model, "rb") as f:
                 run_refine(load_checkpoint(f), stats["shards"], stats["images"], out, cfg,
                            device=torch.device("cpu"), parent={}, pseudo_stats=stats)
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--lr-schedules", default=RefineConfig.lr_schedule, help="comma list: constant, poly")
     parser.add_argument("--epochs", type=int, default=RefineConfig.epochs)
     parser.add_argument("--input-size", type=int, default=RefineConfig.input_size)
+    parser.add_argument("--finetune-from", type=int, default=None,
+                        help="train the backbone from this feature stage on (default: as the MIL model)")
     parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="forward-pass longer side when scoring")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of each refinement")
     args = parser.parse_args()

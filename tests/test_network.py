@@ -106,6 +106,18 @@ def test_finetune_from_a_stage(name):
         create_backbone(name, pretrained="none", finetune_from=99)
 
 
+def test_moving_the_finetune_boundary_of_a_built_backbone():
+    """A frozen backbone moved to stage 3 trains what one built with stage 3 trains, and moves back."""
+    built = create_backbone("tf_efficientnet_lite0", pretrained="none", finetune_from=3)
+    moved = create_backbone("tf_efficientnet_lite0", pretrained="none")
+    moved.set_finetune_from(3)
+    assert [p.requires_grad for p in moved.body.parameters()] == [p.requires_grad for p in built.body.parameters()]
+    moved.train(), built.train()
+    assert [m.training for m in moved.body.modules()] == [m.training for m in built.body.modules()]
+    moved.set_finetune_from(None)
+    assert moved.fully_frozen and not any(m.training for m in moved.body.modules())
+
+
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet1888'.*resnet18"):
         create_backbone("resnet1888", pretrained="none")

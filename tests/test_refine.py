@@ -137,3 +137,54 @@ def test_refine_improves_over_its_input_model(tmp_path, background_run) -> None:
     assert after["mean_iou"] > before["mean_iou"], (before["mean_iou"], after["mean_iou"])
     refined = load_model(result["checkpoint"], "cpu").checkpoint
     assert refined.training_state["refined_from"]["model_id"] == load_model(model, "cpu").model_id
+
+    # A stage the backbone does not have fails before any pseudo-label is written, not after.
+    with pytest.raises(ValueError, match=r"finetune_from must be in \[0, 4\]"):
+        refine_mil(shards=shards, model=model, out=str(tmp_path / "bad"), finetune_from=5, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def _pseudo_shard(path, n: int = 4, size: int = 64) -> str:
+    """A pseudo-label shard as ``write_pseudo_labels`` writes it: photo, label PNG (255 unsure), tags."""
+    import io
+    import json
+
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(n):
+            image, labels = io.BytesIO(), io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(image, format="JPEG")
+            lab = rng.integers(0, 3, (size, size), dtype=np.uint8)
+            lab[:8] = UNLABELLED
+            Image.fromarray(lab).save(labels, format="PNG")
+            sink.write({"__key__": f"s{i}", "jpg": image.getvalue(), "png": labels.getvalue(),
+                        "json": json.dumps({"labels": [1, 2]}).encode()})
+    return str(path)
+
+
+@pytest.mark.parametrize("finetune_from", [None, 4])
+def test_refine_trains_the_backbone_from_the_stage_asked(tmp_path, finetune_from) -> None:
+    """By default the refinement trains what MIL training trained (here the head); ``finetune_from`` also trains
+    the backbone's later stages, leaves the earlier ones as they were, and the checkpoint records it so a reload
+    builds the same network."""
+    from weakseg.models import Checkpoint, ModelConfig, create_model, load_checkpoint
+    from weakseg.tasks.train.refine import RefineConfig, run_refine
+
+    model, config = create_model(ModelConfig(num_classes=3, head_widths=(16, 16, 16), output_stride=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shard = _pseudo_shard(tmp_path / "pseudo-000000.tar")
+    cfg = RefineConfig(epochs=1, steps_per_epoch=2, batch_size=2, input_size=64, num_workers=0, progress=False,
+                       finetune_from=finetune_from)
+    run_refine(Checkpoint(model, config, ["background", "cat", "dog"], input_size=64), [shard], 4,
+               str(tmp_path / "out"), cfg, device=torch.device("cpu"), parent={}, pseudo_stats={})
+    refined = load_checkpoint(tmp_path / "out" / "model.pt")
+    after = refined.model.state_dict()
+    changed = {k for k, v in before.items() if v.dtype.is_floating_point and not torch.equal(v, after[k])}
+    last_stage = model.backbone.body.feature_info.module_name()[-1]
+    assert any(k.startswith("head.") for k in changed)
+    assert not any(k.startswith("backbone.body.conv_stem") for k in changed)
+    assert any(k.startswith(f"backbone.body.{last_stage}") for k in changed) == (finetune_from is not None)
+    assert refined.config.finetune_from == finetune_from
+    assert refined.model.backbone.fully_frozen == (finetune_from is None)

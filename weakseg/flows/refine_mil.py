@@ -48,12 +48,17 @@ def read_manifest(shards: str) -> dict[str, Any]:
 
 @task(cache_policy=NONE)
 def label_training_images(model: str, device: str, shards: str, manifest: dict[str, Any], out: str,
-                          priors: tuple[str, ...], confidence: float, max_side: int, tta: str) -> dict[str, Any]:
+                          priors: tuple[str, ...], confidence: float, max_side: int, tta: str,
+                          finetune_from: int | None = None) -> dict[str, Any]:
     """Pseudo-label the training split with the model (compute-bound, not retried)."""
     bundle = load_model(model, device)
     if list(bundle.classes) != list(manifest["classes"]):
         raise ValueError(f"the model's {len(bundle.classes)} classes are not the shards' {len(manifest['classes'])} "
                          "(in order): refine a model on the shards it was trained on")
+    stages = bundle.checkpoint.model.backbone.num_stages
+    if finetune_from is not None and finetune_from >= stages:  # before the pseudo-labels, not after
+        raise ValueError(f"finetune_from must be in [0, {stages - 1}] for {bundle.checkpoint.config.backbone}, "
+                         f"got {finetune_from}")
     options = bundle.checkpoint.training_state.get("options", {})
     background = background_index(bundle.classes, options.get("background", "auto"))
     stats = write_pseudo_labels(bundle, shards, manifest, storage.join(out, "pseudo-labels"), priors=priors,
@@ -105,6 +110,9 @@ def refine_mil(
     lr_schedule: Annotated[Literal["constant", "poly"], Field(description=(
         "poly: the learning rate falls as (1 - step/steps)^0.9 to 0 at the last step; constant: lr throughout"
     ))] = "poly",
+    finetune_from: Annotated[int | None, Field(ge=0, description=(
+        "also train the backbone from this feature stage on (timm's features_only stages; the last is the "
+        "deepest); default: the stages the model was trained with"))] = None,
     max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
         DEFAULT_MAX_SIDE),
     tta: Annotated[str, Field(description="test-time views of the pseudo-labelling forward pass, as in segment")] = (
@@ -123,12 +131,14 @@ def refine_mil(
     manifest = read_manifest(shards)
     model = resolve_model(model).url  # once: a registry's pointer may move during the run
     with gpu_slot(str(resolve_device(device))):
-        pseudo = label_training_images(model, device, shards, manifest, out, chain, confidence, max_side, tta)
+        pseudo = label_training_images(model, device, shards, manifest, out, chain, confidence, max_side, tta,
+                                       finetune_from)
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
                     100 * pseudo["coverage"], pseudo["skipped"])
         config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, lr=lr,
                               mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
-                              steps_per_epoch=steps_per_epoch, num_workers=num_workers, seed=seed, progress=progress)
+                              finetune_from=finetune_from, steps_per_epoch=steps_per_epoch,
+                              num_workers=num_workers, seed=seed, progress=progress)
         result = refine(model, device, pseudo, out, config)
     publish_metrics(pseudo, result)
     logger.info("refined model %s", redact_url(result["checkpoint"]))

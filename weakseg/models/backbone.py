@@ -96,6 +96,17 @@ class Backbone(nn.Module):
         later = [name for name, _ in modules[cut:]]
         return [m for name, m in modules[:cut] if not any(n.startswith(name + ".") for n in later)]
 
+    def set_finetune_from(self, finetune_from: int | None) -> None:
+        """Move the boundary between frozen and trained stages of a built backbone.
+
+        The refinement may train more of the network than MIL training did: its pixel
+        labels carry far more signal per image than one tag.
+        """
+        self.body.requires_grad_(True)
+        self.finetune_from = finetune_from
+        self._frozen_modules = self._freeze(finetune_from)
+        self.train(self.training)
+
     @property
     def fully_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.body.parameters())

@@ -21,7 +21,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ class RefineConfig:
     mil_weight: float = 1.0  # weight of the image-level MIL term beside the pixel term
     class_weights: str = "none"  # "balanced": the pixel term weighted by 1/sqrt(class share of the pseudo-labels)
     lr_schedule: str = "poly"  # lr x (1 - step/steps)^0.9, down to 0 at the last step; "constant": lr throughout
+    finetune_from: int | None = None  # train the backbone from this feature stage on; None: as the model was trained
     scale: tuple[float, float] = (0.8, 1.2)
     hflip: bool = True
     steps_per_epoch: int = 0  # 0: one pass over the pseudo-labelled images
@@ -211,6 +212,10 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
     background = background_index(ckpt.classes, options.get("background", "auto"))
     weights = pixel_class_weights(ckpt.classes, pseudo_stats.get("class_pixels", {}), cfg.class_weights)
     weights = None if weights is None else weights.to(device)  # once, not every step
+    config = ckpt.config
+    if cfg.finetune_from is not None:
+        ckpt.model.backbone.set_finetune_from(cfg.finetune_from)
+        config = replace(config, finetune_from=cfg.finetune_from)
     model = ckpt.model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     spe = cfg.steps_per_epoch or max(1, -(-images // cfg.batch_size))
@@ -242,7 +247,7 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
     url = storage.join(out, "model.pt")
     training_state = {"refined_from": parent, "pseudo_labels": pseudo_stats, "finished": True,
                       "options": {**options, "refine": {**asdict(cfg), "scale": list(cfg.scale)}}}
-    storage.write_bytes(url, checkpoint_bytes(model, ckpt.config, ckpt.classes, input_size=cfg.input_size,
+    storage.write_bytes(url, checkpoint_bytes(model, config, ckpt.classes, input_size=cfg.input_size,
                                               manifest=ckpt.manifest, metrics={"history": history,
                                                                                "last": history[-1]},
                                               training_state=training_state))

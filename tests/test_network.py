@@ -116,6 +116,11 @@ def test_moving_the_finetune_boundary_of_a_built_backbone():
     assert [m.training for m in moved.body.modules()] == [m.training for m in built.body.modules()]
     moved.set_finetune_from(None)
     assert moved.fully_frozen and not any(m.training for m in moved.body.modules())
+    moved.set_finetune_from(3, freeze_norms=True)
+    moved.train()
+    norms = [m for m in moved.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not any(m.training or any(p.requires_grad for p in m.parameters()) for m in norms)
+    assert any(p.requires_grad for p in moved.body.parameters())  # the convolutions of stage 3 on still train
 
 
 def test_unknown_backbone_is_a_clear_error():

@@ -167,8 +167,8 @@ def _pseudo_shard(path, n: int = 4, size: int = 64) -> str:
 @pytest.mark.parametrize("finetune_from", [None, 4])
 def test_refine_trains_the_backbone_from_the_stage_asked(tmp_path, finetune_from) -> None:
     """By default the refinement trains what MIL training trained (here the head); ``finetune_from`` also trains
-    the backbone's later stages, leaves the earlier ones as they were, and the checkpoint records it so a reload
-    builds the same network."""
+    the backbone's later stages' convolutions, leaves the earlier stages and every BatchNorm as they were, and
+    the checkpoint records it so a reload builds the same network."""
     from weakseg.models import Checkpoint, ModelConfig, create_model, load_checkpoint
     from weakseg.tasks.train.refine import RefineConfig, run_refine
 
@@ -186,5 +186,6 @@ def test_refine_trains_the_backbone_from_the_stage_asked(tmp_path, finetune_from
     assert any(k.startswith("head.") for k in changed)
     assert not any(k.startswith("backbone.body.conv_stem") for k in changed)
     assert any(k.startswith(f"backbone.body.{last_stage}") for k in changed) == (finetune_from is not None)
+    assert not any(".bn" in k for k in changed)  # BatchNorm statistics and affine stay pretrained
     assert refined.config.finetune_from == finetune_from
     assert refined.model.backbone.fully_frozen == (finetune_from is None)

@@ -57,7 +57,7 @@ class RefineConfig:
     mil_weight: float = 1.0  # weight of the image-level MIL term beside the pixel term
     class_weights: str = "none"  # "balanced": the pixel term weighted by 1/sqrt(class share of the pseudo-labels)
     lr_schedule: str = "poly"  # lr x (1 - step/steps)^0.9, down to 0 at the last step; "constant": lr throughout
-    finetune_from: int | None = None  # train the backbone from this feature stage on; None: as the model was trained
+    finetune_from: int | None = None  # also train the backbone from this stage on (BatchNorms kept); None: as trained
     scale: tuple[float, float] = (0.8, 1.2)
     hflip: bool = True
     steps_per_epoch: int = 0  # 0: one pass over the pseudo-labelled images
@@ -212,10 +212,8 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
     background = background_index(ckpt.classes, options.get("background", "auto"))
     weights = pixel_class_weights(ckpt.classes, pseudo_stats.get("class_pixels", {}), cfg.class_weights)
     weights = None if weights is None else weights.to(device)  # once, not every step
-    config = ckpt.config
-    if cfg.finetune_from is not None:
-        ckpt.model.backbone.set_finetune_from(cfg.finetune_from)
-        config = replace(config, finetune_from=cfg.finetune_from)
+    config = ckpt.config if cfg.finetune_from is None else replace(ckpt.config, finetune_from=cfg.finetune_from)
+    ckpt.model.backbone.set_finetune_from(config.finetune_from, freeze_norms=True)  # BatchNorms never move here
     model = ckpt.model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     spe = cfg.steps_per_epoch or max(1, -(-images // cfg.batch_size))

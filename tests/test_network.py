@@ -114,6 +114,9 @@ def test_moving_the_finetune_boundary_of_a_built_backbone():
     assert [p.requires_grad for p in moved.body.parameters()] == [p.requires_grad for p in built.body.parameters()]
     moved.train(), built.train()
     assert [m.training for m in moved.body.modules()] == [m.training for m in built.body.modules()]
+    moved.set_finetune_from(-2)  # negative: from the last stage back
+    assert moved.finetune_from == 3
+    assert [p.requires_grad for p in moved.body.parameters()] == [p.requires_grad for p in built.body.parameters()]
     moved.set_finetune_from(None)
     assert moved.fully_frozen and not any(m.training for m in moved.body.modules())
     moved.set_finetune_from(3, freeze_norms=True)

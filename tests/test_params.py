@@ -14,6 +14,7 @@ def example(
     head_widths: list[int] = [1024, 768, 512],  # noqa: B006
     resume: bool = False,
     seed: int | None = None,
+    stage: int | None = -1,
 ) -> None: ...
 
 
@@ -23,11 +24,15 @@ def test_options_mirror_parameters():
     args = parser.parse_args(["--source", "s3://b/x", "--max-side", "64", "--label-map", "voc",
                               "--head-widths", "8,4", "--resume"])
     assert vars(args) == {"source": "s3://b/x", "max_side": 64, "label_map": "voc", "head_widths": [8, 4],
-                          "resume": True, "seed": None}
+                          "resume": True, "seed": None, "stage": -1}
+    assert parser.parse_args(["--source", "x", "--stage", "none"]).stage is None  # an optional number switched off
+    assert parser.parse_args(["--source", "x", "--stage", "2", "--seed", "7"]).stage == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["--source", "x", "--label-map", "bogus"])
     with pytest.raises(SystemExit):
         parser.parse_args([])  # --source is required
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--source", "x", "--stage", "last"])
 
 
 def test_validation_names_the_option():

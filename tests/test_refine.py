@@ -139,7 +139,7 @@ def test_refine_improves_over_its_input_model(tmp_path, background_run) -> None:
     assert refined.training_state["refined_from"]["model_id"] == load_model(model, "cpu").model_id
 
     # A stage the backbone does not have fails before any pseudo-label is written, not after.
-    with pytest.raises(ValueError, match=r"finetune_from must be in \[0, 4\]"):
+    with pytest.raises(ValueError, match=r"finetune_from must be in \[-5, 4\]"):
         refine_mil(shards=shards, model=model, out=str(tmp_path / "bad"), finetune_from=5, progress=False)
     assert not (tmp_path / "bad").exists()
 
@@ -164,8 +164,8 @@ def _pseudo_shard(path, n: int = 4, size: int = 64) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("finetune_from", [None, 4])
-def test_refine_trains_the_backbone_from_the_stage_asked(tmp_path, finetune_from) -> None:
+@pytest.mark.parametrize(("finetune_from", "stage"), [(None, None), (4, 4), (-1, 4)])
+def test_refine_trains_the_backbone_from_the_stage_asked(tmp_path, finetune_from, stage) -> None:
     """By default the refinement trains what MIL training trained (here the head); ``finetune_from`` also trains
     the backbone's later stages' convolutions, leaves the earlier stages and every BatchNorm as they were, and
     the checkpoint records it so a reload builds the same network."""
@@ -187,5 +187,5 @@ def test_refine_trains_the_backbone_from_the_stage_asked(tmp_path, finetune_from
     assert not any(k.startswith("backbone.body.conv_stem") for k in changed)
     assert any(k.startswith(f"backbone.body.{last_stage}") for k in changed) == (finetune_from is not None)
     assert not any(".bn" in k for k in changed)  # BatchNorm statistics and affine stay pretrained
-    assert refined.config.finetune_from == finetune_from
+    assert refined.config.finetune_from == stage  # -1: the last stage, recorded as its index
     assert refined.model.backbone.fully_frozen == (finetune_from is None)

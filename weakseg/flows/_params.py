@@ -51,11 +51,20 @@ def _list_parser(item: type) -> Callable[[str], list]:
     return parse
 
 
+def _or_none(kind: type) -> Callable[[str], Any]:
+    """A parser of an optional number: ``none`` gives None (a default that is not None can be switched off)."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
 def add_flow_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
     """Add one ``--kebab-name`` option per flow parameter."""
     for param in flow_parameters(fn):
         base, field = _unwrap(param.annotation)
-        base, _ = _optional(base)
+        base, optional = _optional(base)
         flag = "--" + param.name.replace("_", "-")
         required = param.default is inspect.Parameter.empty
         help_text = (field.description if field else None) or ""
@@ -78,7 +87,9 @@ def add_flow_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
             item = get_args(base)[0] if get_args(base) else str
             kwargs["type"] = _list_parser(item)
             kwargs["metavar"] = "A,B,..."
-        elif base in (int, float, str):
+        elif base in (int, float):
+            kwargs["type"] = _or_none(base) if optional else base
+        elif base is str:
             kwargs["type"] = base
         else:
             kwargs["type"] = str

@@ -55,10 +55,7 @@ def label_training_images(model: str, device: str, shards: str, manifest: dict[s
     if list(bundle.classes) != list(manifest["classes"]):
         raise ValueError(f"the model's {len(bundle.classes)} classes are not the shards' {len(manifest['classes'])} "
                          "(in order): refine a model on the shards it was trained on")
-    stages = bundle.checkpoint.model.backbone.num_stages
-    if finetune_from is not None and finetune_from >= stages:  # before the pseudo-labels, not after
-        raise ValueError(f"finetune_from must be in [0, {stages - 1}] for {bundle.checkpoint.config.backbone}, "
-                         f"got {finetune_from}")
+    bundle.checkpoint.model.backbone.stage_index(finetune_from)  # a stage it lacks: fails before the pseudo-labels
     options = bundle.checkpoint.training_state.get("options", {})
     background = background_index(bundle.classes, options.get("background", "auto"))
     stats = write_pseudo_labels(bundle, shards, manifest, storage.join(out, "pseudo-labels"), priors=priors,
@@ -110,9 +107,9 @@ def refine_mil(
     lr_schedule: Annotated[Literal["constant", "poly"], Field(description=(
         "poly: the learning rate falls as (1 - step/steps)^0.9 to 0 at the last step; constant: lr throughout"
     ))] = "poly",
-    finetune_from: Annotated[int | None, Field(ge=0, description=(
-        "also train the backbone from this feature stage on (timm's features_only stages; the last is the "
-        "deepest); default: the stages the model was trained with"))] = None,
+    finetune_from: Annotated[int | None, Field(description=(
+        "also train the backbone from this feature stage on (timm's features_only stages; negative: from the "
+        "last back, -1 the last), BatchNorms kept; none: only what the MIL model trained"))] = None,
     max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
         DEFAULT_MAX_SIDE),
     tta: Annotated[str, Field(description="test-time views of the pseudo-labelling forward pass, as in segment")] = (

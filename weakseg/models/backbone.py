@@ -61,8 +61,8 @@ class Backbone(nn.Module):
         self.num_stages = len(info)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.finetune_from = finetune_from
-        self._frozen_modules = self._freeze(finetune_from)
+        self.finetune_from = self.stage_index(finetune_from)
+        self._frozen_modules = self._freeze(self.finetune_from)
         self.train()  # frozen layers in eval mode from the start, not only after the first train()/eval()
 
     def _stage_end(self, stage: int) -> int:
@@ -75,15 +75,20 @@ class Backbone(nn.Module):
             raise ValueError(f"cannot locate feature stage {stage} ({raw}) in {self.name}")
         return max(hits)
 
+    def stage_index(self, finetune_from: int | None) -> int | None:
+        """``finetune_from`` as a stage index; negative ones count back from the last stage (-1: the last)."""
+        if finetune_from is None:
+            return None
+        if not -self.num_stages <= finetune_from < self.num_stages:
+            raise ValueError(f"finetune_from must be in [{-self.num_stages}, {self.num_stages - 1}] (negative: "
+                             f"from the last stage back) for {self.name}, got {finetune_from}")
+        return finetune_from % self.num_stages
+
     def _freeze(self, finetune_from: int | None) -> list[nn.Module]:
         """Freeze every module before feature stage ``finetune_from`` (all when None)."""
         if finetune_from is None:
             self.body.requires_grad_(False)
             return [self.body]
-        if not 0 <= finetune_from < self.num_stages:
-            raise ValueError(
-                f"finetune_from must be in [0, {self.num_stages - 1}] for {self.name}, got {finetune_from}"
-            )
         if finetune_from == 0:
             return []
         modules = list(self.body.named_modules())[1:]  # definition order, root left out
@@ -105,9 +110,10 @@ class Backbone(nn.Module):
         choice when fine-tuning with small batches of padded crops: on MSRC-21 dev a
         refinement that updated them lost 0.06 mean IoU (docs/method.md, *Choices*).
         """
+        stage = self.stage_index(finetune_from)
         self.body.requires_grad_(True)
-        self.finetune_from = finetune_from
-        frozen = self._freeze(finetune_from)
+        self.finetune_from = stage
+        frozen = self._freeze(stage)
         if freeze_norms:
             norms = [m for m in self.body.modules() if isinstance(m, nn.BatchNorm2d)]
             for norm in norms:

@@ -141,7 +141,7 @@ class WeakSegNet(nn.Module):
 
 
 def create_model(config: ModelConfig, pretrained: str | BinaryIO = "auto") -> tuple[WeakSegNet, ModelConfig]:
-    """The one way to build a network from a config; returns it with mean/std and cell offset resolved.
+    """The one way to build a network from a config; returns it with mean/std, cell offset and stage resolved.
 
     The cell offset is the config's, or measured on the backbone (:mod:`.alignment`) when it has none.
     """
@@ -156,6 +156,6 @@ def create_model(config: ModelConfig, pretrained: str | BinaryIO = "auto") -> tu
     model = WeakSegNet(backbone, head, config.lse_r, offset)
     resolved = ModelConfig.from_dict(
         {**config.to_dict(), "mean": config.mean or backbone.mean, "std": config.std or backbone.std,
-         "cell_offset": list(model.cell_offset)}
+         "cell_offset": list(model.cell_offset), "finetune_from": backbone.finetune_from}
     )
     return model, resolved

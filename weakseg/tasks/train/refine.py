@@ -212,8 +212,10 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
     background = background_index(ckpt.classes, options.get("background", "auto"))
     weights = pixel_class_weights(ckpt.classes, pseudo_stats.get("class_pixels", {}), cfg.class_weights)
     weights = None if weights is None else weights.to(device)  # once, not every step
-    config = ckpt.config if cfg.finetune_from is None else replace(ckpt.config, finetune_from=cfg.finetune_from)
-    ckpt.model.backbone.set_finetune_from(config.finetune_from, freeze_norms=True)  # BatchNorms never move here
+    backbone = ckpt.model.backbone
+    backbone.set_finetune_from(ckpt.config.finetune_from if cfg.finetune_from is None else cfg.finetune_from,
+                               freeze_norms=True)  # BatchNorms never move here
+    config = replace(ckpt.config, finetune_from=backbone.finetune_from)
     model = ckpt.model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     spe = cfg.steps_per_epoch or max(1, -(-images // cfg.batch_size))

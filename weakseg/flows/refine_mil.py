@@ -32,9 +32,8 @@ from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.ingest.manifest import ManifestError, load_manifest
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
 from weakseg.tasks.segment.priors import parse_priors
-from weakseg.tasks.segment.tta import DEFAULT_TTA
 from weakseg.tasks.storage import redact_url
-from weakseg.tasks.train.pseudo_labels import write_pseudo_labels
+from weakseg.tasks.train.pseudo_labels import PSEUDO_LABEL_TTA, write_pseudo_labels
 from weakseg.tasks.train.refine import RefineConfig, run_refine
 
 __all__ = ["refine_mil"]
@@ -112,8 +111,9 @@ def refine_mil(
         "last back, -1 the last), BatchNorms kept; none: only what the MIL model trained"))] = None,
     max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
         DEFAULT_MAX_SIDE),
-    tta: Annotated[str, Field(description="test-time views of the pseudo-labelling forward pass, as in segment")] = (
-        DEFAULT_TTA),
+    tta: Annotated[str, Field(description=(
+        "test-time views of the pseudo-labelling forward pass (segment's syntax); more than segment's default, "
+        "since each training image is labelled once"))] = PSEUDO_LABEL_TTA,
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: CUDA when present")] = "auto",
     num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes")] = 2,
     seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,

@@ -61,9 +61,8 @@ class Backbone(nn.Module):
         self.num_stages = len(info)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.finetune_from = self.stage_index(finetune_from)
-        self._frozen_modules = self._freeze(self.finetune_from)
-        self.train()  # frozen layers in eval mode from the start, not only after the first train()/eval()
+        # Frozen layers in eval mode from the start, not only after the first train()/eval().
+        self.set_finetune_from(finetune_from)
 
     def _stage_end(self, stage: int) -> int:
         """Index in module order of the last module that computes feature stage ``stage``."""
@@ -102,7 +101,7 @@ class Backbone(nn.Module):
         return [m for name, m in modules[:cut] if not any(n.startswith(name + ".") for n in later)]
 
     def set_finetune_from(self, finetune_from: int | None, *, freeze_norms: bool = False) -> None:
-        """Move the boundary between frozen and trained stages of a built backbone.
+        """Set the boundary between frozen and trained stages, at construction or on a built backbone.
 
         The refinement may train more of the network than MIL training did: its pixel
         labels carry far more signal per image than one tag. ``freeze_norms`` keeps every

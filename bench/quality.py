@@ -36,7 +36,7 @@ from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.variants import fit_thresholds, score_variants, thresholds_by_variant
 from weakseg.tasks.segment.inference import load_model
 from weakseg.tasks.segment.priors import VARIANTS
-from weakseg.tasks.segment.tta import DEFAULT_TTA
+from weakseg.tasks.segment.tta import AUTO
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {"msrc21": SHARED / "msrc21", "msrc21-objects": SHARED / "msrc21-objects"}
@@ -108,14 +108,14 @@ def score_seed(model: str, layout: Path, split: str, limit: int | None, fit: boo
                variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
     bundle = load_model(model, "cpu")
     plain = score_variants(bundle, str(layout), split, None, variants, max_side=MAX_SIDE, limit=limit,
-                           tta=DEFAULT_TTA)
+                           tta=AUTO)
     if not fit:
         return plain
     found = fit_thresholds(bundle, str(layout), read_split_ids(str(layout), "train"), variants,
-                           max_side=MAX_SIDE, tta=DEFAULT_TTA)
+                           max_side=MAX_SIDE, tta=AUTO)
     fitted = {f"{v} (δ fitted)": t for v, t in thresholds_by_variant(found, bundle.classes).items()}
     tuned = score_variants(bundle, str(layout), split, {v.split(" ")[0]: t for v, t in fitted.items()},
-                           tuple(v.split(" ")[0] for v in fitted), max_side=MAX_SIDE, limit=limit, tta=DEFAULT_TTA)
+                           tuple(v.split(" ")[0] for v in fitted), max_side=MAX_SIDE, limit=limit, tta=AUTO)
     return {**plain, **{f"{v} (δ fitted)": m for v, m in tuned.items()}}
 
 
@@ -198,7 +198,8 @@ def main() -> None:
             model = refine(model, work, seed)
         stat = os.stat(model)
         key = {"model": model, "model_size": stat.st_size, "model_mtime_ns": stat.st_mtime_ns, "split": args.split,
-               "variants": variants, "limit": args.limit, "fit_thresholds": args.fit_thresholds}
+               "variants": variants, "limit": args.limit, "fit_thresholds": args.fit_thresholds,
+               "tta": load_model(model, "cpu").default_tta}
         scores = cached_scores(work, seed, args.refine, key)
         if scores is None:
             scores = {"key": key,
@@ -215,7 +216,7 @@ def report(args: argparse.Namespace, work: Path, per_seed: list[dict], headline:
     doc = {
         "benchmark": f"quality_{args.dataset}", "split": args.split, "refined": args.refine,
         "seeds": [int(x) for x in args.seeds.split(",")][: len(per_seed)],
-        "train": TRAIN, "max_side": MAX_SIDE, "tta": DEFAULT_TTA,
+        "train": TRAIN, "max_side": MAX_SIDE, "tta": AUTO,
         "cli_default_chain": [{"mean_iou": h["mean_iou"], "pixel_accuracy": h["pixel_accuracy"],
                                "per_class_iou": {c: x["iou"] for c, x in h["per_class"].items()}} for h in headline],
         "mean_iou": summary(per_seed, "mean_iou"), "pixel_accuracy": summary(per_seed, "pixel_accuracy"),

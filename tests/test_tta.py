@@ -8,7 +8,17 @@ import torch
 from weakseg.models import ModelConfig, create_model, save_checkpoint
 from weakseg.tasks.segment.chunk import label_image
 from weakseg.tasks.segment.inference import Prediction, load_model, predict, segment_image, segment_variants
-from weakseg.tasks.segment.tta import MAX_VIEW_SIDE, TTA, TTAError, parse_tta, view_size
+from weakseg.tasks.segment.tta import (
+    DEFAULT_TTA,
+    MAX_VIEW_SIDE,
+    REFINED_TTA,
+    TTA,
+    TTAError,
+    default_tta,
+    parse_tta,
+    resolve_tta,
+    view_size,
+)
 
 CLASSES = ["background", "disk", "square", "stripes"]
 
@@ -134,3 +144,31 @@ def test_tta_predictions_work_through_the_chunk_labeller(bundle):
     pred = predict(bundle, [rgb], tta="1,1.5+flip")[0]
     labels, _, _ = label_image(bundle, pred, rgb, ("ilp", "sppxl"), bundle.thresholds)
     assert np.array_equal(labels, segment_image(bundle, rgb, ("ilp", "sppxl"), tta="1,1.5+flip").labels)
+
+
+def _saved(tmp_path, classes, training_state):
+    torch.manual_seed(0)
+    model, config = create_model(ModelConfig(num_classes=len(classes), head_widths=(32, 32, 32)), pretrained="none")
+    path = tmp_path / f"model-{len(classes)}-{bool(training_state)}.pt"
+    save_checkpoint(path, model, config, classes, input_size=128, training_state=training_state)
+    return load_model(str(path), "cpu")
+
+
+@pytest.mark.parametrize(("classes", "refined", "views"), [
+    (CLASSES, False, DEFAULT_TTA), (CLASSES, True, DEFAULT_TTA),
+    (CLASSES[1:], False, DEFAULT_TTA), (CLASSES[1:], True, REFINED_TTA),
+])
+def test_auto_runs_the_views_chosen_for_the_kind_of_model(tmp_path, classes, refined, views):
+    b = _saved(tmp_path, classes, {"refined_from": {"model_id": "0" * 16}} if refined else {})
+    assert b.default_tta == views == default_tta(refined=refined, background="background" in classes)
+    assert b.resolve_tta(" AUTO ") == views and b.resolve_tta("1+flip") == "1+flip"
+    img = _img(70, 90)
+    auto = predict(b, [img], max_side=96, tta="auto")[0]
+    torch.testing.assert_close(auto.probs(), predict(b, [img], max_side=96, tta=views)[0].probs())
+    assert parse_tta(views) != parse_tta("1")  # so the comparison above tells the views apart
+
+
+def test_auto_cannot_be_parsed_without_a_model():
+    with pytest.raises(TTAError, match="resolve it with the model"):
+        parse_tta("auto")
+    assert resolve_tta("auto", "1,2") == "1,2" and resolve_tta(None, "1,2") is None

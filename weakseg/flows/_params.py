@@ -124,10 +124,10 @@ def check_parameters(values: Mapping[str, Any]) -> None:
         if len(mean) not in (0, 3) or len(std) not in (0, 3) or bool(mean) != bool(std):
             problems.append("--mean and --std take three values each, or neither")
     if "tta" in values:
-        from weakseg.tasks.segment.tta import TTAError, parse_tta
+        from weakseg.tasks.segment.tta import DEFAULT_TTA, TTAError, parse_tta, resolve_tta
 
         try:
-            parse_tta(values["tta"])
+            parse_tta(resolve_tta(values["tta"], DEFAULT_TTA))  # "auto" is resolved with the model later
         except TTAError as err:
             problems.append(f"--tta: {err}")
     if problems:

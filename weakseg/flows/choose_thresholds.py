@@ -29,7 +29,7 @@ from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.variants import ChainThresholds, choose_chain_thresholds
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE
 from weakseg.tasks.segment.priors import has_objectness, parse_priors, threshold_prior
-from weakseg.tasks.segment.tta import DEFAULT_TTA
+from weakseg.tasks.segment.tta import AUTO
 
 __all__ = ["choose_thresholds", "read_split", "search", "split_warning", "write"]
 
@@ -53,7 +53,7 @@ def read_split(ground_truth: str, split: str, limit: int | None) -> list[str]:
 
 @task(cache_policy=NONE)
 def search(model: str, device: str, ground_truth: str, ids: list[str], chains: dict[str, tuple[str, ...]],
-           max_side: int, min_side: int, tta: str = DEFAULT_TTA) -> dict[str, ChainThresholds]:
+           max_side: int, min_side: int, tta: str = AUTO) -> dict[str, ChainThresholds]:
     """Load the model and run the search for each chain, in one pass over the images (CPU/GPU-bound, not retried)."""
     return choose_chain_thresholds(model, device, ground_truth, ids, chains, max_side, min_side, tta)
 
@@ -82,7 +82,7 @@ def choose_thresholds(
     min_side: Annotated[int, Field(ge=0, description="enlarge smaller images to this longer side, as in segment "
                                    "(0: never)")] = 0,
     tta: Annotated[str, Field(description="test-time views, as in segment (δ belong to the maps they were "
-                              "chosen on)")] = DEFAULT_TTA,
+                              "chosen on)")] = AUTO,
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
 ) -> dict[str, Any]:
     """Choose δ_k for one chain; returns the thresholds document."""

@@ -36,7 +36,7 @@ from weakseg.tasks.evaluate.promotion import (
 )
 from weakseg.tasks.evaluate.promotion import variant_of as _variant_of
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
-from weakseg.tasks.segment.tta import DEFAULT_TTA
+from weakseg.tasks.segment.tta import AUTO
 
 __all__ = ["promote_model"]
 
@@ -91,7 +91,7 @@ def promote_model(
         "ilp,sppxl"),
     limit: Annotated[int | None, Field(ge=1, description="score only the first N ground-truth images")] = None,
     max_side: Annotated[int, Field(ge=32, description="forward-pass longer side, as in segment")] = DEFAULT_MAX_SIDE,
-    tta: Annotated[str, Field(description="test-time views, as in segment")] = DEFAULT_TTA,
+    tta: Annotated[str, Field(description="test-time views, as in segment")] = AUTO,
     batch_size: Annotated[int, Field(ge=1, description="images per forward pass on shards")] = 16,
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
 ) -> dict[str, Any]:

@@ -71,7 +71,7 @@ from weakseg.tasks.segment.chunk import ChunkResult, SegmentOptions, segment_chu
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, ModelError
 from weakseg.tasks.segment.inputs import ChunkSpec, iter_chunks
 from weakseg.tasks.segment.priors import parse_priors
-from weakseg.tasks.segment.tta import DEFAULT_TTA
+from weakseg.tasks.segment.tta import AUTO, resolve_tta
 
 __all__ = ["segment_corpus"]
 
@@ -238,8 +238,9 @@ def segment_corpus(
     min_side: Annotated[int, Field(ge=0, description="enlarge images whose longer side is under this for the "
                                    "forward pass: finer maps for small photos, slower (0: never)")] = 0,
     tta: Annotated[str, Field(description="test-time views averaged: scales of the forward size, +flip for "
-                              "mirrored ones (e.g. 1,1.5,2+flip); 1: one plain pass. The default, one pass "
-                              "at 2x, was chosen on dev data: finer maps, about 4x the forward cost")] = DEFAULT_TTA,
+                              "mirrored ones (e.g. 1,1.5,2+flip); 1: one plain pass; auto: the views chosen on "
+                              "dev data for the model's kind (2, one pass at 2x, ~4x the forward cost; 1,2 for "
+                              "a refined model without a background class, ~5x)")] = AUTO,
     max_pixels: Annotated[
         int, Field(ge=1, description="refuse larger images (decompression bombs)")
     ] = DEFAULT_MAX_PIXELS,
@@ -276,6 +277,7 @@ def segment_corpus(
                    skip_existing)
     if task_runner == "threads":
         chunk_device = info.device
+    tta = parameters["tta"] = resolve_tta(tta, info.default_tta)  # the runs row records the views that ran
     if skip_existing:
         logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info.done,
                     info.model_id)

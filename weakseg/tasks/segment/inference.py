@@ -48,7 +48,7 @@ from ..registry import content_id
 from ..tensors import normalize
 from .priors import VARIANTS, apply_priors, default_thresholds, parse_priors
 from .proposals import box_objectness_map, segment_objectness_map, superpixels
-from .tta import TTA, parse_tta, view_size
+from .tta import TTA, default_tta, parse_tta, resolve_tta, view_size
 
 __all__ = [
     "DEFAULT_MAX_SIDE",
@@ -104,6 +104,16 @@ class ModelBundle:
     @property
     def background_index(self) -> int | None:
         return self.classes.index(BACKGROUND) if BACKGROUND in self.classes else None
+
+    @property
+    def default_tta(self) -> str:
+        """The views ``--tta auto`` runs for this model (:func:`~.tta.default_tta`)."""
+        refined = "refined_from" in (self.checkpoint.training_state or {})
+        return default_tta(refined=refined, background=self.background_index is not None)
+
+    def resolve_tta(self, tta: str | TTA | None) -> str | TTA | None:
+        """``tta``, with ``"auto"`` replaced by this model's views."""
+        return resolve_tta(tta, self.default_tta)
 
 
 _CACHE: dict[tuple[str, str], ModelBundle] = {}  # (sha256 of the bytes, device) -> bundle
@@ -346,7 +356,7 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], ma
 @torch.no_grad()
 def _predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], max_side: int,
              min_side: int, tta: str | TTA | None) -> list[Prediction]:
-    spec = parse_tta(tta)
+    spec = parse_tta(bundle.resolve_tta(tta))
     views = spec.views()
     stride = bundle.model.stride
     groups: dict[tuple[int, int], list[tuple[int, int]]] = {}  # forward size -> (image, view) pairs

@@ -22,6 +22,7 @@ from ..registry import resolve_model
 from . import tables
 from .chunk import STAGES, ChunkResult
 from .inference import ModelError, load_thresholds, pin_model, predict
+from .tta import DEFAULT_TTA
 
 __all__ = [
     "Fanout",
@@ -62,6 +63,7 @@ class RunSetup:
     background: bool
     device: str
     model_uri: str = ""  # the checkpoint the run reads, without credentials (a registry's release)
+    default_tta: str = DEFAULT_TTA  # the views --tta auto runs for this model
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str 
             done_index = None
     return RunSetup(bundle.model_id, bundle.sha256, pinned, list(bundle.classes), in_use.values, in_use.sources,
                     run_date, done_index, done, bundle.background_index is not None, str(bundle.device),
-                    storage.redact_url(resolved.url))
+                    storage.redact_url(resolved.url), bundle.default_tta)
 
 
 def run_parameters(parameters: Mapping[str, Any], device: str) -> dict[str, Any]:

@@ -16,6 +16,9 @@ size when that is larger already (a scale above 1 then adds nothing over scale 1
 scale below 1 always applies). Scales lie in [:data:`MIN_SCALE`, :data:`MAX_SCALE`],
 and every side keeps at least 4 score cells like the plain path.
 
+``"auto"`` (the commands' default) is the views chosen on dev for the kind of model at hand,
+:func:`default_tta`: resolved once the model is loaded, so a run records the views it ran.
+
 Cost: one forward pass per view, each proportional to its pixels (``1,1.5,2+flip`` is
 2 x (1 + 2.25 + 4) = 14.5 plain passes, capped as above), plus one upsampling per view
 when the probabilities are read.
@@ -25,12 +28,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_TTA", "MAX_SCALE", "MAX_VIEW_SIDE", "MIN_SCALE", "TTA", "TTAError", "parse_tta", "view_size"]
+__all__ = ["AUTO", "DEFAULT_TTA", "MAX_SCALE", "MAX_VIEW_SIDE", "MIN_SCALE", "REFINED_TTA", "TTA", "TTAError",
+           "default_tta", "parse_tta", "resolve_tta", "view_size"]
 
 MIN_SCALE, MAX_SCALE = 0.25, 4.0
 # The commands' default, chosen on MSRC-21-objects dev (bench/tta.py, three models): one view at
 # twice the plain forward size; +0.023 mean IoU, +0.080 background IoU over "1", for ~4x the forward.
 DEFAULT_TTA = "2"
+# A refined model without a background class, chosen on MSRC-21 dev (three refined models): the
+# plain view averaged in adds 0.024-0.041 mean IoU over "2" on every one, for 1.25x its cost. With
+# a background class (MSRC-21-objects dev) it costs 0.008-0.026 instead, and MIL models split.
+REFINED_TTA = "1,2"
+AUTO = "auto"  # the commands' default: default_tta of the model at hand
 MAX_VIEW_SIDE = 1024  # longest forward side a scale > 1 may grow a view to (unless the plain one is longer)
 
 
@@ -58,6 +67,19 @@ class TTA:
         return ",".join(f"{s:g}" for s in self.scales) + ("+flip" if self.flip else "")
 
 
+def default_tta(*, refined: bool, background: bool) -> str:
+    """The views ``"auto"`` runs for a model: :data:`REFINED_TTA` for a refinement without a
+    background class, else :data:`DEFAULT_TTA` (docs/method.md, *Choices*)."""
+    return REFINED_TTA if refined and not background else DEFAULT_TTA
+
+
+def resolve_tta(spec: str | TTA | None, model_default: str) -> str | TTA | None:
+    """``spec`` itself, or the model's views ``model_default`` when it is ``"auto"``."""
+    if isinstance(spec, str) and "".join(spec.split()).lower() == AUTO:
+        return model_default
+    return spec
+
+
 def parse_tta(spec: str | TTA | None) -> TTA:
     """``"1,1.5,2+flip"`` -> ``TTA((1.0, 1.5, 2.0), flip=True)``; ``None``/``""``/``"none"``/``"1"`` -> plain."""
     if isinstance(spec, TTA):
@@ -67,6 +89,9 @@ def parse_tta(spec: str | TTA | None) -> TTA:
     if not isinstance(spec, str):
         raise TTAError(f"a TTA spec is a string like '1,1.5,2+flip', not {type(spec).__name__}")
     text = "".join(spec.split()).lower()
+    if text == AUTO:
+        raise TTAError("TTA spec 'auto' names the model's own views: resolve it with the model first "
+                       "(resolve_tta)")
     if text in ("", "none"):
         return TTA()
     scales_text, plus, suffix = text.partition("+")

@@ -110,7 +110,7 @@ def parse_tta(spec: str | TTA | None) -> TTA:
             scale = float(part)
         except ValueError:
             raise TTAError(f"TTA spec {spec!r}: {part!r} is not a scale (a number such as 1.5; "
-                           "form: SCALES[+flip], e.g. '1,1.5,2+flip')") from None
+                           "form: SCALES[+flip], e.g. '1,1.5,2+flip', or 'auto')") from None
         if not math.isfinite(scale) or not MIN_SCALE <= scale <= MAX_SCALE:
             raise TTAError(f"TTA spec {spec!r}: scale {part} is outside [{MIN_SCALE:g}, {MAX_SCALE:g}]")
         if scale in scales:

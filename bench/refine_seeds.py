@@ -7,7 +7,7 @@ One refinement moves by up to 0.10 mean IoU with the order of its crops alone
 pseudo-labels an earlier ``weakseg refine`` wrote (``--refined``: its ``model.pt`` names
 them in ``training_state``; the labels are the same for every run, only the seed and the
 setting change), and the result scores ``--split`` of ``--data`` (a VOC layout: never
-val) with the default chain, ``--tta 2``. Prints one JSON line per run, then the mean and
+val) with the default chain and views (``--tta auto``). Prints one JSON line per run, then the mean and
 standard deviation per setting.
 
     .venv/bin/python bench/refine_seeds.py --model demo-output/model/model.pt \\
@@ -25,7 +25,7 @@ import torch
 from weakseg.models import load_checkpoint
 from weakseg.tasks.evaluate.variants import score_variants
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
-from weakseg.tasks.segment.tta import DEFAULT_TTA
+from weakseg.tasks.segment.tta import AUTO
 from weakseg.tasks.train.refine import RefineConfig, run_refine
 
 CHAIN = "ilp+sppxl"
@@ -43,7 +43,7 @@ def refine_and_score(args: argparse.Namespace, stats: dict, weights: str, schedu
                 run_refine(load_checkpoint(f), stats["shards"], stats["images"], out, cfg,
                            device=torch.device("cpu"), parent={}, pseudo_stats=stats)
             model = f"{out}/model.pt"
-        m = score_variants(load_model(model, "cpu"), args.data, args.split, variants=[CHAIN], tta=DEFAULT_TTA,
+        m = score_variants(load_model(model, "cpu"), args.data, args.split, variants=[CHAIN], tta=args.tta,
                            max_side=args.max_side)[CHAIN]
     setting = weights if weights == "unrefined" else f"{weights}/{schedule}"
     return {"setting": setting, "seed": seed, "mean_iou": round(m["mean_iou"], 4),
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--finetune-from", type=int, default=None,
                         help="train the backbone from this feature stage on (default: as the MIL model)")
     parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="forward-pass longer side when scoring")
+    parser.add_argument("--tta", default=AUTO, help="views when scoring (default: each model's own, as segment)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of each refinement")
     args = parser.parse_args()
     stats = torch.load(args.refined, weights_only=True, map_location="cpu")["training_state"]["pseudo_labels"]

@@ -279,11 +279,17 @@ def test_thresholds_file_chosen_for_another_chain_is_used_with_a_warning(prefect
     write_corpus(root, {k: v for k, v in corpus_files().items() if k == "a_rgb.jpg"})
     (tmp_path / "model.pt").write_bytes(model_bytes)
     url = str(tmp_path / "t.json")
-    write_thresholds(url, "bb", CLASSES, dict.fromkeys(CLASSES, 0.2), priors=["ilp", "sppxl", "bb"])
+    write_thresholds(url, "bb", CLASSES, dict.fromkeys(CLASSES, 0.2), {"tta": "1"}, priors=["ilp", "sppxl", "bb"])
     messages = log_messages("prefect.task_runs")
     state = run(root, str(tmp_path / "model.pt"), str(tmp_path / "out"), run_id="t1", priors="ilp,bb",
                 thresholds=url)
     assert state.is_completed(), state.message
     assert any("chosen for priors ilp,sppxl,bb; this run applies ilp,bb" in m for m in messages), messages
+    # δ chosen on plain maps, applied to the default views (2 for this MIL model): said, not refused
+    assert any("chosen on the maps of the views 1; this run averages 2" in m for m in messages), messages
     used = json.loads(tables.read_table(str(tmp_path / "out"), "runs").to_pylist()[0]["thresholds"])
     assert used["bb"] == dict.fromkeys(CLASSES, 0.2) and used["sources"]["bb"] == url
+    messages.clear()
+    assert run(root, str(tmp_path / "model.pt"), str(tmp_path / "out"), run_id="t2", priors="ilp,sppxl,bb",
+               thresholds=url, tta="1").is_completed()
+    assert not any("views" in m for m in messages), messages  # same chain, same views: nothing to say

@@ -71,7 +71,7 @@ from weakseg.tasks.segment.chunk import ChunkResult, SegmentOptions, segment_chu
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, ModelError
 from weakseg.tasks.segment.inputs import ChunkSpec, iter_chunks
 from weakseg.tasks.segment.priors import parse_priors
-from weakseg.tasks.segment.tta import AUTO, resolve_tta
+from weakseg.tasks.segment.tta import AUTO
 
 __all__ = ["segment_corpus"]
 
@@ -82,9 +82,9 @@ _retry_io_only = retry_unless(ModelError, SourceError, tables.OutputError, Value
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_io_only)
 def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | None, priors: tuple[str, ...],
-            skip_existing: bool) -> runs.RunSetup:
-    """Check the output, pin the model (once, by content), resolve thresholds, find run_date."""
-    return runs.prepare_run(model, device, out, run_id, thresholds, priors, skip_existing, get_run_logger())
+            skip_existing: bool, tta: str) -> runs.RunSetup:
+    """Check the output, pin the model (once, by content), resolve the views and thresholds, find run_date."""
+    return runs.prepare_run(model, device, out, run_id, thresholds, priors, skip_existing, get_run_logger(), tta)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, task_run_name="segment-chunk-{spec.index:06d}")
@@ -274,10 +274,10 @@ def segment_corpus(
     chunk_device = _chunk_device(device, task_runner, dask_address)
     # On Dask the flow process only reads the model's metadata; the workers run it.
     info = prepare(model, "cpu" if task_runner == "dask" else device, out, run_id, thresholds, prior_list,
-                   skip_existing)
+                   skip_existing, tta)
     if task_runner == "threads":
         chunk_device = info.device
-    tta = parameters["tta"] = resolve_tta(tta, info.default_tta)  # the runs row records the views that ran
+    tta = parameters["tta"] = info.tta  # "auto" resolved for the model: the runs row records the views that ran
     if skip_existing:
         logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info.done,
                     info.model_id)

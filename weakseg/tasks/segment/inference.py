@@ -68,6 +68,7 @@ __all__ = [
     "sample_cells",
     "segment_image",
     "segment_variants",
+    "thresholds_views",
     "upsample_cells",
 ]
 
@@ -114,6 +115,11 @@ class ModelBundle:
     def resolve_tta(self, tta: str | TTA | None) -> str | TTA | None:
         """``tta``, with ``"auto"`` replaced by this model's views."""
         return resolve_tta(tta, self.default_tta)
+
+    def views(self, tta: str | TTA | None) -> str:
+        """The views ``tta`` runs on this model, spelled one way (``"auto"``: the model's, ``None``: ``"1"``):
+        what runs and thresholds files record."""
+        return str(parse_tta(self.resolve_tta(tta)))
 
 
 _CACHE: dict[tuple[str, str], ModelBundle] = {}  # (sha256 of the bytes, device) -> bundle
@@ -248,6 +254,15 @@ def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray, 
                          f"not this model's {list(classes)[:5]}...")
     chain = tuple(doc["priors"]) if doc.get("priors") is not None else None
     return doc["prior"], _threshold_vector(doc["thresholds"], classes, url), chain
+
+
+def thresholds_views(url: str) -> str | None:
+    """The test-time views a thresholds file's δ were chosen with, when it records them."""
+    try:
+        views = (read_thresholds(url).get("search") or {}).get("tta")
+    except ValueError as err:
+        raise ModelError(str(err)) from None
+    return str(views) if views is not None else None
 
 
 @dataclass

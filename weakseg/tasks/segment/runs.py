@@ -21,8 +21,8 @@ from ..evaluate.thresholds import resolve_thresholds
 from ..registry import resolve_model
 from . import tables
 from .chunk import STAGES, ChunkResult
-from .inference import ModelError, load_thresholds, pin_model, predict
-from .tta import DEFAULT_TTA
+from .inference import ModelError, load_thresholds, pin_model, predict, thresholds_views
+from .tta import AUTO
 
 __all__ = [
     "Fanout",
@@ -63,7 +63,7 @@ class RunSetup:
     background: bool
     device: str
     model_uri: str = ""  # the checkpoint the run reads, without credentials (a registry's release)
-    default_tta: str = DEFAULT_TTA  # the views --tta auto runs for this model
+    tta: str = "1"  # the views the run averages, "auto" resolved for the model
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,9 @@ def check_serves(bundle, model: str) -> None:
 
 
 def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str | None, priors: tuple[str, ...],
-                skip_existing: bool, log: logging.Logger | logging.LoggerAdapter) -> RunSetup:
+                skip_existing: bool, log: logging.Logger | logging.LoggerAdapter, tta: str = AUTO) -> RunSetup:
     """Check the output, resolve a registry to its current release, pin the model (once, by content),
-    resolve thresholds, find run_date."""
+    resolve the views (``tta``) and thresholds, find run_date."""
     attempt = uuid.uuid4().hex[:12]  # scratch names per attempt: two live runs of one run_id never share them
     tables.check_writable(out, f"{run_id}-{attempt}")
     resolved = resolve_model(model)
@@ -112,6 +112,11 @@ def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str 
                                 storage.redact_url(thresholds) if thresholds else "")
     if in_use.warning:
         log.warning("%s", in_use.warning)
+    views = bundle.views(tta)
+    chosen_with = thresholds_views(thresholds) if thresholds else None
+    if chosen_with is not None and chosen_with != views:
+        log.warning("%s holds δ chosen on the maps of the views %s; this run averages %s (δ may not be the best: "
+                    "choose them with the same --tta)", storage.redact_url(thresholds), chosen_with, views)
     run_date = tables.find_run_date(out, run_id) or datetime.now(UTC).date().isoformat()
     done_index, done = None, 0
     if skip_existing:
@@ -121,7 +126,7 @@ def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str 
             done_index = None
     return RunSetup(bundle.model_id, bundle.sha256, pinned, list(bundle.classes), in_use.values, in_use.sources,
                     run_date, done_index, done, bundle.background_index is not None, str(bundle.device),
-                    storage.redact_url(resolved.url), bundle.default_tta)
+                    storage.redact_url(resolved.url), views)
 
 
 def run_parameters(parameters: Mapping[str, Any], device: str) -> dict[str, Any]:

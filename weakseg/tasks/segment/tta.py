@@ -32,11 +32,11 @@ __all__ = ["AUTO", "DEFAULT_TTA", "MAX_SCALE", "MAX_VIEW_SIDE", "MIN_SCALE", "RE
            "default_tta", "parse_tta", "resolve_tta", "view_size"]
 
 MIN_SCALE, MAX_SCALE = 0.25, 4.0
-# The commands' default, chosen on MSRC-21-objects dev (bench/tta.py, three models): one view at
-# twice the plain forward size; +0.023 mean IoU, +0.080 background IoU over "1", for ~4x the forward.
+# What "auto" runs for a MIL model, chosen on MSRC-21-objects dev (bench/tta.py, three models): one view
+# at twice the plain forward size; +0.023 mean IoU, +0.080 background IoU over "1", for ~4x the forward.
 DEFAULT_TTA = "2"
 # A refined model without a background class, chosen on MSRC-21 dev (three refined models): the
-# plain view averaged in adds 0.024-0.041 mean IoU over "2" on every one, for 1.25x its cost. With
+# plain view averaged in adds 0.023-0.041 mean IoU over "2" on every one, for 1.25x its cost. With
 # a background class (MSRC-21-objects dev) it costs 0.008-0.026 instead, and MIL models split.
 REFINED_TTA = "1,2"
 AUTO = "auto"  # the commands' default: default_tta of the model at hand

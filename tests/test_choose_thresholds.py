@@ -45,8 +45,9 @@ def test_choose_thresholds_writes_a_file_segment_reads(prefect_harness, voc_and_
     assert "class values up to 200" in doc["search"]["skipped_images"]["val_000003"]
     assert doc["search"]["mean_iou"] >= doc["search"]["shared_mean_iou"]
     assert doc["search"]["tta"] == "2"  # the views of --tta auto for this MIL model, as segment will run them
-    prior, vec, chain = load_thresholds(out, classes)
+    prior, vec, chain, views = load_thresholds(out, classes)
     assert prior == "seg" and chain == ("ilp", "sppxl", "seg") and len(vec) == len(classes)
+    assert views == "2"
 
     out_bb = str(root / "t-bb.json")
     assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", out_bb, "--priors", "bb,ilp",

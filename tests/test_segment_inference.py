@@ -122,8 +122,8 @@ def test_thresholds_from_file_and_checkpoint(tmp_path):
     doc = {"format": "weakseg.thresholds", "format_version": 1, "prior": "seg", "classes": CLASSES,
            "thresholds": {"background": 0.1, "disk": 0.2, "square": 0.3, "stripes": 0.4}}
     (tmp_path / "t.json").write_text(json.dumps(doc))
-    prior, vec, chain = load_thresholds(str(tmp_path / "t.json"), CLASSES)
-    assert prior == "seg" and vec.tolist() == [0.1, 0.2, 0.3, 0.4] and chain is None
+    prior, vec, chain, views = load_thresholds(str(tmp_path / "t.json"), CLASSES)
+    assert prior == "seg" and vec.tolist() == [0.1, 0.2, 0.3, 0.4] and chain is None and views is None
     (tmp_path / "chain.json").write_text(json.dumps({**doc, "priors": ["ilp", "sppxl", "seg"]}))
     assert load_thresholds(str(tmp_path / "chain.json"), CLASSES)[2] == ("ilp", "sppxl", "seg")
     (tmp_path / "wrong-chain.json").write_text(json.dumps({**doc, "priors": ["ilp", "bb"]}))

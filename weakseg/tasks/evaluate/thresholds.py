@@ -295,27 +295,32 @@ class ThresholdsInUse:
 
     values: dict[str, list[float]]  # prior -> δ[K] in the model's class order
     sources: dict[str, str]  # prior -> "checkpoint", the file's (public) URL, or "default (0.5/K)"
-    warning: str | None = None  # the file's δ were chosen for another chain
+    warnings: tuple[str, ...] = ()  # the file's δ were chosen for another chain, or on other views
 
 
 def resolve_thresholds(checkpoint: Mapping[str, Sequence[float]], num_classes: int, priors: Sequence[str],
-                       from_file: tuple[str, Sequence[float], Sequence[str] | None] | None = None,
-                       file_url: str = "") -> ThresholdsInUse:
-    """Which δ win: a thresholds file's (``from_file`` = its prior, δ, chain; read from
+                       from_file: tuple[str, Sequence[float], Sequence[str] | None, str | None] | None = None,
+                       file_url: str = "", views: str | None = None) -> ThresholdsInUse:
+    """Which δ win: a thresholds file's (``from_file`` = its prior, δ, chain, views; read from
     ``file_url``, shown without credentials) over the checkpoint's, over 0.5/K for a bb or seg
-    prior of ``priors`` that has none."""
+    prior of ``priors`` that has none. ``views``: the test-time views the run averages, to
+    compare with the file's."""
     values = {p: list(v) for p, v in checkpoint.items()}
     sources = dict.fromkeys(values, "checkpoint")
-    warning = None
+    warnings = []
     if from_file is not None:
-        prior, vec, chain = from_file
+        prior, vec, chain, chosen_with = from_file
         if chain is not None and prior in priors and parse_priors(chain) != tuple(priors):
-            warning = (f"{file_url} holds δ chosen for priors {','.join(chain)}; this run applies "
-                       f"{','.join(priors) or 'none'} (the test then acts on other labels, so δ may not be the best)")
+            warnings.append(f"{file_url} holds δ chosen for priors {','.join(chain)}; this run applies "
+                            f"{','.join(priors) or 'none'} (the test then acts on other labels, so δ may not be "
+                            "the best)")
+        if chosen_with is not None and views is not None and chosen_with != views:
+            warnings.append(f"{file_url} holds δ chosen on the maps of the views {chosen_with}; this run averages "
+                            f"{views} (δ may not be the best: choose them with the same --tta)")
         values[prior] = list(vec)
         sources[prior] = file_url
     for prior in ("bb", "seg"):
         if prior in priors and prior not in values:
             values[prior] = list(default_thresholds(num_classes))
             sources[prior] = "default (0.5/K)"
-    return ThresholdsInUse(values, sources, warning)
+    return ThresholdsInUse(values, sources, tuple(warnings))

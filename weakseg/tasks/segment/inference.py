@@ -68,7 +68,6 @@ __all__ = [
     "sample_cells",
     "segment_image",
     "segment_variants",
-    "thresholds_views",
     "upsample_cells",
 ]
 
@@ -240,10 +239,12 @@ def load_pinned(url: str, sha256: str, device: str = "auto") -> ModelBundle:
         return _bundle(data, url, dev)
 
 
-def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray, tuple[str, ...] | None]:
-    """Read a thresholds file (weakseg thresholds writes them): ``(prior, δ[K] in class order, chain or None)``.
+def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray, tuple[str, ...] | None, str | None]:
+    """Read a thresholds file (weakseg thresholds writes them): ``(prior, δ[K] in class order, chain or None,
+    views or None)``.
 
-    The chain is the prior list δ was chosen for, when the file records it.
+    The chain is the prior list δ was chosen for, the views the test-time views of the maps
+    they were chosen on (``search.tta``), when the file records them.
     """
     try:
         doc = read_thresholds(url)
@@ -253,16 +254,9 @@ def load_thresholds(url: str, classes: Sequence[str]) -> tuple[str, np.ndarray, 
         raise ModelError(f"{url}: thresholds were chosen for classes {doc['classes'][:5]}..., "
                          f"not this model's {list(classes)[:5]}...")
     chain = tuple(doc["priors"]) if doc.get("priors") is not None else None
-    return doc["prior"], _threshold_vector(doc["thresholds"], classes, url), chain
-
-
-def thresholds_views(url: str) -> str | None:
-    """The test-time views a thresholds file's δ were chosen with, when it records them."""
-    try:
-        views = (read_thresholds(url).get("search") or {}).get("tta")
-    except ValueError as err:
-        raise ModelError(str(err)) from None
-    return str(views) if views is not None else None
+    views = (doc.get("search") or {}).get("tta")
+    vector = _threshold_vector(doc["thresholds"], classes, url)
+    return doc["prior"], vector, chain, None if views is None else str(views)
 
 
 @dataclass

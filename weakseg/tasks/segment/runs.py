@@ -21,7 +21,7 @@ from ..evaluate.thresholds import resolve_thresholds
 from ..registry import resolve_model
 from . import tables
 from .chunk import STAGES, ChunkResult
-from .inference import ModelError, load_thresholds, pin_model, predict, thresholds_views
+from .inference import ModelError, load_thresholds, pin_model, predict
 from .tta import AUTO
 
 __all__ = [
@@ -107,16 +107,12 @@ def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str 
     bundle, pinned = pin_model(resolved.url, storage.join(out, "_state"), device, prefix=f"model-{run_id}-")
     resolved.check(bundle.model_id)
     check_serves(bundle, model)
+    views = bundle.views(tta)
     in_use = resolve_thresholds(bundle.thresholds, len(bundle.classes), priors,
                                 load_thresholds(thresholds, bundle.classes) if thresholds else None,
-                                storage.redact_url(thresholds) if thresholds else "")
-    if in_use.warning:
-        log.warning("%s", in_use.warning)
-    views = bundle.views(tta)
-    chosen_with = thresholds_views(thresholds) if thresholds else None
-    if chosen_with is not None and chosen_with != views:
-        log.warning("%s holds δ chosen on the maps of the views %s; this run averages %s (δ may not be the best: "
-                    "choose them with the same --tta)", storage.redact_url(thresholds), chosen_with, views)
+                                storage.redact_url(thresholds) if thresholds else "", views)
+    for warning in in_use.warnings:
+        log.warning("%s", warning)
     run_date = tables.find_run_date(out, run_id) or datetime.now(UTC).date().isoformat()
     done_index, done = None, 0
     if skip_existing:

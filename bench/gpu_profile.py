@@ -2,15 +2,21 @@
 
 predict() alone on host arrays and on device-decoded tensors, one chunk inline and with the host
 pool, eight chunks side by side (as the flow runs them), and torch.profiler's op table of one chunk.
-Photos and model as bench/gpu.py. Writes ``--out`` (JSON) and ``--ops`` (text) as it goes.
+While the chunks run side by side, a sampler reads every thread's Python stack every few ms
+(``threads<N>_samples``): where each kind of thread (the device's, the host pool's, the chunks')
+spends its wall-clock time, waits included. Photos and model as bench/gpu.py. Writes ``--out``
+(JSON) and ``--ops`` (text) as it goes.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import json
+import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +26,51 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu import make_checkpoint, make_photos  # noqa: E402
+from gpu import first_photos, make_checkpoint, make_photos, segment  # noqa: E402
+
+
+class StackSampler:
+    """Counts, per kind of thread, the innermost project frame and the innermost frame of all
+    (``file:function:line``) every ``interval`` seconds: a wall-clock profile of every thread."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.samples = interval, 0
+        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def __enter__(self) -> StackSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval):
+            names = {t.ident: t.name for t in threading.enumerate()}
+            self.samples += 1
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                kind = names.get(ident, "?").rstrip("0123456789_").rstrip("-_")
+                leaf, ours = _where(frame), None
+                f = frame
+                while f is not None and ours is None:
+                    if "weakseg" in f.f_code.co_filename or "/bench/" in f.f_code.co_filename:
+                        ours = _where(f)
+                    f = f.f_back
+                self.counts[kind][f"{ours} <- {leaf}" if ours != leaf else str(ours)] += 1
+
+    def report(self, top: int = 12) -> dict:
+        return {kind: {"samples": sum(c.values()), "top": dict(c.most_common(top))} for kind, c in self.counts.items()}
+
+
+def _where(frame) -> str:
+    code = frame.f_code
+    return f"{Path(code.co_filename).name}:{code.co_name}:{frame.f_lineno}"
 
 
 def main() -> None:
@@ -94,14 +144,29 @@ def main() -> None:
             name = f"chunks_8x64_threads{threads}"
             o = opts(name, 16)
             t0 = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            with StackSampler() as sampler, concurrent.futures.ThreadPoolExecutor(threads) as pool:
                 rs = list(pool.map(lambda s, o=o: segment_chunk(s, o, bundle), specs[:8]))
-            sync()
+                sync()
             wall = time.perf_counter() - t0
             report[name] = {"wall_s": round(wall, 3), "images_per_second": round(sum(r.ok for r in rs) / wall, 1),
                             "stages": {k: round(sum(r.stage_seconds[k] for r in rs), 3) for k in STAGES}}
+            report[f"threads{threads}_samples"] = sampler.report()
             save()
             print(name, report[name], flush=True)
+        # the same photos through segment-corpus's flow and through its chunk task without Prefect
+        # (bench/gpu.py's two engines), 2 chunks in flight, each sampled
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        segment(first_photos(root, "warm-up", 64), model, str(root / "out-warm-up"), "ilp", str(dev), 64, 64, 2)
+        for engine in ("chunks", "flow"):
+            os.environ["WEAKSEG_BENCH_ENGINE"] = engine
+            for chunk_size in (64, 256):
+                name = f"{engine}_chunk{chunk_size}_workers2"
+                with StackSampler() as sampler:
+                    report[name] = segment(str(root / "photos"), model, str(root / f"out-{name}"), "ilp", str(dev),
+                                           64, chunk_size, 2)
+                report[name + "_samples"] = sampler.report()
+                save()
+                print(name, report[name], flush=True)
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])

@@ -28,7 +28,8 @@ workers of an existing cluster must be started with it (``dask worker ADDRESS
 --nthreads 1 --resources GPU=1``), else the run fails at once rather than wait forever.
 ``--device auto`` is resolved where the flow runs when it starts the cluster itself; with
 ``--dask-address`` it is resolved by each worker, and only ``--device cuda`` asks for GPU
-slots. Prefect's global ``gpu`` concurrency limit, when one is set, caps all of them.
+slots. Prefect's global ``gpu`` concurrency limit, when one is set, caps the processes on a
+GPU: one slot for the flow's own (threads) for the whole fan-out, one per chunk on Dask.
 
 Interrupted and concurrent runs: a chunk's files have deterministic names
 (``{run_id}-{chunk:06d}``) and are replaced whole, so rerunning a killed run with the same
@@ -88,9 +89,10 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, task_run_name="segment-chunk-{spec.index:06d}")
-def segment_chunk_task(spec: ChunkSpec, opts: SegmentOptions) -> ChunkResult:
-    """One chunk: read, decode, infer, apply priors, write its files (retried whole: same names)."""
-    with gpu_slot(opts.device):
+def segment_chunk_task(spec: ChunkSpec, opts: SegmentOptions, gpu_slot_each: bool = False) -> ChunkResult:
+    """One chunk: read, decode, infer, apply priors, write its files (retried whole: same names).
+    ``gpu_slot_each``: the chunk takes its own ``gpu`` slot (a Dask worker process on a GPU)."""
+    with gpu_slot(opts.device) if gpu_slot_each else contextlib.nullcontext():
         return segment_chunk(spec, opts)
 
 
@@ -113,7 +115,8 @@ def segment_chunks(images: str, chunk_size: int, opts: SegmentOptions, workers: 
 
     Returns the chunk results, the failed chunks' messages, the number of chunks listed, the
     time to start (or join) the cluster and the fan-out's wall time after it (for the Prefect
-    overhead: wall time minus the chunks' own).
+    overhead: wall time minus the chunks' own). ``gpu_resources`` (Dask on CUDA): every chunk asks
+    for a ``GPU`` resource and takes its worker process's ``gpu`` slot.
     """
     logger = get_run_logger()
     t_start = time.perf_counter()
@@ -145,7 +148,7 @@ def segment_chunks(images: str, chunk_size: int, opts: SegmentOptions, workers: 
         n_chunks += 1
         chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
         with _gpu_annotation() if gpu_resources else contextlib.nullcontext(), api_for_workers():
-            future = segment_chunk_task.submit(spec, chunk_opts)
+            future = segment_chunk_task.submit(spec, chunk_opts, gpu_resources)
         pending[future] = spec
         if len(pending) >= workers:
             done = next(iter(as_completed(list(pending))))
@@ -291,7 +294,11 @@ def segment_corpus(
                 info.run_date, task_runner, workers, chunk_device)
     gpu = task_runner == "dask" and chunk_device.startswith("cuda")
     runner = make_task_runner(task_runner, workers, dask_address, resources={"GPU": 1} if gpu else None)
-    fanout = segment_chunks.with_options(task_runner=runner)(images, chunk_size, opts, workers, gpu_resources=gpu)
+    # One gpu slot per process on the device: this one for threads (its chunks share the device and
+    # must not queue for slots against each other), each chunk's worker process on Dask.
+    with gpu_slot(chunk_device) if task_runner == "threads" else contextlib.nullcontext():
+        fanout = segment_chunks.with_options(task_runner=runner)(images, chunk_size, opts, workers,
+                                                                 gpu_resources=gpu)
     if fanout.chunks == 0:
         raise SourceError(f"--images {images} holds no images")
     counts = runs.run_counts(fanout.results, fanout.chunks, fanout.failed_chunks)

@@ -55,7 +55,7 @@ from prefect.cache_policies import NONE
 from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
@@ -96,9 +96,8 @@ def segment_chunk_task(spec: ChunkSpec, opts: SegmentOptions, gpu_slot_each: boo
         return segment_chunk(spec, opts)
 
 
-def _check_gpu_workers(logger) -> None:
+def _check_gpu_workers(runner: TaskRunner, logger) -> None:
     """Chunks that ask for a ``GPU`` resource wait forever where no worker has one: fail now."""
-    runner = get_run_context().task_runner
     workers = runner.client.scheduler_info(n_workers=-1).get("workers", {})
     if not workers:
         logger.warning("the Dask cluster has no workers yet; chunks wait for one started with --resources GPU=1")
@@ -108,10 +107,14 @@ def _check_gpu_workers(logger) -> None:
                          f"resource; start them with `dask worker ADDRESS --nthreads 1 --resources GPU=1`")
 
 
-@flow(name="segment-corpus-chunks")
-def segment_chunks(images: str, chunk_size: int, opts: SegmentOptions, workers: int,
+def segment_chunks(runner: TaskRunner, images: str, chunk_size: int, opts: SegmentOptions, workers: int,
                    gpu_resources: bool = False) -> runs.Fanout:
-    """Segment every chunk on this subflow's task runner, at most ``workers`` in flight.
+    """Segment every chunk on ``runner`` (threads, or a Dask cluster), at most ``workers`` in flight.
+
+    The chunk tasks go to the runner straight from the flow (a runner is a context manager).
+    They used to go through a subflow that carried the runner. That cost every run about 1 s
+    of Prefect's bookkeeping: making the subflow run, and at its end joining its heartbeat
+    thread, which sleeps in 1 s steps.
 
     Returns the chunk results, the failed chunks' messages, the number of chunks listed, the
     time to start (or join) the cluster and the fan-out's wall time after it (for the Prefect
@@ -120,42 +123,43 @@ def segment_chunks(images: str, chunk_size: int, opts: SegmentOptions, workers: 
     """
     logger = get_run_logger()
     t_start = time.perf_counter()
-    runner = get_run_context().task_runner
-    if hasattr(runner, "client"):  # prefect-dask starts (or joins) the cluster on first use: before the timing
-        _ = runner.client
-    start_seconds = time.perf_counter() - t_start
-    if gpu_resources:
-        _check_gpu_workers(logger)
-    t0 = time.perf_counter()
-    results: list[ChunkResult] = []
-    failed_chunks: list[str] = []
-    pending: dict[Any, ChunkSpec] = {}
-    n_chunks = 0
+    with runner:
+        if hasattr(runner, "client"):  # prefect-dask starts (or joins) the cluster on first use: before the timing
+            _ = runner.client
+        start_seconds = time.perf_counter() - t_start
+        if gpu_resources:
+            _check_gpu_workers(runner, logger)
+        t0 = time.perf_counter()
+        results: list[ChunkResult] = []
+        failed_chunks: list[str] = []
+        pending: dict[Any, ChunkSpec] = {}
+        n_chunks = 0
 
-    def collect(future, spec: ChunkSpec) -> None:
-        try:
-            r = future.result()
-        except Exception as err:  # retries exhausted: the run goes on, its final state says Failed
-            message = storage.redact(str(err))
-            logger.error("chunk %d failed after retries: %s: %s", spec.index, type(err).__name__, message)
-            failed_chunks.append(f"chunk {spec.index}: {type(err).__name__}: {message}")
-            return
-        results.append(r)
-        logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s", r.index, r.ok, r.failed, r.skipped,
-                    r.seconds)
+        def collect(future, spec: ChunkSpec) -> None:
+            try:
+                r = future.result()
+            except Exception as err:  # retries exhausted: the run goes on, its final state says Failed
+                message = storage.redact(str(err))
+                logger.error("chunk %d failed after retries: %s: %s", spec.index, type(err).__name__, message)
+                failed_chunks.append(f"chunk {spec.index}: {type(err).__name__}: {message}")
+                return
+            results.append(r)
+            logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s", r.index, r.ok, r.failed, r.skipped,
+                        r.seconds)
 
-    for spec in iter_chunks(images, chunk_size):
-        n_chunks += 1
-        chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
-        with _gpu_annotation() if gpu_resources else contextlib.nullcontext(), api_for_workers():
-            future = segment_chunk_task.submit(spec, chunk_opts, gpu_resources)
-        pending[future] = spec
-        if len(pending) >= workers:
-            done = next(iter(as_completed(list(pending))))
-            collect(done, pending.pop(done))
-    for future in as_completed(list(pending)):
-        collect(future, pending.pop(future))
-    return runs.Fanout(results, failed_chunks, n_chunks, time.perf_counter() - t0, start_seconds)
+        for spec in iter_chunks(images, chunk_size):
+            n_chunks += 1
+            chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
+            with _gpu_annotation() if gpu_resources else contextlib.nullcontext(), api_for_workers():
+                future = runner.submit(segment_chunk_task,
+                                       {"spec": spec, "opts": chunk_opts, "gpu_slot_each": gpu_resources})
+            pending[future] = spec
+            if len(pending) >= workers:
+                done = next(iter(as_completed(list(pending))))
+                collect(done, pending.pop(done))
+        for future in as_completed(list(pending)):
+            collect(future, pending.pop(future))
+        return runs.Fanout(results, failed_chunks, n_chunks, time.perf_counter() - t0, start_seconds)
 
 
 def _gpu_annotation():
@@ -297,8 +301,7 @@ def segment_corpus(
     # One gpu slot per process on the device: this one for threads (its chunks share the device and
     # must not queue for slots against each other), each chunk's worker process on Dask.
     with gpu_slot(chunk_device) if task_runner == "threads" else contextlib.nullcontext():
-        fanout = segment_chunks.with_options(task_runner=runner)(images, chunk_size, opts, workers,
-                                                                 gpu_resources=gpu)
+        fanout = segment_chunks(runner, images, chunk_size, opts, workers, gpu_resources=gpu)
     if fanout.chunks == 0:
         raise SourceError(f"--images {images} holds no images")
     counts = runs.run_counts(fanout.results, fanout.chunks, fanout.failed_chunks)

@@ -35,10 +35,9 @@ def limit_slot(name: str) -> Iterator[None]:
     that limit (active); else nothing.
 
     Why look first: Prefect's ``concurrency()`` queues every acquisition through one service
-    per limit name, and on an H200 that cost each segment-corpus chunk 1-2 s even where no
-    ``gpu`` limit exists (most servers): 144 images/s against 450 for the same chunks without
-    it (bench/gpu_profile.py). The read is one request; a server that cannot answer it is left
-    to ``concurrency()``, as before.
+    per limit name, and each took 1-2 s even where no such limit exists (most servers). On an
+    H200 that held segment-corpus at 144 images/s, 250 without it (bench/gpu.sh). The read is
+    one request; a server that cannot answer it is left to ``concurrency()``, as before.
     """
     try:
         exists = _active_limit(name)

@@ -111,10 +111,9 @@ def segment_chunks(runner: TaskRunner, images: str, chunk_size: int, opts: Segme
                    gpu_resources: bool = False) -> runs.Fanout:
     """Segment every chunk on ``runner`` (threads, or a Dask cluster), at most ``workers`` in flight.
 
-    The chunk tasks go to the runner straight from the flow (a runner is a context manager).
-    They used to go through a subflow that carried the runner. That cost every run about 1 s
-    of Prefect's bookkeeping: making the subflow run, and at its end joining its heartbeat
-    thread, which sleeps in 1 s steps.
+    Straight from the flow (a runner is a context manager), not through a subflow carrying
+    the runner: a subflow costs every run about 1 s, its own flow run and, at its end, the
+    join of its heartbeat thread, which sleeps in 1 s steps.
 
     Returns the chunk results, the failed chunks' messages, the number of chunks listed, the
     time to start (or join) the cluster and the fan-out's wall time after it (for the Prefect

@@ -93,6 +93,23 @@ def test_predictions_from_device_tensors_match_host_arrays(bundle):
     torch.testing.assert_close(flipped.probs(), predict(bundle, images[:1], tta="1+flip", **kwargs)[0].probs())
 
 
+def test_device_images_resized_together_match_one_at_a_time():
+    from weakseg.tasks.segment.inference import _input_batch, _resized_on_device
+
+    shapes = [(200, 150), (96, 128), (200, 150), (40, 60), (200, 150)]  # shrunk, enlarged, shapes interleaved
+    images = [torch.from_numpy(_photo(h, w, k)) for k, (h, w) in enumerate(shapes)]
+    size, padded = (120, 90), (128, 96)
+    alone = _resized_on_device(images, size, padded, CPU, together=False)
+    together = _resized_on_device(images, size, padded, CPU, together=True)
+    assert together.shape == (5, 128, 96, 3)
+    torch.testing.assert_close(together, alone, rtol=0, atol=0)
+    torch.testing.assert_close(_input_batch(images, size, 16, CPU), alone.permute(0, 3, 1, 2), rtol=0, atol=0)
+    mixed = [im.numpy() if k == 1 else im for k, im in enumerate(images)]  # a host array among them
+    x = _input_batch(mixed, size, 16, CPU)
+    torch.testing.assert_close(x[[0, 2, 3, 4]], alone.permute(0, 3, 1, 2)[[0, 2, 3, 4]], rtol=0, atol=0)
+    torch.testing.assert_close(x[1], _input_batch([mixed[1]], size, 16, CPU)[0], rtol=0, atol=0)
+
+
 def test_chunk_decoded_on_the_device_writes_the_host_paths_tables(tmp_path, bundle):
     folder = tmp_path / "c"
     folder.mkdir()

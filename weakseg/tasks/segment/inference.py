@@ -401,7 +401,7 @@ def _input_batch(images: Sequence[np.ndarray | torch.Tensor], size: tuple[int, i
     bh, bw = -(-fh // stride) * stride, -(-fw // stride) * stride
     host = [i for i, im in enumerate(images) if isinstance(im, np.ndarray)]
     if not host:  # all decoded on the device: no host batch, no index to send over
-        return torch.stack([_resize_pad(im.to(device), (fh, fw), (bh, bw)) for im in images]).permute(0, 3, 1, 2)
+        return _resized_on_device(images, (fh, fw), (bh, bw), device).permute(0, 3, 1, 2)
     batch = np.empty((len(host), bh, bw, 3), dtype=np.uint8)
     for j, i in enumerate(host):
         im = images[i]
@@ -411,23 +411,47 @@ def _input_batch(images: Sequence[np.ndarray | torch.Tensor], size: tuple[int, i
         batch[j] = np.pad(im, ((0, bh - fh), (0, bw - fw), (0, 0)), mode="edge")
     x = torch.from_numpy(batch).to(device)
     if len(host) < len(images):
+        tensors = [i for i, im in enumerate(images) if isinstance(im, torch.Tensor)]
         x = torch.empty((len(images), bh, bw, 3), dtype=torch.uint8, device=device).index_copy_(
             0, torch.tensor(host, dtype=torch.long, device=device), x)
-        for i, im in enumerate(images):
-            if isinstance(im, torch.Tensor):
-                x[i] = _resize_pad(im.to(device), (fh, fw), (bh, bw))
+        x.index_copy_(0, torch.tensor(tensors, dtype=torch.long, device=device),
+                      _resized_on_device([images[i] for i in tensors], (fh, fw), (bh, bw), device))
     return x.permute(0, 3, 1, 2)  # channels-last in memory, whichever way the images came
 
 
-def _resize_pad(image: torch.Tensor, size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
-    """``uint8 [H, W, 3]`` on the device -> ``uint8 [bh, bw, 3]``: antialiased shrink or bilinear
-    enlargement to ``size`` (as OpenCV's area / linear do on the host), then edge padding."""
-    x = image.permute(2, 0, 1)[None].float()
+def _resized_on_device(images: Sequence[torch.Tensor], size: tuple[int, int], padded: tuple[int, int],
+                       device: torch.device, together: bool | None = None) -> torch.Tensor:
+    """``uint8 [N, bh, bw, 3]`` on ``device``: every image resized and padded (:func:`_resize_pad`).
+
+    ``together`` (default: on an accelerator) resizes the images of one source shape in one
+    call. There the device's one thread issues every kernel of a batch, and a bucket of
+    same-shape photos then costs a few launches, not a few per photo. On the CPU one image at
+    a time is faster: a whole batch in float32 no longer fits in cache.
+    """
+    if not (device.type != "cpu" if together is None else together):
+        return torch.cat([_resize_pad(im.to(device)[None], size, padded) for im in images])
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(j)
+    parts = [(js, _resize_pad(torch.stack([images[j].to(device) for j in js]), size, padded))
+             for js in groups.values()]
+    if len(parts) == 1:
+        return parts[0][1]
+    out = torch.empty((len(images), *padded, 3), dtype=torch.uint8, device=device)
+    for js, part in parts:
+        out.index_copy_(0, torch.tensor(js, dtype=torch.long, device=device), part)
+    return out
+
+
+def _resize_pad(images: torch.Tensor, size: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
+    """``uint8 [N, H, W, 3]`` on the device -> ``uint8 [N, bh, bw, 3]``: antialiased shrink or
+    bilinear enlargement to ``size`` (as OpenCV's area / linear do on the host), then edge padding."""
+    x = images.permute(0, 3, 1, 2).float()
     if tuple(x.shape[-2:]) != size:
         shrink = size[0] * size[1] < x.shape[-2] * x.shape[-1]
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
     x = F.pad(x, (0, padded[1] - size[1], 0, padded[0] - size[0]), mode="replicate")
-    return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _forward(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor],

@@ -11,6 +11,9 @@
   ``ilp`` decode the JPEGs on the device (nvjpeg, ``--decode auto``), the others on the host;
 - ``ilp_steady_state``: ``ilp`` on half the photos too: the marginal rate of the other half
   (a long run's rate) and the fixed cost per run;
+- ``ilp_threads``: ``ilp`` once more with :class:`sampler.StackSampler` reading every
+  thread's stack every 2 ms: where the device's thread, the host pool and the chunk threads
+  spend their wall-clock time (the run's own rate beside it: sampling costs a little);
 - ``train``: training samples/s of the trainer's own optimiser step (bf16 autocast and
   channels_last on CUDA) on batches already in memory;
 - ``peak_device_memory_mib`` (CUDA) or ``peak_rss_mib`` (CPU).
@@ -38,6 +41,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from sampler import StackSampler  # noqa: E402  (bench/, on the path as this script's folder)
 
 from weakseg.models import ModelConfig, create_model, save_checkpoint  # noqa: E402
 from weakseg.tasks.devices import resolve_device  # noqa: E402
@@ -310,6 +315,11 @@ def main() -> None:
         if "error" not in report["segment"]["ilp"]:
             report["ilp_steady_state"] = steady_state(root, model, device, batch, chunk_size, workers, n,
                                                       report["segment"]["ilp"]["seconds"], bare)
+            with StackSampler() as sampler:
+                r = segment(str(root / "photos"), model, str(root / "out-ilp-sampled"), "ilp", device, batch,
+                            chunk_size, workers)
+            report["ilp_threads"] = {"images_per_second": r["images_per_second"], "threads": sampler.report(8)}
+            _write(report, args.out)
     _write(report, args.out)
     report["train"] = train_speed(device, 8 if quick else 32, 64 if quick else 320, head, 2 if quick else 20)
     if dev.type == "cuda":

@@ -10,13 +10,11 @@ spends its wall-clock time, waits included. Photos and model as bench/gpu.py. Wr
 from __future__ import annotations
 
 import argparse
-import collections
 import concurrent.futures
 import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,50 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu import first_photos, make_checkpoint, make_photos, segment  # noqa: E402
-
-
-class StackSampler:
-    """Counts, per kind of thread, the innermost project frame and the innermost frame of all
-    (``file:function:line``) every ``interval`` seconds: a wall-clock profile of every thread."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval, self.samples = interval, 0
-        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
-
-    def __enter__(self) -> StackSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        me = threading.get_ident()
-        while not self._stop.wait(self.interval):
-            names = {t.ident: t.name for t in threading.enumerate()}
-            self.samples += 1
-            for ident, frame in sys._current_frames().items():
-                if ident == me:
-                    continue
-                kind = names.get(ident, "?").rstrip("0123456789_").rstrip("-_")
-                leaf, ours = _where(frame), None
-                f = frame
-                while f is not None and ours is None:
-                    if "weakseg" in f.f_code.co_filename or "/bench/" in f.f_code.co_filename:
-                        ours = _where(f)
-                    f = f.f_back
-                self.counts[kind][f"{ours} <- {leaf}" if ours != leaf else str(ours)] += 1
-
-    def report(self, top: int = 12) -> dict:
-        return {kind: {"samples": sum(c.values()), "top": dict(c.most_common(top))} for kind, c in self.counts.items()}
-
-
-def _where(frame) -> str:
-    code = frame.f_code
-    return f"{Path(code.co_filename).name}:{code.co_name}:{frame.f_lineno}"
+from sampler import StackSampler  # noqa: E402
 
 
 def main() -> None:

@@ -2,10 +2,11 @@
 
 predict() alone on host arrays and on device-decoded tensors, one chunk inline and with the host
 pool, eight chunks side by side (as the flow runs them), and torch.profiler's op table of one chunk.
-While the chunks run side by side, a sampler reads every thread's Python stack every few ms
-(``threads<N>_samples``): where each kind of thread (the device's, the host pool's, the chunks')
-spends its wall-clock time, waits included. Photos and model as bench/gpu.py. Writes ``--out``
-(JSON) and ``--ops`` (text) as it goes.
+Then the same photos through segment-corpus's flow and through its chunk task without Prefect
+(bench/gpu.py's two engines, 2 chunks in flight). The multi-threaded parts run under
+:class:`sampler.StackSampler` (``*_samples``): where each kind of thread (the device's, the host
+pool's, the chunks') spends its wall-clock time, waits included. Photos and model as
+bench/gpu.py. Writes ``--out`` (JSON) and ``--ops`` (text) as it goes.
 """
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """Task runners chosen by flow parameter: threads in one process, or a Dask cluster.
 
 Prefect fixes a flow's task runner at decoration time, so the flows that fan out take the
-runner the parameters ask for from here: shard-imagenet runs its shards in a subflow given
-that runner, and segment-corpus submits its chunks to it straight from the flow, inside
-``with runner:`` (which saves the subflow's cost, about 1 s a run). ``dask`` starts a
+runner the parameters ask for from here and submit their tasks to it straight from the flow,
+inside ``with runner:`` (a subflow carrying the runner costs about 1 s a run). ``dask`` starts a
 LocalCluster of worker processes on 127.0.0.1, or joins an existing cluster by address.
 Tasks submitted to worker processes must be submitted inside :func:`api_for_workers`.
 """

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
+from prefect.task_runners import TaskRunner
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -72,19 +73,24 @@ def write_manifest(dest: str, results: list[ShardResult], label_map: LabelMap, p
                            dropped=dropped, multilabel=multilabel, generation=generation, folder=folder)
 
 
-@flow(name="shard-imagenet-write")
-def write_shards(plans: list[ShardPlan], dest: str, classes: list[str], options: EncodeOptions,
-                 fp: str) -> list[ShardResult]:
-    """Write every planned shard on this subflow's task runner, with progress."""
+def write_shards(runner: TaskRunner, plans: list[ShardPlan], dest: str, classes: list[str],
+                 options: EncodeOptions, fp: str) -> list[ShardResult]:
+    """Write every planned shard on ``runner`` (threads, or a Dask cluster), with progress.
+
+    Submitted straight from the flow, not through a subflow carrying the runner, which costs
+    a run about 1 s (:func:`weakseg.flows.segment_corpus.segment_chunks` says why).
+    """
     progress = create_progress_artifact(0.0, key="shard-imagenet-progress", description="shards written")
-    with api_for_workers():
-        futures = [write_shard.submit(plan, dest, classes, options, fp) for plan in plans]
     results: list[ShardResult] = []
-    with tqdm(total=len(plans), unit="shard", desc="shard-imagenet") as bar:
-        for future in as_completed(futures):
-            results.append(future.result())
-            bar.update(1)
-            update_progress_artifact(progress, 100.0 * len(results) / len(plans))
+    with runner:
+        with api_for_workers():
+            futures = [runner.submit(write_shard, {"plan": plan, "dest": dest, "classes": classes,
+                                                   "options": options, "fp": fp}) for plan in plans]
+        with tqdm(total=len(plans), unit="shard", desc="shard-imagenet") as bar:
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.update(1)
+                update_progress_artifact(progress, 100.0 * len(results) / len(plans))
     return results
 
 
@@ -143,8 +149,7 @@ def shard_imagenet(
     logger.info("generation %s -> %s", generation, storage.redact_url(storage.join(dest, folder)))
     classes = list(lmap.classes)
     runner = make_task_runner(task_runner, workers, dask_address)
-    results = write_shards.with_options(task_runner=runner)(plans, storage.join(dest, folder) if folder else dest,
-                                                            classes, options, fp)
+    results = write_shards(runner, plans, storage.join(dest, folder) if folder else dest, classes, options, fp)
     manifest = write_manifest(dest, results, lmap, params, source_fp, dropped,
                               multilabel=any(len(n) > 1 for n in kept_labels), generation=generation, folder=folder)
     skipped = sum(r.skipped for r in results)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.testing.utilities import prefect_test_harness
 
 from weakseg.tasks.images import decode_image, encode_jpeg, resize_shorter_side
@@ -64,9 +63,9 @@ def main() -> None:
         with prefect_test_harness(server_startup_timeout=120):
             for workers in [int(w) for w in args.workers.split(",")]:
                 dest = work / f"dest-{workers}"
-                runner = shard_imagenet.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
                 start = time.perf_counter()
-                runner(source=str(work / "src"), dest=str(dest), max_side=args.max_side, shard_size=50)
+                shard_imagenet(source=str(work / "src"), dest=str(dest), max_side=args.max_side, shard_size=50,
+                               workers=workers)
                 flows[workers] = args.images / (time.perf_counter() - start)
         print(json.dumps({
             "benchmark": "shard_imagenet",

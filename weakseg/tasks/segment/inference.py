@@ -428,11 +428,11 @@ def _resized_on_device(images: Sequence[torch.Tensor], size: tuple[int, int], pa
     same-shape photos then costs a few launches, not a few per photo. On the CPU one image at
     a time is faster: a whole batch in float32 no longer fits in cache.
     """
-    if not (device.type != "cpu" if together is None else together):
-        return torch.cat([_resize_pad(im.to(device)[None], size, padded) for im in images])
-    groups: dict[tuple[int, ...], list[int]] = {}
+    if together is None:
+        together = device.type != "cpu"
+    groups: dict[object, list[int]] = {}  # images resized in one call: one source shape, or one image
     for j, im in enumerate(images):
-        groups.setdefault(tuple(im.shape), []).append(j)
+        groups.setdefault(tuple(im.shape) if together else j, []).append(j)
     parts = [(js, _resize_pad(torch.stack([images[j].to(device) for j in js]), size, padded))
              for js in groups.values()]
     if len(parts) == 1:

@@ -73,9 +73,14 @@ def default_tta(*, refined: bool, background: bool) -> str:
     return REFINED_TTA if refined and not background else DEFAULT_TTA
 
 
+def _normalised(spec: str) -> str:
+    """A spec as it is compared: no whitespace, lower case."""
+    return "".join(spec.split()).lower()
+
+
 def resolve_tta(spec: str | TTA | None, model_default: str) -> str | TTA | None:
     """``spec`` itself, or the model's views ``model_default`` when it is ``"auto"``."""
-    if isinstance(spec, str) and "".join(spec.split()).lower() == AUTO:
+    if isinstance(spec, str) and _normalised(spec) == AUTO:
         return model_default
     return spec
 
@@ -88,7 +93,7 @@ def parse_tta(spec: str | TTA | None) -> TTA:
         return TTA()
     if not isinstance(spec, str):
         raise TTAError(f"a TTA spec is a string like '1,1.5,2+flip', not {type(spec).__name__}")
-    text = "".join(spec.split()).lower()
+    text = _normalised(spec)
     if text == AUTO:
         raise TTAError("TTA spec 'auto' names the model's own views: resolve it with the model first "
                        "(resolve_tta)")

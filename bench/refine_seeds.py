@@ -2,7 +2,7 @@
 
 One refinement moves by up to 0.10 mean IoU with the order of its crops alone
 (docs/method.md, *Choices*), so a setting is compared over seeds. For each
-``--class-weights`` and ``--lr-schedules`` pair and each seed, the MIL model ``--model`` is refined
+``--class-weights``, ``--lr-schedules`` and ``--scales`` setting and each seed, the MIL model ``--model`` is refined
 (:func:`~weakseg.tasks.train.refine.run_refine`, the refine-mil flow's loop) on the
 pseudo-labels an earlier ``weakseg refine`` wrote (``--refined``: its ``model.pt`` names
 them in ``training_state``; the labels are the same for every run, only the seed and the
@@ -31,21 +31,30 @@ from weakseg.tasks.train.refine import RefineConfig, run_refine
 CHAIN = "ilp+sppxl"
 
 
-def refine_and_score(args: argparse.Namespace, stats: dict, weights: str, schedule: str, seed: int) -> dict:
+def parse_scale(text: str) -> tuple[float, float]:
+    """``"0.8-1.2"`` -> ``(0.8, 1.2)``: the range of the refinement's random rescaling."""
+    lo, hi = (float(v) for v in text.split("-"))
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"a scale range is LO-HI with 0 < LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def refine_and_score(args: argparse.Namespace, stats: dict, weights: str, schedule: str, seed: int,
+                     scale: tuple[float, float] = RefineConfig.scale) -> dict:
     with tempfile.TemporaryDirectory() as out:
         if weights == "unrefined":
             model = args.model
         else:
             cfg = RefineConfig(epochs=args.epochs, input_size=args.input_size, num_workers=args.workers,
                                progress=False, seed=seed, class_weights=weights, lr_schedule=schedule,
-                               finetune_from=args.finetune_from)
+                               finetune_from=args.finetune_from, scale=scale)
             with open(args.model, "rb") as f:
                 run_refine(load_checkpoint(f), stats["shards"], stats["images"], out, cfg,
                            device=torch.device("cpu"), parent={}, pseudo_stats=stats)
             model = f"{out}/model.pt"
         m = score_variants(load_model(model, "cpu"), args.data, args.split, variants=[CHAIN], tta=args.tta,
                            max_side=args.max_side)[CHAIN]
-    setting = weights if weights == "unrefined" else f"{weights}/{schedule}"
+    setting = weights if weights == "unrefined" else f"{weights}/{schedule}/scale {scale[0]:g}-{scale[1]:g}"
     return {"setting": setting, "seed": seed, "mean_iou": round(m["mean_iou"], 4),
             "pixel_accuracy": round(m["pixel_accuracy"], 4),
             "per_class_iou": {k: round(c["iou"], 3) for k, c in m["per_class"].items()}}
@@ -61,6 +70,8 @@ def main() -> None:
     parser.add_argument("--class-weights", default="none,balanced",
                         help="comma list of settings; 'unrefined' scores the MIL model itself")
     parser.add_argument("--lr-schedules", default=RefineConfig.lr_schedule, help="comma list: constant, poly")
+    parser.add_argument("--scales", default="{:g}-{:g}".format(*RefineConfig.scale),
+                        help="comma list of LO-HI ranges of the crops' random rescaling")
     parser.add_argument("--epochs", type=int, default=RefineConfig.epochs)
     parser.add_argument("--input-size", type=int, default=RefineConfig.input_size)
     parser.add_argument("--finetune-from", type=int, default=None,
@@ -71,12 +82,14 @@ def main() -> None:
     args = parser.parse_args()
     stats = torch.load(args.refined, weights_only=True, map_location="cpu")["training_state"]["pseudo_labels"]
     runs: dict[str, list[dict]] = {}
-    settings = [(w, s) for w in args.class_weights.split(",")
-                for s in ([""] if w == "unrefined" else args.lr_schedules.split(","))]
-    for weights, schedule in settings:
+    scales = [parse_scale(s) for s in args.scales.split(",")]
+    settings = [(w, s, r) for w in args.class_weights.split(",")
+                for s in ([""] if w == "unrefined" else args.lr_schedules.split(","))
+                for r in (scales[:1] if w == "unrefined" else scales)]
+    for weights, schedule, scale in settings:
         seeds = [0] if weights == "unrefined" else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
-            row = refine_and_score(args, stats, weights, schedule, seed)
+            row = refine_and_score(args, stats, weights, schedule, seed, scale)
             runs.setdefault(row["setting"], []).append(row)
             print(json.dumps(row), flush=True)
     summary = {w: {"mean_iou": round(statistics.mean(r["mean_iou"] for r in rows), 4),

@@ -116,6 +116,14 @@ def test_poly_schedule_falls_to_zero_at_the_last_step_and_constant_stays() -> No
         lr_scheduler(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), "cosine", 10)
 
 
+@pytest.mark.parametrize("scale", [(0.0, 1.0), (1.5, 1.2), (-1.0, 2.0)])
+def test_refine_config_refuses_a_scale_range_that_is_not_one(scale) -> None:
+    from weakseg.tasks.train.refine import RefineConfig
+
+    with pytest.raises(ValueError, match="scale must be a range"):
+        RefineConfig(scale=scale)
+
+
 @pytest.mark.slow
 def test_refine_improves_over_its_input_model(tmp_path, background_run) -> None:
     """refine-mil's checkpoint is used by the scoring code unchanged and labels val pixels better than the
@@ -127,7 +135,7 @@ def test_refine_improves_over_its_input_model(tmp_path, background_run) -> None:
     data, shards, model = background_run
     # The default 6 epochs, 20 steps each: 3 were not always enough to beat this small, weak input model.
     result = refine_mil(shards=shards, model=model, out=str(tmp_path / "refined"), steps_per_epoch=20,
-                        batch_size=16, input_size=96, lr=3e-3, num_workers=0, progress=False)
+                        batch_size=16, input_size=96, scale=[0.75, 1.5], lr=3e-3, num_workers=0, progress=False)
     pseudo = result["pseudo_labels"]
     assert pseudo["images"] == 96 and 0 < pseudo["coverage"] <= 1
     assert set(pseudo["class_pixels"]) == {"background", "dots", "stripes"}
@@ -137,6 +145,7 @@ def test_refine_improves_over_its_input_model(tmp_path, background_run) -> None:
     assert after["mean_iou"] > before["mean_iou"], (before["mean_iou"], after["mean_iou"])
     refined = load_model(result["checkpoint"], "cpu").checkpoint
     assert refined.training_state["refined_from"]["model_id"] == load_model(model, "cpu").model_id
+    assert refined.training_state["options"]["refine"]["scale"] == [0.75, 1.5]
 
     # A stage the backbone does not have fails before any pseudo-label is written, not after.
     with pytest.raises(ValueError, match=r"finetune_from must be in \[-5, 4\]"):

@@ -98,6 +98,9 @@ def refine_mil(
     steps_per_epoch: Annotated[int, Field(ge=0, description="optimiser steps per epoch; 0: one pass")] = 0,
     batch_size: Annotated[int, Field(ge=1, description="crops per step")] = 16,
     input_size: Annotated[int, Field(ge=16, description="training crop side in pixels")] = 288,
+    scale: Annotated[list[float], Field(min_length=2, max_length=2, description=(
+        "range of the random rescaling of the crops, low,high (of the image fitted to input_size)"))] = (
+        RefineConfig.scale),
     lr: Annotated[float, Field(gt=0, description="SGD learning rate")] = 1e-3,
     mil_weight: Annotated[float, Field(ge=0, description="weight of the image-level MIL loss")] = 1.0,
     class_weights: Annotated[Literal["none", "balanced"], Field(description=(
@@ -132,7 +135,8 @@ def refine_mil(
                                        finetune_from)
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
                     100 * pseudo["coverage"], pseudo["skipped"])
-        config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, lr=lr,
+        config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, scale=(scale[0], scale[1]),
+                              lr=lr,
                               mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
                               finetune_from=finetune_from, steps_per_epoch=steps_per_epoch,
                               num_workers=num_workers, seed=seed, progress=progress)

@@ -66,6 +66,11 @@ class RefineConfig:
     seed: int = 0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        lo, hi = self.scale
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale must be a range low,high with 0 < low <= high, got {self.scale}")
+
 
 class PseudoTransform:
     """(PIL image, PIL labels) -> (``[S, S, 3]`` uint8, ``[S, S]`` uint8 labels, ``[S, S]`` bool validity).

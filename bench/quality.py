@@ -34,7 +34,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from weakseg.tasks import storage
 from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.variants import fit_thresholds, score_variants, thresholds_by_variant
-from weakseg.tasks.segment.inference import load_model
+from weakseg.tasks.segment.inference import ModelBundle, load_model
 from weakseg.tasks.segment.priors import VARIANTS
 from weakseg.tasks.segment.tta import AUTO
 
@@ -104,9 +104,8 @@ def cli_path(model: str, layout: Path, work: Path, split: str, seed: int, tag: s
                                  run_id=run_id, out=str(work / "evaluation" / run_id))
 
 
-def score_seed(model: str, layout: Path, split: str, limit: int | None, fit: bool,
+def score_seed(bundle: ModelBundle, layout: Path, split: str, limit: int | None, fit: bool,
                variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
-    bundle = load_model(model, "cpu")
     plain = score_variants(bundle, str(layout), split, None, variants, max_side=MAX_SIDE, limit=limit,
                            tta=AUTO)
     if not fit:
@@ -190,33 +189,37 @@ def main() -> None:
     logging.getLogger("prefect").setLevel(logging.WARNING)
     started = time.perf_counter()
     layout = dev_layout(data, work / "data")
-    per_seed, headline = [], []
+    per_seed, headline, views = [], [], []
     variants = tuple(args.variants.split(","))
     for seed in (int(s) for s in args.seeds.split(",")):
         model = train(layout, work, seed)
         if args.refine:
             model = refine(model, work, seed)
         stat = os.stat(model)
+        bundle = load_model(model, "cpu")
         key = {"model": model, "model_size": stat.st_size, "model_mtime_ns": stat.st_mtime_ns, "split": args.split,
                "variants": variants, "limit": args.limit, "fit_thresholds": args.fit_thresholds,
-               "tta": load_model(model, "cpu").default_tta}
+               "tta": bundle.default_tta}  # the views `--tta auto` runs for this model
         scores = cached_scores(work, seed, args.refine, key)
         if scores is None:
             scores = {"key": key,
                       "cli": cli_path(model, layout, work, args.split, seed, "-refined" if args.refine else ""),
-                      "variants": score_seed(model, layout, args.split, args.limit, args.fit_thresholds, variants)}
+                      "variants": score_seed(bundle, layout, args.split, args.limit, args.fit_thresholds, variants)}
             write_scores(work, seed, args.refine, scores)
         headline.append(scores["cli"])
         per_seed.append(scores["variants"])
-        table = report(args, work, per_seed, headline, started)  # after every seed: a partial run still reports
+        views.append(key["tta"])
+        table = report(args, work, per_seed, headline, views, started)  # after every seed: a partial run still reports
     print(table)
 
 
-def report(args: argparse.Namespace, work: Path, per_seed: list[dict], headline: list[dict], started: float) -> str:
+def report(args: argparse.Namespace, work: Path, per_seed: list[dict], headline: list[dict], views: list[str],
+           started: float) -> str:
     doc = {
         "benchmark": f"quality_{args.dataset}", "split": args.split, "refined": args.refine,
         "seeds": [int(x) for x in args.seeds.split(",")][: len(per_seed)],
-        "train": TRAIN, "max_side": MAX_SIDE, "tta": AUTO,
+        "train": TRAIN, "max_side": MAX_SIDE,
+        "tta": {"spec": AUTO, "views_per_seed": views},  # what `auto` ran: the report names the views
         "cli_default_chain": [{"mean_iou": h["mean_iou"], "pixel_accuracy": h["pixel_accuracy"],
                                "per_class_iou": {c: x["iou"] for c, x in h["per_class"].items()}} for h in headline],
         "mean_iou": summary(per_seed, "mean_iou"), "pixel_accuracy": summary(per_seed, "pixel_accuracy"),

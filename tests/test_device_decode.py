@@ -134,6 +134,32 @@ def test_chunk_decoded_on_the_device_writes_the_host_paths_tables(tmp_path, bund
     assert {row["error_type"] for row in written["device"]["errors"]} == {"CorruptImage", "NotAnImage"}
 
 
+def test_a_windows_jpegs_are_decoded_in_one_call_and_a_refused_one_alone(tmp_path, bundle, monkeypatch):
+    """One nvjpeg batch a window on CUDA (torchvision: a list beats one call an image); the call has
+    no partial results, so a window with a truncated JPEG is decoded again one image at a time."""
+    import torchvision.io
+
+    calls: list[int] = []
+    real = torchvision.io.decode_jpeg
+
+    def counting(raw, *args, **kwargs):
+        calls.append(len(raw) if isinstance(raw, list) else 1)
+        return real(raw, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", counting)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.jpg").write_bytes(_jpeg(_photo(96, 128, i)))
+    cut = _jpeg(_photo(96, 128, 3))
+    (folder / "3.jpg").write_bytes(cut[: len(cut) // 2])  # second window: the header reads, the data is cut
+    opts = SegmentOptions(out=str(tmp_path / "out"), run_id="t", run_date="2026-01-01", model="unused",
+                          priors=("ilp",), batch_size=3, host_workers=2, decode="device")
+    (r,) = [segment_chunk(spec, opts, bundle) for spec in iter_chunks(str(folder), 100)]
+    assert (r.ok, r.failed) == (5, 1)
+    assert calls == [3, 3, 1, 1, 1]  # window 0..2 at once; 3..5 refused together, then each alone
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg); runs on a GPU machine only")
 def test_chunk_on_cuda_decoded_by_nvjpeg_labels_like_the_host_decoder(tmp_path, tiny_checkpoint):
     """nvjpeg's IDCT is not libjpeg-turbo's, so pixels may differ by a level or two: the same rows and

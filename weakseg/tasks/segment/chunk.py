@@ -58,7 +58,7 @@ from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_i
 from ..ingest.sources import image_key
 from ..storage import redact
 from . import tables
-from .device_decode import DecodeMode, decode_jpeg_on, device_decoding, jpeg_header
+from .device_decode import DecodeMode, decode_jpeg_on, decode_jpegs_on, device_decoding, jpeg_header
 from .inference import (
     DEFAULT_MAX_SIDE,
     ModelBundle,
@@ -407,27 +407,57 @@ def _prepare(rec: InputRecord, sha: str, opts: SegmentOptions, clock: _Clock,
     return _Prepared(d, inputs, ms)
 
 
+def _prepare_each(window: Sequence[tuple[InputRecord, str]], opts: SegmentOptions,
+                  clock: _Clock) -> list[_Prepared | _Failed]:
+    """Pool job: the inputs decoded on the host, one by one (:func:`_prepare`)."""
+    return [_prepare(rec, sha, opts, clock) for rec, sha in window]
+
+
+def _prepare_window(window: Sequence[tuple[InputRecord, str]], opts: SegmentOptions, clock: _Clock,
+                    decode_on: torch.device) -> list[_Prepared | _Failed]:
+    """Pool job where JPEGs are decoded on the device: a window's plain JPEGs in one call (one
+    nvjpeg batch on CUDA); the other inputs, and each JPEG of a window the call refuses (it has
+    no partial results), one by one as :func:`_prepare` does them."""
+    plain = [i for i, (rec, _) in enumerate(window) if jpeg_header(rec.data, opts.max_pixels) is not None]
+    decoded: dict[int, torch.Tensor] = {}
+    if len(plain) > 1:
+        try:
+            with clock("decode"):
+                decoded = dict(zip(plain, decode_jpegs_on([window[i][0].data for i in plain], decode_on),
+                                   strict=True))
+        except Exception as err:
+            _logger.debug("device decoding of %d images failed (%s); one at a time", len(plain), err)
+    return [_Prepared(_Decoded(rec.uri, sha, decoded[i], "JPEG", rec.meta), {}, {}) if i in decoded
+            else _prepare(rec, sha, opts, clock, decode_on) for i, (rec, sha) in enumerate(window)]
+
+
 def _prepared(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSpec, writer: _ChunkWriter,
               result: ChunkResult, done: tables.Done, clock: _Clock, pool: Executor,
               ahead: int, decode_on: torch.device | None = None) -> Iterator[_Prepared]:
     """Decoded images with their prior inputs, in input order, decoded in ``pool`` up to ``ahead``
-    inputs ahead of the consumer; read and decode failures and skipped inputs are accounted here."""
+    inputs ahead of the consumer (one job an input, or one a window when the device decodes);
+    read and decode failures and skipped inputs are accounted here."""
     index = opts.done_index
     seen: set[str] = set()
-    pending: deque[Future] = deque()
+    pending: deque[tuple[Future, int]] = deque()  # a job's future and how many inputs it prepares
+    waiting = 0
 
     def ready(limit: int) -> Iterator[_Prepared]:
-        while len(pending) > limit:
-            out = pending.popleft().result()
-            if isinstance(out, _Failed):
-                writer.rows["errors"].append(_error_row(opts, spec.index, out.uri, out.stage, out.err))
-            else:
-                yield out
+        nonlocal waiting
+        while waiting > limit:
+            future, n = pending.popleft()
+            waiting -= n
+            for out in future.result():
+                if isinstance(out, _Failed):
+                    writer.rows["errors"].append(_error_row(opts, spec.index, out.uri, out.stage, out.err))
+                else:
+                    yield out
 
     for window in _windows(_timed(records, clock, "read"), opts.batch_size):
         if index and spec.shard is not None:  # shard members: look up a batch of URIs at a time
             with clock("read"):
                 done = tables.done_lookup(index, [r.uri for r in window if r.error is None])
+        todo: list[tuple[InputRecord, str]] = []
         for rec in window:
             if rec.error is not None or rec.data is None:
                 err = rec.error or OSError("no data")
@@ -441,7 +471,15 @@ def _prepared(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkS
             if done.hashed(rec.uri, sha):
                 result.skipped += 1
                 continue
-            pending.append(pool.submit(_prepare, rec, sha, opts, clock, decode_on))
+            todo.append((rec, sha))
+        if decode_on is not None and todo:
+            pending.append((pool.submit(_prepare_window, todo, opts, clock, decode_on), len(todo)))
+            waiting += len(todo)
+            yield from ready(ahead)
+            continue
+        for rec, sha in todo:
+            pending.append((pool.submit(_prepare_each, [(rec, sha)], opts, clock), 1))
+            waiting += 1
             yield from ready(ahead)
     yield from ready(0)
 

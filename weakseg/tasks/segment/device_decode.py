@@ -23,7 +23,7 @@ from PIL import Image
 
 from .inference import PRIOR_INPUTS  # the priors whose inputs are computed from host pixels
 
-__all__ = ["DecodeMode", "decode_jpeg_on", "device_decoding", "jpeg_header"]
+__all__ = ["DecodeMode", "decode_jpeg_on", "decode_jpegs_on", "device_decoding", "jpeg_header"]
 
 DecodeMode = Literal["auto", "host", "device"]
 
@@ -52,9 +52,19 @@ def jpeg_header(data: bytes, max_pixels: int) -> tuple[int, int] | None:
         return None
 
 
-def decode_jpeg_on(data: bytes, device: torch.device) -> torch.Tensor:
-    """``uint8[H, W, 3]`` on ``device`` (HWC like the host path's arrays); raises when the decoder refuses it."""
+def decode_jpegs_on(data: Sequence[bytes], device: torch.device) -> list[torch.Tensor]:
+    """``uint8[H, W, 3]`` images on ``device`` (HWC like the host path's arrays), decoded in one call.
+
+    On CUDA a list is decoded as one nvjpeg batch, which torchvision documents as more
+    efficient than one call per image. The call has no partial results: one refused input
+    raises for all of them.
+    """
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device).permute(1, 2, 0)
+    raws = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    return [img.permute(1, 2, 0) for img in decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)]
+
+
+def decode_jpeg_on(data: bytes, device: torch.device) -> torch.Tensor:
+    """One image of :func:`decode_jpegs_on`; raises when the decoder refuses it."""
+    return decode_jpegs_on([data], device)[0]

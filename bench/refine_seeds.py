@@ -47,7 +47,7 @@ def refine_and_score(args: argparse.Namespace, stats: dict, weights: str, schedu
         else:
             cfg = RefineConfig(epochs=args.epochs, input_size=args.input_size, num_workers=args.workers,
                                progress=False, seed=seed, class_weights=weights, lr_schedule=schedule,
-                               finetune_from=args.finetune_from, scale=scale)
+                               finetune_from=args.finetune_from, scale=scale, soup=args.soup)
             with open(args.model, "rb") as f:
                 run_refine(load_checkpoint(f), stats["shards"], stats["images"], out, cfg,
                            device=torch.device("cpu"), parent={}, pseudo_stats=stats)
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--lr-schedules", default=RefineConfig.lr_schedule, help="comma list: constant, poly")
     parser.add_argument("--scales", default="{:g}-{:g}".format(*RefineConfig.scale),
                         help="comma list of LO-HI ranges of the crops' random rescaling")
+    parser.add_argument("--soup", type=int, default=RefineConfig.soup,
+                        help="refinements averaged into each refined model (seeds S, S+1, ...)")
     parser.add_argument("--epochs", type=int, default=RefineConfig.epochs)
     parser.add_argument("--input-size", type=int, default=RefineConfig.input_size)
     parser.add_argument("--finetune-from", type=int, default=None,

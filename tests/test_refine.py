@@ -135,17 +135,20 @@ def test_refine_improves_over_its_input_model(tmp_path, background_run) -> None:
     data, shards, model = background_run
     # The default 6 epochs, 20 steps each: 3 were not always enough to beat this small, weak input model.
     result = refine_mil(shards=shards, model=model, out=str(tmp_path / "refined"), steps_per_epoch=20,
-                        batch_size=16, input_size=96, scale=[0.75, 1.5], lr=3e-3, num_workers=0, progress=False)
+                        batch_size=16, input_size=96, lr=3e-3, num_workers=0, progress=False)
     pseudo = result["pseudo_labels"]
     assert pseudo["images"] == 96 and 0 < pseudo["coverage"] <= 1
     assert set(pseudo["class_pixels"]) == {"background", "dots", "stripes"}
 
-    before = score_variants(load_model(model, "cpu"), data, "val", variants=("base",))["base"]
-    after = score_variants(load_model(result["checkpoint"], "cpu"), data, "val", variants=("base",))["base"]
+    # Scored with segment's default chain, what a user of the refined model gets. This input model is weak
+    # (0.22 mean IoU over three classes): the chain-less `base` maps moved by ±0.015 with the thread count.
+    chain = "ilp+sppxl"
+    before = score_variants(load_model(model, "cpu"), data, "val", variants=(chain,))[chain]
+    after = score_variants(load_model(result["checkpoint"], "cpu"), data, "val", variants=(chain,))[chain]
     assert after["mean_iou"] > before["mean_iou"], (before["mean_iou"], after["mean_iou"])
     refined = load_model(result["checkpoint"], "cpu").checkpoint
     assert refined.training_state["refined_from"]["model_id"] == load_model(model, "cpu").model_id
-    assert refined.training_state["options"]["refine"]["scale"] == [0.75, 1.5]
+    assert refined.training_state["options"]["refine"]["scale"] == [0.8, 1.2]
 
     # A stage the backbone does not have fails before any pseudo-label is written, not after.
     with pytest.raises(ValueError, match=r"finetune_from must be in \[-5, 4\]"):
@@ -198,3 +201,28 @@ def test_refine_trains_the_backbone_from_the_stage_asked(tmp_path, finetune_from
     assert not any(".bn" in k for k in changed)  # BatchNorm statistics and affine stay pretrained
     assert refined.config.finetune_from == stage  # -1: the last stage, recorded as its index
     assert refined.model.backbone.fully_frozen == (finetune_from is None)
+
+
+def test_a_soup_is_the_mean_of_its_members(tmp_path) -> None:
+    """``soup=2`` writes the mean of the two refinements ``soup=1`` gives with seeds 0 and 1, from the same start."""
+    from weakseg.models import Checkpoint, ModelConfig, create_model, load_checkpoint
+    from weakseg.tasks.train.refine import RefineConfig, run_refine
+
+    shard = _pseudo_shard(tmp_path / "pseudo-000000.tar")
+    model, config = create_model(ModelConfig(num_classes=3, head_widths=(16, 16, 16), output_stride=16))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    states = {}
+    for name, seed, soup in (("a", 0, 1), ("b", 1, 1), ("soup", 0, 2)):
+        model.load_state_dict(start)
+        cfg = RefineConfig(epochs=1, steps_per_epoch=2, batch_size=2, input_size=64, num_workers=0, progress=False,
+                           seed=seed, soup=soup)
+        result = run_refine(Checkpoint(model, config, ["background", "cat", "dog"], input_size=64), [shard], 4,
+                            str(tmp_path / name), cfg, device=torch.device("cpu"), parent={}, pseudo_stats={})
+        states[name] = load_checkpoint(tmp_path / name / "model.pt").model.state_dict()
+    assert [row["member"] for row in result["history"]] == [1, 2] and result["steps"] == 4
+    head = [k for k, v in start.items() if k.startswith("head.") and v.is_floating_point()]
+    assert any(not torch.equal(states["a"][k], states["b"][k]) for k in head)  # the seeds differ
+    for k in head:
+        torch.testing.assert_close(states["soup"][k], (states["a"][k] + states["b"][k]) / 2)
+    with pytest.raises(ValueError, match="soup must be at least 1"):
+        RefineConfig(soup=0)

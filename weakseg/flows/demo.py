@@ -151,7 +151,9 @@ def demo(
         train_options={"epochs": epochs, "batch_size": 16, "input_size": size, "head_widths": [128, 128, 128],
                        "output_stride": 8, "lr": 1e-3, "num_workers": 2, "checkpoint_every": 0, "rotation": 5.0,
                        "scale": [0.9, 1.1]},
-        refine_options={"epochs": refine_epochs, "input_size": size, "num_workers": 2} if refine_epochs else {},
+        # One refinement, not refine's default soup of two: the demo is a short smoke run of the life cycle.
+        refine_options={"epochs": refine_epochs, "input_size": size, "num_workers": 2, "soup": 1}
+        if refine_epochs else {},
         segment_options={"run_id": _run_id(REFINED) if refine_epochs else "demo-cycle"})
     model = storage.join(workdir, "model", "model.pt")  # the MIL model, before refinement
     thresholds = choose_thresholds(model, data, 48, workdir)

@@ -109,6 +109,9 @@ def refine_mil(
     lr_schedule: Annotated[Literal["constant", "poly"], Field(description=(
         "poly: the learning rate falls as (1 - step/steps)^0.9 to 0 at the last step; constant: lr throughout"
     ))] = "poly",
+    soup: Annotated[int, Field(ge=1, description=(
+        "refinements averaged into the refined model (a uniform model soup of seeds seed, seed+1, ...): each "
+        "costs one more refinement; 1: a single refinement"))] = RefineConfig.soup,
     finetune_from: Annotated[int | None, Field(description=(
         "also train the backbone from this feature stage on (timm's features_only stages; negative: from the "
         "last back, -1 the last), BatchNorms kept; none: only what the MIL model trained"))] = None,
@@ -138,7 +141,7 @@ def refine_mil(
         config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, scale=(scale[0], scale[1]),
                               lr=lr,
                               mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
-                              finetune_from=finetune_from, steps_per_epoch=steps_per_epoch,
+                              finetune_from=finetune_from, steps_per_epoch=steps_per_epoch, soup=soup,
                               num_workers=num_workers, seed=seed, progress=progress)
         result = refine(model, device, pseudo, out, config)
     publish_metrics(pseudo, result)

@@ -41,7 +41,8 @@ from .augment import sample_rng
 from .optimizer import make_optimizer
 from .shard_reader import ErrorLog, ReadShards, worker_shuffle
 
-__all__ = ["PseudoTransform", "RefineConfig", "lr_scheduler", "pseudo_loader", "refine_loss", "run_refine"]
+__all__ = ["PseudoTransform", "RefineConfig", "lr_scheduler", "pseudo_loader", "refine_loss", "run_refine",
+           "uniform_soup"]
 
 _logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class RefineConfig:
     scale: tuple[float, float] = (0.8, 1.2)
     hflip: bool = True
     steps_per_epoch: int = 0  # 0: one pass over the pseudo-labelled images
+    soup: int = 2  # refinements averaged into the output (seeds seed, seed+1, ...): a uniform model soup
     num_workers: int = 2
     shuffle_buffer: int = 500
     seed: int = 0
@@ -70,6 +72,8 @@ class RefineConfig:
         lo, hi = self.scale
         if not 0 < lo <= hi:
             raise ValueError(f"scale must be a range low,high with 0 < low <= high, got {self.scale}")
+        if self.soup < 1:
+            raise ValueError(f"soup must be at least 1 (one refinement), got {self.soup}")
 
 
 class PseudoTransform:
@@ -206,29 +210,33 @@ def _steps(loader: torch.utils.data.DataLoader, n: int) -> Iterator[dict[str, to
         yield next(it)
 
 
-def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out: str, cfg: RefineConfig, *,
-               device: torch.device, parent: dict[str, Any], pseudo_stats: dict[str, Any],
-               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Fine-tune ``ckpt``'s network (in place) on the pseudo-label shards; writes ``{out}/model.pt``."""
-    torch.manual_seed(cfg.seed)
+def uniform_soup(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of the members' floating-point weights (Wortsman et al., 2022: "model soups").
+
+    Refinements of one model on the same pseudo-labels start from the same weights and differ
+    by their crops and order; their mean lies in the same basin and averages away part of the
+    seed-to-seed spread. Integer buffers (BatchNorm's step counts) are the first member's.
+    """
+    first = states[0]
+    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+            for k, v in first.items()}
+
+
+def _fit(ckpt: Checkpoint, pseudo_shards: Sequence[str], cfg: RefineConfig, seed: int, spe: int, device: torch.device,
+         weights: torch.Tensor | None, bar: tqdm, member: int | None,
+         on_epoch: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+    """One refinement of ``ckpt.model`` (in place) with the data order and crops of ``seed``."""
+    torch.manual_seed(seed)
     options = ckpt.training_state.get("options", {})
     loss_kind = options.get("multilabel_loss", "softmax+bce")
     multilabel = bool(ckpt.manifest.get("multilabel", True))
     background = background_index(ckpt.classes, options.get("background", "auto"))
-    weights = pixel_class_weights(ckpt.classes, pseudo_stats.get("class_pixels", {}), cfg.class_weights)
-    weights = None if weights is None else weights.to(device)  # once, not every step
-    backbone = ckpt.model.backbone
-    backbone.set_finetune_from(ckpt.config.finetune_from if cfg.finetune_from is None else cfg.finetune_from,
-                               freeze_norms=True)  # BatchNorms never move here
-    config = replace(ckpt.config, finetune_from=backbone.finetune_from)
     model = ckpt.model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    spe = cfg.steps_per_epoch or max(1, -(-images // cfg.batch_size))
     scheduler = lr_scheduler(optimizer, cfg.lr_schedule, cfg.epochs * spe)
     history: list[dict[str, Any]] = []
-    bar = tqdm(total=cfg.epochs * spe, desc="refine", unit="step", disable=not cfg.progress)
     for epoch in range(cfg.epochs):
-        loader = pseudo_loader(pseudo_shards, len(ckpt.classes), cfg, seed=cfg.seed * 1000 + epoch)
+        loader = pseudo_loader(pseudo_shards, len(ckpt.classes), cfg, seed=seed * 1000 + epoch)
         sums = {"loss": 0.0, "pixel_loss": 0.0, "mil_loss": 0.0}
         for batch in _steps(loader, spe):
             optimizer.zero_grad(set_to_none=True)
@@ -241,14 +249,46 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
                 sums[k] += v
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        row = {"epoch": epoch + 1, **{k: round(v / spe, 5) for k, v in sums.items()},
-               "lr": scheduler.get_last_lr()[0]}
+        row = {**({} if member is None else {"member": member}), "epoch": epoch + 1,
+               **{k: round(v / spe, 5) for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0]}
         history.append(row)
         _logger.info("refine epoch %d/%d: %s", epoch + 1, cfg.epochs, row)
         if on_epoch is not None:
             on_epoch(row)
+    return history
+
+
+def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out: str, cfg: RefineConfig, *,
+               device: torch.device, parent: dict[str, Any], pseudo_stats: dict[str, Any],
+               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Fine-tune ``ckpt``'s network (in place) on the pseudo-label shards; writes ``{out}/model.pt``.
+
+    With ``cfg.soup`` > 1, that many refinements from the same start (seeds ``seed``, ``seed + 1``, ...)
+    are averaged into the one written (:func:`uniform_soup`).
+    """
+    options = ckpt.training_state.get("options", {})
+    weights = pixel_class_weights(ckpt.classes, pseudo_stats.get("class_pixels", {}), cfg.class_weights)
+    weights = None if weights is None else weights.to(device)  # once, not every step
+    backbone = ckpt.model.backbone
+    backbone.set_finetune_from(ckpt.config.finetune_from if cfg.finetune_from is None else cfg.finetune_from,
+                               freeze_norms=True)  # BatchNorms never move here
+    config = replace(ckpt.config, finetune_from=backbone.finetune_from)
+    spe = cfg.steps_per_epoch or max(1, -(-images // cfg.batch_size))
+    start = {k: v.detach().clone() for k, v in ckpt.model.state_dict().items()} if cfg.soup > 1 else {}
+    history: list[dict[str, Any]] = []
+    states: list[dict[str, torch.Tensor]] = []
+    bar = tqdm(total=cfg.soup * cfg.epochs * spe, desc="refine", unit="step", disable=not cfg.progress)
+    for member in range(cfg.soup):
+        if member:
+            ckpt.model.load_state_dict(start)
+        history += _fit(ckpt, pseudo_shards, cfg, cfg.seed + member, spe, device, weights, bar,
+                        member + 1 if cfg.soup > 1 else None, on_epoch)
+        if cfg.soup > 1:
+            states.append({k: v.detach().clone() for k, v in ckpt.model.state_dict().items()})
     bar.close()
-    model.eval()
+    if states:
+        ckpt.model.load_state_dict(uniform_soup(states))
+    model = ckpt.model.eval()
     url = storage.join(out, "model.pt")
     training_state = {"refined_from": parent, "pseudo_labels": pseudo_stats, "finished": True,
                       "options": {**options, "refine": {**asdict(cfg), "scale": list(cfg.scale)}}}
@@ -256,4 +296,4 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
                                               manifest=ckpt.manifest, metrics={"history": history,
                                                                                "last": history[-1]},
                                               training_state=training_state))
-    return {"checkpoint": url, "history": history, "steps": cfg.epochs * spe}
+    return {"checkpoint": url, "history": history, "steps": cfg.soup * cfg.epochs * spe}

@@ -139,8 +139,7 @@ def refine_mil(
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
                     100 * pseudo["coverage"], pseudo["skipped"])
         config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, scale=(scale[0], scale[1]),
-                              lr=lr,
-                              mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
+                              lr=lr, mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
                               finetune_from=finetune_from, steps_per_epoch=steps_per_epoch, soup=soup,
                               num_workers=num_workers, seed=seed, progress=progress)
         result = refine(model, device, pseudo, out, config)

@@ -427,8 +427,10 @@ def _prepare_window(window: Sequence[tuple[InputRecord, str]], opts: SegmentOpti
                                    strict=True))
         except Exception as err:
             _logger.debug("device decoding of %d images failed (%s); one at a time", len(plain), err)
+    device_ok = set(plain)  # the others' headers were read above: straight to the host decoder
     return [_Prepared(_Decoded(rec.uri, sha, decoded[i], "JPEG", rec.meta), {}, {}) if i in decoded
-            else _prepare(rec, sha, opts, clock, decode_on) for i, (rec, sha) in enumerate(window)]
+            else _prepare(rec, sha, opts, clock, decode_on if i in device_ok else None)
+            for i, (rec, sha) in enumerate(window)]
 
 
 def _prepared(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkSpec, writer: _ChunkWriter,

@@ -154,6 +154,9 @@ def test_refine_improves_over_its_input_model(tmp_path, background_run) -> None:
     with pytest.raises(ValueError, match=r"finetune_from must be in \[-5, 4\]"):
         refine_mil(shards=shards, model=model, out=str(tmp_path / "bad"), finetune_from=5, progress=False)
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="scale must be a range"):
+        refine_mil(shards=shards, model=model, out=str(tmp_path / "bad"), scale=[2.0, 1.0], progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def _pseudo_shard(path, n: int = 4, size: int = 64) -> str:

@@ -131,6 +131,10 @@ def refine_mil(
     logger = get_run_logger()
     chain = parse_priors(priors)
     check_parameters({"tta": tta})
+    config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, scale=(scale[0], scale[1]),
+                          lr=lr, mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
+                          finetune_from=finetune_from, steps_per_epoch=steps_per_epoch, soup=soup,
+                          num_workers=num_workers, seed=seed, progress=progress)  # a bad range fails here, not later
     manifest = read_manifest(shards)
     model = resolve_model(model).url  # once: a registry's pointer may move during the run
     with gpu_slot(str(resolve_device(device))):
@@ -138,10 +142,6 @@ def refine_mil(
                                        finetune_from)
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
                     100 * pseudo["coverage"], pseudo["skipped"])
-        config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, scale=(scale[0], scale[1]),
-                              lr=lr, mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
-                              finetune_from=finetune_from, steps_per_epoch=steps_per_epoch, soup=soup,
-                              num_workers=num_workers, seed=seed, progress=progress)
         result = refine(model, device, pseudo, out, config)
     publish_metrics(pseudo, result)
     logger.info("refined model %s", redact_url(result["checkpoint"]))

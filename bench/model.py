@@ -1,7 +1,8 @@
 """Forward cost of the MIL network next to its bare backbone, measured in the same run.
 
-Prints JSON: images/s of the frozen backbone alone and of backbone + head (+ LSE), and
-their ratio, for the paper's head widths and a small head, at the paper's input size.
+Prints JSON: images/s of the frozen backbone alone, of backbone + head (+ LSE) as trained,
+and of the same network as inference serves it (BatchNorms folded, weakseg.models.fusion),
+with their ratios, for the paper's head widths and a small head, at the paper's input size.
 Absolute numbers depend on the machine; the ratio is what to compare.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import torch
 
 from weakseg.models import ModelConfig, create_model
+from weakseg.models.fusion import folded_for_inference
 
 
 def _best_rates(fns: list, x: torch.Tensor, repeats: int) -> list[float]:
@@ -45,10 +47,15 @@ def main() -> None:
                 ModelConfig(num_classes=21, backbone=args.backbone, head_widths=widths, output_stride=stride)
             )
             model.eval()
-            def network(t, m=model):  # what training and inference run: dense maps, then LSE
+            folded = folded_for_inference(model)
+
+            def network(t, m=model):  # what training runs: dense maps, then LSE
                 return m.image_scores(m(t, dense=True), dense=True)
 
-            backbone, full = _best_rates([model.backbone, network], x, args.repeats)
+            def served(t, m=folded):  # what inference runs (weakseg.tasks.segment.inference.load_model)
+                return m.image_scores(m(t, dense=True), dense=True)
+
+            backbone, full, fast = _best_rates([model.backbone, network, served], x, args.repeats)
             with torch.inference_mode():
                 maps = model(x, dense=True)
             results.append({
@@ -58,6 +65,8 @@ def main() -> None:
                 "backbone_images_per_s": round(backbone, 2),
                 "network_images_per_s": round(full, 2),
                 "ratio": round(full / backbone, 3),
+                "folded_images_per_s": round(fast, 2),
+                "folded_ratio": round(fast / full, 3),
             })
     print(json.dumps({
         "benchmark": "model_forward",

@@ -181,10 +181,12 @@ def _bundle(data: bytes, url: str, dev: torch.device) -> ModelBundle:
     if bundle is not None:
         return bundle
     try:
-        ckpt = load_checkpoint(io.BytesIO(data), map_location=dev)
+        ckpt = load_checkpoint(io.BytesIO(data))
     except CheckpointError as err:
         raise ModelError(f"model {storage.redact_url(url)}: {err}") from None
-    ckpt.model = folded_for_inference(ckpt.model.eval())  # BatchNorms folded: a faster forward, same maps
+    # BatchNorms folded (a faster forward, the same maps), checked on the CPU: a probe on an
+    # accelerator would build its kernels on this thread, not on the device's (weakseg.tasks.devices)
+    ckpt.model = folded_for_inference(ckpt.model.eval()).to(dev)
     bundle = ModelBundle(ckpt, dev, model_id, storage.redact_url(url), _ckpt_thresholds(ckpt), sha256=sha)
     if bundle.thresholds:
         bundle.thresholds_source = "checkpoint"

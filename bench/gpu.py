@@ -16,6 +16,9 @@
   spend their wall-clock time (the run's own rate beside it: sampling costs a little);
 - ``train``: training samples/s of the trainer's own optimiser step (bf16 autocast and
   channels_last on CUDA) on batches already in memory;
+- ``ilp_mixed_sizes``: ``ilp`` on as many photos of a web-like size mix (:func:`make_mixed_photos`):
+  a batch holds one forward size, so ``mean_batch`` (images a forward pass, every ``segment`` run
+  reports it) shows how far a corpus's sizes keep batches from ``--batch-size``;
 - ``peak_device_memory_mib`` (CUDA) or ``peak_rss_mib`` (CPU).
 
 Photos: ``--images`` synthetic photo-like scenes (:mod:`weakseg.tasks.synthetic`), about
@@ -75,6 +78,35 @@ def make_photos(folder: Path, n: int, side: int, seed: int = 0) -> int:
     return total
 
 
+MIXED_SIDES = (0.66, 0.75, 0.8, 0.96, 1.0, 1.28, 1.6, 2.0)  # x --side: longer sides, some over the 512 px forward cap
+MIXED_ASPECTS = (4 / 3, 3 / 2, 16 / 9, 1.0)  # width / height of landscape photos; half are portrait
+
+
+def make_mixed_photos(folder: Path, n: int, side: int, seed: int = 1) -> dict:
+    """``n`` JPEGs of a web-like size mix (:data:`MIXED_SIDES` x :data:`MIXED_ASPECTS`, both
+    orientations), from :func:`make_photos`'s scenes resized: what a corpus that is not one
+    collection's few photo sizes looks like. Returns the bytes and how many sizes."""
+    import cv2
+
+    from weakseg.tasks.synthetic import BENCHMARK_CLASSES, render_benchmark_scene
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = [render_benchmark_scene(rng, list(rng.choice(BENCHMARK_CLASSES, 2, replace=False)),
+                                     size=(side * 3 // 4, side)).image for _ in range(min(n, 16))]
+    total, sizes = 0, set()
+    for i in range(n):
+        longer = round(side * MIXED_SIDES[int(rng.integers(len(MIXED_SIDES)))])
+        shorter = round(longer / MIXED_ASPECTS[int(rng.integers(len(MIXED_ASPECTS)))])
+        h, w = (shorter, longer) if i % 2 == 0 else (longer, shorter)
+        img = cv2.resize(scenes[i % len(scenes)], (w, h), interpolation=cv2.INTER_AREA)
+        _, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        (folder / f"{i:06d}.jpg").write_bytes(buf.tobytes())
+        total += len(buf)
+        sizes.add((h, w))
+    return {"jpeg_bytes": total, "photo_sizes": len(sizes)}
+
+
 def make_checkpoint(path: Path, head_widths: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     config = ModelConfig(num_classes=len(CLASSES), backbone="tf_efficientnet_lite0", head_widths=head_widths,
@@ -132,7 +164,7 @@ def segment(images: str, model: str, out: str, priors: str, device: str, batch_s
     from weakseg.tasks.segment.chunk import SegmentOptions, segment_chunk
     from weakseg.tasks.segment.inputs import iter_chunks
     from weakseg.tasks.segment.priors import parse_priors
-    from weakseg.tasks.segment.runs import stage_timing
+    from weakseg.tasks.segment.runs import mean_batch, stage_timing
 
     t0 = time.perf_counter()
     if _prefect():
@@ -144,7 +176,8 @@ def segment(images: str, model: str, out: str, priors: str, device: str, batch_s
         wall = time.perf_counter() - t0
         return {"engine": "flow", "images": s["counts"]["ok"], "failed": s["counts"]["failed"],
                 "seconds": round(wall, 3), "images_per_second": round(s["counts"]["ok"] / wall, 2),
-                "stage_seconds": json.loads(s["stage_seconds"]), "device_busy_fraction": s["device_busy_fraction"]}
+                "stage_seconds": json.loads(s["stage_seconds"]), "device_busy_fraction": s["device_busy_fraction"],
+                "mean_batch": s["timing"]["mean_batch"]}
     opts = SegmentOptions(out=out, run_id="bench", run_date="2026-01-01", model=model, device=device,
                           priors=parse_priors(priors), batch_size=batch_size, tta="1", decode=decode)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -153,7 +186,8 @@ def segment(images: str, model: str, out: str, priors: str, device: str, batch_s
     timing = stage_timing(results, wall)
     ok = sum(r.ok for r in results)
     return {"engine": "chunks", "images": ok, "failed": sum(r.failed for r in results),
-            "seconds": round(wall, 3), "images_per_second": round(ok / wall, 2), **timing}
+            "seconds": round(wall, 3), "images_per_second": round(ok / wall, 2), **timing,
+            "mean_batch": mean_batch(results)}
 
 
 def first_photos(root: Path, name: str, k: int) -> str:
@@ -320,8 +354,17 @@ def main() -> None:
                             chunk_size, workers)
             report["ilp_threads"] = {"images_per_second": r["images_per_second"], "threads": sampler.report(8)}
             _write(report, args.out)
-    _write(report, args.out)
-    report["train"] = train_speed(device, 8 if quick else 32, 64 if quick else 320, head, 2 if quick else 20)
+        report["train"] = train_speed(device, 8 if quick else 32, 64 if quick else 320, head, 2 if quick else 20)
+        _write(report, args.out)
+        # last: new forward sizes build new device kernels (cuDNN: ~1 s a shape on an H200), so this may be
+        # what a run stopped at its time limit loses
+        mixed = make_mixed_photos(root / "mixed", n, side)
+        try:
+            r = segment(str(root / "mixed"), model, str(root / "out-mixed"), "ilp", device, batch, chunk_size, workers)
+            r["ratio_to_bare_forward"] = round(r["images_per_second"] / bare, 3) if bare else None
+        except Exception as err:
+            r = {"error": f"{type(err).__name__}: {err}"}
+        report["ilp_mixed_sizes"] = {**mixed, **r}
     if dev.type == "cuda":
         report["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -316,7 +316,8 @@ def main() -> None:
                                  "bare_forward": round(bare, 2), "ratio": round(wall / bare, 3),
                                  "ratio_in_run": round(s["images_per_second"] / bare, 3),
                                  "stage_seconds": json.loads(s["stage_seconds"]),
-                                 "device_busy_fraction": s["device_busy_fraction"]})
+                                 "device_busy_fraction": s["device_busy_fraction"],
+                                 "mean_batch": s["timing"]["mean_batch"]})
         report["throughput"] = {
             "images": args.images, "repeats": args.repeats,
             "bare_forward_images_per_second_median": round(float(np.median(bare_runs)), 2),

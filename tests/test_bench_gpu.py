@@ -27,6 +27,10 @@ def test_gpu_script_quick_on_cpu(tmp_path):
         assert run["engine"] == "chunks" and run["images"] == report["images"] and run["failed"] == 0
         assert run["images_per_second"] > 0 and 0 < run["device_busy_fraction"] <= 1
         assert {"read", "decode", "forward", "priors", "encode", "write"} <= set(run["stage_seconds"])
+        assert 1 <= run["mean_batch"] <= report["batch_size"]
+    mixed = report["ilp_mixed_sizes"]
+    assert mixed["images"] == report["images"] and mixed["failed"] == 0 and mixed["photo_sizes"] > 2
+    assert 1 <= mixed["mean_batch"] <= report["batch_size"]
     agreement = report["device_vs_host_decode"]  # libjpeg-turbo's pixels; resized by torch, not OpenCV
     assert agreement["images_compared"] == report["images"] and agreement["images_only_in_one"] == 0
     assert agreement["pixel_agreement"] > 0.8

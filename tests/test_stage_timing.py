@@ -12,7 +12,7 @@ from weakseg.tasks.segment import tables
 from weakseg.tasks.segment.chunk import STAGES, SegmentOptions, segment_chunk
 from weakseg.tasks.segment.inference import load_model
 from weakseg.tasks.segment.inputs import iter_chunks
-from weakseg.tasks.segment.runs import stage_table, stage_timing
+from weakseg.tasks.segment.runs import mean_batch, stage_table, stage_timing
 
 CLASSES = ["background", "disk", "square"]
 
@@ -50,6 +50,26 @@ def test_chunk_stages(tmp_path, tiny_checkpoint):
     assert [r["stage"] for r in rows[:-1]] == list(STAGES)
 
 
+def test_forward_passes_are_counted_and_hold_one_size_each(tmp_path, tiny_checkpoint):
+    """Six photos of one size and two of another, batch 4: the sizes cannot share a batch, so
+    three forward passes (4, 2 and 2 images), 2.67 images a pass: what a run reports so a user
+    sees how far their corpus's size mix keeps batches from --batch-size."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        shape = (48, 64, 3) if i % 4 else (80, 64, 3)  # photos 0 and 4 are the odd size
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "model.pt").write_bytes(tiny_checkpoint(CLASSES, 0))
+    bundle = load_model(str(tmp_path / "model.pt"), "cpu")
+    opts = SegmentOptions(out=str(tmp_path / "out"), run_id="t", run_date="2026-01-01", model="unused",
+                          priors=("ilp",), batch_size=4)
+    results = [segment_chunk(spec, opts, bundle) for spec in iter_chunks(str(folder), 8)]
+    assert [r.ok for r in results] == [8]
+    assert (results[0].forward_batches, results[0].forward_images) == (3, 8)
+    assert mean_batch(results) == 2.67 and mean_batch([]) == 0.0
+
+
 @pytest.mark.slow
 def test_runs_row_records_stages(prefect_harness, tmp_path, tiny_checkpoint):
     from weakseg.flows.segment_corpus import segment_corpus
@@ -69,3 +89,4 @@ def test_runs_row_records_stages(prefect_harness, tmp_path, tiny_checkpoint):
     assert sum(stages.values()) <= summary["timing"]["chunk_seconds"] + 1e-3
     assert 0 < row["device_busy_fraction"] <= 1
     assert summary["device_busy_fraction"] == row["device_busy_fraction"]
+    assert (summary["timing"]["forward_batches"], summary["timing"]["mean_batch"]) == (3, 2.0)  # 6 photos, 2 a pass

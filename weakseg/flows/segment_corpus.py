@@ -211,7 +211,8 @@ def _artifacts(fanout: runs.Fanout, classes: list[str], counts: dict[str, int], 
                              description="image | mask overlay, first images of the run")
     create_table_artifact(key="segment-corpus-stages", table=runs.stage_table(fanout.results, fanout.seconds),
                           description="where the chunks' time went: busy seconds per stage, and the device-busy "
-                          "fraction (forward seconds / the fan-out's wall time)")
+                          "fraction (forward seconds / the fan-out's wall time); "
+                          f"{runs.mean_batch(fanout.results)} images a forward pass")
 
 
 def _final_state(state_name: str, message: str | None, summary: dict[str, Any]) -> Any:
@@ -313,9 +314,9 @@ def segment_corpus(
     finish_run(out, info.run_date, run_id, fanout.chunks, row, [p for p in (info.done_index, info.model_pinned) if p])
     _artifacts(fanout, info.classes, counts, out, thumbnails)
     summary = runs.run_summary(row, fanout.results, fanout.start_seconds, fanout.seconds)
-    logger.info("run %s: %d ok, %d failed, %d skipped, %d chunks (%d failed) in %.1f s (%.2f images/s)", run_id,
-                counts["ok"], counts["failed"], counts["skipped"], fanout.chunks, len(fanout.failed_chunks), seconds,
-                row["images_per_second"])
+    logger.info("run %s: %d ok, %d failed, %d skipped, %d chunks (%d failed) in %.1f s (%.2f images/s, "
+                "%.1f images a forward pass)", run_id, counts["ok"], counts["failed"], counts["skipped"], fanout.chunks,
+                len(fanout.failed_chunks), seconds, row["images_per_second"], summary["timing"]["mean_batch"])
     message = runs.outcome_message(state_name, counts, fanout.failed_chunks, run_id, max_error_fraction,
                                    summary["errors_by_type"])
     return _final_state(state_name, message, summary)

@@ -118,6 +118,8 @@ class ChunkResult:
     skipped: int = 0
     seconds: float = 0.0
     forward_seconds: float = 0.0
+    forward_batches: int = 0  # forward passes: batches hold images of one forward size (see segment_chunk)
+    forward_images: int = 0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))  # busy time
     class_images: dict[str, int] = field(default_factory=dict)  # images whose mask holds the class
     class_pixels: dict[str, int] = field(default_factory=dict)
@@ -565,6 +567,8 @@ def _forward(bundle: ModelBundle, batch: Sequence[_Prepared], opts: SegmentOptio
         elapsed = time.perf_counter() - t0
         result.stage_seconds["forward"] += elapsed
         result.forward_seconds += elapsed
+        result.forward_batches += 1
+        result.forward_images += len(batch)
 
 
 def _label(bundle: ModelBundle, preds: Sequence[Prediction], inputs: Sequence[Mapping[str, np.ndarray]],

@@ -159,6 +159,13 @@ def stage_timing(results: Sequence[ChunkResult], wall_seconds: float) -> dict[st
     return {"stage_seconds": stages, "device_busy_fraction": round(busy, 4)}
 
 
+def mean_batch(results: Sequence[ChunkResult]) -> float:
+    """Images per forward pass: below ``--batch-size`` when the corpus's sizes split the batches
+    (one forward size a batch), which leaves an accelerator part-filled."""
+    batches = sum(r.forward_batches for r in results)
+    return round(sum(r.forward_images for r in results) / batches, 2) if batches else 0.0
+
+
 def stage_table(results: Sequence[ChunkResult], wall_seconds: float) -> list[dict[str, Any]]:
     """The run's stages for its artifact: busy seconds and share of the chunks' summed time."""
     timing = stage_timing(results, wall_seconds)
@@ -199,6 +206,7 @@ def run_summary(row: Mapping[str, Any], results: Sequence[ChunkResult], start_se
             "timing": {"runner_start_seconds": start_seconds, "fanout_seconds": fanout_seconds,
                        "chunk_seconds": sum(r.seconds for r in results),
                        "chunks_done": len(results), "workers": sorted({r.worker for r in results}),
+                       "forward_batches": sum(r.forward_batches for r in results), "mean_batch": mean_batch(results),
                        "model_loads": sum(r.model_loads for r in results)}}
 
 

@@ -1,8 +1,8 @@
 """BatchNorm folded into the convolution before it, for inference.
 
 In eval mode a BatchNorm is a fixed affine map per channel, yet it runs as a pass of its
-own over every feature map: on EfficientNet-Lite0 its 48 BatchNorms take about a quarter
-of the CPU forward pass. Scaling the convolution's weights and bias by the same affine map
+own over every feature map: EfficientNet-Lite0's 48 take up to a quarter of its CPU
+forward pass (docs/benchmarks.md, bench/model.py). Scaling the convolution's weights and bias by the same affine map
 (``torch.nn.utils.fusion``) gives the same outputs without that pass. Checkpoints keep the
 trained parameters as they are; only the inference copy of a model is folded.
 """

@@ -54,27 +54,37 @@ CLASSES = ["background", *[f"class{i:02d}" for i in range(20)]]  # 21, like PASC
 PRIOR_SETS = ("none", "ilp", "ilp,sppxl", "ilp,sppxl,seg")
 
 
-def make_photos(folder: Path, n: int, side: int, seed: int = 0) -> int:
-    """``n`` JPEG scenes of ``side`` x ``3/4 side`` (alternately landscape and portrait); their bytes."""
-    import cv2
-
+def _scenes(rng: np.random.Generator, n: int, side: int) -> list[np.ndarray]:
+    """Up to 16 rendered scenes of ``side`` x ``3/4 side``: the photos vary them cheaply."""
     from weakseg.tasks.synthetic import BENCHMARK_CLASSES, render_benchmark_scene
 
+    return [render_benchmark_scene(rng, list(rng.choice(BENCHMARK_CLASSES, 2, replace=False)),
+                                   size=(side * 3 // 4, side)).image for _ in range(min(n, 16))]
+
+
+def _save_jpeg(path: Path, rgb: np.ndarray) -> int:
+    """``rgb`` as a JPEG (quality 90) at ``path``; its bytes."""
+    import cv2
+
+    _, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
+                          [cv2.IMWRITE_JPEG_QUALITY, 90])
+    path.write_bytes(buf.tobytes())
+    return len(buf)
+
+
+def make_photos(folder: Path, n: int, side: int, seed: int = 0) -> int:
+    """``n`` JPEG scenes of ``side`` x ``3/4 side`` (alternately landscape and portrait); their bytes."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    total, distinct = 0, min(n, 16)  # render a few scenes, vary them cheaply (flips, crops) for the rest
-    scenes = [render_benchmark_scene(rng, list(rng.choice(BENCHMARK_CLASSES, 2, replace=False)),
-                                     size=(side * 3 // 4, side)).image for _ in range(distinct)]
+    scenes = _scenes(rng, n, side)
+    total, distinct = 0, len(scenes)  # a few scenes, varied cheaply (flips, transposes) for the rest
     for i in range(n):
         img = scenes[i % distinct]
         if (i // distinct) % 2:
             img = img[:, ::-1]
         if i % 2:
-            img = np.ascontiguousarray(img.transpose(1, 0, 2))  # portrait
-        _, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR),
-                              [cv2.IMWRITE_JPEG_QUALITY, 90])
-        (folder / f"{i:06d}.jpg").write_bytes(buf.tobytes())
-        total += len(buf)
+            img = img.transpose(1, 0, 2)  # portrait
+        total += _save_jpeg(folder / f"{i:06d}.jpg", img)
     return total
 
 
@@ -88,21 +98,16 @@ def make_mixed_photos(folder: Path, n: int, side: int, seed: int = 1) -> dict:
     collection's few photo sizes looks like. Returns the bytes and how many sizes."""
     import cv2
 
-    from weakseg.tasks.synthetic import BENCHMARK_CLASSES, render_benchmark_scene
-
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    scenes = [render_benchmark_scene(rng, list(rng.choice(BENCHMARK_CLASSES, 2, replace=False)),
-                                     size=(side * 3 // 4, side)).image for _ in range(min(n, 16))]
+    scenes = _scenes(rng, n, side)
     total, sizes = 0, set()
     for i in range(n):
         longer = round(side * MIXED_SIDES[int(rng.integers(len(MIXED_SIDES)))])
         shorter = round(longer / MIXED_ASPECTS[int(rng.integers(len(MIXED_ASPECTS)))])
         h, w = (shorter, longer) if i % 2 == 0 else (longer, shorter)
         img = cv2.resize(scenes[i % len(scenes)], (w, h), interpolation=cv2.INTER_AREA)
-        _, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        (folder / f"{i:06d}.jpg").write_bytes(buf.tobytes())
-        total += len(buf)
+        total += _save_jpeg(folder / f"{i:06d}.jpg", img)
         sizes.add((h, w))
     return {"jpeg_bytes": total, "photo_sizes": len(sizes)}
 
@@ -188,6 +193,17 @@ def segment(images: str, model: str, out: str, priors: str, device: str, batch_s
     return {"engine": "chunks", "images": ok, "failed": sum(r.failed for r in results),
             "seconds": round(wall, 3), "images_per_second": round(ok / wall, 2), **timing,
             "mean_batch": mean_batch(results)}
+
+
+def measured(images: str, model: str, out: str, priors: str, device: str, batch_size: int, chunk_size: int,
+             workers: int, bare: float, decode: str = "auto") -> dict:
+    """:func:`segment` with its ratio to the bare forward; a failure is reported, so the other figures stay."""
+    try:
+        r = segment(images, model, out, priors, device, batch_size, chunk_size, workers, decode)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    r["ratio_to_bare_forward"] = round(r["images_per_second"] / bare, 3) if bare else None
+    return r
 
 
 def first_photos(root: Path, name: str, k: int) -> str:
@@ -336,13 +352,9 @@ def main() -> None:
         runs.insert(2, ("ilp", other))
         for priors, decode in runs:
             name = priors if decode == "auto" else f"{priors} (decode {decode})"
-            try:
-                r = segment(str(root / "photos"), model, str(root / f"out-{priors.replace(',', '-')}-{decode}"),
-                            priors, device, batch, chunk_size, workers, decode)
-                r["ratio_to_bare_forward"] = round(r["images_per_second"] / bare, 3) if bare else None
-            except Exception as err:  # keep the other figures
-                r = {"error": f"{type(err).__name__}: {err}"}
-            report["segment"][name] = r
+            report["segment"][name] = measured(str(root / "photos"), model,
+                                               str(root / f"out-{priors.replace(',', '-')}-{decode}"), priors,
+                                               device, batch, chunk_size, workers, bare, decode)
             _write(report, args.out)
         if "error" not in report["segment"][f"ilp (decode {other})"]:
             report["device_vs_host_decode"] = mask_agreement(str(root / "out-ilp-auto"), str(root / f"out-ilp-{other}"))
@@ -359,12 +371,8 @@ def main() -> None:
         # last: new forward sizes build new device kernels (cuDNN: ~1 s a shape on an H200), so this may be
         # what a run stopped at its time limit loses
         mixed = make_mixed_photos(root / "mixed", n, side)
-        try:
-            r = segment(str(root / "mixed"), model, str(root / "out-mixed"), "ilp", device, batch, chunk_size, workers)
-            r["ratio_to_bare_forward"] = round(r["images_per_second"] / bare, 3) if bare else None
-        except Exception as err:
-            r = {"error": f"{type(err).__name__}: {err}"}
-        report["ilp_mixed_sizes"] = {**mixed, **r}
+        report["ilp_mixed_sizes"] = {**mixed, **measured(str(root / "mixed"), model, str(root / "out-mixed"), "ilp",
+                                                         device, batch, chunk_size, workers, bare)}
     if dev.type == "cuda":
         report["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -101,7 +101,7 @@ def refine_mil(
     scale: Annotated[list[float], Field(min_length=2, max_length=2, description=(
         "range of the random rescaling of the crops, low,high (of the image fitted to input_size)"))] = (
         RefineConfig.scale),
-    lr: Annotated[float, Field(gt=0, description="SGD learning rate")] = 1e-3,
+    lr: Annotated[float, Field(gt=0, description="peak SGD learning rate")] = RefineConfig.lr,
     mil_weight: Annotated[float, Field(ge=0, description="weight of the image-level MIL loss")] = 1.0,
     class_weights: Annotated[Literal["none", "balanced"], Field(description=(
         "balanced: weight the pixel loss by 1/sqrt(class share of the pseudo-labels), so objects that "

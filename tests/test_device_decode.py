@@ -98,16 +98,21 @@ def test_device_images_resized_together_match_one_at_a_time():
 
     shapes = [(200, 150), (96, 128), (200, 150), (40, 60), (200, 150)]  # shrunk, enlarged, shapes interleaved
     images = [torch.from_numpy(_photo(h, w, k)) for k, (h, w) in enumerate(shapes)]
-    size, padded = (120, 90), (128, 96)
-    alone = _resized_on_device(images, size, padded, CPU, together=False)
-    together = _resized_on_device(images, size, padded, CPU, together=True)
+    sizes, padded = [(120, 90), (120, 90), (113, 90), (120, 81), (120, 90)], (128, 96)  # one input shape
+    alone = _resized_on_device(images, sizes, padded, CPU, together=False)
+    together = _resized_on_device(images, sizes, padded, CPU, together=True)
     assert together.shape == (5, 128, 96, 3)
     torch.testing.assert_close(together, alone, rtol=0, atol=0)
-    torch.testing.assert_close(_input_batch(images, size, 16, CPU), alone.permute(0, 3, 1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(_input_batch(images, sizes, 16, CPU), alone.permute(0, 3, 1, 2), rtol=0, atol=0)
     mixed = [im.numpy() if k == 1 else im for k, im in enumerate(images)]  # a host array among them
-    x = _input_batch(mixed, size, 16, CPU)
+    x = _input_batch(mixed, sizes, 16, CPU)
     torch.testing.assert_close(x[[0, 2, 3, 4]], alone.permute(0, 3, 1, 2)[[0, 2, 3, 4]], rtol=0, atol=0)
-    torch.testing.assert_close(x[1], _input_batch([mixed[1]], size, 16, CPU)[0], rtol=0, atol=0)
+    torch.testing.assert_close(x[1], _input_batch([mixed[1]], sizes[1:2], 16, CPU)[0], rtol=0, atol=0)
+    for k in (2, 3):  # each image is the input it is alone: resized to its size, padded from its own edges
+        torch.testing.assert_close(alone[k], _resized_on_device([images[k]], [sizes[k]], padded, CPU)[0],
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one input shape"):
+        _input_batch(images[:2], [(120, 90), (129, 90)], 16, CPU)
 
 
 def test_chunk_decoded_on_the_device_writes_the_host_paths_tables(tmp_path, bundle):

@@ -91,6 +91,44 @@ def test_an_image_predicts_the_same_whatever_it_is_batched_with(bundle):
     np.testing.assert_allclose(mixed[2].probs(), predict(bundle, [same])[0].probs(), atol=1e-5)
 
 
+def test_sizes_of_one_input_shape_share_a_forward_pass_and_predict_as_alone(bundle):
+    """Forward sizes under a stride apart pad to one input shape: one batch, each image the input
+    (and the prediction) it is alone, its own cells and forward size."""
+    from weakseg.tasks.segment.inference import batch_key, input_shape
+
+    images = [_img(70, 90, 1), _img(80, 90, 2), _img(70, 84, 3), _img(100, 90, 4)]
+    assert {input_shape(im.shape[:2], 16) for im in images[:3]} == {(80, 96)}
+    assert batch_key(70, 90, 16, 512) == batch_key(75, 84, 16, 512) != batch_key(100, 90, 16, 512)
+    batches: list[int] = []
+    hook = bundle.model.register_forward_pre_hook(lambda _m, args, _kw: batches.append(args[0].shape[0]),
+                                                  with_kwargs=True)
+    try:
+        together = predict(bundle, images)
+    finally:
+        hook.remove()
+    assert sorted(batches) == [1, 3]  # the three 80x96 inputs in one pass, the 112x96 one alone
+    for im, pred in zip(images, together, strict=True):
+        alone = predict(bundle, [im])[0]
+        assert pred.forward_size == alone.forward_size == im.shape[:2]
+        assert pred.cells.shape == alone.cells.shape
+        np.testing.assert_allclose(pred.image_probs, alone.image_probs, atol=1e-6)
+        np.testing.assert_allclose(pred.probs(), alone.probs(), atol=1e-5)
+    assert [p.cells.shape[1:] for p in together[:2]] == [(4, 5), (5, 5)]  # the LSE over each one's own cells
+
+
+def test_forward_batches_are_the_inputs_predict_runs(bundle):
+    """The benchmarks' bare forward times the batches predict builds: one input shape each."""
+    from weakseg.tasks.segment.inference import forward_batches
+
+    images = [_img(70, 90, 1), _img(100, 90, 4), _img(80, 90, 2), _img(70, 84, 3)]
+    batches = forward_batches(bundle, images, batch_size=2)
+    assert [tuple(x.shape) for x in batches] == [(2, 3, 80, 96), (1, 3, 80, 96), (1, 3, 112, 96)]
+    with torch.no_grad():
+        maps = bundle.model.dense_maps(batches[0])
+    cells = predict(bundle, images[:1])[0].cells
+    torch.testing.assert_close(maps[0, :, :cells.shape[1], :cells.shape[2]].softmax(0), cells, atol=1e-5, rtol=0)
+
+
 def test_multilabel_model_gives_presence_probabilities(tmp_path, bundle):
     # Same weights, but trained (as the config says) with a BCE term: p(k|I) = sigmoid(s_k),
     # which the image-level prior and the images table then use.
@@ -257,8 +295,8 @@ def test_batch_padded_to_a_power_of_two_predicts_the_same(tmp_path, tiny_checkpo
     photo = data.astronaut()
     images = [np.ascontiguousarray(photo[10 * i:10 * i + 96, 7 * i:7 * i + 128]) for i in range(3)]
     with torch.no_grad():
-        plain = _forward(bundle, images, (96, 128))
-        padded = _forward(bundle, images, (96, 128), pad_batch=True)  # 3 -> 4
+        plain = _forward(bundle, images, [(96, 128)] * 3)
+        padded = _forward(bundle, images, [(96, 128)] * 3, pad_batch=True)  # 3 -> 4
     assert len(padded) == 3
     for a, b in zip(plain, padded, strict=True):
         torch.testing.assert_close(a.cells, b.cells, atol=1e-5, rtol=1e-5)

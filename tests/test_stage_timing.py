@@ -70,6 +70,27 @@ def test_forward_passes_are_counted_and_hold_one_size_each(tmp_path, tiny_checkp
     assert mean_batch(results) == 2.67 and mean_batch([]) == 0.0
 
 
+def test_photos_a_few_pixels_apart_share_forward_passes(tmp_path, tiny_checkpoint):
+    """80x64 and 75x64 photos pad to one 80x64 input (stride 16), so batch 6 takes all six in one
+    pass; the two 96x64 photos make a second. Each keeps its own forward size and mask size."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    shapes = [(96, 64), (80, 64), (75, 64), (80, 64), (96, 64), (75, 64), (80, 64), (75, 64)]
+    for i, shape in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "model.pt").write_bytes(tiny_checkpoint(CLASSES, 0))
+    bundle = load_model(str(tmp_path / "model.pt"), "cpu")
+    opts = SegmentOptions(out=str(tmp_path / "out"), run_id="t", run_date="2026-01-01", model="unused",
+                          priors=("ilp",), batch_size=6)
+    results = [segment_chunk(spec, opts, bundle) for spec in iter_chunks(str(folder), 8)]
+    assert [r.ok for r in results] == [8]
+    assert (results[0].forward_batches, results[0].forward_images) == (2, 8)  # by forward size: 3 passes
+    images = tables.read_table(str(tmp_path / "out"), "images").to_pylist()
+    assert sorted((r["height"], r["width"], r["forward_height"], r["forward_width"]) for r in images) == sorted(
+        (h, w, h, w) for h, w in shapes)
+
+
 @pytest.mark.slow
 def test_runs_row_records_stages(prefect_harness, tmp_path, tiny_checkpoint):
     from weakseg.flows.segment_corpus import segment_corpus

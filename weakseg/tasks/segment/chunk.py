@@ -10,8 +10,10 @@ A pipelined engine built of small generators over standard tools (``concurrent.f
   and scikit-image's Felzenszwalb release the GIL in their loops); on CUDA, with no prior
   that needs host pixels, JPEGs are decoded on the device instead
   (:mod:`~weakseg.tasks.segment.device_decode`, nvjpeg);
-- **batches bucketed by forward size** (:func:`_buckets`): full batches of one size, no
-  padding between sizes, a bounded number of images waiting;
+- **batches bucketed by input shape** (:func:`_buckets`,
+  :func:`~weakseg.tasks.segment.inference.batch_key`): full batches of one padded shape,
+  whose photos may differ by up to a stride but are each padded only from their own
+  edges, a bounded number of images waiting;
 - **forward and post-processing** on the model's device, on the calling thread
   (:func:`~weakseg.tasks.segment.inference.predict`, then
   :func:`~weakseg.tasks.segment.postprocess.label_batch`: only uint8 labels and per-class
@@ -43,7 +45,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,8 +65,8 @@ from .inference import (
     DEFAULT_MAX_SIDE,
     ModelBundle,
     Prediction,
+    batch_key,
     compute_prior_inputs,
-    forward_size,
     load_model,
     load_pinned,
     model_loads,
@@ -72,6 +74,7 @@ from .inference import (
 )
 from .inputs import ChunkSpec, InputRecord, SourceMeta, archive_uri, read_chunk, stored_uri
 from .postprocess import Labelled, label_batch, regions
+from .tta import parse_tta
 
 __all__ = ["STAGES", "ChunkResult", "SegmentOptions", "image_statistics", "overlay_thumbnail", "segment_chunk"]
 
@@ -118,7 +121,7 @@ class ChunkResult:
     skipped: int = 0
     seconds: float = 0.0
     forward_seconds: float = 0.0
-    forward_batches: int = 0  # forward passes: batches hold images of one forward size (see segment_chunk)
+    forward_batches: int = 0  # forward passes: batches hold images of one input shape (see segment_chunk)
     forward_images: int = 0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))  # busy time
     class_images: dict[str, int] = field(default_factory=dict)  # images whose mask holds the class
@@ -488,11 +491,12 @@ def _prepared(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkS
     yield from ready(0)
 
 
-def _buckets(items: Iterator[_Prepared], key: Callable[[_Prepared], tuple[int, int]], size: int,
+def _buckets(items: Iterator[_Prepared], key: Callable[[_Prepared], Hashable], size: int,
              hold: int) -> Iterator[list[_Prepared]]:
-    """Batches of up to ``size`` images of one forward size (no padding between sizes, full batches
-    where the corpus allows); at most ``hold`` images wait: past it, the fullest bucket goes."""
-    buckets: dict[tuple[int, int], list[_Prepared]] = {}
+    """Batches of up to ``size`` images of one ``key`` (their input shapes: no padding between
+    them, full batches where the corpus allows); at most ``hold`` images wait: past it, the
+    fullest bucket goes."""
+    buckets: dict[Hashable, list[_Prepared]] = {}
     held = 0
     for item in items:
         k = key(item)
@@ -530,8 +534,10 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
     stride = bundle.model.stride
     decode_on = bundle.device if device_decoding(opts.decode, bundle.device, opts.priors) else None
 
-    def size_of(p: _Prepared) -> tuple[int, int]:
-        return forward_size(*p.d.rgb.shape[:2], stride, opts.max_side, opts.min_side)
+    scales = parse_tta(bundle.resolve_tta(opts.tta)).scales
+
+    def size_of(p: _Prepared) -> tuple[tuple[int, int], ...]:
+        return batch_key(*p.d.rgb.shape[:2], stride, opts.max_side, opts.min_side, scales)
 
     encoding: deque[tuple[_Prepared, Prediction, Future]] = deque()
     try:

@@ -14,8 +14,10 @@ sigmoid for a multi-label model trained with a BCE term (``ModelConfig.image_pri
   fewer of the image's pixels); any side under 4 score cells (``4 x stride`` px) is
   enlarged, so a 3x5 image still gets a prediction. The probabilities
   are always brought back to the original size.
-- A batch is padded (edge pixels repeated) to a common size that is a multiple of the
-  stride; the padded cells are cut off before the LSE and the upsampling.
+- Each image is padded (its edge pixels repeated) up to a multiple of the stride, its
+  *input shape* (:func:`input_shape`); the padded cells are cut off before the LSE and the
+  upsampling. A batch holds images of one input shape, whose forward sizes may differ by
+  less than a stride: each is exactly the input it is alone.
 - Test-time augmentation (``tta``, :mod:`weakseg.tasks.segment.tta`): the image at several
   scales of its forward size, optionally mirrored; each view is upsampled to the original
   size with its own forward size (mirrored views mirrored back) and the views' per-pixel
@@ -309,6 +311,24 @@ def forward_size(h: int, w: int, stride: int, max_side: int, min_side: int = 0) 
     return max(cells, round(h * scale)), max(cells, round(w * scale))
 
 
+def input_shape(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """The shape a forward ``size`` runs at: each side edge-padded up to a multiple of ``stride``.
+
+    Images of one input shape share a batch whatever their forward sizes: each is resized to
+    its own size and padded from its own edges, so its input, and its prediction, is the one
+    it has alone. Photos 1-15 px apart (500x333, 500x334, 500x336 ...) then fill one batch.
+    """
+    return -(-size[0] // stride) * stride, -(-size[1] // stride) * stride
+
+
+def batch_key(h: int, w: int, stride: int, max_side: int, min_side: int = 0,
+              scales: Sequence[float] = (1.0,)) -> tuple[tuple[int, int], ...]:
+    """The input shapes of an ``h x w`` image's views at ``scales``: images with the same key
+    fill the same batches in :func:`predict` (a chunk's bucketing key)."""
+    plain = forward_size(h, w, stride, max_side, min_side)
+    return tuple(input_shape(view_size(plain, s, stride, MIN_CELLS), stride) for s in scales)
+
+
 def cell_grid(cells: tuple[int, int], fwd: tuple[int, int], out: tuple[int, int], stride: int,
               offset: tuple[float, float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``grid_sample`` coordinates (align_corners, in [-1, 1]) of every output row and column in a
@@ -349,14 +369,14 @@ def predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], ma
     """Batched forward passes over RGB ``uint8[H, W, 3]`` images of any sizes (see :func:`forward_size`):
     host arrays, or tensors on the model's device (decoded there, :mod:`.device_decode`).
 
-    Images are batched by forward size: padding an image to a larger neighbour's size
-    changes what the convolutions see near its border, so a mixed batch would make an
-    image's mask depend on which images it was batched with (up to 12 % of the pixels of
-    a 240x320 photo batched with a 320x240 one). One forward per size keeps every image's
-    prediction what it is alone, whatever the chunking.
+    Images are batched by input shape (:func:`input_shape`): padding an image to a larger
+    neighbour's size changes what the convolutions see near its border, so a mixed batch
+    would make an image's mask depend on which images it was batched with (up to 12 % of
+    the pixels of a 240x320 photo batched with a 320x240 one). One forward per input shape
+    keeps every image's prediction what it is alone, whatever the chunking.
 
     ``tta`` (a spec such as ``"1,1.5,2+flip"``, see :mod:`weakseg.tasks.segment.tta`): every
-    image's views join the batches of their own forward size (:func:`~.tta.view_size`), and
+    image's views join the batches of their own input shape (:func:`~.tta.view_size`), and
     each image gets a :class:`Prediction` averaging its views. ``None`` or ``"1"``: the
     plain forward pass, unchanged.
     """
@@ -371,16 +391,18 @@ def _predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], m
     spec = parse_tta(bundle.resolve_tta(tta))
     views = spec.views()
     stride = bundle.model.stride
-    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}  # forward size -> (image, view) pairs
+    groups: dict[tuple[int, int], list[tuple[int, int, tuple[int, int]]]] = {}  # shape -> (image, view, size)
     for i, im in enumerate(images):
         plain = forward_size(im.shape[0], im.shape[1], stride, max_side, min_side)
         for v, (scale, _) in enumerate(views):
-            groups.setdefault(view_size(plain, scale, stride, MIN_CELLS), []).append((i, v))
+            size = view_size(plain, scale, stride, MIN_CELLS)
+            groups.setdefault(input_shape(size, stride), []).append((i, v, size))
     done: dict[tuple[int, int], Prediction] = {}
-    for size, members in groups.items():
-        batch = [_mirrored(images[i]) if views[v][1] else images[i] for i, v in members]
-        for (i, v), pred in zip(members, _forward(bundle, batch, size, uses_device_thread(bundle.device)),
-                                strict=True):
+    for members in groups.values():
+        batch = [_mirrored(images[i]) if views[v][1] else images[i] for i, v, _ in members]
+        sizes = [size for *_, size in members]
+        for (i, v, _), pred in zip(members, _forward(bundle, batch, sizes, uses_device_thread(bundle.device)),
+                                   strict=True):
             pred.flipped = views[v][1]
             done[i, v] = pred
     if spec.plain:
@@ -388,26 +410,44 @@ def _predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], m
     return [Prediction.average([done[i, v] for v in range(len(views))]) for i in range(len(images))]
 
 
+def forward_batches(bundle: ModelBundle, images: Sequence[np.ndarray], batch_size: int,
+                    max_side: int = DEFAULT_MAX_SIDE, min_side: int = 0) -> list[torch.Tensor]:
+    """The normalised input batches :func:`predict` runs the plain views of ``images`` in (one
+    input shape each, up to ``batch_size`` images): what a benchmark times as the bare forward."""
+    stride = bundle.model.stride
+    groups: dict[tuple[int, int], list[tuple[np.ndarray, tuple[int, int]]]] = {}
+    for im in images:
+        size = forward_size(im.shape[0], im.shape[1], stride, max_side, min_side)
+        groups.setdefault(input_shape(size, stride), []).append((im, size))
+    cfg = bundle.checkpoint.config
+    return [normalize(_input_batch([im for im, _ in part], [size for _, size in part], stride, bundle.device),
+                      cfg.mean, cfg.std)
+            for members in groups.values()
+            for part in (members[i:i + batch_size] for i in range(0, len(members), batch_size))]
+
+
 def _mirrored(image: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """An ``[H, W, 3]`` image mirrored left-right (a TTA view)."""
     return image.flip(1) if isinstance(image, torch.Tensor) else np.ascontiguousarray(image[:, ::-1])
 
 
-def _input_batch(images: Sequence[np.ndarray | torch.Tensor], size: tuple[int, int], stride: int,
+def _input_batch(images: Sequence[np.ndarray | torch.Tensor], sizes: Sequence[tuple[int, int]], stride: int,
                  device: torch.device) -> torch.Tensor:
-    """``uint8 [B, 3, bh, bw]`` on ``device``: each image resized to ``size``, edge-padded to the stride.
+    """``uint8 [B, 3, bh, bw]`` on ``device``: each image resized to its size in ``sizes`` (one
+    :func:`input_shape` for all), edge-padded from there to the shape.
 
     Host arrays are resized with OpenCV and copied over in one transfer; images decoded on
     the device (:mod:`~weakseg.tasks.segment.device_decode`) are resized where they are.
     """
-    fh, fw = size
-    bh, bw = -(-fh // stride) * stride, -(-fw // stride) * stride
+    bh, bw = input_shape(sizes[0], stride)
+    if any(input_shape(s, stride) != (bh, bw) for s in sizes):
+        raise ValueError(f"one batch needs one input shape, not forward sizes {sorted(set(sizes))}")
     host = [i for i, im in enumerate(images) if isinstance(im, np.ndarray)]
     if not host:  # all decoded on the device: no host batch, no index to send over
-        return _resized_on_device(images, (fh, fw), (bh, bw), device).permute(0, 3, 1, 2)
+        return _resized_on_device(images, sizes, (bh, bw), device).permute(0, 3, 1, 2)
     batch = np.empty((len(host), bh, bw, 3), dtype=np.uint8)
     for j, i in enumerate(host):
-        im = images[i]
+        im, (fh, fw) = images[i], sizes[i]
         if (fh, fw) != im.shape[:2]:
             shrink = fh * fw < im.shape[0] * im.shape[1]
             im = cv2.resize(im, (fw, fh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
@@ -418,25 +458,26 @@ def _input_batch(images: Sequence[np.ndarray | torch.Tensor], size: tuple[int, i
         x = torch.empty((len(images), bh, bw, 3), dtype=torch.uint8, device=device).index_copy_(
             0, torch.tensor(host, dtype=torch.long, device=device), x)
         x.index_copy_(0, torch.tensor(tensors, dtype=torch.long, device=device),
-                      _resized_on_device([images[i] for i in tensors], (fh, fw), (bh, bw), device))
+                      _resized_on_device([images[i] for i in tensors], [sizes[i] for i in tensors], (bh, bw),
+                                         device))
     return x.permute(0, 3, 1, 2)  # channels-last in memory, whichever way the images came
 
 
-def _resized_on_device(images: Sequence[torch.Tensor], size: tuple[int, int], padded: tuple[int, int],
+def _resized_on_device(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], padded: tuple[int, int],
                        device: torch.device, together: bool | None = None) -> torch.Tensor:
-    """``uint8 [N, bh, bw, 3]`` on ``device``: every image resized and padded (:func:`_resize_pad`).
+    """``uint8 [N, bh, bw, 3]`` on ``device``: every image resized to its size and padded (:func:`_resize_pad`).
 
-    ``together`` (default: on an accelerator) resizes the images of one source shape in one
+    ``together`` (default: on an accelerator) resizes the images of one source shape and size in one
     call. There the device's one thread issues every kernel of a batch, and a bucket of
     same-shape photos then costs a few launches, not a few per photo. On the CPU one image at
     a time is faster: a whole batch in float32 no longer fits in cache.
     """
     if together is None:
         together = device.type != "cpu"
-    groups: dict[object, list[int]] = {}  # images resized in one call: one source shape, or one image
+    groups: dict[object, list[int]] = {}  # images resized in one call: one source shape and size, or one image
     for j, im in enumerate(images):
-        groups.setdefault(tuple(im.shape) if together else j, []).append(j)
-    parts = [(js, _resize_pad(torch.stack([images[j].to(device) for j in js]), size, padded))
+        groups.setdefault((tuple(im.shape), sizes[j]) if together else j, []).append(j)
+    parts = [(js, _resize_pad(torch.stack([images[j].to(device) for j in js]), sizes[js[0]], padded))
              for js in groups.values()]
     if len(parts) == 1:
         return parts[0][1]
@@ -458,8 +499,9 @@ def _resize_pad(images: torch.Tensor, size: tuple[int, int], padded: tuple[int, 
 
 
 def _forward(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor],
-             size: tuple[int, int], pad_batch: bool = False) -> list[Prediction]:
-    """One forward pass over images brought to the same forward ``size`` (padded to the stride).
+             sizes: Sequence[tuple[int, int]], pad_batch: bool = False) -> list[Prediction]:
+    """One forward pass over images each brought to its forward size in ``sizes``, all of one
+    :func:`input_shape`.
 
     ``pad_batch`` (accelerators): the batch is filled up to a power of two with copies of its
     last image, whose outputs are dropped. cuDNN builds its plans per input shape, about 1 s
@@ -468,23 +510,30 @@ def _forward(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor],
     """
     model, stride, offset = bundle.model, bundle.model.stride, bundle.model.cell_offset
     started = time.perf_counter()
-    fh, fw = size
-    x = _input_batch(images, size, stride, bundle.device)
     n = len(images)
+    x = _input_batch(images, sizes, stride, bundle.device)
     if pad_batch and n & (n - 1):
         x = torch.cat([x, x[-1:].expand((1 << n.bit_length()) - n, -1, -1, -1)])
     x = normalize(x, bundle.checkpoint.config.mean, bundle.checkpoint.config.std)
     maps = model.dense_maps(x)[:n]  # [B, K, bh/stride, bw/stride]; cell i over pixel i*stride + cell_offset
-    forward_ms = (time.perf_counter() - started) * 1000 / len(images)
-    ch = _cells_on_image(fh, maps.shape[-2], stride, offset[0])
-    cw = _cells_on_image(fw, maps.shape[-1], stride, offset[1])
-    # Whole-batch ops and one transfer per batch: each per-image ``.cpu()`` waited for the device,
-    # then for the GIL that the other chunks' threads hold.
-    m = maps[:, :, :ch, :cw].float()
-    image_probs = image_probabilities(model.pool(m).double(), bundle.checkpoint.config.image_prior).cpu().numpy()
-    probs = m.softmax(1)
-    return [Prediction(probs[i], image_probs[i], tuple(im.shape[:2]), (fh, fw), stride, forward_ms, offset)
-            for i, im in enumerate(images)]
+    forward_ms = (time.perf_counter() - started) * 1000 / n
+    out: list[Prediction | None] = [None] * n
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(i)
+    for (fh, fw), js in by_size.items():  # the cells on each forward size's images: one LSE, one softmax
+        ch = _cells_on_image(fh, maps.shape[-2], stride, offset[0])
+        cw = _cells_on_image(fw, maps.shape[-1], stride, offset[1])
+        # Whole-batch ops and one transfer per size: each per-image ``.cpu()`` waited for the device,
+        # then for the GIL that the other chunks' threads hold.
+        m = (maps if len(js) == n else maps[js])[:, :, :ch, :cw].float()
+        image_probs = image_probabilities(model.pool(m).double(), bundle.checkpoint.config.image_prior)
+        image_probs = image_probs.cpu().numpy()
+        probs = m.softmax(1)
+        for j, i in enumerate(js):
+            out[i] = Prediction(probs[j], image_probs[j], tuple(images[i].shape[:2]), (fh, fw), stride,
+                                forward_ms, offset)
+    return out  # type: ignore[return-value]
 
 
 def _cells_on_image(n: int, cells: int, stride: int, offset: float) -> int:

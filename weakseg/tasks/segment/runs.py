@@ -161,7 +161,7 @@ def stage_timing(results: Sequence[ChunkResult], wall_seconds: float) -> dict[st
 
 def mean_batch(results: Sequence[ChunkResult]) -> float:
     """Images per forward pass: below ``--batch-size`` when the corpus's sizes split the batches
-    (one forward size a batch), which leaves an accelerator part-filled."""
+    (one input shape a batch), which leaves an accelerator part-filled."""
     batches = sum(r.forward_batches for r in results)
     return round(sum(r.forward_images for r in results) / batches, 2) if batches else 0.0
 

@@ -92,24 +92,31 @@ MIXED_SIDES = (0.66, 0.75, 0.8, 0.96, 1.0, 1.28, 1.6, 2.0)  # x --side: longer s
 MIXED_ASPECTS = (4 / 3, 3 / 2, 16 / 9, 1.0)  # width / height of landscape photos; half are portrait
 
 
+def mixed_sizes(n: int, side: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """``n`` (h, w) of a web-like size mix: :data:`MIXED_SIDES` x :data:`MIXED_ASPECTS`, both orientations."""
+    sizes = []
+    for i in range(n):
+        longer = round(side * MIXED_SIDES[int(rng.integers(len(MIXED_SIDES)))])
+        shorter = round(longer / MIXED_ASPECTS[int(rng.integers(len(MIXED_ASPECTS)))])
+        sizes.append((shorter, longer) if i % 2 == 0 else (longer, shorter))
+    return sizes
+
+
 def make_mixed_photos(folder: Path, n: int, side: int, seed: int = 1) -> dict:
-    """``n`` JPEGs of a web-like size mix (:data:`MIXED_SIDES` x :data:`MIXED_ASPECTS`, both
-    orientations), from :func:`make_photos`'s scenes resized: what a corpus that is not one
-    collection's few photo sizes looks like. Returns the bytes and how many sizes."""
+    """``n`` JPEGs of a web-like size mix (:func:`mixed_sizes`), from :func:`make_photos`'s scenes
+    resized: what a corpus that is not one collection's few photo sizes looks like. Returns the
+    bytes and how many sizes."""
     import cv2
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     scenes = _scenes(rng, n, side)
-    total, sizes = 0, set()
-    for i in range(n):
-        longer = round(side * MIXED_SIDES[int(rng.integers(len(MIXED_SIDES)))])
-        shorter = round(longer / MIXED_ASPECTS[int(rng.integers(len(MIXED_ASPECTS)))])
-        h, w = (shorter, longer) if i % 2 == 0 else (longer, shorter)
+    total = 0
+    sizes = mixed_sizes(n, side, rng)
+    for i, (h, w) in enumerate(sizes):
         img = cv2.resize(scenes[i % len(scenes)], (w, h), interpolation=cv2.INTER_AREA)
         total += _save_jpeg(folder / f"{i:06d}.jpg", img)
-        sizes.add((h, w))
-    return {"jpeg_bytes": total, "photo_sizes": len(sizes)}
+    return {"jpeg_bytes": total, "photo_sizes": len(set(sizes))}
 
 
 def make_checkpoint(path: Path, head_widths: tuple[int, ...]) -> None:
@@ -129,29 +136,19 @@ def bare_forward(model_path: str, arrays: list[np.ndarray], batch_size: int, dev
                  repeats: int) -> float:
     """images/s of the forward pass alone, as :func:`~weakseg.tasks.segment.inference.predict`
     runs it (same sizes, padding, normalisation), batches built and moved to the device first."""
-    from weakseg.tasks.segment.inference import forward_size, load_model
-    from weakseg.tasks.tensors import normalize
+    from weakseg.tasks.segment.inference import forward_batches, load_model
 
     bundle = load_model(model_path, device)
-    stride, cfg, dev = bundle.model.stride, bundle.checkpoint.config, bundle.device
-    batches = []
-    for i in range(0, len(arrays), batch_size):
-        group = arrays[i:i + batch_size]
-        sizes = [forward_size(a.shape[0], a.shape[1], stride, 512) for a in group]
-        bh = -(-max(s[0] for s in sizes) // stride) * stride
-        bw = -(-max(s[1] for s in sizes) // stride) * stride
-        x = np.stack([np.pad(a[:bh, :bw], ((0, max(0, bh - a.shape[0])), (0, max(0, bw - a.shape[1])), (0, 0)),
-                             mode="edge") for a in group])
-        batches.append(normalize(torch.from_numpy(x).permute(0, 3, 1, 2).to(dev), cfg.mean, cfg.std))
+    batches = forward_batches(bundle, arrays, batch_size, 512)
     with torch.inference_mode():
         for x in batches:  # warm-up: every batch shape once
             bundle.model.dense_maps(x)
-        _sync(dev)
+        _sync(bundle.device)
         t0 = time.perf_counter()
         for _ in range(repeats):
             for x in batches:
                 bundle.model.dense_maps(x)
-        _sync(dev)
+        _sync(bundle.device)
     return repeats * len(arrays) / (time.perf_counter() - t0)
 
 

@@ -44,8 +44,7 @@ from PIL import Image
 
 from weakseg.models import ModelConfig, create_model, save_checkpoint
 from weakseg.tasks.segment.chunk import HOST_WORKERS_ENV, image_statistics, label_image
-from weakseg.tasks.segment.inference import compute_prior_inputs, forward_size, load_model, predict
-from weakseg.tasks.tensors import normalize
+from weakseg.tasks.segment.inference import compute_prior_inputs, forward_batches, load_model, predict
 
 CLASSES = ["background", *[f"class{i:02d}" for i in range(20)]]  # 21, like PASCAL VOC
 PHOTO_SIZES = [(375, 500), (500, 375), (333, 500), (500, 333), (320, 480), (480, 320), (400, 400)]
@@ -91,22 +90,10 @@ def run_flow(images: str, model: str, out: str, **kw) -> dict:
 
 
 def bare_forward(model_path: str, arrays: list[np.ndarray], batch_size: int, max_side: int) -> float:
-    """images/s of the forward pass alone: batches of one forward size (as the flow buckets them)
+    """images/s of the forward pass alone: batches of one input shape (as the flow buckets them)
     of up to ``batch_size`` images, built (resized, padded to the stride, normalised) beforehand."""
     bundle = load_model(model_path, "cpu")
-    stride = bundle.model.stride
-    cfg = bundle.checkpoint.config
-    by_size: dict[tuple[int, int], list[np.ndarray]] = {}
-    for a in arrays:
-        by_size.setdefault(forward_size(a.shape[0], a.shape[1], stride, max_side), []).append(a)
-    batches = []
-    for (fh, fw), same in by_size.items():
-        bh, bw = -(-fh // stride) * stride, -(-fw // stride) * stride
-        for i in range(0, len(same), batch_size):
-            group = [cv2.resize(a, (fw, fh), interpolation=cv2.INTER_AREA) if a.shape[:2] != (fh, fw) else a
-                     for a in same[i:i + batch_size]]
-            x = np.stack([np.pad(a, ((0, bh - fh), (0, bw - fw), (0, 0)), mode="edge") for a in group])
-            batches.append(normalize(torch.from_numpy(x).permute(0, 3, 1, 2), cfg.mean, cfg.std))
+    batches = forward_batches(bundle, arrays, batch_size, max_side)
     with torch.no_grad():
         for x in batches:  # warm-up over every batch shape (oneDNN builds kernels per shape), as the flow's is
             bundle.model.dense_maps(x)
@@ -138,8 +125,6 @@ PRIOR_SETS = ("none", "ilp", "ilp,sppxl", "ilp,sppxl,seg", "ilp,bb")
 def host_job(paths: list[str], priors: str) -> int:
     """What the host does per image for ``priors`` (decode, the priors' inputs, the PNG mask);
     runs in a worker process. The mask is a one-object class map (a PNG size like a real mask's)."""
-    import cv2
-
     from weakseg.tasks.images import decode_image
     from weakseg.tasks.segment.chunk import encode_mask
     from weakseg.tasks.segment.priors import parse_priors

@@ -517,23 +517,23 @@ def _forward(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor],
     x = normalize(x, bundle.checkpoint.config.mean, bundle.checkpoint.config.std)
     maps = model.dense_maps(x)[:n]  # [B, K, bh/stride, bw/stride]; cell i over pixel i*stride + cell_offset
     forward_ms = (time.perf_counter() - started) * 1000 / n
-    out: list[Prediction | None] = [None] * n
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, size in enumerate(sizes):
-        by_size.setdefault(size, []).append(i)
-    for (fh, fw), js in by_size.items():  # the cells on each forward size's images: one LSE, one softmax
-        ch = _cells_on_image(fh, maps.shape[-2], stride, offset[0])
-        cw = _cells_on_image(fw, maps.shape[-1], stride, offset[1])
-        # Whole-batch ops and one transfer per size: each per-image ``.cpu()`` waited for the device,
-        # then for the GIL that the other chunks' threads hold.
+    by_cells: dict[tuple[int, int], list[int]] = {}  # the cells on an image: its LSE and its map
+    for i, (fh, fw) in enumerate(sizes):
+        cells = (_cells_on_image(fh, maps.shape[-2], stride, offset[0]),
+                 _cells_on_image(fw, maps.shape[-1], stride, offset[1]))
+        by_cells.setdefault(cells, []).append(i)
+    # Whole-batch ops and one transfer per batch: each per-image ``.cpu()`` waited for the device,
+    # then for the GIL that the other chunks' threads hold.
+    image_probs = torch.empty((n, maps.shape[1]), dtype=torch.float64, device=maps.device)
+    probs: list[torch.Tensor | None] = [None] * n
+    for (ch, cw), js in by_cells.items():
         m = (maps if len(js) == n else maps[js])[:, :, :ch, :cw].float()
-        image_probs = image_probabilities(model.pool(m).double(), bundle.checkpoint.config.image_prior)
-        image_probs = image_probs.cpu().numpy()
-        probs = m.softmax(1)
-        for j, i in enumerate(js):
-            out[i] = Prediction(probs[j], image_probs[j], tuple(images[i].shape[:2]), (fh, fw), stride,
-                                forward_ms, offset)
-    return out  # type: ignore[return-value]
+        image_probs[js] = image_probabilities(model.pool(m).double(), bundle.checkpoint.config.image_prior)
+        for i, p in zip(js, m.softmax(1), strict=True):
+            probs[i] = p
+    host_probs = image_probs.cpu().numpy()
+    return [Prediction(probs[i], host_probs[i], tuple(im.shape[:2]), sizes[i], stride, forward_ms, offset)
+            for i, im in enumerate(images)]
 
 
 def _cells_on_image(n: int, cells: int, stride: int, offset: float) -> int:

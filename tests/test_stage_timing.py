@@ -50,22 +50,28 @@ def test_chunk_stages(tmp_path, tiny_checkpoint):
     assert [r["stage"] for r in rows[:-1]] == list(STAGES)
 
 
+def _one_chunk(tmp_path, tiny_checkpoint, shapes: list[tuple[int, int]], batch_size: int) -> list:
+    """One chunk of random PNG photos of ``shapes`` (h, w), segmented with ``ilp``."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "model.pt").write_bytes(tiny_checkpoint(CLASSES, 0))
+    bundle = load_model(str(tmp_path / "model.pt"), "cpu")
+    opts = SegmentOptions(out=str(tmp_path / "out"), run_id="t", run_date="2026-01-01", model="unused",
+                          priors=("ilp",), batch_size=batch_size)
+    results = [segment_chunk(spec, opts, bundle) for spec in iter_chunks(str(folder), len(shapes))]
+    assert [r.ok for r in results] == [len(shapes)]
+    return results
+
+
 def test_forward_passes_are_counted_and_hold_one_size_each(tmp_path, tiny_checkpoint):
     """Six photos of one size and two of another, batch 4: the sizes cannot share a batch, so
     three forward passes (4, 2 and 2 images), 2.67 images a pass: what a run reports so a user
     sees how far their corpus's size mix keeps batches from --batch-size."""
-    folder = tmp_path / "c"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        shape = (48, 64, 3) if i % 4 else (80, 64, 3)  # photos 0 and 4 are the odd size
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i}.png")
-    (tmp_path / "model.pt").write_bytes(tiny_checkpoint(CLASSES, 0))
-    bundle = load_model(str(tmp_path / "model.pt"), "cpu")
-    opts = SegmentOptions(out=str(tmp_path / "out"), run_id="t", run_date="2026-01-01", model="unused",
-                          priors=("ilp",), batch_size=4)
-    results = [segment_chunk(spec, opts, bundle) for spec in iter_chunks(str(folder), 8)]
-    assert [r.ok for r in results] == [8]
+    shapes = [(48, 64) if i % 4 else (80, 64) for i in range(8)]  # photos 0 and 4 are the odd size
+    results = _one_chunk(tmp_path, tiny_checkpoint, shapes, batch_size=4)
     assert (results[0].forward_batches, results[0].forward_images) == (3, 8)
     assert mean_batch(results) == 2.67 and mean_batch([]) == 0.0
 
@@ -73,18 +79,8 @@ def test_forward_passes_are_counted_and_hold_one_size_each(tmp_path, tiny_checkp
 def test_photos_a_few_pixels_apart_share_forward_passes(tmp_path, tiny_checkpoint):
     """80x64 and 75x64 photos pad to one 80x64 input (stride 16), so batch 6 takes all six in one
     pass; the two 96x64 photos make a second. Each keeps its own forward size and mask size."""
-    folder = tmp_path / "c"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
     shapes = [(96, 64), (80, 64), (75, 64), (80, 64), (96, 64), (75, 64), (80, 64), (75, 64)]
-    for i, shape in enumerate(shapes):
-        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    (tmp_path / "model.pt").write_bytes(tiny_checkpoint(CLASSES, 0))
-    bundle = load_model(str(tmp_path / "model.pt"), "cpu")
-    opts = SegmentOptions(out=str(tmp_path / "out"), run_id="t", run_date="2026-01-01", model="unused",
-                          priors=("ilp",), batch_size=6)
-    results = [segment_chunk(spec, opts, bundle) for spec in iter_chunks(str(folder), 8)]
-    assert [r.ok for r in results] == [8]
+    results = _one_chunk(tmp_path, tiny_checkpoint, shapes, batch_size=6)
     assert (results[0].forward_batches, results[0].forward_images) == (2, 8)  # by forward size: 3 passes
     images = tables.read_table(str(tmp_path / "out"), "images").to_pylist()
     assert sorted((r["height"], r["width"], r["forward_height"], r["forward_width"]) for r in images) == sorted(

@@ -1,13 +1,16 @@
-"""Images a forward pass holds: batches keyed by input shape against the forward-size key they replaced.
+"""Images a forward pass holds: batches keyed by input shape against the forward-size key they replaced,
+and an accelerator's deeper buckets.
 
 A batch holds images that run at one input shape, so a corpus of many photo sizes fills
 fewer than ``--batch-size`` a pass, and an accelerator runs part-empty passes. Since the
 engine keys its buckets by input shape (each forward size edge-padded up to a multiple of
 the stride, ``weakseg.tasks.segment.inference.batch_key``), photos a few pixels apart share
-a pass, each still the input it is alone. This runs the engine's own bucketing
-(``chunk._buckets``: chunks of ``--chunk-size``, batch ``--batch-size``) over size mixes with
-both keys, in the same run, and prints JSON: photo sizes, forward sizes, input shapes and
-mean images a pass per key, for the plain view (``1``) and a MIL model's default (``2``).
+a pass, each still the input it is alone. At most ``chunk.bucket_hold`` images wait for a
+full batch: two batches' worth on the CPU, eight on an accelerator. This runs the engine's
+own bucketing (``chunk._buckets``: chunks of ``--chunk-size``, batch ``--batch-size``) over
+size mixes with both keys and both holds, in the same run, and prints JSON: photo sizes,
+forward sizes, input shapes and mean images a pass, for the plain view (``1``) and a MIL
+model's default (``2``).
 
 Mixes: ``web`` (bench/gpu.py's ``ilp_mixed_sizes`` photos: 8 longer sides x 4 aspects),
 ``box500`` (photos fitted into a 500 px box, shorter side any of 281-500 px: a collection
@@ -23,11 +26,12 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import mixed_sizes
 
-from weakseg.tasks.segment.chunk import _buckets
+from weakseg.tasks.segment.chunk import _buckets, bucket_hold
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, MIN_CELLS, batch_key, forward_size
 from weakseg.tasks.segment.tta import view_size
 
@@ -47,11 +51,11 @@ def msrc_sizes() -> list[tuple[int, int]]:
 
 
 def mean_batch(sizes: list[tuple[int, int]], key: Callable[[tuple[int, int]], Hashable], chunk: int,
-               batch: int) -> float:
+               batch: int, hold: int) -> float:
     """Mean images a pass when the engine buckets each chunk of ``sizes`` by ``key``."""
     passes = 0
     for start in range(0, len(sizes), chunk):
-        passes += sum(1 for _ in _buckets(iter(sizes[start:start + chunk]), key, batch, 2 * batch))
+        passes += sum(1 for _ in _buckets(iter(sizes[start:start + chunk]), key, batch, hold))
     return round(len(sizes) / passes, 2)
 
 
@@ -63,17 +67,20 @@ def compare(sizes: list[tuple[int, int]], stride: int, scales: tuple[float, ...]
     def by_input_shape(hw: tuple[int, int]) -> Hashable:
         return batch_key(*hw, stride, DEFAULT_MAX_SIDE, 0, scales)
 
-    old = mean_batch(sizes, by_forward_size, chunk, batch)
-    new = mean_batch(sizes, by_input_shape, chunk, batch)
+    cpu, accelerator = bucket_hold(batch, torch.device("cpu")), bucket_hold(batch, torch.device("cuda"))
+    old = mean_batch(sizes, by_forward_size, chunk, batch, cpu)
+    new = mean_batch(sizes, by_input_shape, chunk, batch, cpu)
+    deep = mean_batch(sizes, by_input_shape, chunk, batch, accelerator)
     return {"forward_sizes": len({by_forward_size(s) for s in sizes}),
             "input_shapes": len({by_input_shape(s) for s in sizes}),
-            "mean_batch_by_forward_size": old, "mean_batch_by_input_shape": new, "ratio": round(new / old, 2)}
+            "mean_batch_by_forward_size": old, "mean_batch_by_input_shape": new, "ratio": round(new / old, 2),
+            "mean_batch_by_input_shape_accelerator_hold": deep, "accelerator_ratio": round(deep / old, 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=512, help="segment-corpus's default")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--stride", type=int, default=16)
     args = parser.parse_args()
@@ -82,7 +89,9 @@ def main() -> None:
     if MSRC.is_dir():
         mixes["msrc21"] = msrc_sizes()
     report = {"benchmark": "batching", "chunk_size": args.chunk_size, "batch_size": args.batch_size,
-              "stride": args.stride, "mixes": {}}
+              "stride": args.stride, "hold": {"cpu": bucket_hold(args.batch_size, torch.device("cpu")),
+                                              "accelerator": bucket_hold(args.batch_size, torch.device("cuda"))},
+              "mixes": {}}
     for name, sizes in mixes.items():
         report["mixes"][name] = {"images": len(sizes), "photo_sizes": len(set(sizes)),
                                  **{f"tta {'2' if scales == (2.0,) else '1'}": compare(

@@ -1,4 +1,5 @@
-"""bench/batching.py: the engine's bucketing by input shape against the forward-size key, on size mixes."""
+"""bench/batching.py: the engine's bucketing by input shape against the forward-size key, and the deeper
+accelerator hold, on size mixes."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ def test_batching_bench_reports_both_keys():
             assert run["input_shapes"] <= run["forward_sizes"] <= mix["photo_sizes"]
             assert 1 <= run["mean_batch_by_forward_size"] <= report["batch_size"]
             assert 1 <= run["mean_batch_by_input_shape"] <= report["batch_size"]
+            assert run["mean_batch_by_input_shape"] <= run["mean_batch_by_input_shape_accelerator_hold"] <= 64
     box = report["mixes"]["box500"]["tta 1"]  # shorter sides 1 px apart: 16 of them pad to one shape
     assert box["input_shapes"] < box["forward_sizes"] / 8
     assert box["mean_batch_by_input_shape"] > 2 * box["mean_batch_by_forward_size"]

@@ -101,6 +101,12 @@ def test_buckets_hold_a_bounded_number_of_images():
     assert sorted(out) == sorted(items) and most <= 5  # hold + the one just read
 
 
+def test_buckets_hold_deeper_on_an_accelerator():
+    """The CPU's throughput hardly depends on the batch; an accelerator's does, so more images wait."""
+    assert chunk.bucket_hold(64, torch.device("cpu")) == 128
+    assert chunk.bucket_hold(64, torch.device("cuda")) == chunk.bucket_hold(64, torch.device("mps")) == 512
+
+
 class _CountingPool:
     """Runs jobs at once but counts how many were submitted and not yet asked for."""
 

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import mixed_sizes
 
-from weakseg.tasks.segment.chunk import _buckets, bucket_hold
+from weakseg.tasks.segment.chunk import _buckets, bucket_hold, hold_weight
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, MIN_CELLS, batch_key, forward_size
 from weakseg.tasks.segment.tta import view_size
 
@@ -55,7 +55,8 @@ def mean_batch(sizes: list[tuple[int, int]], key: Callable[[tuple[int, int]], Ha
     """Mean images a pass when the engine buckets each chunk of ``sizes`` by ``key``."""
     passes = 0
     for start in range(0, len(sizes), chunk):
-        passes += sum(1 for _ in _buckets(iter(sizes[start:start + chunk]), key, batch, hold))
+        passes += sum(1 for _ in _buckets(iter(sizes[start:start + chunk]), key, batch, hold,
+                                          lambda hw: hold_weight(*hw)))
     return round(len(sizes) / passes, 2)
 
 

@@ -101,6 +101,31 @@ def test_buckets_hold_a_bounded_number_of_images():
     assert sorted(out) == sorted(items) and most <= 5  # hold + the one just read
 
 
+def test_buckets_weigh_large_images_by_their_pixels():
+    """A photo of many pixels counts as several in the hold, so the pixels waiting stay bounded:
+    one over the whole hold leaves (with its bucket) before the next image is read."""
+    assert chunk.hold_weight(375, 500) == chunk.hold_weight(10, 10) == 1 and chunk.hold_weight(3000, 4000) == 64
+    items = [(0, "a", 1), (1, "a", 1), (2, "b", 9), (3, "c", 1), (4, "a", 1), (5, "c", 1), (6, "d", 3), (7, "a", 1)]
+    read, held, most = [], 0, 0
+
+    def counted():
+        nonlocal held, most
+        for it in items:
+            assert held <= 4  # within the hold whenever the next image is read
+            read.append(it[0])
+            held += it[2]
+            most = max(most, held)
+            yield it
+
+    out = []
+    for batch in chunk._buckets(counted(), key=lambda it: it[1], size=3, hold=4, weight=lambda it: it[2]):
+        held -= sum(w for *_, w in batch)
+        if any(i == 2 for i, *_ in batch):
+            assert read[-1] == 2  # the heavy one went before image 3 was read
+        out.extend(batch)
+    assert sorted(out) == sorted(items) and most <= 4 + 9
+
+
 def test_buckets_hold_deeper_on_an_accelerator():
     """The CPU's throughput hardly depends on the batch; an accelerator's does, so more images wait."""
     assert chunk.bucket_hold(64, torch.device("cpu")) == 128

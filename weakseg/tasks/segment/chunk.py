@@ -491,31 +491,44 @@ def _prepared(records: Iterator[InputRecord], opts: SegmentOptions, spec: ChunkS
     yield from ready(0)
 
 
+HOLD_PHOTO_PIXELS = 500 * 375  # what one image of a bucket hold is: a larger one counts as several
+
+
 def bucket_hold(batch_size: int, device: torch.device) -> int:
-    """Images that may wait in buckets for a full batch: two batches' worth on the CPU, whose
+    """Images of up to :data:`HOLD_PHOTO_PIXELS` that may wait in buckets for a full batch (a
+    larger image counts as several, :func:`hold_weight`): two batches' worth on the CPU, whose
     throughput hardly depends on the batch; eight on an accelerator, where a corpus of many
-    photo shapes otherwise runs part-empty passes (bench/batching.py: 6.4 -> 13.4 images a
-    pass at batch 64 in chunks of 512 of a web-like size mix), for a few hundred MB more."""
+    photo shapes otherwise runs part-empty passes (bench/batching.py: 5.0 -> 11.7 images a
+    pass at batch 64 in chunks of 512 of a web-like size mix). At batch 64 that is at most
+    about 288 MB of decoded pixels a chunk, whatever the photos' size."""
     return (2 if device.type == "cpu" else 8) * batch_size
 
 
+def hold_weight(h: int, w: int) -> int:
+    """How many :data:`HOLD_PHOTO_PIXELS` photos a decoded ``h x w`` image weighs in a bucket hold."""
+    return max(1, -(-h * w // HOLD_PHOTO_PIXELS))
+
+
 def _buckets(items: Iterator[_Prepared], key: Callable[[_Prepared], Hashable], size: int,
-             hold: int) -> Iterator[list[_Prepared]]:
+             hold: int, weight: Callable[[_Prepared], int] = lambda _: 1) -> Iterator[list[_Prepared]]:
     """Batches of up to ``size`` images of one ``key`` (their input shapes: no padding between
-    them, full batches where the corpus allows); at most ``hold`` images wait: past it, the
-    fullest bucket goes."""
+    them, full batches where the corpus allows); the waiting images weigh at most ``hold``
+    (each ``weight``, 1 by default): past it, the fullest bucket goes."""
     buckets: dict[Hashable, list[_Prepared]] = {}
+    weights: dict[Hashable, int] = {}
     held = 0
     for item in items:
         k = key(item)
         buckets.setdefault(k, []).append(item)
-        held += 1
+        w = weight(item)
+        weights[k] = weights.get(k, 0) + w
+        held += w
         if len(buckets[k]) >= size:
-            held -= len(buckets[k])
+            held -= weights.pop(k)
             yield buckets.pop(k)
-        elif held > hold:
+        while held > hold:  # one step past it with unit weights; a heavy image may take more
             fullest = max(buckets, key=lambda b: len(buckets[b]))
-            held -= len(buckets[fullest])
+            held -= weights.pop(fullest)
             yield buckets.pop(fullest)
     yield from sorted(buckets.values(), key=len, reverse=True)
 
@@ -550,7 +563,8 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
     encoding: deque[tuple[_Prepared, Prediction, Future]] = deque()
     try:
         prepared = _prepared(records, opts, spec, writer, result, done, clock, pool, ahead, decode_on)
-        for batch in _buckets(prepared, size_of, opts.batch_size, bucket_hold(opts.batch_size, bundle.device)):
+        for batch in _buckets(prepared, size_of, opts.batch_size, bucket_hold(opts.batch_size, bundle.device),
+                              lambda p: hold_weight(*p.d.rgb.shape[:2])):
             preds = _forward(bundle, batch, opts, spec.index, writer, result)
             if preds is not None:
                 _postprocess(bundle, batch, preds, thresholds, opts, spec.index, writer, clock, pool, encoding)

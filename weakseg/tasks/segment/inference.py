@@ -315,8 +315,9 @@ def input_shape(size: tuple[int, int], stride: int) -> tuple[int, int]:
     """The shape a forward ``size`` runs at: each side edge-padded up to a multiple of ``stride``.
 
     Images of one input shape share a batch whatever their forward sizes: each is resized to
-    its own size and padded from its own edges, so its input, and its prediction, is the one
-    it has alone. Photos 1-15 px apart (500x333, 500x334, 500x336 ...) then fill one batch.
+    its own size and padded from its own edges, so its input is the one it has alone (and its
+    prediction too, up to the rounding of a batched convolution, as for any batch). Photos
+    1-15 px apart (500x333, 500x334, 500x336 ...) then fill one batch.
     """
     return -(-size[0] // stride) * stride, -(-size[1] // stride) * stride
 
@@ -413,7 +414,8 @@ def _predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], m
 def forward_batches(bundle: ModelBundle, images: Sequence[np.ndarray], batch_size: int,
                     max_side: int = DEFAULT_MAX_SIDE, min_side: int = 0) -> list[torch.Tensor]:
     """The normalised input batches :func:`predict` runs the plain views of ``images`` in (one
-    input shape each, up to ``batch_size`` images): what a benchmark times as the bare forward."""
+    input shape each, up to ``batch_size`` images; an accelerator's filling up to a power of
+    two aside): what a benchmark times as the bare forward."""
     stride = bundle.model.stride
     groups: dict[tuple[int, int], list[tuple[np.ndarray, tuple[int, int]]]] = {}
     for im in images:
@@ -524,13 +526,20 @@ def _forward(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor],
         by_cells.setdefault(cells, []).append(i)
     # Whole-batch ops and one transfer per batch: each per-image ``.cpu()`` waited for the device,
     # then for the GIL that the other chunks' threads hold.
-    image_probs = torch.empty((n, maps.shape[1]), dtype=torch.float64, device=maps.device)
-    probs: list[torch.Tensor | None] = [None] * n
-    for (ch, cw), js in by_cells.items():
-        m = (maps if len(js) == n else maps[js])[:, :, :ch, :cw].float()
-        image_probs[js] = image_probabilities(model.pool(m).double(), bundle.checkpoint.config.image_prior)
-        for i, p in zip(js, m.softmax(1), strict=True):
-            probs[i] = p
+    prior = bundle.checkpoint.config.image_prior
+    if len(by_cells) == 1:  # the common case: no index sent to the device
+        (ch, cw), = by_cells
+        m = maps[:, :, :ch, :cw].float()
+        image_probs, probs = image_probabilities(model.pool(m).double(), prior), list(m.softmax(1))
+    else:
+        image_probs = torch.empty((n, maps.shape[1]), dtype=torch.float64, device=maps.device)
+        probs = [None] * n
+        for (ch, cw), js in by_cells.items():
+            index = torch.tensor(js, device=maps.device)
+            m = maps.index_select(0, index)[:, :, :ch, :cw].float()
+            image_probs.index_copy_(0, index, image_probabilities(model.pool(m).double(), prior))
+            for i, p in zip(js, m.softmax(1), strict=True):
+                probs[i] = p
     host_probs = image_probs.cpu().numpy()
     return [Prediction(probs[i], host_probs[i], tuple(im.shape[:2]), sizes[i], stride, forward_ms, offset)
             for i, im in enumerate(images)]

@@ -322,12 +322,28 @@ def input_shape(size: tuple[int, int], stride: int) -> tuple[int, int]:
     return -(-size[0] // stride) * stride, -(-size[1] // stride) * stride
 
 
+def _view_sizes(h: int, w: int, stride: int, max_side: int, min_side: int,
+                scales: Sequence[float]) -> list[tuple[int, int]]:
+    """The forward size of each view at ``scales`` of an ``h x w`` image."""
+    plain = forward_size(h, w, stride, max_side, min_side)
+    return [view_size(plain, s, stride, MIN_CELLS) for s in scales]
+
+
 def batch_key(h: int, w: int, stride: int, max_side: int, min_side: int = 0,
               scales: Sequence[float] = (1.0,)) -> tuple[tuple[int, int], ...]:
     """The input shapes of an ``h x w`` image's views at ``scales``: images with the same key
     fill the same batches in :func:`predict` (a chunk's bucketing key)."""
-    plain = forward_size(h, w, stride, max_side, min_side)
-    return tuple(input_shape(view_size(plain, s, stride, MIN_CELLS), stride) for s in scales)
+    return tuple(input_shape(size, stride) for size in _view_sizes(h, w, stride, max_side, min_side, scales))
+
+
+def _by_input_shape(images: Sequence[np.ndarray | torch.Tensor], stride: int, max_side: int, min_side: int,
+                    scales: Sequence[float]) -> dict[tuple[int, int], list[tuple[int, int, tuple[int, int]]]]:
+    """The batches :func:`predict` runs: input shape -> (image, view, forward size) of every view."""
+    groups: dict[tuple[int, int], list[tuple[int, int, tuple[int, int]]]] = {}
+    for i, im in enumerate(images):
+        for v, size in enumerate(_view_sizes(im.shape[0], im.shape[1], stride, max_side, min_side, scales)):
+            groups.setdefault(input_shape(size, stride), []).append((i, v, size))
+    return groups
 
 
 def cell_grid(cells: tuple[int, int], fwd: tuple[int, int], out: tuple[int, int], stride: int,
@@ -391,13 +407,7 @@ def _predict(bundle: ModelBundle, images: Sequence[np.ndarray | torch.Tensor], m
              min_side: int, tta: str | TTA | None) -> list[Prediction]:
     spec = parse_tta(bundle.resolve_tta(tta))
     views = spec.views()
-    stride = bundle.model.stride
-    groups: dict[tuple[int, int], list[tuple[int, int, tuple[int, int]]]] = {}  # shape -> (image, view, size)
-    for i, im in enumerate(images):
-        plain = forward_size(im.shape[0], im.shape[1], stride, max_side, min_side)
-        for v, (scale, _) in enumerate(views):
-            size = view_size(plain, scale, stride, MIN_CELLS)
-            groups.setdefault(input_shape(size, stride), []).append((i, v, size))
+    groups = _by_input_shape(images, bundle.model.stride, max_side, min_side, [scale for scale, _ in views])
     done: dict[tuple[int, int], Prediction] = {}
     for members in groups.values():
         batch = [_mirrored(images[i]) if views[v][1] else images[i] for i, v, _ in members]
@@ -416,16 +426,12 @@ def forward_batches(bundle: ModelBundle, images: Sequence[np.ndarray], batch_siz
     """The normalised input batches :func:`predict` runs the plain views of ``images`` in (one
     input shape each, up to ``batch_size`` images; an accelerator's filling up to a power of
     two aside): what a benchmark times as the bare forward."""
-    stride = bundle.model.stride
-    groups: dict[tuple[int, int], list[tuple[np.ndarray, tuple[int, int]]]] = {}
-    for im in images:
-        size = forward_size(im.shape[0], im.shape[1], stride, max_side, min_side)
-        groups.setdefault(input_shape(size, stride), []).append((im, size))
-    cfg = bundle.checkpoint.config
-    return [normalize(_input_batch([im for im, _ in part], [size for _, size in part], stride, bundle.device),
+    stride, cfg = bundle.model.stride, bundle.checkpoint.config
+    groups = _by_input_shape(images, stride, max_side, min_side, (1.0,))
+    return [normalize(_input_batch([images[i] for i, *_ in part], [size for *_, size in part], stride, bundle.device),
                       cfg.mean, cfg.std)
             for members in groups.values()
-            for part in (members[i:i + batch_size] for i in range(0, len(members), batch_size))]
+            for part in (members[k:k + batch_size] for k in range(0, len(members), batch_size))]
 
 
 def _mirrored(image: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -147,3 +147,41 @@ def test_all_corrupt_shards_fail_promptly_with_a_clear_message(prefect_harness, 
     assert state.is_failed()
     assert "nothing usable is coming" in state.message and "0 usable" in state.message
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def _params(ckpt) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in ckpt.model.state_dict().items() if k.startswith("head.")}
+
+
+def test_final_model_is_the_mean_of_the_last_epochs_weights(trained):
+    out, result = trained  # 6 epochs of 8 steps: the default averages the ends of epochs 5 and 6
+    final = load_checkpoint(result["checkpoint"])
+    ends = [load_checkpoint(storage.join(out, checkpoint_name(step))) for step in (40, 48)]
+    assert final.training_state["averaged_epochs"] == 2
+    for name, value in _params(final).items():
+        mean = (_params(ends[0])[name] + _params(ends[1])[name]) / 2
+        torch.testing.assert_close(value, mean, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(_params(final)["head.classifier.weight"], _params(ends[1])["head.classifier.weight"])
+
+
+def test_weight_average_survives_a_resume(shards, tmp_path):
+    out = str(tmp_path)
+
+    def stop_in_the_last_epoch(row):
+        if row["epoch"] == 6:
+            raise KeyboardInterrupt  # killed after epoch 6's row, before its checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        manifest = load_manifest(shards)
+        run_training(shards, out, manifest, ModelConfig(num_classes=4, **SMALL), AugmentConfig(input_size=SIZE),
+                     TrainConfig(epochs=6, steps_per_epoch=2, batch_size=8, num_workers=0, shuffle_buffer=32,
+                                 val_every=0, checkpoint_every=0, keep_checkpoints=0, progress=False),
+                     on_epoch=stop_in_the_last_epoch)
+    fifth = load_checkpoint(storage.join(out, checkpoint_name(10)))
+    assert int(fifth.training_state["average"]["n_averaged"]) == 1  # epoch 5 is in the mean already
+    result = _train(shards, out, epochs=6, steps_per_epoch=2, val_every=0, checkpoint_every=0, keep_checkpoints=0,
+                    resume=True)
+    final, sixth = load_checkpoint(result["checkpoint"]), load_checkpoint(storage.join(out, checkpoint_name(12)))
+    assert result["steps_this_run"] == 2 and final.training_state["averaged_epochs"] == 2
+    for name, value in _params(final).items():
+        torch.testing.assert_close(value, (_params(fifth)[name] + _params(sixth)[name]) / 2, rtol=1e-5, atol=1e-6)

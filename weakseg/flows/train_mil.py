@@ -114,6 +114,9 @@ def train_mil(
         "is coming"))] = 0.5,
     checkpoint_every: Annotated[int, Field(ge=0, description="steps between checkpoints; 0: epoch ends")] = 1000,
     keep_checkpoints: Annotated[int, Field(ge=0, description="step checkpoints kept; 0: all")] = 3,
+    average_epochs: Annotated[int, Field(ge=1, description=(
+        "model.pt is the mean of the weights at the end of the last N epochs (at most a third of them); "
+        "1: the last weights"))] = TrainConfig.average_epochs,
     val_every: Annotated[int, Field(ge=0, description="epochs between validations; 0: never")] = 1,
     seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,
     resume: Annotated[bool, Field(description="continue from the newest checkpoint in --out")] = False,
@@ -136,7 +139,8 @@ def train_mil(
         epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, momentum=momentum,
         weight_decay=weight_decay, lr_decay=lr_decay, lr_decay_every_samples=lr_decay_every_samples,
         multilabel_loss=multilabel_loss, background=background, steps_per_epoch=steps_per_epoch, val_every=val_every,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, num_workers=num_workers,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, average_epochs=average_epochs,
+        num_workers=num_workers,
         shuffle_buffer=shuffle_buffer, max_skip_fraction=max_skip_fraction, device=device, seed=seed, resume=resume,
         progress=progress,
     )

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ...models import (
@@ -61,6 +62,7 @@ from ..devices import resolve_device
 from ..ingest.manifest import ManifestError, check_shards, shard_specs
 from ..tensors import normalize
 from .augment import AugmentConfig, EvalTransform, TrainTransform
+from .averaging import apply_average, average_window, averages_epoch, weight_average
 from .optimizer import make_optimizer
 from .shard_reader import eval_pipeline, make_loader, train_pipeline
 
@@ -103,6 +105,7 @@ class TrainConfig:
     val_every: int = 1  # epochs; 0 = never
     checkpoint_every: int = 1000  # steps; 0 = only at epoch ends
     keep_checkpoints: int = 3
+    average_epochs: int = 2  # model.pt: the mean of the last N epochs' weights, N <= epochs // 3 (averaging.py)
     num_workers: int = 4
     shuffle_buffer: int = 1000
     max_skip_fraction: float = 0.5  # more skipped samples than this share: fail, nothing usable is coming
@@ -402,6 +405,7 @@ class _Loop:
     effective_batch: int
     mref: dict[str, Any]
     state: dict[str, Any]
+    average: AveragedModel | None = None  # the running mean of the last epochs' weights
 
     def metrics(self) -> dict[str, Any]:
         s = self.state
@@ -420,7 +424,10 @@ class _Loop:
             "finished": finished, "optimizer": self.rt.optimizer.state_dict(), "rng": torch.get_rng_state(),
             "options": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
             "augment": {**asdict(self.augment), "scale": list(self.augment.scale)},
+            "averaged_epochs": s.get("averaged_epochs", 0),
         }
+        if self.average is not None and int(self.average.n_averaged):
+            training_state["average"] = self.average.state_dict()  # a resume continues the mean
         storage.write_bytes(url, checkpoint_bytes(self.rt.model, self.config, self.classes,
                                                   input_size=self.augment.input_size, manifest=self.mref,
                                                   metrics=self.metrics(), training_state=training_state))
@@ -466,13 +473,17 @@ class _Loop:
 
     def finish_epoch(self, epoch: int, row: dict[str, Any], on_epoch: Callable[[dict[str, Any]], None] | None,
                      log: logging.Logger | logging.LoggerAdapter) -> None:
-        """Validate when due, record and log the epoch's row, report it, checkpoint."""
+        """Validate when due, record and log the epoch's row, report it, add the weights to the mean
+        when the epoch is in its window, checkpoint."""
         row.update(self.validate(epoch))
         self.state["history"].append(row)
         log.info("epoch %d/%d: %s", epoch + 1, self.cfg.epochs,
                  ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if on_epoch is not None and self.info.is_main:
             on_epoch(row)
+        if self.average is not None and averages_epoch(epoch, self.cfg.epochs, average_window(
+                self.cfg.epochs, self.cfg.average_epochs)):
+            self.average.update_parameters(self.rt.model)
         self.save_step()
         _barrier(self.info)
 
@@ -533,13 +544,15 @@ def run_training(
         raise ValueError(f"--input-size {augment.input_size} is below the network's minimum "
                          f"{model.min_input_size} px for this backbone and output stride")
     net = _prepare_model(model, info)
+    window = average_window(cfg.epochs, cfg.average_epochs)
+    average = weight_average(model, ts.get("average")) if window > 1 else None
     optimizer = make_optimizer(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if ts.get("optimizer"):
         optimizer.load_state_dict(ts["optimizer"])
     rt = _Runtime(model, net, optimizer, info.device, config.mean, config.std, multilabel, cfg.multilabel_loss,
                   background)
     loop = _Loop(out, cfg, augment, info, rt, config, classes, train_specs, val_specs, spe, effective_batch,
-                 manifest_reference(shards, manifest), state)
+                 manifest_reference(shards, manifest), state, average)
     bar = tqdm(total=cfg.epochs * spe, initial=state["step"], unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and info.is_main), desc="train-mil")
     started, start_step = time.perf_counter(), state["step"]
@@ -550,6 +563,10 @@ def run_training(
         raise RuntimeError(_oom_message(cfg, augment.input_size, config)) from err
     finally:
         bar.close()
+    if average is not None:
+        state["averaged_epochs"] = apply_average(model, average)
+        log.info("%s: the mean of the weights at the end of the last %d epochs", FINAL_NAME,
+                 state["averaged_epochs"])
     final = storage.join(out, FINAL_NAME)
     loop.save(final, finished=True)
     _barrier(info)

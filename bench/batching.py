@@ -4,10 +4,10 @@ and an accelerator's deeper buckets.
 A batch holds images that run at one input shape, so a corpus of many photo sizes fills
 fewer than ``--batch-size`` a pass, and an accelerator runs part-empty passes. Since the
 engine keys its buckets by input shape (each forward size edge-padded up to a multiple of
-the stride, ``weakseg.tasks.segment.inference.batch_key``), photos a few pixels apart share
-a pass, each still the input it is alone. At most ``chunk.bucket_hold`` images wait for a
+the stride, ``weakseg.tasks.segment.batching.batch_key``), photos a few pixels apart share
+a pass, each still the input it is alone. At most ``batching.bucket_hold`` images wait for a
 full batch: two batches' worth on the CPU, eight on an accelerator. This runs the engine's
-own bucketing (``chunk._buckets``: chunks of ``--chunk-size``, batch ``--batch-size``) over
+own bucketing (``batching.buckets``: chunks of ``--chunk-size``, batch ``--batch-size``) over
 size mixes with both keys and both holds, in the same run, and prints JSON: photo sizes,
 forward sizes, input shapes and mean images a pass, for the plain view (``1``) and a MIL
 model's default (``2``).
@@ -31,8 +31,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import mixed_sizes
 
-from weakseg.tasks.segment.chunk import _buckets, bucket_hold, hold_weight
-from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, MIN_CELLS, batch_key, forward_size
+from weakseg.tasks.segment.batching import (
+    DEFAULT_MAX_SIDE,
+    MIN_CELLS,
+    batch_key,
+    bucket_hold,
+    buckets,
+    forward_size,
+    hold_weight,
+)
 from weakseg.tasks.segment.tta import view_size
 
 MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21" / "JPEGImages"
@@ -55,7 +62,7 @@ def mean_batch(sizes: list[tuple[int, int]], key: Callable[[tuple[int, int]], Ha
     """Mean images a pass when the engine buckets each chunk of ``sizes`` by ``key``."""
     passes = 0
     for start in range(0, len(sizes), chunk):
-        passes += sum(1 for _ in _buckets(iter(sizes[start:start + chunk]), key, batch, hold,
+        passes += sum(1 for _ in buckets(iter(sizes[start:start + chunk]), key, batch, hold,
                                           lambda hw: hold_weight(*hw)))
     return round(len(sizes) / passes, 2)
 

@@ -43,8 +43,10 @@ import torch
 from PIL import Image
 
 from weakseg.models import ModelConfig, create_model, save_checkpoint
-from weakseg.tasks.segment.chunk import HOST_WORKERS_ENV, image_statistics, label_image
+from weakseg.tasks.segment.encode import regions
+from weakseg.tasks.segment.hostpool import HOST_WORKERS_ENV
 from weakseg.tasks.segment.inference import compute_prior_inputs, forward_batches, load_model, predict
+from weakseg.tasks.segment.postprocess import band_bytes, label_batch
 
 CLASSES = ["background", *[f"class{i:02d}" for i in range(20)]]  # 21, like PASCAL VOC
 PHOTO_SIZES = [(375, 500), (500, 375), (333, 500), (500, 333), (320, 480), (480, 320), (400, 400)]
@@ -112,10 +114,12 @@ def prior_costs(model_path: str, arrays: list[np.ndarray]) -> dict[str, float]:
         for k in ("sppxl", "bb", "seg"):
             totals[k] += ms[k]
         for name, priors in (("labels_ilp", ("ilp",)), ("labels_ilp_sppxl", ("ilp", "sppxl"))):
+            inputs, _ = compute_prior_inputs(rgb, priors)
             t0 = time.perf_counter()
-            labels, prob_sum, ms2 = label_image(bundle, pred, rgb, priors, {})
-            image_statistics(labels, prob_sum, pred.image_probs, bundle.classes)
-            totals[name] += (time.perf_counter() - t0) * 1000 - ms2.get("sppxl", 0.0)
+            out = label_batch([pred], [inputs], priors, {}, len(bundle.classes), bundle.background_index,
+                              bundle.device, band_bytes(bundle.device))[0]
+            regions(out.labels.size, out.counts, out.prob_sum, out.boxes, pred.image_probs, bundle.classes)
+            totals[name] += (time.perf_counter() - t0) * 1000
     return {k: round(v / len(arrays), 2) for k, v in totals.items()}
 
 
@@ -126,7 +130,7 @@ def host_job(paths: list[str], priors: str) -> int:
     """What the host does per image for ``priors`` (decode, the priors' inputs, the PNG mask);
     runs in a worker process. The mask is a one-object class map (a PNG size like a real mask's)."""
     from weakseg.tasks.images import decode_image
-    from weakseg.tasks.segment.chunk import encode_mask
+    from weakseg.tasks.segment.encode import encode_mask
     from weakseg.tasks.segment.priors import parse_priors
 
     cv2.setNumThreads(1)

@@ -11,6 +11,10 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The fault injection of weakseg.tasks.segment.decode.CRASH_ENV: a host worker asked to prepare a file of
+# this name exits at once. Set before any worker process starts (they inherit the environment once);
+# no other test input has this name.
+os.environ.setdefault("WEAKSEG_CRASH_PREPARING", "kills-its-worker.jpg")
 
 
 @pytest.fixture(autouse=True)

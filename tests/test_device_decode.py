@@ -94,7 +94,7 @@ def test_predictions_from_device_tensors_match_host_arrays(bundle):
 
 
 def test_device_images_resized_together_match_one_at_a_time():
-    from weakseg.tasks.segment.inference import _input_batch, _resized_on_device
+    from weakseg.tasks.segment.forward import _input_batch, _resized_on_device
 
     shapes = [(200, 150), (96, 128), (200, 150), (40, 60), (200, 150)]  # shrunk, enlarged, shapes interleaved
     images = [torch.from_numpy(_photo(h, w, k)) for k, (h, w) in enumerate(shapes)]
@@ -139,9 +139,21 @@ def test_chunk_decoded_on_the_device_writes_the_host_paths_tables(tmp_path, bund
     assert {row["error_type"] for row in written["device"]["errors"]} == {"CorruptImage", "NotAnImage"}
 
 
+def _bad_huffman_table(jpeg: bytes) -> bytes:
+    """A JPEG whose header reads and whose end marker is there, but whose first Huffman table claims
+    more codes than a table may hold: every decoder refuses its data."""
+    b = bytearray(jpeg)
+    i = b.index(b"\xff\xc4")
+    b[i + 5:i + 21] = b"\xff" * 16
+    return bytes(b)
+
+
 def test_a_windows_jpegs_are_decoded_in_one_call_and_a_refused_one_alone(tmp_path, bundle, monkeypatch):
     """One nvjpeg batch a window on CUDA (torchvision: a list beats one call an image); the call has
-    no partial results, so a window with a truncated JPEG is decoded again one image at a time."""
+    no partial results, so a window with a JPEG the device refuses is decoded again one image at a
+    time, and the refused one goes to the host decoder, whose verdict is its errors row. A truncated
+    JPEG (no end marker) never reaches the device decoder (nvjpeg may return it part grey): the host
+    decoder refuses it."""
     import torchvision.io
 
     calls: list[int] = []
@@ -156,13 +168,18 @@ def test_a_windows_jpegs_are_decoded_in_one_call_and_a_refused_one_alone(tmp_pat
     folder.mkdir()
     for i in range(6):
         (folder / f"{i}.jpg").write_bytes(_jpeg(_photo(96, 128, i)))
-    cut = _jpeg(_photo(96, 128, 3))
-    (folder / "3.jpg").write_bytes(cut[: len(cut) // 2])  # second window: the header reads, the data is cut
+    (folder / "3.jpg").write_bytes(_bad_huffman_table(_jpeg(_photo(96, 128, 3))))  # second window: refused
+    cut = _jpeg(_photo(96, 128, 6))
+    (folder / "6.jpg").write_bytes(cut[: len(cut) // 2])  # the header reads, the data (and the end marker) are cut
     opts = SegmentOptions(out=str(tmp_path / "out"), run_id="t", run_date="2026-01-01", model="unused",
                           priors=("ilp",), batch_size=3, host_workers=2, decode="device")
     (r,) = [segment_chunk(spec, opts, bundle) for spec in iter_chunks(str(folder), 100)]
-    assert (r.ok, r.failed) == (5, 1)
-    assert calls == [3, 3, 1, 1, 1]  # window 0..2 at once; 3..5 refused together, then each alone
+    assert (r.ok, r.failed) == (5, 2)
+    assert calls == [3, 3, 1, 1, 1]  # window 0..2 at once; 3..5 refused together, then each alone; 6 never
+    rows = tables.read_table(str(tmp_path / "out"), "errors").to_pylist()
+    errors = {e["image_uri"].rsplit("/", 1)[1]: e for e in rows}
+    assert {k: (e["stage"], e["error_type"]) for k, e in errors.items()} == {"3.jpg": ("decode", "CorruptImage"),
+                                                                            "6.jpg": ("decode", "CorruptImage")}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg); runs on a GPU machine only")

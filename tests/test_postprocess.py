@@ -4,13 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from samples import image_statistics
 from skimage import data
 
 from weakseg.models import ModelConfig, create_model, save_checkpoint
 from weakseg.tasks.segment import postprocess
-from weakseg.tasks.segment.chunk import image_statistics
+from weakseg.tasks.segment.encode import regions
 from weakseg.tasks.segment.inference import compute_prior_inputs, load_model, predict
-from weakseg.tasks.segment.postprocess import label_batch, regions
+from weakseg.tasks.segment.postprocess import label_batch
 from weakseg.tasks.segment.priors import (
     VARIANTS,
     apply_priors,
@@ -103,7 +104,7 @@ def _check(bundle, preds, images, priors, thresholds, band_bytes=64 * 2**20, ban
         np.testing.assert_array_equal(
             out.labels, apply_priors(pred.probs(), pred.image_probs, priors, thresholds=thresholds,
                                      background_index=bundle.background_index, **ins))
-        got = regions(out, pred.image_probs, bundle.classes)
+        got = regions(out.labels.size, out.counts, out.prob_sum, out.boxes, pred.image_probs, bundle.classes)
         ref = image_statistics(want, want_sum, pred.image_probs, bundle.classes)
         assert [r["class_index"] for r in got] == [r["class_index"] for r in ref]
         for a, b in zip(got, ref, strict=True):

@@ -24,7 +24,8 @@ from samples import block_jpeg
 
 from weakseg.tasks.images import DEFAULT_MAX_BYTES
 from weakseg.tasks.segment import tables
-from weakseg.tasks.segment.inputs import ChunkSpec, canonical_uri, is_transient, read_chunk
+from weakseg.tasks.segment.inputs import ChunkSpec, canonical_uri
+from weakseg.tasks.segment.read import is_transient, read_chunk
 
 CLASSES = ["background", "disk", "square"]
 OTHER_CLASSES = ["background", "ant", "cat", "dog"]

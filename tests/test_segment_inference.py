@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from samples import image_statistics
 
 from weakseg.models import ModelConfig, create_model, save_checkpoint
-from weakseg.tasks.segment import inference
-from weakseg.tasks.segment.chunk import image_statistics, label_image
+from weakseg.tasks.segment import batching, inference
 from weakseg.tasks.segment.inference import (
     ModelError,
     load_model,
@@ -19,6 +19,7 @@ from weakseg.tasks.segment.inference import (
     segment_variants,
 )
 from weakseg.tasks.segment.inputs import iter_chunks, iter_inputs
+from weakseg.tasks.segment.postprocess import label_image
 from weakseg.tasks.segment.priors import VARIANTS
 
 CLASSES = ["background", "disk", "square", "stripes"]
@@ -206,14 +207,14 @@ def test_segment_image_and_all_variants_from_one_forward_pass(bundle):
 
 
 def test_banded_labels_match_for_large_images(bundle, monkeypatch):
-    from weakseg.tasks.segment import chunk
+    from weakseg.tasks.segment import postprocess
 
     rgb = _img(300, 200, 4)
     pred = predict(bundle, [rgb])[0]
     for chain in (("ilp", "bb"), ("ilp", "sppxl", "seg")):
         whole = label_image(bundle, pred, rgb, chain, {})
         with monkeypatch.context() as m:
-            m.setattr(chunk, "BAND_BYTES", 4 * 4 * 200 * 7)  # 7-row bands
+            m.setattr(postprocess, "BAND_BYTES", 4 * 4 * 200 * 7)  # 7-row bands
             banded = label_image(bundle, pred, rgb, chain, {})
         np.testing.assert_array_equal(whole[0], banded[0])
         np.testing.assert_allclose(whole[1], banded[1], rtol=1e-5)
@@ -249,12 +250,13 @@ def test_corpus_listing_kinds(tmp_path):
 
 
 def test_inference_module_documents_its_defaults():
-    assert inference.DEFAULT_MAX_SIDE == 512 and inference.MIN_CELLS == 4
+    assert inference.DEFAULT_MAX_SIDE == 512 and batching.MIN_CELLS == 4
 
 
 def test_reads_retry_once_then_become_error_records(monkeypatch):
-    from weakseg.tasks.segment import inputs
-    from weakseg.tasks.segment.inputs import ChunkSpec, TransientInputError, read_chunk
+    from weakseg.tasks.segment import read as read_module
+    from weakseg.tasks.segment.inputs import ChunkSpec
+    from weakseg.tasks.segment.read import TransientInputError, read_chunk
 
     calls: dict[str, int] = {}
 
@@ -271,7 +273,7 @@ def test_reads_retry_once_then_become_error_records(monkeypatch):
             raise OSError("An error occurred (SlowDown) when calling the GetObject operation")
         return b"data"
 
-    monkeypatch.setattr(inputs, "_read_bounded", read)
+    monkeypatch.setattr(read_module, "_read_bounded", read)
     records = {r.uri.rsplit("/", 1)[-1]: r for r in read_chunk(ChunkSpec(0, ("/d/ok", "/d/flaky", "/d/broken",
                                                                              "/d/gone")))}
     assert records["ok"].data == b"data" and records["flaky"].data == b"data"
@@ -287,7 +289,8 @@ def test_batch_padded_to_a_power_of_two_predicts_the_same(tmp_path, tiny_checkpo
     outputs are dropped and the real images' predictions are what they are unpadded."""
     from skimage import data
 
-    from weakseg.tasks.segment.inference import _forward, load_model
+    from weakseg.tasks.segment.forward import _forward
+    from weakseg.tasks.segment.inference import load_model
 
     path = tmp_path / "model.pt"
     path.write_bytes(tiny_checkpoint(["background", "disk", "square"], 0))

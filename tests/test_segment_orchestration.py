@@ -200,7 +200,7 @@ def test_cuda_chunks_ask_dask_for_a_gpu_and_fail_fast_without_one(prefect_harnes
                                                                  monkeypatch):
     from distributed import LocalCluster
 
-    from weakseg.tasks.segment import inference
+    from weakseg.tasks.segment import model
 
     images = str(tmp_path / "corpus")
     write_images(tmp_path / "corpus", 6)
@@ -212,8 +212,8 @@ def test_cuda_chunks_ask_dask_for_a_gpu_and_fail_fast_without_one(prefect_harnes
     assert not (tmp_path / "none" / "images").exists()
 
     # Workers in this process, so "cuda" can be mapped to the CPU here: the restriction is what is checked.
-    real = inference.resolve_device
-    monkeypatch.setattr(inference, "resolve_device", lambda d: real("cpu") if d == "cuda" else real(d))
+    real = model.resolve_device
+    monkeypatch.setattr(model, "resolve_device", lambda d: real("cpu") if d == "cuda" else real(d))
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None, protocol="tcp",
                       host="127.0.0.1", resources={"GPU": 1}) as gpu:
         plugin = _restrictions_plugin()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from weakseg.models import ModelConfig, create_model, save_checkpoint
-from weakseg.tasks.segment.chunk import label_image
 from weakseg.tasks.segment.inference import Prediction, load_model, predict, segment_image, segment_variants
+from weakseg.tasks.segment.postprocess import label_image
 from weakseg.tasks.segment.tta import (
     DEFAULT_TTA,
     MAX_VIEW_SIDE,

@@ -33,6 +33,11 @@ def make_task_runner(kind: TaskRunnerKind, workers: int, address: str | None = N
         raise RuntimeError("task_runner='dask' needs prefect-dask (pip install prefect-dask)") from err
     if address:
         return DaskTaskRunner(address=address)
+    import dask
+
+    # Worker processes that may start processes of their own: segment-corpus's host stages
+    # (weakseg.tasks.segment.hostpool). Dask makes them daemonic unless told otherwise.
+    dask.config.set({"distributed.worker.daemon": False})
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": workers, "threads_per_worker": 1, "processes": True,
         "host": "127.0.0.1", "dashboard_address": None, **({"resources": resources} if resources else {}),

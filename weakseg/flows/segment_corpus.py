@@ -255,6 +255,12 @@ def segment_corpus(
     decode: Annotated[Literal["auto", "host", "device"], Field(description="where JPEGs are decoded: device "
                       "(nvjpeg on CUDA) when no prior needs host pixels; auto: device on CUDA, else "
                       "host")] = "auto",
+    host_workers: Annotated[int | None, Field(ge=0, le=256, description="worker processes for the host stages "
+                            "(reading, decoding, superpixels, PNG masks); 0: inline in the flow's process; default: "
+                            "the cores minus one when the model runs on an accelerator, 0 on the CPU")] = None,
+    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], Field(description="number format of the "
+                         "forward pass: auto is bf16 autocast (channels_last) on CUDA, fp32 on the "
+                         "CPU")] = "auto",
     thresholds: Annotated[str | None, Field(description="thresholds JSON URL (weakseg thresholds) for bb/seg "
                                             "(default: the checkpoint's, else 0.5/K)")] = None,
     task_runner: Annotated[TaskRunnerKind, Field(description="where chunks run: threads, or Dask worker "
@@ -292,7 +298,8 @@ def segment_corpus(
                           model_sha256=info.model_sha256, max_bytes=max_bytes, device=chunk_device,
                           priors=prior_list, batch_size=batch_size, max_side=max_side, min_side=min_side, tta=tta,
                           max_pixels=max_pixels, thresholds={p: tuple(v) for p, v in info.thresholds.items()},
-                          done_index=info.done_index, thumbnails=thumbnails, decode=decode)
+                          done_index=info.done_index, thumbnails=thumbnails, decode=decode,
+                          host_workers=host_workers, precision=precision)
     logger.info("run %s: model %s (%d classes), priors %s, writing to %s/*/run_date=%s/ (%s, %d workers, %s)",
                 run_id, info.model_id, len(info.classes), ",".join(prior_list) or "none", _public(out),
                 info.run_date, task_runner, workers, chunk_device)

@@ -5,11 +5,12 @@ JPEG costs the host a few milliseconds, the forward pass a fraction of one. When
 prior needs the pixels (chains of ``ilp`` only, or none), a plain baseline JPEG is decoded
 where the network runs and never lands in host memory; the forward pass resizes it there.
 
-Only inputs whose header PIL reads as a JPEG in RGB or greyscale, upright (EXIF orientation
-1) and within ``max_pixels`` go this way; anything else, and any input the device decoder
-refuses, goes through :func:`weakseg.tasks.images.decode_image` as before, so validation and
-error rows are the same on both paths. On the CPU the same code runs with libjpeg-turbo
-(the tests' way to exercise it).
+Only complete files (ending with the end-of-image marker) whose header PIL reads as a JPEG in
+RGB or greyscale, upright (EXIF orientation 1) and within ``max_pixels`` go this way; anything
+else, and any input the device decoder refuses, goes through
+:func:`weakseg.tasks.images.decode_image` as before, so validation and error rows are the
+same on both paths (a truncated JPEG is a ``decode`` error row on both). On the CPU the same
+code runs with libjpeg-turbo (the tests' way to exercise it).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from .inference import PRIOR_INPUTS  # the priors whose inputs are computed from host pixels
+from .proposals import PRIOR_INPUTS  # the priors whose inputs are computed from host pixels
 
 __all__ = ["DecodeMode", "decode_jpeg_on", "decode_jpegs_on", "device_decoding", "jpeg_header"]
 
@@ -38,7 +39,13 @@ def device_decoding(mode: DecodeMode, device: torch.device, priors: Sequence[str
 
 
 def jpeg_header(data: bytes, max_pixels: int) -> tuple[int, int] | None:
-    """``(height, width)`` of a JPEG the device decoder can take as is; None: decode on the host."""
+    """``(height, width)`` of a JPEG the device decoder can take as is; None: decode on the host.
+
+    The file must also end with the JPEG end-of-image marker: a truncated JPEG goes to the host
+    decoder, which refuses it (an errors row), where nvjpeg might return a partly grey image.
+    """
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -16,11 +16,8 @@
 files (consecutive in listing order, so names are deterministic), one per shard for tars.
 Only the current chunk is held in memory, plus a 16-byte digest per input seen: URIs are
 made canonical (:func:`canonical_uri`: absolute paths, normalised URLs) and an input listed
-again anywhere, in any spelling, is dropped. :func:`read_chunk` yields each input's bytes
-or the exception that prevented reading it, so the caller can record it and go on; inputs
-over ``max_bytes`` are refused on their size (stat, tar header, or a ranged read) and a
-passing failure (expired token, throttling, 5xx) raises :class:`TransientInputError` so
-the whole chunk is retried. URIs are stored without credentials (:func:`stored_uri`).
+again anywhere, in any spelling, is dropped. Reading the inputs is :mod:`.read`'s job. URIs
+are stored without credentials (:func:`stored_uri`).
 
 Listing metadata: where the listing gives it (folders and globs on local disk, S3,
 memory://, ...), each file keeps its :class:`SourceMeta` (size plus ETag or modification
@@ -35,8 +32,6 @@ import hashlib
 import os
 import posixpath
 import re
-import stat
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,13 +42,12 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage
-from ..images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageError
+from ..images import IMAGE_EXTENSIONS
 from ..ingest.sources import SourceError
 from ..uris import MANIFEST_COLUMNS, manifest_column, manifest_ref, split_tar_uri, tar_uri
 
-__all__ = ["ChunkSpec", "InputRecord", "SourceMeta", "TransientInputError", "archive_uri", "canonical_uri",
-           "is_transient",
-           "iter_chunks", "iter_inputs", "iter_listing", "read_chunk", "source_meta", "stored_uri"]
+__all__ = ["ChunkSpec", "SourceMeta", "canonical_uri", "iter_chunks", "iter_inputs", "iter_listing", "source_meta",
+           "stored_uri"]
 
 
 TEXT_MANIFESTS = (".txt", ".lst")
@@ -92,42 +86,6 @@ class ChunkSpec:
     def meta_of(self, i: int) -> SourceMeta | None:
         return self.meta[i] if i < len(self.meta) else None
 
-
-@dataclass
-class InputRecord:
-    uri: str  # as stored: canonical, without credentials (:func:`stored_uri`)
-    data: bytes | None
-    error: BaseException | None = None
-    meta: SourceMeta | None = None  # from the listing (see :class:`SourceMeta`)
-
-
-class TransientInputError(OSError):
-    """Reading failed for a reason that passes (expired token, throttling, 5xx): the chunk is
-    retried whole instead of recording a permanent error row."""
-
-
-# Error codes of S3/GCS/Azure and HTTP statuses that say "try again later" (credentials that
-# expired and get refreshed, throttling, an overloaded or restarting service).
-_TRANSIENT_CODES = re.compile(
-    r"ExpiredToken|RequestExpired|TokenRefreshRequired|InvalidToken|SlowDown|Throttl|TooManyRequests|"
-    r"RequestLimitExceeded|ServiceUnavailable|Service Unavailable|InternalError|RequestTimeout|"
-    r"\b(?:HTTP|status|code)[ :=]*(?:408|429|500|502|503|504)\b",
-    re.IGNORECASE,
-)
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
-
-
-def is_transient(err: BaseException) -> bool:
-    """Whether ``err`` is worth retrying the chunk for (see :class:`TransientInputError`)."""
-    if isinstance(err, TransientInputError):
-        return True
-    if isinstance(err, (FileNotFoundError, IsADirectoryError, ImageError)):
-        return False
-    status = getattr(err, "status", None) or getattr(err, "code", None)
-    if status in (408, 429, 500, 502, 503, 504):
-        return True
-    text = _URL.sub("", f"{type(err).__name__}: {err}")  # an image named 503.jpg is no status
-    return bool(_TRANSIENT_CODES.search(text))
 
 
 def canonical_uri(url: str) -> str:
@@ -362,100 +320,3 @@ def _metas(metas: list[SourceMeta | None]) -> tuple[SourceMeta | None, ...]:
     return tuple(metas) if any(m is not None for m in metas) else ()
 
 
-def _too_large(size: int, max_bytes: int) -> ImageError:
-    return ImageError("TooLarge", f"{size:,} bytes is over the limit of {max_bytes:,} (--max-bytes); not read")
-
-
-def _read_bounded(url: str, max_bytes: int) -> bytes:
-    """The file's bytes, refusing (before reading) one over ``max_bytes``.
-
-    Local files: their size (a stat) is checked first. Elsewhere one ranged read asks for at
-    most ``max_bytes + 1`` bytes (one request, as before; never more than that is transferred).
-    """
-    fs, path = storage.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(f"is a directory: {path}")
-        if st.st_size > max_bytes:
-            raise _too_large(st.st_size, max_bytes)
-    data = fs.cat_file(path, start=0, end=max_bytes + 1)
-    if len(data) > max_bytes:
-        raise _too_large(len(data), max_bytes)
-    return data
-
-
-def _read_file(url: str, max_bytes: int, attempts: int = 2, meta: SourceMeta | None = None) -> InputRecord:
-    """One file as an :class:`InputRecord`; a passing failure that persists raises instead."""
-    uri = stored_uri(url)
-    for attempt in range(attempts):
-        try:
-            return InputRecord(uri, _read_bounded(url, max_bytes), meta=meta)
-        except (FileNotFoundError, IsADirectoryError, ImageError) as err:
-            return InputRecord(uri, None, err)  # vanished, a folder or too large: retrying will not help
-        except Exception as err:  # one more try here; then a passing error retries the whole chunk
-            last = attempt == attempts - 1
-            if is_transient(err):
-                if last:
-                    raise TransientInputError(f"reading {uri}: {type(err).__name__}: "
-                                              f"{storage.redact(str(err))}") from None
-            elif last or isinstance(err, PermissionError):
-                return InputRecord(uri, None, err)
-    raise AssertionError("unreachable")
-
-
-def _tar_uri(tar_url: str, member: str) -> str:
-    return stored_uri(tar_uri(member, tar_url))
-
-
-def archive_uri(tar_url: str) -> str:
-    """The archive part of the stored URIs of ``tar_url``'s members (how the skip-existing index names it)."""
-    return _tar_uri(tar_url, "member")[len("tar://member::"):]
-
-
-def _read_shard(url: str, max_bytes: int, meta: SourceMeta | None = None) -> Iterator[InputRecord]:
-    """The images of a WebDataset tar (one per sample key, the first image-typed member)."""
-    try:
-        fs, path = storage.url_to_fs(url)
-        f = fs.open(path, "rb")
-    except Exception as err:
-        if is_transient(err):
-            raise TransientInputError(f"opening {stored_uri(url)}: {type(err).__name__}") from None
-        yield InputRecord(stored_uri(url), None, err)
-        return
-    seen: set[str] = set()
-    try:
-        with f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                name = member.name
-                base = posixpath.basename(name)
-                if not member.isfile() or base.startswith("."):
-                    continue
-                key = posixpath.join(posixpath.dirname(name), base.split(".", 1)[0])
-                ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
-                if key in seen or not ext.endswith(IMAGE_EXTENSIONS):
-                    continue
-                seen.add(key)
-                if member.size > max_bytes:  # checked on the header: the member's bytes are skipped
-                    yield InputRecord(_tar_uri(url, name), None, _too_large(member.size, max_bytes))
-                    continue
-                extracted = tar.extractfile(member)
-                data = extracted.read() if extracted is not None else b""
-                yield InputRecord(_tar_uri(url, name), data,
-                                  meta=meta.member(member.offset_data, member.size) if meta else None)
-    except Exception as err:  # a truncated or corrupt tar: what was read stays, the rest is one error
-        if is_transient(err):
-            raise TransientInputError(f"reading {stored_uri(url)}: {type(err).__name__}") from None
-        yield InputRecord(stored_uri(url), None, err)
-
-
-def read_chunk(spec: ChunkSpec, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[InputRecord]:
-    """Each input of the chunk with its bytes, or with the error that prevented reading it.
-
-    Raises :class:`TransientInputError` when an input failed for a passing reason.
-    """
-    if spec.shard is not None:
-        yield from _read_shard(spec.shard, max_bytes, spec.meta_of(0))
-        return
-    for i, url in enumerate(spec.uris):
-        yield _read_file(url, max_bytes, meta=spec.meta_of(i))

@@ -20,20 +20,23 @@ the vote on the whole label map, then a second pass for the test and the sums).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .inference import Prediction, cell_grid, sample_cells
+from .forward import Prediction, cell_grid, sample_cells
+from .model import ModelBundle
 from .priors import UNLABELLED, objectness_prior
+from .proposals import compute_prior_inputs
 
-__all__ = ["LABEL_VALUES", "Labelled", "label_batch", "regions"]
+__all__ = ["BAND_BYTES", "LABEL_VALUES", "Labelled", "band_bytes", "label_batch", "label_image"]
 
 LABEL_VALUES = 256  # uint8 label values: class indices and 255 (unlabelled)
+BAND_BYTES = 64 * 2**20  # full-resolution probabilities are produced in row bands of about this size
 # Above this share of a band's pixels between disagreeing cells, upsampling every class at every
 # pixel is cheaper than at those pixels alone (on the CPU, measured with trained and random maps).
 MAX_UNDECIDED = 0.2
@@ -49,20 +52,25 @@ class Labelled:
     boxes: np.ndarray  # int64 [256, 4]: x0, y0, x1, y1 (exclusive) of each label present
 
 
-def regions(out: Labelled, image_probs: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
-    """One ``regions`` row (without run_id / image_key) per class present, most pixels first."""
-    total = out.labels.size
-    rows = []
-    for k in np.flatnonzero(out.counts[: len(classes)]):
-        n = out.counts[k]
-        x0, y0, x1, y1 = (int(v) for v in out.boxes[k])
-        rows.append({
-            "class_name": classes[k], "class_index": int(k), "pixel_count": int(n),
-            "area_fraction": float(n / total), "mean_prob": float(out.prob_sum[k] / n),
-            "image_prob": float(image_probs[k]), "bbox_x0": x0, "bbox_y0": y0, "bbox_x1": x1, "bbox_y1": y1,
-        })
-    rows.sort(key=lambda r: -r["pixel_count"])
-    return rows
+def band_bytes(device: torch.device) -> int:
+    """Probabilities labelled at a time: :data:`BAND_BYTES` on the CPU, 16x that on an accelerator."""
+    return BAND_BYTES if device.type == "cpu" else 16 * BAND_BYTES
+
+
+def label_image(bundle: ModelBundle, pred: Prediction, rgb: np.ndarray, priors: Sequence[str],
+                thresholds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Labels ``uint8[H, W]``, Σ probability of each label over its pixels ``[256]``, prior timings.
+
+    One image through the flow's path: the host-side prior inputs, then :func:`label_batch`
+    on the model's device (row bands of :func:`band_bytes`, so memory is O(K · band) even
+    for very large images).
+    """
+    inputs, ms = compute_prior_inputs(rgb, priors)
+    t0 = time.perf_counter()
+    out = label_batch([pred], [inputs], priors, thresholds, len(bundle.classes), bundle.background_index,
+                      bundle.device, band_bytes(bundle.device))[0]
+    ms["labels"] = (time.perf_counter() - t0) * 1000  # upsampling + applying the priors + statistics
+    return out.labels, out.prob_sum, ms
 
 
 def _group_key(pred: Prediction) -> tuple:

@@ -30,6 +30,9 @@ size. Measured costs are in the README (``bench/segment.py``).
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 from scipy import ndimage
@@ -39,10 +42,12 @@ from .priors import box_objectness, segment_objectness
 
 __all__ = [
     "FH_LEVELS",
+    "PRIOR_INPUTS",
     "SUPERPIXEL_SIDE",
     "boundary_score",
     "box_objectness_map",
     "box_proposals",
+    "compute_prior_inputs",
     "segment_objectness_map",
     "segment_proposals",
     "superpixels",
@@ -208,3 +213,19 @@ def segment_objectness_map(rgb: np.ndarray, work_side: int = 128) -> np.ndarray:
     if shape != (h, w):
         obj = cv2.resize(obj, (w, h), interpolation=cv2.INTER_LINEAR)
     return obj.astype(np.float32)
+
+
+# The keyword (of apply_priors, and key of compute_prior_inputs' result) each prior's input goes by.
+PRIOR_INPUTS = {"sppxl": "superpixels", "bb": "box_obj", "seg": "seg_obj"}
+
+
+def compute_prior_inputs(rgb: np.ndarray, priors: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The superpixels / objectness maps the priors need, with the time each took (ms)."""
+    inputs, ms = {}, {}
+    makers = {"sppxl": superpixels, "bb": box_objectness_map, "seg": segment_objectness_map}
+    for prior in priors:
+        if prior in makers:
+            t0 = time.perf_counter()
+            inputs[PRIOR_INPUTS[prior]] = makers[prior](rgb)
+            ms[prior] = (time.perf_counter() - t0) * 1000
+    return inputs, ms

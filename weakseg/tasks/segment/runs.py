@@ -207,7 +207,9 @@ def run_summary(row: Mapping[str, Any], results: Sequence[ChunkResult], start_se
                        "chunk_seconds": sum(r.seconds for r in results),
                        "chunks_done": len(results), "workers": sorted({r.worker for r in results}),
                        "forward_batches": sum(r.forward_batches for r in results), "mean_batch": mean_batch(results),
-                       "model_loads": sum(r.model_loads for r in results)}}
+                       "model_loads": sum(r.model_loads for r in results),
+                       "host_workers": max((r.host_workers for r in results), default=0),
+                       "precision": ",".join(sorted({r.precision for r in results}))}}
 
 
 def outcome_message(state: str, counts: Mapping[str, int], failed_chunks: Sequence[str], run_id: str,

@@ -27,7 +27,7 @@ import webdataset as wds
 
 from .. import storage
 from ..ingest.manifest import ShardMismatchError, shard_specs
-from ..segment.chunk import encode_mask
+from ..segment.encode import encode_mask
 from ..segment.inference import ModelBundle, compute_prior_inputs, predict
 from ..segment.priors import UNLABELLED, apply_priors, label_score, parse_priors, superpixel_mean
 from .shard_reader import Decode, ErrorLog, ReadShards

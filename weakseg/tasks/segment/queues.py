@@ -1,0 +1,235 @@
+"""The host jobs in flight, from the flow's process: inputs decoded ahead of the device
+(:class:`Feed`), masks encoded after it (:class:`Encoder`).
+
+Jobs go to the host pool (:mod:`.hostpool`) and their outcomes come back in input order. Both
+queues are bounded in pixels, not in images (:func:`~.batching.hold_weight`: a 500x375 photo
+is 1, a 12-megapixel one 64): enough jobs in flight to keep every worker busy while the
+device runs a batch, never more than a few batches' pixels. A chunk that stops early leaves no
+job and no spool file behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import tables
+from .batching import hold_weight
+from .decode import Failed, Job, Prepared, PrepareOptions, Skipped, Transient, prepare
+from .encode import Encoded, EncodeJob, RunContext, encode, overlay_thumbnail
+from .forward import Pixels, Prediction
+from .hostpool import BrokenProcessPool, Spooled
+from .inputs import ChunkSpec, stored_uri
+from .postprocess import Labelled
+from .read import TransientInputError, read_chunk
+from .state import WORKER_CRASHED, ChunkState
+
+if TYPE_CHECKING:
+    from .device import DeviceStage
+
+__all__ = ["Encoder", "Feed", "Item", "jobs"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    """A prepared input in the flow's process: its pixels (or device tensor) and prior inputs."""
+
+    p: Prepared
+    pixels: Pixels
+
+    @property
+    def weight(self) -> int:
+        return hold_weight(*self.p.size)
+
+
+def jobs(chunk: ChunkState, spec: ChunkSpec, done: tables.Done) -> Iterator[Job]:
+    """The chunk's inputs as host jobs, each once: URLs to read (files), or bytes read here (a
+    shard's members, streamed from the archive); read failures of members are errors rows."""
+    opts, seen = chunk.opts, set()
+    if spec.shard is None:
+        for i, url in enumerate(spec.uris):
+            uri = stored_uri(url)
+            if uri not in seen:
+                seen.add(uri)
+                yield Job(uri, url=url, meta=spec.meta_of(i), done_shas=frozenset(done.hashes.get(uri, ())))
+        return
+    records = read_chunk(spec, opts.max_bytes)
+    while True:
+        with chunk.clock("read"):
+            window = [rec for _, rec in zip(range(opts.batch_size), records, strict=False)]
+            if opts.done_index:  # shard members: look up a window of URIs at a time
+                done = tables.done_lookup(opts.done_index, [r.uri for r in window if r.error is None])
+        if not window:
+            return
+        for rec in window:
+            if rec.error is not None or rec.data is None:
+                chunk.error_from(rec.uri, "read", rec.error or OSError("no data"))
+            elif rec.uri not in seen:
+                seen.add(rec.uri)
+                yield Job(rec.uri, data=rec.data, meta=rec.meta, done_shas=frozenset(done.hashes.get(rec.uri, ())))
+
+
+class Feed:
+    """Host jobs in flight, ahead of the forward pass, their outcomes back in input order.
+
+    At most :attr:`ChunkState.ahead` photo-sized inputs are in flight: the count is divided by the
+    weight of the latest images (a corpus of 12-megapixel photos keeps a few in flight, never
+    fewer than one per worker). Plain JPEGs the device decodes wait for a window of
+    ``batch_size`` and are decoded in one call.
+    """
+
+    def __init__(self, chunk: ChunkState, popts: PrepareOptions, device: DeviceStage) -> None:
+        self.chunk, self.popts, self.device = chunk, popts, device
+        self.pending: deque[tuple[Future, Job]] = deque()
+        self.window: list[Prepared] = []
+        self.recent_weight: int | None = None  # of the latest image decoded; until one is, one job a worker
+
+    def items(self, jobs: Iterator[Job]) -> Iterator[Item]:
+        chunk = self.chunk
+        for job in jobs:
+            self.pending.append((chunk.pool.submit(prepare, [job], self.popts), job))
+            yield from self._ready(self._limit())
+        yield from self._ready(0)
+        yield from self._decoded()
+
+    def _limit(self) -> int:
+        """Jobs that may be in flight: ``ahead`` photo units over the latest image's weight, at least
+        one a worker (inline: none, each job runs when it is submitted)."""
+        workers, ahead = self.chunk.pool.workers, self.chunk.ahead
+        return max(workers, ahead // (self.recent_weight or ahead)) if workers else 0
+
+    def _ready(self, limit: int) -> Iterator[Item]:
+        while len(self.pending) > limit:
+            future, job = self.pending.popleft()
+            for out in self.chunk.outcomes(future, [job], prepare, self.popts):
+                if isinstance(out, Prepared) and out.jpeg is not None:
+                    self.window.append(out)
+                    if len(self.window) >= self.chunk.opts.batch_size:
+                        yield from self._decoded()
+                    continue
+                item = self._accounted(out, job)
+                if item is not None:
+                    yield item
+
+    def _accounted(self, out: Any, job: Job) -> Item | None:
+        """An outcome counted (stage times, skips, errors); a prepared one as an :class:`Item`."""
+        chunk = self.chunk
+        if isinstance(out, Prepared):
+            chunk.result.add_ms(out.stage_ms)
+            out.load()
+            self.recent_weight = hold_weight(*out.size)
+            return Item(out, Pixels(out.size, out.original, out.views))
+        if isinstance(out, Skipped):
+            chunk.result.skipped += 1
+        elif isinstance(out, Failed):
+            chunk.error(out.uri, out.stage, out.error_type, out.message)
+        elif isinstance(out, Transient):
+            raise TransientInputError(out.message)
+        elif isinstance(out, BrokenProcessPool):
+            chunk.error(job.uri, "decode", WORKER_CRASHED, str(out))
+        else:  # the job itself raised (a bug): the input is an errors row, never lost
+            chunk.error_from(job.uri, "decode", out)
+        return None
+
+    def _decoded(self) -> Iterator[Item]:
+        """The window's plain JPEGs decoded on the device in one call; one it refuses (the call has
+        no partial results) one at a time, and one refused alone by the host decoder, which
+        validates it as every other input (a truncated JPEG is a ``decode`` error row)."""
+        window, self.window = self.window, []
+        if not window:
+            return
+        chunk = self.chunk
+        tensors: list[torch.Tensor | None] = [None] * len(window)
+        with chunk.clock("decode"):
+            try:
+                tensors = list(self.device.decode([p.jpeg for p in window]))
+            except Exception as err:
+                _logger.debug("device decoding of %d images failed (%s); one at a time", len(window), err)
+                for i, p in enumerate(window):
+                    with contextlib.suppress(Exception):
+                        tensors[i] = self.device.decode_one(p.jpeg)
+        for p, rgb in zip(window, tensors, strict=True):
+            chunk.result.add_ms(p.stage_ms)
+            if rgb is not None and tuple(rgb.shape[:2]) == p.size:
+                p.jpeg = None
+                yield Item(p, Pixels(p.size, rgb))
+                continue
+            job = Job(p.uri, data=p.jpeg, meta=p.meta, host_decode=True)
+            for out in chunk.outcomes(chunk.pool.submit(prepare, [job], self.popts), [job], prepare, self.popts):
+                item = self._accounted(out, job)
+                if item is not None:
+                    yield item
+
+    def close(self) -> None:
+        """A chunk that stops early (an error raised) leaves no job and no spool file behind."""
+        while self.pending:
+            future, _ = self.pending.popleft()
+            future.cancel()
+            with contextlib.suppress(BaseException):
+                for out in future.result():
+                    if isinstance(out, Prepared):
+                        out.discard()
+
+
+class Encoder:
+    """Encode jobs in flight (PNG masks and rows, in the host pool), their rows added in order;
+    at most :attr:`ChunkState.ahead` photo-sized masks at a time."""
+
+    def __init__(self, chunk: ChunkState, run: RunContext) -> None:
+        self.chunk, self.run = chunk, run
+        self.pending: deque[tuple[Future, EncodeJob, int]] = deque()
+        self.weight = 0
+        self.thumbnails: dict[str, str] = {}  # uri -> overlay, made before the labels leave
+
+    def submit(self, item: Item, pred: Prediction, out: Labelled) -> None:
+        chunk, p = self.chunk, item.p
+        if len(chunk.result.thumbnails) + len(self.thumbnails) < chunk.opts.thumbnails:
+            rgb = item.pixels.largest()
+            self.thumbnails[p.uri] = overlay_thumbnail(rgb.cpu().numpy() if isinstance(rgb, torch.Tensor) else rgb,
+                                                       out.labels)
+        job = EncodeJob(p.uri, p.sha, p.fmt, p.meta, chunk.pool.ship(out.labels), out.counts, out.prob_sum,
+                        out.boxes, pred.image_probs, pred.inference_ms, pred.forward_size, dict(p.prior_ms))
+        w = hold_weight(*p.size)
+        self.pending.append((chunk.pool.submit(encode, [job], self.run), job, w))
+        self.weight += w
+
+    def drain(self, limit: int) -> None:
+        """Rows of the encoded images, in order, until at most ``limit`` photo-sized masks are in flight."""
+        chunk = self.chunk
+        while self.pending and (self.weight > limit or limit == 0):
+            future, job, w = self.pending.popleft()
+            self.weight -= w
+            for out in chunk.outcomes(future, [job], encode, self.run):
+                if isinstance(out, Encoded):
+                    self._rows(out, job)
+                elif isinstance(out, BrokenProcessPool):
+                    chunk.error(job.uri, "encode", WORKER_CRASHED, str(out))
+                else:
+                    chunk.error_from(job.uri, "encode", out)
+
+    def _rows(self, enc: Encoded, job: EncodeJob) -> None:
+        result, rows = self.chunk.result, self.chunk.writer.rows
+        result.stage_seconds["encode"] += enc.encode_ms / 1000
+        rows["regions"].extend(enc.regions)
+        rows["masks"].append(enc.mask)
+        rows["images"].append(enc.image)
+        result.count_image(enc.regions, job.prior_ms)
+        png = self.thumbnails.pop(job.uri, None)
+        if png is not None:
+            result.thumbnails.append({"uri": job.uri, "labels": ", ".join(r["class_name"] for r in enc.regions[:3]),
+                                      "png": png})
+
+    def close(self) -> None:
+        while self.pending:
+            future, job, _ = self.pending.popleft()
+            future.cancel()
+            if isinstance(job.labels, Spooled):
+                job.labels.discard()

@@ -1,31 +1,36 @@
-"""The whole accelerator check in one run (issue 15): prints one JSON document.
+"""The whole accelerator check in one run (issues 15 and 36): prints one JSON document.
 
 - ``bare_forward``: images/s of the network alone on the photos, already decoded, resized
-  and batched on the device (the ceiling for segment-corpus);
-- ``segment``: images/s of segment-corpus's chunk engine (read -> decode -> forward ->
-  priors -> PNG -> Parquet, :func:`weakseg.tasks.segment.chunk.segment_chunk`) for the
-  prior sets ``none``, ``ilp``, ``ilp,sppxl``, ``ilp,sppxl,seg``, with its per-stage busy
-  seconds and device-busy fraction (forward seconds / wall seconds), and its ratio to the
-  bare forward. Through the Prefect flow when Prefect is importable, else the same chunk
-  task on a thread pool of ``--workers`` (``"engine"`` says which). On CUDA ``none`` and
-  ``ilp`` decode the JPEGs on the device (nvjpeg, ``--decode auto``), the others on the host;
+  and batched on the device (the ceiling for segment-corpus), at each precision (fp32, bf16,
+  fp16 autocast with channels_last on CUDA; fp32 on the CPU);
+- ``segment``: images/s of segment-corpus (read -> decode -> forward -> priors -> PNG ->
+  Parquet) for each prior set at ``--tta 1``, with its per-stage busy seconds, device-busy
+  fraction (forward seconds / the fan-out's wall time) and its ratio to the bare forward at
+  the same precision: ``ilp`` at every precision, the others at the default (``auto``: bf16
+  on CUDA); ``ilp`` once more with the other decoder (host vs nvjpeg). Through the Prefect
+  flow when Prefect is importable, else the chunk task on a thread pool of ``--workers``
+  (``"engine"`` says which). Host stages run in ``--host-workers`` processes (default: the
+  engine's, every core but one on an accelerator);
+- ``segment_defaults``: ``ilp`` and ``ilp,sppxl`` with the command's defaults (``--tta
+  auto``, ``--precision auto``): what a plain ``weakseg segment`` costs, beside the bare
+  forward;
+- ``host_capacity``: bench/host_pipeline.py's stand-in device at zero time on this machine,
+  with the default host workers: the host side's own ceiling, in images/s, for ``ilp`` and
+  ``ilp,sppxl``;
 - ``ilp_steady_state``: ``ilp`` on half the photos too: the marginal rate of the other half
   (a long run's rate) and the fixed cost per run;
-- ``ilp_threads``: ``ilp`` once more with :class:`sampler.StackSampler` reading every
-  thread's stack every 2 ms: where the device's thread, the host pool and the chunk threads
-  spend their wall-clock time (the run's own rate beside it: sampling costs a little);
 - ``train``: training samples/s of the trainer's own optimiser step (bf16 autocast and
   channels_last on CUDA) on batches already in memory;
 - ``ilp_mixed_sizes``: ``ilp`` on as many photos of a web-like size mix (:func:`make_mixed_photos`):
-  a batch holds one forward size, so ``mean_batch`` (images a forward pass, every ``segment`` run
-  reports it) shows how far a corpus's sizes keep batches from ``--batch-size``;
+  ``mean_batch`` (images a forward pass) shows how far a corpus's sizes keep batches from
+  ``--batch-size``;
 - ``peak_device_memory_mib`` (CUDA) or ``peak_rss_mib`` (CPU).
 
-Photos: ``--images`` synthetic photo-like scenes (:mod:`weakseg.tasks.synthetic`), about
-``--side`` px on the longer side (1,024 of 500 px by default), as JPEG (quality 90); nothing
-is downloaded. The network is the paper's (EfficientNet-Lite0, head 1024/768/512, stride 16, 21 classes) with random
-weights: speed does not depend on them. ``--quick`` makes everything small enough for a
-CPU test. Run it through ``bench/gpu.sh`` (or ``make bench-gpu``).
+Photos: ``--images`` synthetic photo-like scenes (:mod:`weakseg.tasks.synthetic`), ``--side``
+px on the longer side (1,024 of 500x375 / 375x500 by default), as JPEG (quality 90); nothing
+is downloaded. The network is the paper's (EfficientNet-Lite0, head 1024/768/512, stride 16,
+21 classes) with random weights: speed does not depend on them. ``--quick`` makes everything
+small enough for a CPU test. Run it through ``bench/gpu.sh`` (or ``make bench-gpu``).
 """
 from __future__ import annotations
 
@@ -45,13 +50,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sampler import StackSampler  # noqa: E402  (bench/, on the path as this script's folder)
-
 from weakseg.models import ModelConfig, create_model, save_checkpoint  # noqa: E402
 from weakseg.tasks.devices import resolve_device  # noqa: E402
 
 CLASSES = ["background", *[f"class{i:02d}" for i in range(20)]]  # 21, like PASCAL VOC
 PRIOR_SETS = ("none", "ilp", "ilp,sppxl", "ilp,sppxl,seg")
+PRECISIONS = ("fp32", "bf16", "fp16")  # on CUDA; the CPU runs fp32
 
 
 def _scenes(rng: np.random.Generator, n: int, side: int) -> list[np.ndarray]:
@@ -133,14 +137,16 @@ def _sync(device: torch.device) -> None:
 
 
 def bare_forward(model_path: str, arrays: list[np.ndarray], batch_size: int, device: str,
-                 repeats: int) -> float:
-    """images/s of the forward pass alone, as :func:`~weakseg.tasks.segment.inference.predict`
-    runs it (same sizes, padding, normalisation), batches built and moved to the device first."""
+                 repeats: int, precision: str = "fp32") -> float:
+    """images/s of the forward pass alone, as :func:`~weakseg.tasks.segment.forward.predict` runs
+    it (same sizes, padding, normalisation, precision, memory layout), batches built and moved to
+    the device first."""
+    from weakseg.tasks.segment.forward import _autocast
     from weakseg.tasks.segment.inference import forward_batches, load_model
 
     bundle = load_model(model_path, device)
     batches = forward_batches(bundle, arrays, batch_size, 512)
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(bundle.device, precision):
         for x in batches:  # warm-up: every batch shape once
             bundle.model.dense_maps(x)
         _sync(bundle.device)
@@ -161,8 +167,10 @@ def _prefect() -> bool:
 
 
 def segment(images: str, model: str, out: str, priors: str, device: str, batch_size: int, chunk_size: int,
-            workers: int, decode: str = "auto") -> dict:
-    """One segment-corpus run: images/s, stage seconds, device-busy fraction."""
+            workers: int, decode: str = "auto", precision: str = "auto", tta: str = "1",
+            host_workers: int | None = None) -> dict:
+    """One segment-corpus run: images/s (over the whole call and over the fan-out), stage seconds,
+    device-busy fraction."""
     from weakseg.tasks.segment.chunk import SegmentOptions, segment_chunk
     from weakseg.tasks.segment.inputs import iter_chunks
     from weakseg.tasks.segment.priors import parse_priors
@@ -173,34 +181,58 @@ def segment(images: str, model: str, out: str, priors: str, device: str, batch_s
         from weakseg.flows.segment_corpus import segment_corpus
 
         s = segment_corpus(images=images, model=model, out=out, priors=priors, device=device,
-                           batch_size=batch_size, chunk_size=chunk_size, workers=workers, thumbnails=0, tta="1",
-                           decode=decode, return_state=True).result()
+                           batch_size=batch_size, chunk_size=chunk_size, workers=workers, thumbnails=0, tta=tta,
+                           decode=decode, precision=precision, host_workers=host_workers, return_state=True).result()
         wall = time.perf_counter() - t0
         return {"engine": "flow", "images": s["counts"]["ok"], "failed": s["counts"]["failed"],
                 "seconds": round(wall, 3), "images_per_second": round(s["counts"]["ok"] / wall, 2),
+                "in_run": round(s["counts"]["ok"] / s["timing"]["fanout_seconds"], 2),
                 "stage_seconds": json.loads(s["stage_seconds"]), "device_busy_fraction": s["device_busy_fraction"],
-                "mean_batch": s["timing"]["mean_batch"]}
+                "mean_batch": s["timing"]["mean_batch"], "host_workers": s["timing"]["host_workers"],
+                "precision": s["timing"]["precision"], "tta": tta}
     opts = SegmentOptions(out=out, run_id="bench", run_date="2026-01-01", model=model, device=device,
-                          priors=parse_priors(priors), batch_size=batch_size, tta="1", decode=decode)
+                          priors=parse_priors(priors), batch_size=batch_size, tta=tta, decode=decode,
+                          precision=precision, host_workers=host_workers)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda spec: segment_chunk(spec, opts), iter_chunks(images, chunk_size)))
     wall = time.perf_counter() - t0
     timing = stage_timing(results, wall)
     ok = sum(r.ok for r in results)
     return {"engine": "chunks", "images": ok, "failed": sum(r.failed for r in results),
-            "seconds": round(wall, 3), "images_per_second": round(ok / wall, 2), **timing,
-            "mean_batch": mean_batch(results)}
+            "seconds": round(wall, 3), "images_per_second": round(ok / wall, 2), "in_run": round(ok / wall, 2),
+            **timing, "mean_batch": mean_batch(results), "host_workers": max(r.host_workers for r in results),
+            "precision": results[0].precision, "tta": tta}
 
 
 def measured(images: str, model: str, out: str, priors: str, device: str, batch_size: int, chunk_size: int,
-             workers: int, bare: float, decode: str = "auto") -> dict:
+             workers: int, bare: float, **kw) -> dict:
     """:func:`segment` with its ratio to the bare forward; a failure is reported, so the other figures stay."""
     try:
-        r = segment(images, model, out, priors, device, batch_size, chunk_size, workers, decode)
+        r = segment(images, model, out, priors, device, batch_size, chunk_size, workers, **kw)
     except Exception as err:
         return {"error": f"{type(err).__name__}: {err}"}
     r["ratio_to_bare_forward"] = round(r["images_per_second"] / bare, 3) if bare else None
+    r["ratio_in_run"] = round(r["in_run"] / bare, 3) if bare else None
     return r
+
+
+def host_capacity(images: str, model: str, root: Path, batch_size: int, chunk_size: int, workers: int,
+                  host_workers: int | None) -> dict:
+    """images/s of the host side alone on this machine: bench/host_pipeline.py's stand-in device at
+    zero time, the engine's host workers, for ``ilp`` and ``ilp,sppxl``."""
+    from host_pipeline import StandIn  # bench/, on the path as this script's folder
+
+    from weakseg.tasks.segment import chunk
+
+    real, chunk.DeviceStage = chunk.DeviceStage, StandIn
+    StandIn.seconds_per_image = 0.0
+    try:
+        return {priors: measured(images, model, str(root / f"out-capacity-{priors.replace(',', '-')}"), priors,
+                                 "cpu", batch_size, chunk_size, workers, 0.0, decode="host",
+                                 host_workers=host_workers)
+                for priors in ("ilp", "ilp,sppxl")}
+    finally:
+        chunk.DeviceStage = real
 
 
 def first_photos(root: Path, name: str, k: int) -> str:
@@ -301,6 +333,8 @@ def main() -> None:
     p.add_argument("--side", type=int, default=0, help="longer side of the photos (default 500; --quick: 96)")
     p.add_argument("--batch-size", type=int, default=0, help="forward batch (default 64; --quick: 4)")
     p.add_argument("--workers", type=int, default=0, help="chunks in flight (default 2, segment-corpus's default)")
+    p.add_argument("--host-workers", type=int, default=None,
+                   help="host worker processes (default: the engine's, every core but one on an accelerator)")
     p.add_argument("--out", default="", help="also write the JSON here")
     args = p.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -312,10 +346,13 @@ def main() -> None:
     head = (32, 32, 32) if quick else (1024, 768, 512)
     device = str(resolve_device(args.device))
     dev = torch.device(device)
+    precisions = PRECISIONS if dev.type == "cuda" else ("fp32",)
+    default = "bf16" if dev.type == "cuda" else "fp32"  # what --precision auto runs
     report: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "torch": torch.__version__, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "images": n, "side": side, "batch_size": batch, "workers": workers, "head_widths": list(head),
-                    "classes": len(CLASSES), "quick": quick}
+                    "images": n, "side": side, "batch_size": batch, "workers": workers,
+                    "host_workers": args.host_workers, "head_widths": list(head), "classes": len(CLASSES),
+                    "quick": quick}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -325,51 +362,71 @@ def main() -> None:
         import cv2
 
         arrays = [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in sorted((root / "photos").glob("*.jpg"))]
-        bare = bare_forward(model, arrays, batch, device, repeats=1 if quick else 3)
-        report["bare_forward_images_per_second"] = round(bare, 2)
+        bare = {prec: bare_forward(model, arrays, batch, device, 1 if quick else 3, prec) for prec in precisions}
+        report["bare_forward_images_per_second"] = {k: round(v, 2) for k, v in bare.items()}
         _write(report, args.out)
         chunk_size = max(batch, -(-n // (2 * workers)))  # at least two chunks per worker
         report["chunk_size"] = chunk_size
+        photos = str(root / "photos")
+        kw = {"host_workers": args.host_workers}
+
+        def run(name: str, priors: str, precision: str = default, **more) -> dict:
+            out = str(root / f"out-{name}".replace(",", "-").replace(" ", "_"))
+            return measured(photos, model, out, priors, device, batch, chunk_size, workers, bare.get(precision, 0.0),
+                            precision=precision, **kw, **more)
+
+        # starts Prefect's temporary server, the host workers, loads the model, builds the device's kernels
+        # (cuDNN's plans for the batch shapes the runs below make, at each precision: one chunk of theirs)
         warm = first_photos(root, "warm-up", chunk_size)
-        # starts Prefect's temporary server (flow engine), loads the model, builds the device's kernels
-        # (cuDNN's plans for the batch shapes the runs below make: one chunk of theirs)
-        try:
-            segment(warm, model, str(root / "out-warm-up"), "ilp", device, batch, chunk_size, workers)
-        except Exception as err:  # a Prefect stack that cannot run here: still measure the chunk engine
-            if not _prefect():
-                raise
-            report["flow_error"] = f"{type(err).__name__}: {err}"
-            os.environ["WEAKSEG_BENCH_ENGINE"] = "chunks"
-            segment(warm, model, str(root / "out-warm-up"), "ilp", device, batch, chunk_size, workers)
+        for prec in precisions:
+            try:
+                segment(warm, model, str(root / f"out-warm-up-{prec}"), "ilp", device, batch, chunk_size, workers,
+                        precision=prec, **kw)
+            except Exception as err:  # a Prefect stack that cannot run here: still measure the chunk engine
+                if not _prefect():
+                    raise
+                report["flow_error"] = f"{type(err).__name__}: {err}"
+                os.environ["WEAKSEG_BENCH_ENGINE"] = "chunks"
+                segment(warm, model, str(root / f"out-warm-up-{prec}"), "ilp", device, batch, chunk_size, workers,
+                        precision=prec, **kw)
         report["segment"] = {}
+        for prec in precisions:  # ilp at every precision, against the bare forward at the same one
+            report["segment"][f"ilp ({prec})"] = run(f"ilp-{prec}", "ilp", prec)
+            _write(report, args.out)
         # ilp once more with the other decoder (auto is nvjpeg on CUDA, the host's on CPU): what decoding
         # on the device buys, and that it labels like the host path
         other = "host" if dev.type == "cuda" else "device"
-        runs = [(p, "auto") for p in PRIOR_SETS]
-        runs.insert(2, ("ilp", other))
-        for priors, decode in runs:
-            name = priors if decode == "auto" else f"{priors} (decode {decode})"
-            report["segment"][name] = measured(str(root / "photos"), model,
-                                               str(root / f"out-{priors.replace(',', '-')}-{decode}"), priors,
-                                               device, batch, chunk_size, workers, bare, decode)
-            _write(report, args.out)
-        if "error" not in report["segment"][f"ilp (decode {other})"]:
-            report["device_vs_host_decode"] = mask_agreement(str(root / "out-ilp-auto"), str(root / f"out-ilp-{other}"))
-        if "error" not in report["segment"]["ilp"]:
+        report["segment"][f"ilp (decode {other})"] = run(f"ilp-{other}", "ilp", decode=other)
+        for priors in PRIOR_SETS:
+            if priors != "ilp":
+                report["segment"][priors] = run(priors, priors)
+                _write(report, args.out)
+        ilp = report["segment"][f"ilp ({default})"]
+        if "error" not in report["segment"][f"ilp (decode {other})"] and "error" not in ilp:
+            report["device_vs_host_decode"] = mask_agreement(str(root / f"out-ilp-{default}"),
+                                                             str(root / f"out-ilp-{other}"))
+        report["segment_defaults"] = {priors: run(f"default-{priors}", priors, "auto", tta="auto")
+                                      for priors in ("ilp", "ilp,sppxl")}
+        for r in report["segment_defaults"].values():
+            if "error" not in r:
+                r["ratio_to_bare_forward"] = round(r["images_per_second"] / bare[default], 3)
+                r["ratio_in_run"] = round(r["in_run"] / bare[default], 3)
+        _write(report, args.out)
+        if "error" not in ilp:
             report["ilp_steady_state"] = steady_state(root, model, device, batch, chunk_size, workers, n,
-                                                      report["segment"]["ilp"]["seconds"], bare)
-            with StackSampler() as sampler:
-                r = segment(str(root / "photos"), model, str(root / "out-ilp-sampled"), "ilp", device, batch,
-                            chunk_size, workers)
-            report["ilp_threads"] = {"images_per_second": r["images_per_second"], "threads": sampler.report(8)}
-            _write(report, args.out)
+                                                      ilp["seconds"], bare[default])
+        report["host_capacity"] = host_capacity(photos, model, root, batch, chunk_size, workers,
+                                                args.host_workers if args.host_workers is not None
+                                                else max(1, (os.cpu_count() or 2) - 1))
+        _write(report, args.out)
         report["train"] = train_speed(device, 8 if quick else 32, 64 if quick else 320, head, 2 if quick else 20)
         _write(report, args.out)
         # last: new forward sizes build new device kernels (cuDNN: ~1 s a shape on an H200), so this may be
         # what a run stopped at its time limit loses
         mixed = make_mixed_photos(root / "mixed", n, side)
         report["ilp_mixed_sizes"] = {**mixed, **measured(str(root / "mixed"), model, str(root / "out-mixed"), "ilp",
-                                                         device, batch, chunk_size, workers, bare)}
+                                                         device, batch, chunk_size, workers, bare[default],
+                                                         precision=default, **kw)}
     if dev.type == "cuda":
         report["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

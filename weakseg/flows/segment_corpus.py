@@ -8,7 +8,7 @@ row -> artifacts. Tables and their layout: :mod:`weakseg.tasks.segment.tables`; 
 
 One model per run: ``prepare`` reads the checkpoint once, hashes it (``model_id``) and copies
 the bytes to ``{out}/_state/model-{run_id}-{sha256}.pt``; every chunk loads that copy by
-hash (:func:`weakseg.tasks.segment.inference.load_pinned`), so a ``--model`` file replaced mid-run
+hash (:func:`weakseg.tasks.segment.model.load_pinned`), so a ``--model`` file replaced mid-run
 changes nothing. The copy is removed when the run ends.
 
 Final state (also the ``runs`` row's ``state``): ``Completed`` when every input was
@@ -22,7 +22,7 @@ that cannot serve, output not writable, an object-store bucket that does not exi
 
 Dask (``--task-runner dask``): a LocalCluster of ``--workers`` processes on 127.0.0.1, or
 the cluster at ``--dask-address``. Each worker process loads the pinned model once and keeps
-it (:func:`weakseg.tasks.segment.inference.load_pinned` caches per process, by content). When the chunks' device
+it (:func:`weakseg.tasks.segment.model.load_pinned` caches per process, by content). When the chunks' device
 is CUDA every chunk asks for one ``GPU`` Dask resource: local workers declare ``GPU=1``;
 workers of an existing cluster must be started with it (``dask worker ADDRESS
 --nthreads 1 --resources GPU=1``), else the run fails at once rather than wait forever.
@@ -30,6 +30,12 @@ workers of an existing cluster must be started with it (``dask worker ADDRESS
 ``--dask-address`` it is resolved by each worker, and only ``--device cuda`` asks for GPU
 slots. Prefect's global ``gpu`` concurrency limit, when one is set, caps the processes on a
 GPU: one slot for the flow's own (threads) for the whole fan-out, one per chunk on Dask.
+
+Host stages (reading, decoding, superpixels, PNG masks) run in ``--host-workers`` processes
+per flow or Dask worker process (:mod:`weakseg.tasks.segment.hostpool`). A local cluster on
+GPUs shares the machine's cores between its workers; the workers of an existing cluster must
+be started non-daemonic (``DASK_DISTRIBUTED__WORKER__DAEMON=False``) to start processes, and
+pass ``--host-workers`` to share a machine between several of them.
 
 Interrupted and concurrent runs: a chunk's files have deterministic names
 (``{run_id}-{chunk:06d}``) and are replaced whole, so rerunning a killed run with the same
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -174,6 +181,14 @@ def _chunk_device(device: str, task_runner: str, dask_address: str | None) -> st
     return str(resolve_device(device))  # fails fast on cuda without a CUDA device
 
 
+def _local_dask_host_workers(dask_workers: int) -> int:
+    """Host worker processes for each of ``dask_workers`` local Dask workers on GPUs: the machine's
+    cores shared between them, one left to each worker's own process (hostpool.default_host_workers
+    would give each every core but one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // dask_workers - 1)
+
+
 @task(**IO_RETRIES, cache_policy=NONE)
 def finish_run(out: str, run_date: str, run_id: str, n_chunks: int, row: dict[str, Any],
                scratch: list[str]) -> str:
@@ -294,6 +309,8 @@ def segment_corpus(
     if skip_existing:
         logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info.done,
                     info.model_id)
+    if host_workers is None and task_runner == "dask" and not dask_address and chunk_device.startswith("cuda"):
+        host_workers = _local_dask_host_workers(workers)
     opts = SegmentOptions(out=out, run_id=run_id, run_date=info.run_date, model=info.model_pinned,
                           model_sha256=info.model_sha256, max_bytes=max_bytes, device=chunk_device,
                           priors=prior_list, batch_size=batch_size, max_side=max_side, min_side=min_side, tta=tta,

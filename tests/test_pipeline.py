@@ -141,8 +141,20 @@ class _CountingPool:
     def __init__(self):
         self.outstanding, self.most = 0, 0
 
-    def ship(self, array):
-        return array
+    def take_slot(self):
+        return None
+
+    def give_slot(self, slot):
+        pass
+
+    def pack(self, arrays):
+        return dict(arrays)
+
+    def unpack(self, packed):
+        return dict(packed)
+
+    def release(self, packed):
+        pass
 
     def submit(self, fn, *args):
         f = Future()
@@ -250,8 +262,11 @@ def test_a_failed_forward_is_errors_rows_for_its_batch_only(tmp_path, bundle, mo
 
 
 def _spool_files() -> list[str]:
+    """Files left in this process's pools' spools, and shared-memory slots not given back."""
     pools = [p for (pid, _), p in hostpool._POOLS.items() if pid == __import__("os").getpid() and p.spool]
-    return [f for p in pools for f in __import__("os").listdir(p.spool)]
+    taken = [f"slot {p.slots.count - p.slots.free()} of {p.slots.count} taken" for p in pools
+             if p.slots is not None and p.slots.free() != p.slots.count]
+    return [f for p in pools for f in __import__("os").listdir(p.spool) if f != "slots"] + taken
 
 
 def test_a_worker_killed_mid_chunk_loses_and_repeats_nothing(tmp_path, bundle):

@@ -38,14 +38,17 @@ def test_chunk_stages(tmp_path, tiny_checkpoint):
     for r in results:
         assert set(r.stage_seconds) == set(STAGES)
         assert all(v >= 0 for v in r.stage_seconds.values())
-        assert sum(r.stage_seconds.values()) <= r.seconds
+        # inline, two threads work side by side: the chunk's (read, decode, priors, encode, write) and
+        # the device's (forward, postprocess); each adds up to at most the chunk's wall time
+        device = r.stage_seconds["forward"] + r.stage_seconds["postprocess"]
+        assert device <= r.seconds and sum(r.stage_seconds.values()) - device <= r.seconds
         assert r.stage_seconds["forward"] == pytest.approx(r.forward_seconds, abs=1e-3)
         for stage in ("read", "decode", "forward", "priors", "encode", "write"):
             assert r.stage_seconds[stage] > 0, stage
     wall = sum(r.seconds for r in results)  # one worker, one after the other
     timing = stage_timing(results, wall)
     assert 0 < timing["device_busy_fraction"] <= 1
-    assert sum(timing["stage_seconds"].values()) <= wall
+    assert sum(timing["stage_seconds"].values()) <= 2 * wall
     rows = stage_table(results, wall)
     assert [r["stage"] for r in rows[:-1]] == list(STAGES)
 

@@ -63,6 +63,7 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
@@ -153,18 +154,21 @@ def segment_chunks(runner: TaskRunner, images: str, chunk_size: int, opts: Segme
             logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s", r.index, r.ok, r.failed, r.skipped,
                         r.seconds)
 
-        for spec in iter_chunks(images, chunk_size):
-            n_chunks += 1
-            chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
-            with _gpu_annotation() if gpu_resources else contextlib.nullcontext(), api_for_workers():
-                future = runner.submit(segment_chunk_task,
-                                       {"spec": spec, "opts": chunk_opts, "gpu_slot_each": gpu_resources})
-            pending[future] = spec
-            if len(pending) >= workers:
-                done = next(iter(as_completed(list(pending))))
-                collect(done, pending.pop(done))
-        for future in as_completed(list(pending)):
-            collect(future, pending.pop(future))
+        with api_for_workers(runner):
+            for spec in iter_chunks(images, chunk_size):
+                n_chunks += 1
+                chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
+                with _gpu_annotation() if gpu_resources else contextlib.nullcontext():
+                    # quote: Prefect would otherwise walk every URI and listing record of the chunk looking
+                    # for futures (0.5 ms of the flow process's CPU an image; bench/host_pipeline.py)
+                    future = runner.submit(segment_chunk_task,
+                                           {"spec": quote(spec), "opts": chunk_opts, "gpu_slot_each": gpu_resources})
+                pending[future] = spec
+                if len(pending) >= workers:
+                    done = next(iter(as_completed(list(pending))))
+                    collect(done, pending.pop(done))
+            for future in as_completed(list(pending)):
+                collect(future, pending.pop(future))
         return runs.Fanout(results, failed_chunks, n_chunks, time.perf_counter() - t0, start_seconds)
 
 

@@ -83,7 +83,7 @@ def write_shards(runner: TaskRunner, plans: list[ShardPlan], dest: str, classes:
     progress = create_progress_artifact(0.0, key="shard-imagenet-progress", description="shards written")
     results: list[ShardResult] = []
     with runner:
-        with api_for_workers():
+        with api_for_workers(runner):
             futures = [runner.submit(write_shard, {"plan": plan, "dest": dest, "classes": classes,
                                                    "options": options, "fp": fp}) for plan in plans]
         with tqdm(total=len(plans), unit="shard", desc="shard-imagenet") as bar:

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["on_device_thread", "resolve_device", "uses_device_thread"]
+__all__ = ["device_thread", "on_device_thread", "resolve_device", "uses_device_thread"]
 
 T = TypeVar("T")
 
@@ -47,15 +47,22 @@ def _mark() -> None:
     _LOCAL.device_thread = True
 
 
-def on_device_thread(device: torch.device, fn: Callable[..., T], /, *args, **kwargs) -> T:
-    """``fn(*args, **kwargs)`` on ``device``'s own thread (made on first use, one per process),
-    waiting for it; exceptions come back as raised. A call from that thread runs in place."""
-    if getattr(_LOCAL, "device_thread", False):
-        return fn(*args, **kwargs)
+def device_thread(device: torch.device) -> ThreadPoolExecutor:
+    """``device``'s own thread (made on first use, one per process and device): where segment-corpus
+    runs every batch's forward pass and post-processing, so the chunks' host work overlaps them
+    and the batches of all chunks reach the device one after the other, as it runs them anyway."""
     key = (os.getpid(), device)  # a forked child gets its own thread, not the parent's dead one
     with _LOCK:
         pool = _THREADS.get(key)
         if pool is None:
             pool = _THREADS[key] = ThreadPoolExecutor(1, thread_name_prefix=f"weakseg-{device}",
                                                       initializer=_mark)
-    return pool.submit(fn, *args, **kwargs).result()
+        return pool
+
+
+def on_device_thread(device: torch.device, fn: Callable[..., T], /, *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)`` on ``device``'s own thread (:func:`device_thread`), waiting for it;
+    exceptions come back as raised. A call from that thread runs in place."""
+    if getattr(_LOCAL, "device_thread", False):
+        return fn(*args, **kwargs)
+    return device_thread(device).submit(fn, *args, **kwargs).result()

@@ -33,17 +33,19 @@ which rewrites the same file names.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from ..devices import device_thread
 from .batching import batch_key, bucket_hold, buckets
 from .decode import PrepareOptions
-from .device import DeviceStage, forward, label
+from .device import DeviceStage, run_batch
 from .device_decode import device_decoding
 from .encode import RunContext
 from .hostpool import default_host_workers, host_pool
@@ -95,20 +97,37 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
 
     feed = Feed(chunk, popts, device)
     encoder = Encoder(chunk, run)
+    on_device = device_thread(bundle.device)
+    running: tuple[list[Item], Future] | None = None  # the batch on the device while the next is gathered
+
+    def finish(batch: list[Item], future: Future) -> None:
+        """A batch back from the device: its labelled images to the encoders, its pixels let go."""
+        preds, labelled = future.result()
+        ready = []
+        for item, pred, out in zip(batch, preds, labelled, strict=True):
+            if isinstance(out, BaseException):
+                chunk.error_from(item.p.uri, "priors", out)
+            elif out is not None:  # None: its forward pass failed (an errors row already)
+                ready.append((item, pred, out))
+        encoder.submit(ready)
+        feed.done(batch)
+        encoder.drain(chunk.ahead)
+
     try:
         items = feed.items(jobs(chunk, to_read, done)) if to_read is not None else iter(())
         for batch in buckets(items, key, opts.batch_size, bucket_hold(opts.batch_size, bundle.device),
                              lambda item: item.weight):
-            preds = forward(chunk, device, batch)
-            labelled = label(chunk, device, batch, preds)
-            for item, pred, out in zip(batch, preds, labelled, strict=True):
-                if isinstance(out, BaseException):
-                    chunk.error_from(item.p.uri, "priors", out)
-                elif out is not None:  # None: its forward pass failed (an errors row already)
-                    encoder.submit(item, pred, out)
-            encoder.drain(chunk.ahead)
+            previous, running = running, (batch, on_device.submit(run_batch, chunk, device, batch))
+            if previous is not None:
+                finish(*previous)
+        if running is not None:
+            previous, running = running, None
+            finish(*previous)
         encoder.drain(0)
     finally:
+        if running is not None:  # a chunk that raises waits for its batch on the device before cleaning up
+            with contextlib.suppress(BaseException):
+                running[1].result()
         feed.close()
         encoder.close()
     with clock("write"):

@@ -14,8 +14,8 @@
    computes the priors' host inputs at full size (superpixels, objectness maps:
    :func:`~.proposals.compute_prior_inputs`).
 
-Each outcome is a small picklable record; arrays travel through the spool
-(:func:`~.hostpool.ship`). Errors become :class:`Failed` records with the error's type and
+Each outcome is a small picklable record; its arrays travel in shared memory (:mod:`.handoff`:
+the slot the job brought, else a spool file). Errors become :class:`Failed` records with the error's type and
 message (exceptions themselves need not survive pickling), a passing read failure a
 :class:`Transient` one: the chunk is then retried whole.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -33,7 +33,7 @@ import numpy as np
 from ..images import ImageError, decode_image
 from .batching import view_sizes
 from .device_decode import jpeg_header
-from .hostpool import Spooled, discard, ship, unship
+from .handoff import Packed, pack
 from .inputs import SourceMeta
 from .proposals import compute_prior_inputs
 from .read import TransientInputError, read_file
@@ -68,38 +68,47 @@ class Job:
     meta: SourceMeta | None = None
     done_shas: frozenset[str] = frozenset()  # content hashes this model segmented at this URI (skip-existing)
     host_decode: bool = False  # decode on the host even where the device could (its decoder refused it)
+    slot: int | None = None  # the shared-memory slot for its arrays (handoff.Slots), taken by the flow's process
 
 
 @dataclass
 class Prepared:
-    """An input ready for the forward pass: its pixels per view size, or its JPEG bytes (device decoding)."""
+    """An input ready for the forward pass: its pixels per view size, or its JPEG bytes (device decoding).
+
+    The arrays come back as one :class:`~.handoff.Packed` (``arrays``); :meth:`load` lays them
+    out as ``views``, ``original`` and ``inputs`` in the receiving process.
+    """
 
     uri: str
     sha: str
     fmt: str
     meta: SourceMeta | None
     size: tuple[int, int]  # (h, w) as displayed
-    views: dict[tuple[int, int], np.ndarray | Spooled] = field(default_factory=dict)  # shrunk to a view's size
-    original: np.ndarray | Spooled | None = None  # full pixels, when a view needs them (not shrunk)
-    inputs: dict[str, np.ndarray | Spooled] = field(default_factory=dict)  # the priors' host inputs
+    arrays: Packed | dict[str, np.ndarray] = field(default_factory=dict)
     prior_ms: dict[str, float] = field(default_factory=dict)  # per prior (the images row's prior_ms)
     stage_ms: dict[str, float] = field(default_factory=dict)  # read / decode / priors, where they ran
     jpeg: bytes | None = None  # device decoding: the plain JPEG's bytes
+    views: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # shrunk to a view's size
+    original: np.ndarray | None = None  # full pixels, when a view needs them (not shrunk)
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)  # the priors' host inputs
 
     @property
     def pixels(self) -> int:
         return self.size[0] * self.size[1]
 
-    def load(self) -> Prepared:
-        """The arrays brought into this process (the spool files read and removed)."""
-        self.views = {s: unship(a) for s, a in self.views.items()}
-        self.original = None if self.original is None else unship(self.original)
-        self.inputs = {k: unship(a) for k, a in self.inputs.items()}
+    def load(self, unpack: Callable[[Packed | dict[str, np.ndarray]], dict[str, np.ndarray]]) -> Prepared:
+        """The arrays laid out, as ``unpack`` (the receiving pool's) gives them."""
+        for name, a in unpack(self.arrays).items():
+            kind, _, key = name.partition(":")
+            if kind == "view":
+                h, w = key.split("x")
+                self.views[int(h), int(w)] = a
+            elif kind == "original":
+                self.original = a
+            else:
+                self.inputs[key] = a
+        self.arrays = {}
         return self
-
-    def discard(self) -> None:
-        for a in (*self.views.values(), self.original, *self.inputs.values()):
-            discard(a)
 
 
 @dataclass(frozen=True)
@@ -169,21 +178,24 @@ def _one(job: Job, opts: PrepareOptions) -> Outcome:
         return Failed(job.uri, "decode", error_kind(err), str(err))
     rgb = np.asarray(dec.image)
     h, w = rgb.shape[:2]
-    views, original = {}, None
+    arrays: dict[str, np.ndarray] = {}
     for size in dict.fromkeys(view_sizes(h, w, opts.stride, opts.max_side, opts.min_side, opts.scales)):
         if size[0] * size[1] < h * w:  # shrunk here, as the forward pass would (OpenCV's area filter)
-            views[size] = ship(cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA))
-        elif original is None:
-            original = rgb  # enlarged, or run as is, by the forward pass
+            arrays[f"view:{size[0]}x{size[1]}"] = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        else:
+            arrays["original"] = rgb  # enlarged, or run as is, by the forward pass
     ms["decode"] = (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
     try:
         inputs, prior_ms = compute_prior_inputs(rgb, opts.priors)
     except Exception as err:
-        for a in views.values():
-            discard(a)
         return Failed(job.uri, "priors", error_kind(err), str(err))
+    for name, a in inputs.items():
+        arrays[f"input:{name}"] = _compact(a) if name == "superpixels" else a
     ms["priors"] = (time.perf_counter() - t0) * 1000
-    return Prepared(job.uri, sha, dec.format, job.meta, (h, w), views,
-                    None if original is None else ship(original), {k: ship(v) for k, v in inputs.items()},
-                    prior_ms, ms)
+    return Prepared(job.uri, sha, dec.format, job.meta, (h, w), pack(arrays, job.slot), prior_ms, ms)
+
+
+def _compact(ids: np.ndarray) -> np.ndarray:
+    """Superpixel ids in 16 bits when they fit (a 500x375 photo has hundreds): half the bytes to hand over."""
+    return ids.astype(np.uint16) if ids.size and ids.min() >= 0 and ids.max() < 2**16 else ids

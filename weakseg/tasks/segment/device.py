@@ -23,7 +23,7 @@ from .postprocess import Labelled, band_bytes, label_batch
 from .queues import Item
 from .state import ChunkState, SegmentOptions
 
-__all__ = ["DeviceStage", "forward", "label"]
+__all__ = ["DeviceStage", "forward", "label", "run_batch"]
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def forward(chunk: ChunkState, device: DeviceStage, batch: Sequence[Item]) -> li
     """The batch's forward pass; when it fails (e.g. out of device memory), image by image, so
     only an image that fails alone is an errors row (None here)."""
     try:
-        return _timedforward(chunk, device, batch)
+        return _timed_forward(chunk, device, batch)
     except Exception as err:
         if len(batch) == 1:
             chunk.error_from(batch[0].p.uri, "inference", err)
@@ -73,14 +73,14 @@ def forward(chunk: ChunkState, device: DeviceStage, batch: Sequence[Item]) -> li
     preds: list[Prediction | None] = []
     for item in batch:
         try:
-            preds.extend(_timedforward(chunk, device, [item]))
+            preds.extend(_timed_forward(chunk, device, [item]))
         except Exception as err:
             chunk.error_from(item.p.uri, "inference", err)
             preds.append(None)
     return preds
 
 
-def _timedforward(chunk: ChunkState, device: DeviceStage, batch: Sequence[Item]) -> list[Prediction]:
+def _timed_forward(chunk: ChunkState, device: DeviceStage, batch: Sequence[Item]) -> list[Prediction]:
     result, t0 = chunk.result, time.perf_counter()
     try:
         return list(device.forward([item.pixels for item in batch]))
@@ -115,3 +115,10 @@ def label(chunk: ChunkState, device: DeviceStage, batch: Sequence[Item],
     return [o if preds[i] is not None else None for i, o in enumerate(out)]
 
 
+def run_batch(chunk: ChunkState, device: DeviceStage,
+              batch: Sequence[Item]) -> tuple[list[Prediction | None], list[Labelled | BaseException | None]]:
+    """A batch's forward pass and post-processing (:func:`forward`, :func:`label`): the device's
+    work, run on its thread (:func:`~weakseg.tasks.devices.device_thread`) while the chunk's
+    thread hands the previous batch to the encoders and gathers the next one."""
+    preds = forward(chunk, device, batch)
+    return preds, label(chunk, device, batch, preds)

@@ -4,7 +4,7 @@
 with 0 workers): the mask's PNG, the ``regions`` rows (one per class present, from the
 per-label statistics the device computed, :class:`~.postprocess.Labelled`), the ``masks``
 row and the ``images`` row. What the job needs of the image comes in an :class:`EncodeJob`;
-the labels travel through the spool. No torch, no Prefect.
+the labels travel in shared memory (:mod:`.handoff`). No torch, no Prefect.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from ..images import voc_palette
 from ..ingest.sources import image_key
-from .hostpool import Spooled, unship
+from .handoff import Packed, unpack
 from .inputs import SourceMeta
 
 __all__ = ["TOP_CLASSES", "EncodeJob", "Encoded", "RunContext", "encode", "encode_mask", "overlay_thumbnail",
@@ -47,10 +47,12 @@ class EncodeJob:
     sha: str
     fmt: str
     meta: SourceMeta | None
-    labels: np.ndarray | Spooled  # uint8 [H, W]
-    counts: np.ndarray  # int64 [256] pixels per label value
-    prob_sum: np.ndarray  # float64 [256]
-    boxes: np.ndarray  # int64 [256, 4]
+    labels: Packed | dict[str, np.ndarray]  # {"labels": uint8 [H, W]}, in shared memory (handoff.pack)
+    size: tuple[int, int]  # (h, w) of the labels
+    present: np.ndarray  # the label values present (class indices, 255), ascending
+    counts: np.ndarray  # int64 [P] pixels of each value present
+    prob_sum: np.ndarray  # float64 [P] Σ probability of each over its pixels
+    boxes: np.ndarray  # int64 [P, 4] x0, y0, x1, y1 (exclusive)
     image_probs: np.ndarray  # float64 [K]
     inference_ms: float
     forward_size: tuple[int, int]
@@ -104,9 +106,11 @@ def encode(jobs: Sequence[EncodeJob], run: RunContext) -> list[Encoded | BaseExc
 
 def _one(job: EncodeJob, run: RunContext) -> Encoded:
     t0 = time.perf_counter()
-    labels = unship(job.labels)
+    labels = unpack(job.labels)["labels"]
     h, w = labels.shape
-    rows = regions(labels.size, job.counts, job.prob_sum, job.boxes, job.image_probs, run.classes)
+    counts, prob_sum, boxes = np.zeros(256, np.int64), np.zeros(256), np.zeros((256, 4), np.int64)
+    counts[job.present], prob_sum[job.present], boxes[job.present] = job.counts, job.prob_sum, job.boxes
+    rows = regions(labels.size, counts, prob_sum, boxes, job.image_probs, run.classes)
     png = encode_mask(labels)
     key = image_key(job.uri)
     classes = run.classes

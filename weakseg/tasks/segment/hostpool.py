@@ -16,13 +16,11 @@ and sized to the cores, started with ``forkserver`` (workers fork from a clean s
 never touched CUDA or the flow's threads, and import neither torch nor Prefect). Its jobs
 are plain functions; with 0 workers the same functions run inline.
 
-**Pixels.** Arrays leave a worker as files in a spool folder on ``/dev/shm`` (memory): the
-worker writes one, the flow's process reads it once and unlinks it (:class:`Spooled`).
-Pickled through the pool's pipe instead, a decoded 500x375 photo with its superpixels
-cost the flow's process 1.5 ms of CPU; through the spool 0.4 ms. A plain ``write`` on a full
-spool fails with ENOSPC (a shared-memory segment would kill the worker with SIGBUS instead);
-the array then goes through the pipe. Spool folders of processes that died are removed by
-the next pool started on the machine.
+**Pixels.** Decoded photos, superpixel maps and label maps travel in shared memory on
+``/dev/shm`` (:mod:`.handoff`: slots of one file every process of the pool maps, or a spool
+file of their own), never pickled through the pool's pipe: that way a decoded 500x375 photo
+with its superpixels cost the flow's process 1.5 ms of CPU. Spool folders of processes that
+died are removed by the next pool started on the machine.
 
 **Crashes.** A worker that dies (out of memory, a crash in a decoder) breaks the executor:
 every job in flight fails with :class:`~concurrent.futures.process.BrokenProcessPool`.
@@ -34,28 +32,28 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import itertools
 import logging
 import multiprocessing
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["HOST_WORKERS_ENV", "BrokenProcessPool", "HostPool", "Spooled", "default_host_workers", "host_pool",
-           "ship", "unship"]
+from . import handoff
+
+__all__ = ["HOST_WORKERS_ENV", "BrokenProcessPool", "HostPool", "default_host_workers", "host_pool"]
 
 _logger = logging.getLogger(__name__)
 T = TypeVar("T")
 HOST_WORKERS_ENV = "WEAKSEG_HOST_WORKERS"  # overrides the automatic pool size (default_host_workers)
 SPOOL_PREFIX = "weakseg-spool-"
+SLOTS_BASE, SLOTS_PER_WORKER = 32, 16  # shared-memory slots of a pool (handoff.SLOT_BYTES each)
 # Modules the fork server imports once, so a new worker starts in milliseconds: the jobs' own.
 PRELOAD = ["weakseg.tasks.segment.decode", "weakseg.tasks.segment.encode"]
 
@@ -76,69 +74,8 @@ def default_host_workers(requested: int | None, accelerator: bool) -> int:
     return max(1, cores - 1)
 
 
-# --- pixels across processes ------------------------------------------------------------------
-
-_SPOOL: str | None = None  # set in worker processes: where they write arrays
-_NAMES = itertools.count()
-
-
-@dataclass(frozen=True)
-class Spooled:
-    """An array a worker left in the spool: read it once with :meth:`load` (which removes the file)."""
-
-    path: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    def load(self) -> np.ndarray:
-        try:
-            return np.fromfile(self.path, dtype=self.dtype).reshape(self.shape)
-        finally:
-            self.discard()
-
-    def discard(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-def ship(array: np.ndarray, spool: str | None = None) -> np.ndarray | Spooled:
-    """``array`` ready to leave this process: a :class:`Spooled` file in ``spool`` (by default a
-    worker's; the array itself when the spool is full), the array itself where there is no
-    spool (inline: nothing travels)."""
-    spool = spool or _SPOOL
-    if spool is None:
-        return array
-    path = os.path.join(spool, f"{os.getpid()}-{next(_NAMES)}")
-    data = np.ascontiguousarray(array)
-    try:
-        with open(path, "xb") as f:
-            f.write(memoryview(data).cast("B"))
-    except OSError as err:  # ENOSPC on a full tmpfs: the pipe takes it
-        _logger.debug("spool %s: %s; sending the array through the pipe", spool, err)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return array
-    return Spooled(path, data.dtype.str, data.shape)
-
-
-def unship(value: np.ndarray | Spooled) -> np.ndarray:
-    """The array of :func:`ship`, in the consuming process."""
-    return value.load() if isinstance(value, Spooled) else value
-
-
-def discard(value: Any) -> None:
-    """Drop a shipped array never loaded (a chunk that stops early)."""
-    if isinstance(value, Spooled):
-        value.discard()
-
-
-def _init_worker(spool: str) -> None:
-    global _SPOOL
-    _SPOOL = spool
+def _init_worker(spool: str, slots_path: str | None, slot_bytes: int, slot_count: int) -> None:
+    handoff.init_worker(spool, slots_path, slot_bytes, slot_count)
     # One thread per worker: the pool is sized to the cores, and OpenCV's own threads would oversubscribe them.
     import cv2
 
@@ -193,6 +130,7 @@ class HostPool:
         self.workers = workers
         self.restarts = 0  # executors replaced after a worker died
         self.spool: str | None = None
+        self.slots: handoff.Slots | None = None
         self._lock = threading.Lock()
         self._executor: Executor = _Inline() if workers == 0 else self._start()
 
@@ -213,9 +151,13 @@ class HostPool:
             root = _spool_root()
             _remove_dead_spools(root)
             self.spool = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=root)
+            count = SLOTS_BASE + SLOTS_PER_WORKER * self.workers
+            self.slots = handoff.Slots.create(self.spool, handoff.SLOT_BYTES, count)
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.spool,))
+        slots = (self.slots.path, self.slots.slot_bytes, self.slots.count) if self.slots else (None, 0, 0)
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(self.spool, *slots))
 
     def submit(self, fn: Callable[..., T], /, *args: Any) -> Future:
         """``fn(*args)`` in a worker; a pool broken by a dead worker is replaced first."""
@@ -236,12 +178,35 @@ class HostPool:
                 self.restarts += 1
             return self._executor
 
-    def ship(self, array: np.ndarray) -> np.ndarray | Spooled:
-        """``array`` for a job of this pool: through the spool to worker processes, as it is otherwise."""
-        return ship(array, self.spool) if self.kind == "processes" else array
+    def take_slot(self) -> int | None:
+        """A shared-memory slot for a job's arrays (None: none free, or no worker processes)."""
+        return self.slots.take() if self.slots is not None and self.kind == "processes" else None
+
+    def give_slot(self, slot: int | None) -> None:
+        if slot is not None and self.slots is not None:
+            self.slots.give(slot)
+
+    def pack(self, arrays: Mapping[str, np.ndarray]) -> handoff.Packed | dict[str, np.ndarray]:
+        """Arrays for a job of this pool (:func:`~.handoff.pack`): in a slot (give it back with
+        :meth:`release` once the job is done), a spool file, or as they are inline."""
+        if self.kind != "processes":
+            return dict(arrays)
+        slot = self.take_slot()
+        packed = handoff.pack(arrays, slot, self.slots, self.spool)
+        if slot is not None and getattr(packed, "slot", None) != slot:  # did not fit
+            self.give_slot(slot)
+        return packed
+
+    def unpack(self, packed: handoff.Packed | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return handoff.unpack(packed, self.slots)
+
+    def release(self, packed: object) -> None:
+        handoff.release(packed, self.slots)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.slots is not None:
+            self.slots.close()
         if self.spool:
             shutil.rmtree(self.spool, ignore_errors=True)
 

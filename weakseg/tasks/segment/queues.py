@@ -10,13 +10,15 @@ job and no spool file behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from . import tables
@@ -24,7 +26,7 @@ from .batching import hold_weight
 from .decode import Failed, Job, Prepared, PrepareOptions, Skipped, Transient, prepare
 from .encode import Encoded, EncodeJob, RunContext, encode, overlay_thumbnail
 from .forward import Pixels, Prediction
-from .hostpool import BrokenProcessPool, Spooled
+from .hostpool import BrokenProcessPool
 from .inputs import ChunkSpec, stored_uri
 from .postprocess import Labelled
 from .read import TransientInputError, read_chunk
@@ -36,14 +38,17 @@ if TYPE_CHECKING:
 __all__ = ["Encoder", "Feed", "Item", "jobs"]
 
 _logger = logging.getLogger(__name__)
+JOB_MS = 20.0  # a decode job's host work to aim at, in milliseconds of one worker
 
 
 @dataclass
 class Item:
-    """A prepared input in the flow's process: its pixels (or device tensor) and prior inputs."""
+    """A prepared input in the flow's process: its pixels (or device tensor) and prior inputs,
+    in the shared-memory ``slot`` its job brought (given back by :meth:`Feed.done`)."""
 
     p: Prepared
     pixels: Pixels
+    slot: int | None = None
 
     @property
     def weight(self) -> int:
@@ -82,36 +87,73 @@ class Feed:
 
     At most :attr:`ChunkState.ahead` photo-sized inputs are in flight: the count is divided by the
     weight of the latest images (a corpus of 12-megapixel photos keeps a few in flight, never
-    fewer than one per worker). Plain JPEGs the device decodes wait for a window of
-    ``batch_size`` and are decoded in one call.
+    fewer than one job per worker). Each job's inputs take a shared-memory slot each
+    (:mod:`.handoff`), given back when the forward pass and the post-processing are done with
+    them (:meth:`done`). Plain JPEGs the device decodes wait for a window of ``batch_size`` and
+    are decoded in one call.
     """
 
     def __init__(self, chunk: ChunkState, popts: PrepareOptions, device: DeviceStage) -> None:
         self.chunk, self.popts, self.device = chunk, popts, device
-        self.pending: deque[tuple[Future, Job]] = deque()
-        self.window: list[Prepared] = []
+        self.pending: deque[tuple[Future, list[Job]]] = deque()
+        self.inflight = 0  # inputs in the pending jobs
+        self.window: list[tuple[Prepared, Job]] = []
         self.recent_weight: int | None = None  # of the latest image decoded; until one is, one job a worker
+        self.slots: set[int] = set()  # taken for this chunk's jobs and not given back yet
+        self.per_job = 1  # inputs a job holds: grows while an input's host work is short (:meth:`_measured`)
+        self.input_ms: float | None = None  # a worker's milliseconds an input (moving average)
 
     def items(self, jobs: Iterator[Job]) -> Iterator[Item]:
-        chunk = self.chunk
+        """The chunk's inputs prepared, in order, in jobs of :attr:`per_job` inputs."""
+        batch = []
         for job in jobs:
-            self.pending.append((chunk.pool.submit(prepare, [job], self.popts), job))
-            yield from self._ready(self._limit())
+            batch.append(job)
+            if len(batch) >= self.per_job:
+                self._submit(batch)
+                batch = []
+                yield from self._ready(self._limit())
+        if batch:
+            self._submit(batch)
         yield from self._ready(0)
         yield from self._decoded()
 
+    def _submit(self, jobs: list[Job]) -> None:
+        jobs = [dataclasses.replace(job, slot=self._take()) for job in jobs]
+        self.pending.append((self.chunk.pool.submit(prepare, jobs, self.popts), jobs))
+        self.inflight += len(jobs)
+
+    def _take(self) -> int | None:
+        slot = self.chunk.pool.take_slot()
+        if slot is not None:
+            self.slots.add(slot)
+        return slot
+
+    def _give(self, slot: int | None) -> None:
+        if slot is not None and slot in self.slots:
+            self.slots.discard(slot)
+            self.chunk.pool.give_slot(slot)
+
+    def done(self, items: Sequence[Item]) -> None:
+        """Items the device is done with: their slots back to the pool."""
+        for item in items:
+            self._give(item.slot)
+            item.slot = None
+
     def _limit(self) -> int:
-        """Jobs that may be in flight: ``ahead`` photo units over the latest image's weight, at least
-        one a worker (inline: none, each job runs when it is submitted)."""
-        workers, ahead = self.chunk.pool.workers, self.chunk.ahead
-        return max(workers, ahead // (self.recent_weight or ahead)) if workers else 0
+        """Inputs that may be in flight: ``ahead`` photo units over the latest image's weight, at
+        least one job a worker (inline: none, each job runs when it is submitted)."""
+        chunk = self.chunk
+        workers, ahead = chunk.pool.workers, chunk.ahead
+        return max(workers * self.per_job, ahead // (self.recent_weight or ahead)) if workers else 0
 
     def _ready(self, limit: int) -> Iterator[Item]:
-        while len(self.pending) > limit:
-            future, job = self.pending.popleft()
-            for out in self.chunk.outcomes(future, [job], prepare, self.popts):
+        while self.pending and self.inflight > limit:
+            future, jobs = self.pending.popleft()
+            self.inflight -= len(jobs)
+            for job, out in zip(jobs, self.chunk.outcomes(future, jobs, prepare, self.popts), strict=True):
                 if isinstance(out, Prepared) and out.jpeg is not None:
-                    self.window.append(out)
+                    self._give(job.slot)  # bytes only: the device decodes them
+                    self.window.append((out, job))
                     if len(self.window) >= self.chunk.opts.batch_size:
                         yield from self._decoded()
                     continue
@@ -119,14 +161,23 @@ class Feed:
                 if item is not None:
                     yield item
 
+    def _measured(self, ms: float) -> None:
+        """A job's round trip (pickling, the pipe, waking threads) is shared by its inputs: as many
+        as a worker does in :data:`JOB_MS` (``ilp``: several photos; with superpixels: one, so
+        every worker stays busy and the photos come back in order without a long wait)."""
+        self.input_ms = ms if self.input_ms is None else 0.9 * self.input_ms + 0.1 * ms
+        self.per_job = max(1, min(self.chunk.per_job, round(JOB_MS / max(self.input_ms, 0.1))))
+
     def _accounted(self, out: Any, job: Job) -> Item | None:
         """An outcome counted (stage times, skips, errors); a prepared one as an :class:`Item`."""
         chunk = self.chunk
         if isinstance(out, Prepared):
             chunk.result.add_ms(out.stage_ms)
-            out.load()
+            self._measured(sum(out.stage_ms.values()))
+            out.load(chunk.pool.unpack)
             self.recent_weight = hold_weight(*out.size)
-            return Item(out, Pixels(out.size, out.original, out.views))
+            return Item(out, Pixels(out.size, out.original, out.views), job.slot)
+        self._give(job.slot)
         if isinstance(out, Skipped):
             chunk.result.skipped += 1
         elif isinstance(out, Failed):
@@ -150,33 +201,38 @@ class Feed:
         tensors: list[torch.Tensor | None] = [None] * len(window)
         with chunk.clock("decode"):
             try:
-                tensors = list(self.device.decode([p.jpeg for p in window]))
+                tensors = list(self.device.decode([p.jpeg for p, _ in window]))
             except Exception as err:
                 _logger.debug("device decoding of %d images failed (%s); one at a time", len(window), err)
-                for i, p in enumerate(window):
+                for i, (p, _) in enumerate(window):
                     with contextlib.suppress(Exception):
                         tensors[i] = self.device.decode_one(p.jpeg)
-        for p, rgb in zip(window, tensors, strict=True):
+        for (p, job), rgb in zip(window, tensors, strict=True):
             chunk.result.add_ms(p.stage_ms)
             if rgb is not None and tuple(rgb.shape[:2]) == p.size:
                 p.jpeg = None
                 yield Item(p, Pixels(p.size, rgb))
                 continue
-            job = Job(p.uri, data=p.jpeg, meta=p.meta, host_decode=True)
-            for out in chunk.outcomes(chunk.pool.submit(prepare, [job], self.popts), [job], prepare, self.popts):
-                item = self._accounted(out, job)
+            again = [dataclasses.replace(job, data=p.jpeg, url=None, host_decode=True, slot=self._take())]
+            for out in chunk.outcomes(chunk.pool.submit(prepare, again, self.popts), again, prepare, self.popts):
+                item = self._accounted(out, again[0])
                 if item is not None:
                     yield item
 
     def close(self) -> None:
-        """A chunk that stops early (an error raised) leaves no job and no spool file behind."""
+        """A chunk that stops early (an error raised) leaves no job, no spool file and no slot
+        behind: jobs not started are cancelled, running ones waited for (they write into their
+        slots), then every slot the chunk took goes back."""
+        self.inflight = 0
         while self.pending:
             future, _ = self.pending.popleft()
             future.cancel()
             with contextlib.suppress(BaseException):
                 for out in future.result():
                     if isinstance(out, Prepared):
-                        out.discard()
+                        self.chunk.pool.release(out.arrays)
+        for slot in list(self.slots):
+            self._give(slot)
 
 
 class Encoder:
@@ -185,29 +241,34 @@ class Encoder:
 
     def __init__(self, chunk: ChunkState, run: RunContext) -> None:
         self.chunk, self.run = chunk, run
-        self.pending: deque[tuple[Future, EncodeJob, int]] = deque()
+        self.pending: deque[tuple[Future, list[EncodeJob], int]] = deque()
         self.weight = 0
         self.thumbnails: dict[str, str] = {}  # uri -> overlay, made before the labels leave
 
-    def submit(self, item: Item, pred: Prediction, out: Labelled) -> None:
-        chunk, p = self.chunk, item.p
-        if len(chunk.result.thumbnails) + len(self.thumbnails) < chunk.opts.thumbnails:
-            rgb = item.pixels.largest()
-            self.thumbnails[p.uri] = overlay_thumbnail(rgb.cpu().numpy() if isinstance(rgb, torch.Tensor) else rgb,
-                                                       out.labels)
-        job = EncodeJob(p.uri, p.sha, p.fmt, p.meta, chunk.pool.ship(out.labels), out.counts, out.prob_sum,
-                        out.boxes, pred.image_probs, pred.inference_ms, pred.forward_size, dict(p.prior_ms))
-        w = hold_weight(*p.size)
-        self.pending.append((chunk.pool.submit(encode, [job], self.run), job, w))
-        self.weight += w
+    def submit(self, done: Sequence[tuple[Item, Prediction, Labelled]]) -> None:
+        """A batch's labelled images, in jobs of :attr:`ChunkState.per_job` images."""
+        chunk = self.chunk
+        jobs: list[EncodeJob] = []
+        for item, pred, out in done:
+            if len(chunk.result.thumbnails) + len(self.thumbnails) < chunk.opts.thumbnails:
+                rgb = item.pixels.largest()
+                self.thumbnails[item.p.uri] = overlay_thumbnail(
+                    rgb.cpu().numpy() if isinstance(rgb, torch.Tensor) else rgb, out.labels)
+            jobs.append(_encode_job(item.p, pred, out, chunk.pool.pack({"labels": out.labels})))
+        for k in range(0, len(jobs), max(1, chunk.per_job)):
+            part = jobs[k:k + chunk.per_job]
+            w = sum(hold_weight(*j.size) for j in part)
+            self.pending.append((chunk.pool.submit(encode, part, self.run), part, w))
+            self.weight += w
 
     def drain(self, limit: int) -> None:
         """Rows of the encoded images, in order, until at most ``limit`` photo-sized masks are in flight."""
         chunk = self.chunk
         while self.pending and (self.weight > limit or limit == 0):
-            future, job, w = self.pending.popleft()
+            future, jobs, w = self.pending.popleft()
             self.weight -= w
-            for out in chunk.outcomes(future, [job], encode, self.run):
+            for job, out in zip(jobs, chunk.outcomes(future, jobs, encode, self.run), strict=True):
+                chunk.pool.release(job.labels)
                 if isinstance(out, Encoded):
                     self._rows(out, job)
                 elif isinstance(out, BrokenProcessPool):
@@ -228,8 +289,20 @@ class Encoder:
                                       "png": png})
 
     def close(self) -> None:
+        """Jobs not started cancelled, running ones waited for; their labels' memory given back."""
         while self.pending:
-            future, job, _ = self.pending.popleft()
+            future, jobs, _ = self.pending.popleft()
             future.cancel()
-            if isinstance(job.labels, Spooled):
-                job.labels.discard()
+            with contextlib.suppress(BaseException):
+                future.result()
+            for job in jobs:
+                self.chunk.pool.release(job.labels)
+
+
+def _encode_job(p: Prepared, pred: Prediction, out: Labelled, labels: Any) -> EncodeJob:
+    """What an encode job needs of one image: its labels (shipped) and the statistics of the labels
+    present only (a few values, not 256 of each)."""
+    present = np.flatnonzero(out.counts)
+    return EncodeJob(p.uri, p.sha, p.fmt, p.meta, labels, tuple(out.labels.shape), present, out.counts[present],
+                     out.prob_sum[present], out.boxes[present], pred.image_probs, pred.inference_ms,
+                     pred.forward_size, dict(p.prior_ms))

@@ -133,6 +133,9 @@ class ChunkState:
         # enough to keep every worker busy while the device runs a batch (jobs are submitted only
         # as the batches are taken), never more than a few batches' pixels; inline, none.
         self.ahead = 3 * opts.batch_size + 2 * pool.workers if pool.workers else 0
+        # Inputs a host job holds: a few, so a job's round trip (pickling, the pipe, waking a
+        # thread) is shared by them, yet every worker has jobs while the device runs a batch.
+        self.per_job = max(1, min(8, self.ahead // (2 * pool.workers))) if pool.workers else 1
 
     def error(self, uri: str, stage: str, error_type: str, message: str) -> None:
         self.writer.rows["errors"].append(ErrorRecord(uri, image_key(uri), stage, error_type, message,

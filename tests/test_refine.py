@@ -229,3 +229,78 @@ def test_a_soup_is_the_mean_of_its_members(tmp_path) -> None:
         torch.testing.assert_close(states["soup"][k], (states["a"][k] + states["b"][k]) / 2)
     with pytest.raises(ValueError, match="soup must be at least 1"):
         RefineConfig(soup=0)
+
+
+def _unsure_pseudo_shard(path, samples) -> str:
+    """A pseudo-label shard of real training samples whose every pixel is unsure (255): only the MIL term trains."""
+    import io
+    import json
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for raw in samples:
+            with Image.open(io.BytesIO(raw["jpg"])) as img:
+                size = img.size
+            labels = io.BytesIO()
+            Image.fromarray(np.full(size[::-1], UNLABELLED, np.uint8)).save(labels, format="PNG")
+            sink.write({"__key__": raw["__key__"], "jpg": raw["jpg"], "png": labels.getvalue(), "json": raw["json"]})
+    return str(path)
+
+
+@pytest.mark.slow
+def test_refinement_of_single_label_shards_with_background_targets_the_images_own_tags(tmp_path,
+                                                                                        background_run) -> None:
+    """Issue 37 item 11. Single-label shards with a ``background`` class train multi-label (background is a tag of
+    every image); the refinement's MIL term is that same loss on the image's own tag set, not ``background`` (the
+    argmax of every two-hot target) for nearly every image."""
+    import io
+    import json
+
+    from weakseg.models import ImageLoss, load_checkpoint
+    from weakseg.tasks.ingest.manifest import load_manifest
+    from weakseg.tasks.tensors import normalize
+    from weakseg.tasks.train.augment import EvalTransform
+    from weakseg.tasks.train.pseudo_labels import _samples
+    from weakseg.tasks.train.refine import RefineConfig, image_loss_of, run_refine
+
+    _, shards, model = background_run
+    manifest = load_manifest(shards)
+    classes = manifest["classes"]
+    bg = classes.index("background")
+    assert manifest["multilabel"] is False  # one tag per image in the shards
+    ckpt = load_checkpoint(model)
+    loss = image_loss_of(ckpt)
+    assert loss == ImageLoss.for_training(classes, False, "softmax+bce", "auto")  # the one training used
+    assert ckpt.training_state["image_loss"] == loss.to_dict()  # training records it
+    assert loss.multilabel and loss.background == bg
+    one_tag = torch.eye(len(classes))[[1, 2]]
+    assert loss.targets(one_tag).tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]]  # its tag and background
+
+    # Through the refinement itself: pseudo-labels that are all unsure leave only the image-level term. It must
+    # raise each image's own object (the old argmax target, background, pushed every object down).
+    samples = [raw for raw in _samples(shards, manifest, "train")
+               if json.loads(raw["json"])["labels"] != [bg]][:16]
+    shard = _unsure_pseudo_shard(tmp_path / "pseudo-000000.tar", samples)
+    tags = torch.tensor([json.loads(raw["json"])["labels"][0] for raw in samples])
+    transform = EvalTransform(96)
+    images, valid = zip(*(transform(Image.open(io.BytesIO(raw["jpg"]))) for raw in samples), strict=True)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    valid = torch.from_numpy(np.stack(valid))
+
+    def own_tag_presence(m) -> float:
+        m.model.eval()
+        with torch.no_grad():
+            scores = m.model.image_scores(m.model(normalize(x, m.config.mean, m.config.std), dense=True), valid,
+                                          dense=True)
+        return float(scores.sigmoid()[torch.arange(len(tags)), tags].mean())
+
+    before = own_tag_presence(ckpt)
+    cfg = RefineConfig(epochs=1, steps_per_epoch=6, batch_size=8, input_size=96, lr=0.01, num_workers=0, soup=1,
+                       progress=False)
+    run_refine(ckpt, [shard], len(samples), str(tmp_path / "out"), cfg, device=torch.device("cpu"), parent={},
+               pseudo_stats={})
+    refined = load_checkpoint(tmp_path / "out" / "model.pt")
+    assert refined.training_state["image_loss"] == loss.to_dict()  # a second round keeps it too
+    after = own_tag_presence(refined)
+    assert after > before, (before, after)

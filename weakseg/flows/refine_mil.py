@@ -26,7 +26,6 @@ from weakseg.flows._params import check_parameters
 from weakseg.flows._registry import PUBLISHED, announce, publish_release, resolve_model
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import load_checkpoint
-from weakseg.models.losses import background_index
 from weakseg.tasks import storage
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.ingest.manifest import ManifestError, load_manifest
@@ -34,7 +33,7 @@ from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
 from weakseg.tasks.segment.priors import parse_priors
 from weakseg.tasks.storage import redact_url
 from weakseg.tasks.train.pseudo_labels import PSEUDO_LABEL_TTA, write_pseudo_labels
-from weakseg.tasks.train.refine import RefineConfig, run_refine
+from weakseg.tasks.train.refine import RefineConfig, image_loss_of, run_refine
 
 __all__ = ["refine_mil"]
 
@@ -55,8 +54,7 @@ def label_training_images(model: str, device: str, shards: str, manifest: dict[s
         raise ValueError(f"the model's {len(bundle.classes)} classes are not the shards' {len(manifest['classes'])} "
                          "(in order): refine a model on the shards it was trained on")
     bundle.checkpoint.model.backbone.stage_index(finetune_from)  # a stage it lacks: fails before the pseudo-labels
-    options = bundle.checkpoint.training_state.get("options", {})
-    background = background_index(bundle.classes, options.get("background", "auto"))
+    background = image_loss_of(bundle.checkpoint).background  # as the model's training had it
     stats = write_pseudo_labels(bundle, shards, manifest, storage.join(out, "pseudo-labels"), priors=priors,
                                 confidence=confidence, max_side=max_side, background=background, tta=tta)
     return {**stats.to_dict(), "parent": {"url": bundle.model_uri, "model_id": bundle.model_id,

@@ -31,8 +31,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ...models import Checkpoint, checkpoint_bytes, mil_loss
-from ...models.losses import background_index, with_background
+from ...models import Checkpoint, ImageLoss, checkpoint_bytes
 from .. import storage
 from ..segment.inference import upsample_cells
 from ..segment.priors import UNLABELLED
@@ -41,8 +40,8 @@ from .augment import sample_rng
 from .optimizer import make_optimizer
 from .shard_reader import ErrorLog, ReadShards, worker_shuffle
 
-__all__ = ["PseudoTransform", "RefineConfig", "lr_scheduler", "pseudo_loader", "refine_loss", "run_refine",
-           "uniform_soup"]
+__all__ = ["PseudoTransform", "RefineConfig", "image_loss_of", "lr_scheduler", "pseudo_loader", "refine_loss",
+           "run_refine", "uniform_soup"]
 
 _logger = logging.getLogger(__name__)
 
@@ -185,11 +184,17 @@ def pixel_class_weights(classes: Sequence[str], class_pixels: dict[str, int], mo
     return (weights / (share * weights).sum()).float()
 
 
+def image_loss_of(ckpt: Checkpoint) -> ImageLoss:
+    """The MIL loss ``ckpt``'s training used (its checkpoint records it; older ones are rebuilt from their options
+    and manifest the way training built it): the refinement's image-level term is that loss, never another."""
+    return ImageLoss.from_checkpoint(ckpt.classes, ckpt.manifest, ckpt.training_state)
+
+
 def refine_loss(ckpt: Checkpoint, batch: dict[str, torch.Tensor], device: torch.device, mil_weight: float,
-                loss_kind: str, multilabel: bool, background: int | None,
-                class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                image_loss: ImageLoss, class_weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """Pixel cross-entropy on the pseudo-labels (``class_weights`` on ``device``, optional) plus ``mil_weight`` x
-    the MIL loss."""
+    the MIL loss of the model's training (``image_loss``) on the image's tags."""
     model, config = ckpt.model, ckpt.config
     x = normalize(batch["images"].to(device), config.mean, config.std)
     maps = model(x, dense=True).float()
@@ -198,9 +203,7 @@ def refine_loss(ckpt: Checkpoint, batch: dict[str, torch.Tensor], device: torch.
     pixel = F.cross_entropy(logits, batch["labels"].to(device), weight=class_weights, ignore_index=UNLABELLED)
     if not bool((batch["labels"] != UNLABELLED).any()):
         pixel = logits.sum() * 0.0  # a batch with no confident pixel: only the image term
-    target = with_background(batch["target"], background).to(device)
-    image = mil_loss(model.image_scores(maps, batch["valid"].to(device), dense=True),
-                     target if multilabel else target.argmax(1), loss_kind)
+    image = image_loss(model.image_scores(maps, batch["valid"].to(device), dense=True), batch["target"])
     return pixel + mil_weight * image, {"pixel_loss": float(pixel.detach()), "mil_loss": float(image.detach())}
 
 
@@ -227,10 +230,7 @@ def _fit(ckpt: Checkpoint, pseudo_shards: Sequence[str], cfg: RefineConfig, seed
          on_epoch: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
     """One refinement of ``ckpt.model`` (in place) with the data order and crops of ``seed``."""
     torch.manual_seed(seed)
-    options = ckpt.training_state.get("options", {})
-    loss_kind = options.get("multilabel_loss", "softmax+bce")
-    multilabel = bool(ckpt.manifest.get("multilabel", True))
-    background = background_index(ckpt.classes, options.get("background", "auto"))
+    image_loss = image_loss_of(ckpt)
     model = ckpt.model.to(device).train()
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = lr_scheduler(optimizer, cfg.lr_schedule, cfg.epochs * spe)
@@ -240,7 +240,7 @@ def _fit(ckpt: Checkpoint, pseudo_shards: Sequence[str], cfg: RefineConfig, seed
         sums = {"loss": 0.0, "pixel_loss": 0.0, "mil_loss": 0.0}
         for batch in _steps(loader, spe):
             optimizer.zero_grad(set_to_none=True)
-            loss, parts = refine_loss(ckpt, batch, device, cfg.mil_weight, loss_kind, multilabel, background, weights)
+            loss, parts = refine_loss(ckpt, batch, device, cfg.mil_weight, image_loss, weights)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -291,6 +291,7 @@ def run_refine(ckpt: Checkpoint, pseudo_shards: Sequence[str], images: int, out:
     model = ckpt.model.eval()
     url = storage.join(out, "model.pt")
     training_state = {"refined_from": parent, "pseudo_labels": pseudo_stats, "finished": True,
+                      "image_loss": image_loss_of(ckpt).to_dict(),
                       "options": {**options, "refine": {**asdict(cfg), "scale": list(cfg.scale)}}}
     storage.write_bytes(url, checkpoint_bytes(model, config, ckpt.classes, input_size=cfg.input_size,
                                               manifest=ckpt.manifest, metrics={"history": history,

@@ -48,15 +48,15 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ...models import (
+    ImageLoss,
     ModelConfig,
     WeakSegNet,
     checkpoint_bytes,
     create_model,
-    image_prior_for,
     load_checkpoint,
     mil_loss,
 )
-from ...models.losses import BackgroundMode, MultiLabelLoss, background_index, with_background
+from ...models.losses import BackgroundMode, MultiLabelLoss
 from .. import storage
 from ..devices import resolve_device
 from ..ingest.manifest import ManifestError, check_shards, shard_specs
@@ -204,9 +204,14 @@ class _Runtime:
     loss_kind: MultiLabelLoss = "softmax"
     background: int | None = None  # class index made a tag of every image
 
+    @property
+    def image_loss(self) -> ImageLoss:
+        """The MIL loss of this run (recorded in its checkpoints; the refinement uses the same)."""
+        return ImageLoss(self.loss_kind, self.multilabel, self.background)
+
     def targets(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Multi-hot ``[B, K]`` training targets: the shards' labels, plus background where it is implied."""
-        return with_background(batch["target"], self.background)
+        """Multi-hot ``[B, K]`` tag sets: the shards' labels, plus background where it is implied."""
+        return self.image_loss.tags(batch["target"])
 
     @property
     def cuda(self) -> bool:
@@ -220,9 +225,7 @@ class _Runtime:
         if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         valid = batch["valid"].to(self.device, non_blocking=True)
-        target = self.targets(batch).to(self.device, non_blocking=True)
-        if not self.multilabel:
-            target = target.argmax(dim=1)
+        target = self.image_loss.targets(batch["target"]).to(self.device, non_blocking=True)
         return x, valid, target
 
 
@@ -425,6 +428,7 @@ class _Loop:
             "options": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
             "augment": {**asdict(self.augment), "scale": list(self.augment.scale)},
             "averaged_epochs": s.get("averaged_epochs", 0),
+            "image_loss": self.rt.image_loss.to_dict(),  # what the refinement's MIL term must be
         }
         if self.average is not None and int(self.average.n_averaged):
             training_state["average"] = self.average.state_dict()  # a resume continues the mean
@@ -533,10 +537,11 @@ def run_training(
     if model_config.num_classes != len(classes):
         raise ValueError(f"model has {model_config.num_classes} classes, the manifest {len(classes)}")
     # background as a tag of every image makes every target multi-hot (see losses.with_background)
-    background = background_index(classes, cfg.background)
-    multilabel = bool(manifest.get("multilabel", False)) or background is not None
+    image_loss = ImageLoss.for_training(classes, bool(manifest.get("multilabel", False)), cfg.multilabel_loss,
+                                        cfg.background)
+    multilabel, background = image_loss.multilabel, image_loss.background
     # the loss decides what the LSE scores mean at inference (a distribution or presences)
-    model_config = replace(model_config, image_prior=image_prior_for(multilabel, cfg.multilabel_loss))
+    model_config = replace(model_config, image_prior=image_loss.image_prior)
     train_specs, val_specs, spe, effective_batch = _shard_plan(shards, manifest, cfg, info.world_size, log)
     torch.manual_seed(cfg.seed)
     model, config, ts, state = _resume_or_create(out, cfg, classes, model_config, pretrained, log)

@@ -234,7 +234,6 @@ def test_a_soup_is_the_mean_of_its_members(tmp_path) -> None:
 def _unsure_pseudo_shard(path, samples) -> str:
     """A pseudo-label shard of real training samples whose every pixel is unsure (255): only the MIL term trains."""
     import io
-    import json
 
     import webdataset as wds
 

@@ -21,11 +21,14 @@ ordinary weakseg checkpoints (``load_checkpoint``) plus a ``training_state``: st
 samples seen, the SGD momentum buffers, the RNG state, the metric history.
 
 ``resume=True`` continues from the newest ``checkpoint-step-*.pt`` in ``out`` (or starts
-fresh when there is none): same weights, same momentum buffers, same step counter and lr
-schedule. The data stream of the interrupted epoch is re-seeded from (seed, epoch, step)
-and runs the epoch's remaining steps: samples are drawn with replacement, so no exact
-replay of the lost steps, and the epoch still has its number of steps. Without ``resume``
-a folder that already holds checkpoints is refused rather than overwritten.
+fresh when there is none) and ends with the weights an uninterrupted run gives, bit for
+bit: same weights, momentum buffers, weight average, step counter, lr schedule and torch
+RNG (dropout), and the same data. Each epoch's stream is seeded by (seed, epoch) alone; a
+run resumed in the middle of an epoch rebuilds that epoch's stream and reads past the
+batches the checkpoint already trained on (decoded and augmented again, not trained on:
+the augmentations draw from per-worker generators, so skipping them would change every
+later crop), then trains the rest. Without ``resume`` a folder that already holds
+checkpoints is refused rather than overwritten.
 """
 from __future__ import annotations
 
@@ -384,6 +387,8 @@ def _resume_or_create(out: str, cfg: TrainConfig, classes: list[str], model_conf
     ts = ckpt.training_state
     state.update(step=int(ts["step"]), samples_seen=int(ts["samples_seen"]), skipped=int(ts.get("skipped", 0)),
                  history=list(ckpt.metrics.get("history", [])))
+    if "epoch_losses" in ts:
+        state["epoch_losses"] = [float(x) for x in ts["epoch_losses"]]
     if "rng" in ts:
         torch.set_rng_state(ts["rng"])
     log.info("resuming from %s at step %d (%d samples seen)", storage.redact_url(url), state["step"],
@@ -432,6 +437,8 @@ class _Loop:
         }
         if self.average is not None and int(self.average.n_averaged):
             training_state["average"] = self.average.state_dict()  # a resume continues the mean
+        if s["step"] % self.spe:  # mid-epoch: the epoch's losses so far, so its row is the uninterrupted one
+            training_state["epoch_losses"] = list(s.get("epoch_losses", []))
         storage.write_bytes(url, checkpoint_bytes(self.rt.model, self.config, self.classes,
                                                   input_size=self.augment.input_size, manifest=self.mref,
                                                   metrics=self.metrics(), training_state=training_state))
@@ -444,8 +451,9 @@ class _Loop:
     def train_epoch(self, epoch: int, bar: tqdm) -> dict[str, Any]:
         """Steps up to the end of ``epoch`` on a fresh resampled stream; returns the epoch's row."""
         cfg, info, state, optimizer = self.cfg, self.info, self.state, self.rt.optimizer
-        end = (epoch + 1) * self.spe
-        stream_seed = hash((cfg.seed, epoch, state["step"])) & 0x7FFFFFFF
+        start, end = epoch * self.spe, (epoch + 1) * self.spe
+        # The epoch's stream depends on (seed, epoch) only, so a resumed epoch can replay it (module doc).
+        stream_seed = hash((cfg.seed, epoch, start)) & 0x7FFFFFFF
         pipeline = train_pipeline(list(self.train_specs), len(self.classes),
                                   TrainTransform(self.augment, seed=stream_seed + info.rank),
                                   seed=stream_seed, shuffle_buffer=cfg.shuffle_buffer, specs=self.train_specs,
@@ -453,8 +461,16 @@ class _Loop:
         loader = make_loader(pipeline, len(self.classes), cfg.batch_size, num_workers=cfg.num_workers,
                              pin_memory=self.rt.cuda, seed=stream_seed)
         batches = iter(loader)
-        losses, epoch_samples, speed, t0 = [], 0, 0.0, time.perf_counter()
+        done = state["step"] - start  # > 0: resumed in the middle of this epoch
+        losses = state.pop("epoch_losses", []) if done else []
+        if len(losses) != done:  # a checkpoint of an older weakseg: same weights, the epoch's mean loss is partial
+            _logger.warning("the checkpoint at step %d does not hold its epoch's first %d losses: this epoch's "
+                            "train_loss averages the rest only", state["step"], done)
+        state["epoch_losses"] = losses
+        epoch_samples, speed, t0 = 0, 0.0, time.perf_counter()
         try:
+            for _ in range(done * cfg.grad_accum):
+                next(batches)  # already trained on before the checkpoint: read past them, as they were drawn
             while state["step"] < end:
                 result = optimizer_step(self.rt, batches, cfg.grad_accum)
                 state["step"] += 1
@@ -471,6 +487,7 @@ class _Loop:
                     self.save_step()
         finally:
             del batches, loader
+        state.pop("epoch_losses", None)
         return {"epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)) if losses else None,
                 "lr": optimizer.param_groups[0]["lr"], "samples_per_second": round(speed, 2),
                 "samples_skipped": state["skipped"]}

@@ -69,6 +69,33 @@ def dev_layout(data: Path, dest: Path) -> Path:
     return dest
 
 
+def shrunk_layout(layout: Path, dest: Path, factor: float = 0.5, splits: tuple[str, ...] = ("dev", "val")) -> Path:
+    """``layout``'s ``splits`` with every photo and mask shrunk to ``factor`` of its side (small objects: at
+    one half, each object has a quarter of its pixels). Photos by area averaging, masks by nearest neighbour."""
+    from PIL import Image
+
+    from weakseg.tasks.evaluate.scoring import gt_mask_url
+
+    (dest / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    (dest / "JPEGImages").mkdir(exist_ok=True)
+    (dest / "SegmentationClass").mkdir(exist_ok=True)
+    if not (dest / "classes.txt").exists():
+        (dest / "classes.txt").symlink_to((layout / "classes.txt").resolve())
+    for split in splits:
+        ids = read_split_ids(str(layout), split)
+        for image_id in ids:
+            jpg, png = dest / "JPEGImages" / f"{image_id}.jpg", dest / "SegmentationClass" / f"{image_id}.png"
+            if jpg.exists() and png.exists():
+                continue
+            with Image.open(layout / "JPEGImages" / f"{image_id}.jpg") as img:
+                size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+                img.convert("RGB").resize(size, Image.Resampling.BOX).save(jpg, quality=95)
+            with Image.open(gt_mask_url(str(layout), image_id)) as mask:
+                mask.resize(size, Image.Resampling.NEAREST).save(png)
+        (dest / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return dest
+
+
 def train(layout: Path, work: Path, seed: int) -> str:
     from weakseg.flows.shard_imagenet import shard_imagenet
     from weakseg.flows.train_mil import train_mil

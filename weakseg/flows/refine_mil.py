@@ -141,6 +141,12 @@ def refine_mil(
     finetune_from: Annotated[int | None, Field(description=(
         "also train the backbone from this feature stage on (timm's features_only stages; negative: from the "
         "last back, -1 the last), BatchNorms kept; none: only what the MIL model trained"))] = None,
+    backbone_lr_scale: Annotated[float, Field(gt=0, description=(
+        "learning rate of the trained backbone stages (--finetune-from), as a factor of --lr"))] = (
+        RefineConfig.backbone_lr_scale),
+    output_stride: Annotated[Literal[8, 16, 32] | None, Field(description=(
+        "refine and serve the network at this output stride (8: score maps four times as dense from one plain "
+        "pass); none: the model's own"))] = RefineConfig.output_stride,
     max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
         DEFAULT_MAX_SIDE),
     tta: Annotated[str, Field(description=(
@@ -166,6 +172,7 @@ def refine_mil(
                           lr=lr, mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
                           finetune_from=finetune_from, steps_per_epoch=steps_per_epoch, soup=soup,
                           num_workers=num_workers, seed=seed, progress=progress, checkpoint_every=checkpoint_every,
+                          backbone_lr_scale=backbone_lr_scale, output_stride=output_stride,
                           resume=resume)  # a bad range fails here, not later
     manifest = read_manifest(shards)
     model = resolve_model(model).url  # once: a registry's pointer may move during the run

@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,15 @@ def parse_scale(text: str) -> tuple[float, float]:
     if not 0 < lo <= hi:
         raise argparse.ArgumentTypeError(f"a scale range is LO-HI with 0 < LO <= HI, got {text!r}")
     return lo, hi
+
+
+def pseudo_stats(folder: str) -> dict:
+    """The statistics a refinement needs of a pseudo-labels folder: its shards and images (no class counts)."""
+    import webdataset as wds
+
+    shards = sorted(str(p) for p in Path(folder).glob("pseudo-*.tar"))
+    images = sum(1 for _ in wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples()))
+    return {"shards": shards, "images": images, "class_pixels": {}}
 
 
 def score(model: str, data: str, split: str, views: list[str], max_side: int, shrunk: str | None = None) -> dict:
@@ -87,7 +97,8 @@ def refine_and_score(args: argparse.Namespace, stats: dict, weights: str, schedu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the MIL model's model.pt")
-    parser.add_argument("--refined", required=True, help="a weakseg refine model.pt of that model (its pseudo-labels)")
+    parser.add_argument("--refined", default=None, help="a weakseg refine model.pt of that model (its pseudo-labels)")
+    parser.add_argument("--pseudo", default=None, help="or the pseudo-labels folder of such a refinement")
     parser.add_argument("--data", required=True, help="VOC-layout folder with the dev images and masks")
     parser.add_argument("--split", default="dev")
     parser.add_argument("--seeds", default="0,1,2")
@@ -114,7 +125,12 @@ def main() -> None:
     parser.add_argument("--save", default=None, help="keep each refined model under this folder (and reuse it)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of each refinement")
     args = parser.parse_args()
-    stats = torch.load(args.refined, weights_only=True, map_location="cpu")["training_state"]["pseudo_labels"]
+    if args.refined:
+        stats = torch.load(args.refined, weights_only=True, map_location="cpu")["training_state"]["pseudo_labels"]
+    elif args.pseudo:
+        stats = pseudo_stats(args.pseudo)
+    else:
+        parser.error("--refined or --pseudo is needed")
     runs: dict[str, list[dict]] = {}
     scales = [parse_scale(s) for s in args.scales.split(",")]
     settings = [(w, s, r) for w in args.class_weights.split(",")

@@ -46,6 +46,7 @@ TRAIN = {"epochs": 10, "batch_size": 16, "input_size": 288, "head_widths": [256,
          "lr": 1e-3, "num_workers": 2, "checkpoint_every": 0, "progress": False,
          "val_every": 0}  # image-level validation changes nothing in the model; scoring is below
 MAX_SIDE = 320
+DEFAULT_CHAIN = "ilp+sppxl"  # weakseg segment's default priors, as a variant name
 REFINE_WORKERS = 1  # the refinement's DataLoader workers: the machine's second core runs the steps
 
 
@@ -65,6 +66,33 @@ def dev_layout(data: Path, dest: Path) -> Path:
         rows.append(f"{image_id},{split},{labels}")
     (dest / "labels.csv").write_text("\n".join(rows) + "\n")
     for split, ids in splits.items():
+        (dest / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return dest
+
+
+def shrunk_layout(layout: Path, dest: Path, factor: float = 0.5, splits: tuple[str, ...] = ("dev", "val")) -> Path:
+    """``layout``'s ``splits`` with every photo and mask shrunk to ``factor`` of its side (small objects: at
+    one half, each object has a quarter of its pixels). Photos by area averaging, masks by nearest neighbour."""
+    from PIL import Image
+
+    from weakseg.tasks.evaluate.scoring import gt_mask_url
+
+    (dest / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    (dest / "JPEGImages").mkdir(exist_ok=True)
+    (dest / "SegmentationClass").mkdir(exist_ok=True)
+    if not (dest / "classes.txt").exists():
+        (dest / "classes.txt").symlink_to((layout / "classes.txt").resolve())
+    for split in splits:
+        ids = read_split_ids(str(layout), split)
+        for image_id in ids:
+            jpg, png = dest / "JPEGImages" / f"{image_id}.jpg", dest / "SegmentationClass" / f"{image_id}.png"
+            if jpg.exists() and png.exists():
+                continue
+            with Image.open(layout / "JPEGImages" / f"{image_id}.jpg") as img:
+                size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+                img.convert("RGB").resize(size, Image.Resampling.BOX).save(jpg, quality=95)
+            with Image.open(gt_mask_url(str(layout), image_id)) as mask:
+                mask.resize(size, Image.Resampling.NEAREST).save(png)
         (dest / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     return dest
 
@@ -179,6 +207,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="the prior variants scored beside the CLI path (comma list)")
+    parser.add_argument("--shrink", type=float, default=0.5,
+                        help="also score the default chain on the split's photos shrunk to this share of their side "
+                             "(small objects); 0: not")
     parser.add_argument("--refine", action="store_true",
                         help="score the refined model (weakseg refine of each seed's model, its defaults)")
     args = parser.parse_args()
@@ -189,7 +220,7 @@ def main() -> None:
     logging.getLogger("prefect").setLevel(logging.WARNING)
     started = time.perf_counter()
     layout = dev_layout(data, work / "data")
-    per_seed, headline, views = [], [], []
+    per_seed, headline, views, shrunk = [], [], [], []
     variants = tuple(args.variants.split(","))
     for seed in (int(s) for s in args.seeds.split(",")):
         model = train(layout, work, seed)
@@ -206,15 +237,22 @@ def main() -> None:
                       "cli": cli_path(model, layout, work, args.split, seed, "-refined" if args.refine else ""),
                       "variants": score_seed(bundle, layout, args.split, args.limit, args.fit_thresholds, variants)}
             write_scores(work, seed, args.refine, scores)
+        if args.shrink and "shrunk" not in scores:  # small objects: the default chain on photos at half their side
+            small = shrunk_layout(layout, work / f"data-x{args.shrink:g}", args.shrink, (args.split,))
+            scores["shrunk"] = {"factor": args.shrink, **score_variants(
+                bundle, str(small), args.split, None, (DEFAULT_CHAIN,), max_side=MAX_SIDE, limit=args.limit,
+                tta=AUTO)[DEFAULT_CHAIN]}
+            write_scores(work, seed, args.refine, scores)
+        shrunk.append(scores.get("shrunk"))
         headline.append(scores["cli"])
         per_seed.append(scores["variants"])
         views.append(key["tta"])
-        table = report(args, work, per_seed, headline, views, started)  # after every seed: a partial run still reports
+        table = report(args, work, per_seed, headline, views, started, shrunk)  # a partial run still reports
     print(table)
 
 
 def report(args: argparse.Namespace, work: Path, per_seed: list[dict], headline: list[dict], views: list[str],
-           started: float) -> str:
+           started: float, shrunk: list[dict | None] | None = None) -> str:
     doc = {
         "benchmark": f"quality_{args.dataset}", "split": args.split, "refined": args.refine,
         "seeds": [int(x) for x in args.seeds.split(",")][: len(per_seed)],
@@ -227,9 +265,17 @@ def report(args: argparse.Namespace, work: Path, per_seed: list[dict], headline:
                           for s in per_seed],
         "seconds": round(time.perf_counter() - started, 1),
     }
+    small = [x for x in shrunk or [] if x]
+    if small:
+        doc["shrunk"] = {"factor": small[0]["factor"], "chain": DEFAULT_CHAIN,
+                         "mean_iou": [x["mean_iou"] for x in small],
+                         "per_class_iou": [{c: m["iou"] for c, m in x["per_class"].items()} for x in small]}
     name = f"quality-{args.split}{'-refined' if args.refine else ''}"
     (work / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str))
     table = markdown(per_seed, headline)
+    if small:
+        table += (f"\nPhotos shrunk to {small[0]['factor']:g} of their side, {DEFAULT_CHAIN}, `--tta auto`: mean IoU "
+                  f"{fmt([x['mean_iou'] for x in small])}\n")
     (work / f"{name}.md").write_text(table)
     return table
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -39,31 +41,64 @@ def parse_scale(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def pseudo_stats(folder: str) -> dict:
+    """The statistics a refinement needs of a pseudo-labels folder: its shards and images (no class counts)."""
+    import webdataset as wds
+
+    shards = sorted(str(p) for p in Path(folder).glob("pseudo-*.tar"))
+    images = sum(1 for _ in wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples()))
+    return {"shards": shards, "images": images, "class_pixels": {}}
+
+
+def score(model: str, data: str, split: str, views: list[str], max_side: int, shrunk: str | None = None) -> dict:
+    """The default chain's mean IoU, pixel accuracy and per-class IoU of ``model`` for each TTA spec in
+    ``views``; with ``shrunk`` (bench/quality.py's shrunk_layout) also on those photos, as ``SPEC @shrunk``."""
+    bundle = load_model(model, "cpu")
+    out = {}
+    for where, folder in (("", data), (" @shrunk", shrunk)):
+        if folder is None:
+            continue
+        for spec in views:
+            m = score_variants(bundle, folder, split, variants=[CHAIN], tta=spec, max_side=max_side)[CHAIN]
+            out[f"{spec}{where}"] = {"mean_iou": round(m["mean_iou"], 4),
+                                     "pixel_accuracy": round(m["pixel_accuracy"], 4),
+                                     "per_class_iou": {k: round(c["iou"], 3) for k, c in m["per_class"].items()}}
+    return out
+
+
 def refine_and_score(args: argparse.Namespace, stats: dict, weights: str, schedule: str, seed: int,
                      scale: tuple[float, float] = RefineConfig.scale) -> dict:
-    with tempfile.TemporaryDirectory() as out:
+    setting = weights if weights == "unrefined" else (
+        f"{weights}/{schedule}/scale {scale[0]:g}-{scale[1]:g}/ft {args.finetune_from}/blr {args.backbone_lr_scale:g}"
+        f"/os {args.output_stride}/epochs {args.epochs}/input {args.input_size}/soup {args.soup}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = tmp if not args.save else f"{args.save}/{setting.replace('/', '_').replace(' ', '')}-seed{seed}"
         if weights == "unrefined":
             model = args.model
         else:
             cfg = RefineConfig(epochs=args.epochs, input_size=args.input_size, num_workers=args.workers,
                                progress=False, seed=seed, class_weights=weights, lr_schedule=schedule,
-                               finetune_from=args.finetune_from, scale=scale, soup=args.soup)
-            with open(args.model, "rb") as f:
-                run_refine(load_checkpoint(f), stats["shards"], stats["images"], out, cfg,
-                           device=torch.device("cpu"), parent={}, pseudo_stats=stats)
+                               finetune_from=args.finetune_from, scale=scale, soup=args.soup,
+                               backbone_lr_scale=args.backbone_lr_scale, output_stride=args.output_stride,
+                               lr=args.lr, checkpoint_every=0, resume=True)
             model = f"{out}/model.pt"
-        m = score_variants(load_model(model, "cpu"), args.data, args.split, variants=[CHAIN], tta=args.tta,
-                           max_side=args.max_side)[CHAIN]
-    setting = weights if weights == "unrefined" else f"{weights}/{schedule}/scale {scale[0]:g}-{scale[1]:g}"
-    return {"setting": setting, "seed": seed, "mean_iou": round(m["mean_iou"], 4),
-            "pixel_accuracy": round(m["pixel_accuracy"], 4),
-            "per_class_iou": {k: round(c["iou"], 3) for k, c in m["per_class"].items()}}
+            if not os.path.exists(model):
+                with open(args.model, "rb") as f:
+                    run_refine(load_checkpoint(f), stats["shards"], stats["images"], out, cfg,
+                               device=torch.device("cpu"), parent={}, pseudo_stats=stats)
+        scores = score(model, args.data, args.split, args.views.split(";"), args.max_side, args.shrunk)
+    first = scores[args.views.split(";")[0]]
+    return {"setting": setting, "seed": seed, "mean_iou": first["mean_iou"], "pixel_accuracy": first["pixel_accuracy"],
+            "per_class_iou": first["per_class_iou"],
+            "views": {k: {"mean_iou": v["mean_iou"], "pixel_accuracy": v["pixel_accuracy"],
+                          "background_iou": v["per_class_iou"].get("background")} for k, v in scores.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the MIL model's model.pt")
-    parser.add_argument("--refined", required=True, help="a weakseg refine model.pt of that model (its pseudo-labels)")
+    parser.add_argument("--refined", default=None, help="a weakseg refine model.pt of that model (its pseudo-labels)")
+    parser.add_argument("--pseudo", default=None, help="or the pseudo-labels folder of such a refinement")
     parser.add_argument("--data", required=True, help="VOC-layout folder with the dev images and masks")
     parser.add_argument("--split", default="dev")
     parser.add_argument("--seeds", default="0,1,2")
@@ -78,11 +113,24 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=RefineConfig.input_size)
     parser.add_argument("--finetune-from", type=int, default=None,
                         help="train the backbone from this feature stage on (default: as the MIL model)")
+    parser.add_argument("--backbone-lr-scale", type=float, default=RefineConfig.backbone_lr_scale,
+                        help="the trained backbone stages' learning rate, a factor of --lr")
+    parser.add_argument("--output-stride", type=int, default=None, help="refine at this output stride")
+    parser.add_argument("--lr", type=float, default=RefineConfig.lr)
     parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="forward-pass longer side when scoring")
-    parser.add_argument("--tta", default=AUTO, help="views when scoring (default: each model's own, as segment)")
+    parser.add_argument("--views", "--tta", default=AUTO,
+                        help="';'-separated TTA specs to score each model with; the first is the summary's "
+                             "(default: each model's own, as segment)")
+    parser.add_argument("--shrunk", default=None, help="also score this VOC layout (bench/quality.py shrunk_layout)")
+    parser.add_argument("--save", default=None, help="keep each refined model under this folder (and reuse it)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of each refinement")
     args = parser.parse_args()
-    stats = torch.load(args.refined, weights_only=True, map_location="cpu")["training_state"]["pseudo_labels"]
+    if args.refined:
+        stats = torch.load(args.refined, weights_only=True, map_location="cpu")["training_state"]["pseudo_labels"]
+    elif args.pseudo:
+        stats = pseudo_stats(args.pseudo)
+    else:
+        parser.error("--refined or --pseudo is needed")
     runs: dict[str, list[dict]] = {}
     scales = [parse_scale(s) for s in args.scales.split(",")]
     settings = [(w, s, r) for w in args.class_weights.split(",")

@@ -26,7 +26,8 @@ from weakseg.tasks.segment.inference import load_model, upsample_cells
 from weakseg.tasks.tensors import normalize
 from weakseg.tasks.train.optimizer import make_optimizer
 
-MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+MSRC = SHARED / "msrc21"
 
 
 def load_split(data: str, classes: list[str], max_side: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -93,7 +94,9 @@ def train(args: argparse.Namespace) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", default=os.environ.get("WEAKSEG_MSRC21", str(MSRC)))
+    parser.add_argument("--dataset", default="msrc21", choices=("msrc21", "msrc21-objects"),
+                        help="which of the shared data sets (MSRC-21-objects: with its background class)")
+    parser.add_argument("--data", default=None, help="the data set's folder (default: ../shared/data/DATASET)")
     parser.add_argument("--out", default="quality-output/supervised.pt")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -107,6 +110,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="score this supervised checkpoint instead of training one")
     parser.add_argument("--weak-quality", default=None, help="bench/quality.py JSON, for the weak/full ratio")
     args = parser.parse_args()
+    args.data = args.data or (os.environ.get("WEAKSEG_MSRC21", str(MSRC)) if args.dataset == "msrc21"
+                              else str(SHARED / args.dataset))
     started = time.perf_counter()
     if args.model:
         args.out = args.model
@@ -116,7 +121,7 @@ def main() -> None:
     result = score_variants(load_model(args.out, "cpu"), args.data, "val", variants=("base",),
                             max_side=max(args.max_side, args.min_side), min_side=args.min_side)["base"]
     report = {
-        "benchmark": "supervised_ceiling_msrc21",
+        "benchmark": f"supervised_ceiling_{args.dataset}",
         "model": args.out, "steps": steps, "batch_size": args.batch_size, "crop": args.crop,
         "inference": {"max_side": max(args.max_side, args.min_side), "min_side": args.min_side},
         "loss_first": round(float(np.mean(losses[:20])), 4) if losses else None,

@@ -229,3 +229,123 @@ def test_a_soup_is_the_mean_of_its_members(tmp_path) -> None:
         torch.testing.assert_close(states["soup"][k], (states["a"][k] + states["b"][k]) / 2)
     with pytest.raises(ValueError, match="soup must be at least 1"):
         RefineConfig(soup=0)
+
+
+def _unsure_pseudo_shard(path, samples) -> str:
+    """A pseudo-label shard of real training samples whose every pixel is unsure (255): only the MIL term trains."""
+    import io
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for raw in samples:
+            with Image.open(io.BytesIO(raw["jpg"])) as img:
+                size = img.size
+            labels = io.BytesIO()
+            Image.fromarray(np.full(size[::-1], UNLABELLED, np.uint8)).save(labels, format="PNG")
+            sink.write({"__key__": raw["__key__"], "jpg": raw["jpg"], "png": labels.getvalue(), "json": raw["json"]})
+    return str(path)
+
+
+@pytest.mark.slow
+def test_refinement_of_single_label_shards_with_background_targets_the_images_own_tags(tmp_path,
+                                                                                        background_run) -> None:
+    """Issue 37 item 11. Single-label shards with a ``background`` class train multi-label (background is a tag of
+    every image); the refinement's MIL term is that same loss on the image's own tag set, not ``background`` (the
+    argmax of every two-hot target) for nearly every image."""
+    import io
+    import json
+
+    from weakseg.models import ImageLoss, load_checkpoint
+    from weakseg.tasks.ingest.manifest import load_manifest
+    from weakseg.tasks.tensors import normalize
+    from weakseg.tasks.train.augment import EvalTransform
+    from weakseg.tasks.train.pseudo_labels import _samples
+    from weakseg.tasks.train.refine import RefineConfig, image_loss_of, run_refine
+
+    _, shards, model = background_run
+    manifest = load_manifest(shards)
+    classes = manifest["classes"]
+    bg = classes.index("background")
+    assert manifest["multilabel"] is False  # one tag per image in the shards
+    ckpt = load_checkpoint(model)
+    loss = image_loss_of(ckpt)
+    assert loss == ImageLoss.for_training(classes, False, "softmax+bce", "auto")  # the one training used
+    assert ckpt.training_state["image_loss"] == loss.to_dict()  # training records it
+    assert loss.multilabel and loss.background == bg
+    one_tag = torch.eye(len(classes))[[1, 2]]
+    assert loss.targets(one_tag).tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]]  # its tag and background
+
+    # Through the refinement itself: pseudo-labels that are all unsure leave only the image-level term. It must
+    # raise each image's own object (the old argmax target, background, pushed every object down).
+    samples = [raw for raw in _samples(shards, manifest, "train")
+               if json.loads(raw["json"])["labels"] != [bg]][:16]
+    shard = _unsure_pseudo_shard(tmp_path / "pseudo-000000.tar", samples)
+    tags = torch.tensor([json.loads(raw["json"])["labels"][0] for raw in samples])
+    transform = EvalTransform(96)
+    images, valid = zip(*(transform(Image.open(io.BytesIO(raw["jpg"]))) for raw in samples), strict=True)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    valid = torch.from_numpy(np.stack(valid))
+
+    def own_tag_presence(m) -> float:
+        m.model.eval()
+        with torch.no_grad():
+            scores = m.model.image_scores(m.model(normalize(x, m.config.mean, m.config.std), dense=True), valid,
+                                          dense=True)
+        return float(scores.sigmoid()[torch.arange(len(tags)), tags].mean())
+
+    before = own_tag_presence(ckpt)
+    cfg = RefineConfig(epochs=1, steps_per_epoch=6, batch_size=8, input_size=96, lr=0.01, num_workers=0, soup=1,
+                       progress=False)
+    run_refine(ckpt, [shard], len(samples), str(tmp_path / "out"), cfg, device=torch.device("cpu"), parent={},
+               pseudo_stats={})
+    refined = load_checkpoint(tmp_path / "out" / "model.pt")
+    assert refined.training_state["image_loss"] == loss.to_dict()  # a second round keeps it too
+    after = own_tag_presence(refined)
+    assert after > before, (before, after)
+
+
+def test_backbone_trains_at_its_own_rate_under_the_schedule() -> None:
+    """``backbone_lr_scale``: the trained backbone stages get their own parameter groups at that factor of the
+    rate, and the poly schedule scales every group alike."""
+    from weakseg.models import ModelConfig, create_model
+    from weakseg.tasks.train.optimizer import make_optimizer
+
+    model, _ = create_model(ModelConfig(num_classes=3, head_widths=(8, 8, 8), finetune_from=4), pretrained="none")
+    opt = make_optimizer(model, lr=0.01, backbone_lr_scale=0.1)
+    backbone = {id(p) for p in model.backbone.parameters()}
+    rates = {(all(id(p) in backbone for p in g["params"]), g["weight_decay"] == 0.0): g["lr"] for g in opt.param_groups}
+    assert rates == {(False, False): 0.01, (False, True): 0.01, (True, False): 0.001, (True, True): 0.001}
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+    sched = lr_scheduler(opt, "poly", 4)
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01 * 0.75 ** 0.9] * 2 + [0.001 * 0.75 ** 0.9] * 2)
+    assert len(make_optimizer(model, lr=0.01).param_groups) == 2  # one rate: the two groups of before
+
+
+def test_a_refinement_at_output_stride_8_serves_maps_twice_as_dense(tmp_path) -> None:
+    """``output_stride=8`` rebuilds the network dilated (same parameters, cell offset measured for it), refines
+    it there, and the checkpoint says so: a plain forward pass gives twice the cells a side."""
+    from weakseg.models import Checkpoint, ModelConfig, create_model, load_checkpoint
+    from weakseg.tasks.train.refine import RefineConfig, run_refine, with_output_stride
+
+    model, config = create_model(ModelConfig(num_classes=3, head_widths=(16, 16, 16), output_stride=16),
+                                 pretrained="none")
+    ckpt = Checkpoint(model, config, ["background", "cat", "dog"], input_size=64)
+    assert with_output_stride(ckpt, None) is ckpt and with_output_stride(ckpt, 16) is ckpt
+    dense = with_output_stride(ckpt, 8)
+    assert dense.model.stride == 8 and dense.config.output_stride == 8
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in dense.model.state_dict().items())
+    shard = _pseudo_shard(tmp_path / "pseudo-000000.tar")
+    cfg = RefineConfig(epochs=1, steps_per_epoch=1, batch_size=2, input_size=64, num_workers=0, progress=False,
+                       soup=1, output_stride=8)
+    run_refine(ckpt, [shard], 4, str(tmp_path / "out"), cfg, device=torch.device("cpu"), parent={}, pseudo_stats={})
+    refined = load_checkpoint(tmp_path / "out" / "model.pt")
+    assert refined.config.output_stride == 8 and refined.config.cell_offset == dense.config.cell_offset
+    x = torch.zeros(1, 3, 64, 96)
+    with torch.no_grad():
+        assert refined.model.eval()(x, dense=True).shape[-2:] == (8, 12)
+        assert model.eval()(x, dense=True).shape[-2:] == (4, 6)
+    with pytest.raises(ValueError, match="output_stride"):
+        RefineConfig(output_stride=4)

@@ -123,7 +123,7 @@ def life_cycle(
     if refine:
         step("refine", finished("checkpoint_done", [layout.refined_dir]),
              lambda: refine_mil(shards=layout.shards, model=trained["url"], out=layout.refined_dir, device=device,
-                                **opts["refine"]))
+                                **{"resume": True, **opts["refine"]}))
         candidate = publish_release(registry, storage.join(layout.refined_dir, "model.pt"))
     else:
         steps["refine"] = "off"

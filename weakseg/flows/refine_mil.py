@@ -10,9 +10,14 @@ the parent model (``refined_from``). ``--model`` may be a registry (its current 
 pseudo-label statistics (coverage, pixels per class) and the per-epoch losses go to the log,
 the checkpoint and the ``refine-mil-metrics`` artifact. Refining a refined model is allowed
 (an iteration); it is not the default pipeline.
+
+Step checkpoints (``{out}/checkpoint-step-*.pt``, removed once ``model.pt`` is written) let
+``--resume`` continue a killed refinement on the same pseudo-labels to the weights an
+uninterrupted run gives; without ``--resume`` a folder that holds them is refused.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import Annotated, Any, Literal
 
@@ -26,15 +31,15 @@ from weakseg.flows._params import check_parameters
 from weakseg.flows._registry import PUBLISHED, announce, publish_release, resolve_model
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import load_checkpoint
-from weakseg.models.losses import background_index
 from weakseg.tasks import storage
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.ingest.manifest import ManifestError, load_manifest
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
 from weakseg.tasks.segment.priors import parse_priors
 from weakseg.tasks.storage import redact_url
-from weakseg.tasks.train.pseudo_labels import PSEUDO_LABEL_TTA, write_pseudo_labels
-from weakseg.tasks.train.refine import RefineConfig, run_refine
+from weakseg.tasks.train.pseudo_labels import PSEUDO_LABEL_TTA, check_pseudo_labels, write_pseudo_labels
+from weakseg.tasks.train.refine import RefineConfig, image_loss_of, run_refine
+from weakseg.tasks.train.trainer import list_checkpoints
 
 __all__ = ["refine_mil"]
 
@@ -55,12 +60,33 @@ def label_training_images(model: str, device: str, shards: str, manifest: dict[s
         raise ValueError(f"the model's {len(bundle.classes)} classes are not the shards' {len(manifest['classes'])} "
                          "(in order): refine a model on the shards it was trained on")
     bundle.checkpoint.model.backbone.stage_index(finetune_from)  # a stage it lacks: fails before the pseudo-labels
-    options = bundle.checkpoint.training_state.get("options", {})
-    background = background_index(bundle.classes, options.get("background", "auto"))
+    background = image_loss_of(bundle.checkpoint).background  # as the model's training had it
     stats = write_pseudo_labels(bundle, shards, manifest, storage.join(out, "pseudo-labels"), priors=priors,
                                 confidence=confidence, max_side=max_side, background=background, tta=tta)
     return {**stats.to_dict(), "parent": {"url": bundle.model_uri, "model_id": bundle.model_id,
                                           "sha256": bundle.sha256}}
+
+
+@task(**IO_RETRIES, cache_policy=NONE)
+def unfinished_refinement(out: str) -> str | None:
+    """The newest step checkpoint of a refinement in ``out`` that did not finish, or None (I/O: retried)."""
+    existing = list_checkpoints(out)
+    return existing[-1][1] if existing else None
+
+
+@task(cache_policy=NONE)
+def resumed_pseudo_labels(checkpoint: str, model: str) -> dict[str, Any]:
+    """The pseudo-labels an unfinished refinement trains on, checked: made from ``model`` (same bytes), every
+    shard there and unchanged. A resume trains on them instead of labelling the images again."""
+    state = load_checkpoint(io.BytesIO(storage.read_bytes(checkpoint))).training_state
+    parent = state.get("refined_from", {})
+    digest = hashlib.sha256(storage.read_bytes(model)).hexdigest()
+    if parent.get("sha256") != digest:
+        raise ValueError(f"cannot resume from {redact_url(checkpoint)}: it refines another model (sha256 "
+                         f"{str(parent.get('sha256'))[:12]}..., --model has {digest[:12]}...); use another --out")
+    pseudo = dict(state["pseudo_labels"])
+    check_pseudo_labels(pseudo)
+    return {**pseudo, "parent": parent}
 
 
 @task(cache_policy=NONE)
@@ -115,6 +141,12 @@ def refine_mil(
     finetune_from: Annotated[int | None, Field(description=(
         "also train the backbone from this feature stage on (timm's features_only stages; negative: from the "
         "last back, -1 the last), BatchNorms kept; none: only what the MIL model trained"))] = None,
+    backbone_lr_scale: Annotated[float, Field(gt=0, description=(
+        "learning rate of the trained backbone stages (--finetune-from), as a factor of --lr"))] = (
+        RefineConfig.backbone_lr_scale),
+    output_stride: Annotated[Literal[8, 16, 32] | None, Field(description=(
+        "refine and serve the network at this output stride (8: score maps four times as dense from one plain "
+        "pass); none: the model's own"))] = RefineConfig.output_stride,
     max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
         DEFAULT_MAX_SIDE),
     tta: Annotated[str, Field(description=(
@@ -124,6 +156,11 @@ def refine_mil(
     num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes")] = 2,
     seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,
     progress: Annotated[bool, Field(description="tqdm progress bar in the terminal")] = True,
+    checkpoint_every: Annotated[int, Field(ge=0, description=(
+        "steps between step checkpoints (also at every epoch's end); 0: epoch ends only"))] = (
+        RefineConfig.checkpoint_every),
+    resume: Annotated[bool, Field(description=(
+        "continue the unfinished refinement in --out from its newest step checkpoint, on its pseudo-labels"))] = False,
     registry: Annotated[str | None, Field(description="registry folder URL: publish the refined model.pt as "
                                           "the release {registry}/releases/{model_id}/")] = None,
 ) -> dict[str, Any]:
@@ -134,12 +171,22 @@ def refine_mil(
     config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, scale=(scale[0], scale[1]),
                           lr=lr, mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
                           finetune_from=finetune_from, steps_per_epoch=steps_per_epoch, soup=soup,
-                          num_workers=num_workers, seed=seed, progress=progress)  # a bad range fails here, not later
+                          num_workers=num_workers, seed=seed, progress=progress, checkpoint_every=checkpoint_every,
+                          backbone_lr_scale=backbone_lr_scale, output_stride=output_stride,
+                          resume=resume)  # a bad range fails here, not later
     manifest = read_manifest(shards)
     model = resolve_model(model).url  # once: a registry's pointer may move during the run
+    unfinished = unfinished_refinement(out)
+    if unfinished and not resume:  # before the pseudo-labels, which would overwrite the ones it trains on
+        raise ValueError(f"{redact_url(out)} holds an unfinished refinement ({redact_url(unfinished)}); pass "
+                         "--resume to continue it, or choose another --out")
     with gpu_slot(str(resolve_device(device))):
-        pseudo = label_training_images(model, device, shards, manifest, out, chain, confidence, max_side, tta,
-                                       finetune_from)
+        if unfinished:
+            pseudo = resumed_pseudo_labels(unfinished, model)
+            logger.info("resuming: the pseudo-labels of %s", redact_url(unfinished))
+        else:
+            pseudo = label_training_images(model, device, shards, manifest, out, chain, confidence, max_side, tta,
+                                           finetune_from)
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
                     100 * pseudo["coverage"], pseudo["skipped"])
         result = refine(model, device, pseudo, out, config)

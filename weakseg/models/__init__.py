@@ -5,7 +5,7 @@ Torch only: nothing here knows about Prefect or object storage.
 from .backbone import Backbone, create_backbone
 from .checkpoint import Checkpoint, CheckpointError, checkpoint_bytes, load_checkpoint, save_checkpoint
 from .head import DEFAULT_HEAD_WIDTHS, MILHead
-from .losses import image_prior_for, image_probabilities, labels_to_target, mil_loss
+from .losses import ImageLoss, image_prior_for, image_probabilities, labels_to_target, mil_loss
 from .lse import LSEPool, lse_pool
 from .network import ModelConfig, WeakSegNet, create_model
 
@@ -14,6 +14,7 @@ __all__ = [
     "Backbone",
     "Checkpoint",
     "CheckpointError",
+    "ImageLoss",
     "LSEPool",
     "MILHead",
     "ModelConfig",

@@ -27,14 +27,16 @@ it looks like. Such a model is multi-label (``softmax+bce``, sigmoid image prior
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BACKGROUND", "BACKGROUND_MODES", "IMAGE_PRIORS", "MULTILABEL_LOSSES", "BackgroundMode", "MultiLabelLoss",
-           "background_index", "image_prior_for", "image_probabilities", "labels_to_target", "mil_loss",
-           "with_background"]
+__all__ = ["BACKGROUND", "BACKGROUND_MODES", "IMAGE_PRIORS", "MULTILABEL_LOSSES", "BackgroundMode", "ImageLoss",
+           "MultiLabelLoss", "background_index", "image_prior_for", "image_probabilities", "labels_to_target",
+           "mil_loss", "with_background"]
 
 MultiLabelLoss = Literal["softmax", "bce", "softmax+bce"]
 MULTILABEL_LOSSES: tuple[str, ...] = get_args(MultiLabelLoss)
@@ -115,3 +117,63 @@ def image_probabilities(scores: torch.Tensor, prior: str = "softmax") -> torch.T
     if prior == "sigmoid":
         return scores.sigmoid()
     raise ValueError(f"image prior must be one of {IMAGE_PRIORS}, got {prior!r}")
+
+
+@dataclass(frozen=True)
+class ImageLoss:
+    """The image-level (MIL) loss of a training run: which targets it compares with, and how.
+
+    Training decides it once from the shards and its options (:meth:`for_training`) and
+    records it in its checkpoints (:meth:`to_dict`); the refinement reads it back
+    (:meth:`from_checkpoint`) so its MIL term is the one the model was trained with. Not
+    only the manifest decides: single-label shards with a ``background`` class train
+    multi-label (background is a tag of every image), and taking the manifest's
+    ``multilabel`` alone made ``background`` the target of nearly every image.
+    """
+
+    kind: MultiLabelLoss = "softmax+bce"
+    multilabel: bool = False
+    background: int | None = None  # the class made a tag of every image (with_background), or None
+
+    @classmethod
+    def for_training(cls, classes: Sequence[str], manifest_multilabel: bool, kind: MultiLabelLoss = "softmax+bce",
+                     background: BackgroundMode = "auto") -> ImageLoss:
+        """What training on shards with these ``classes`` and options uses."""
+        if kind not in MULTILABEL_LOSSES:
+            raise ValueError(f"multilabel loss must be one of {', '.join(map(repr, MULTILABEL_LOSSES))}, got {kind!r}")
+        index = background_index(list(classes), background)
+        return cls(kind, bool(manifest_multilabel) or index is not None, index)
+
+    @classmethod
+    def from_checkpoint(cls, classes: Sequence[str], manifest: Mapping[str, Any],
+                        training_state: Mapping[str, Any]) -> ImageLoss:
+        """The loss a checkpoint's training used: recorded since it was, else rebuilt from its options
+        and manifest reference as :meth:`for_training` built it (older checkpoints)."""
+        recorded = training_state.get("image_loss")
+        if recorded:
+            background = recorded.get("background")
+            return cls(recorded["kind"], bool(recorded["multilabel"]), None if background is None else int(background))
+        options = training_state.get("options", {})
+        return cls.for_training(classes, bool(manifest.get("multilabel", False)),
+                                options.get("multilabel_loss", "softmax+bce"), options.get("background", "auto"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "multilabel": self.multilabel, "background": self.background}
+
+    @property
+    def image_prior(self) -> str:
+        """How a model trained with this loss turns its LSE scores into p(k|I)."""
+        return image_prior_for(self.multilabel, self.kind)
+
+    def tags(self, labels: torch.Tensor) -> torch.Tensor:
+        """Multi-hot ``[B, K]`` of the shards' labels -> the image's tag set (background added where implied)."""
+        return with_background(labels, self.background)
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """What the loss compares with: the tag set (multi-label) or its class index (one label per image)."""
+        tags = self.tags(labels)
+        return tags if self.multilabel else tags.argmax(dim=1)
+
+    def __call__(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of LSE scores ``[B, K]`` against the shards' multi-hot labels ``[B, K]``."""
+        return mil_loss(scores, self.targets(labels.to(scores.device)), self.kind)

@@ -131,13 +131,27 @@ class WeakSegNet(nn.Module):
         xs = self.cell_centers(map_hw[1], 1, dense).round().long().clamp_(0, w - 1).to(valid.device)
         return valid[..., ys[:, None], xs[None, :]].to(torch.bool)
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters; no weight decay on biases, as is usual."""
-        decay, no_decay = [], []
+    def param_groups(self, backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+        """Trainable parameters; no weight decay on biases, as is usual. With ``backbone_lr_scale`` != 1 the
+        backbone's trained parameters form groups of their own, marked ``lr_scale`` (the pretrained features
+        move slower than the head, as in the retraining stage of weakly supervised segmentation)."""
+        split = backbone_lr_scale != 1.0
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if p.requires_grad:
-                (no_decay if name.endswith(".bias") else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+                key = (split and name.startswith("backbone."), name.endswith(".bias"))
+                groups.setdefault(key, []).append(p)
+        out = []
+        for backbone in (False, True) if split else (False,):
+            for bias in (False, True):
+                group: dict[str, Any] = {"params": groups.get((backbone, bias), [])}
+                if bias:
+                    group["weight_decay"] = 0.0
+                if backbone:
+                    group["lr_scale"] = backbone_lr_scale
+                if group["params"] or not backbone:
+                    out.append(group)
+        return out
 
 
 def create_model(config: ModelConfig, pretrained: str | BinaryIO = "auto") -> tuple[WeakSegNet, ModelConfig]:

@@ -16,6 +16,7 @@ and a user can look at what the model was refined on.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -32,8 +33,8 @@ from ..segment.inference import ModelBundle, compute_prior_inputs, predict
 from ..segment.priors import UNLABELLED, apply_priors, label_score, parse_priors, superpixel_mean
 from .shard_reader import Decode, ErrorLog, ReadShards
 
-__all__ = ["PSEUDO_LABEL_TTA", "PseudoLabelStats", "peak_normalise", "pseudo_label", "tag_mask",
-           "write_pseudo_labels"]
+__all__ = ["PSEUDO_LABEL_TTA", "PseudoLabelStats", "check_pseudo_labels", "peak_normalise", "pseudo_label",
+           "tag_mask", "write_pseudo_labels"]
 
 _logger = logging.getLogger(__name__)
 SHARD_SAMPLES = 1000  # samples per pseudo-label shard
@@ -54,6 +55,7 @@ class PseudoLabelStats:
     class_pixels: list[int] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
+    shard_sha256: list[str] = field(default_factory=list)  # a resumed refinement checks its labels are these
 
     @property
     def coverage(self) -> float:
@@ -70,7 +72,7 @@ class PseudoLabelStats:
     def to_dict(self) -> dict:
         return {"images": self.images, "coverage": round(self.coverage, 4), "skipped": len(self.skipped),
                 "class_pixels": dict(zip(self.classes, self.class_pixels or [0] * len(self.classes), strict=True)),
-                "shards": self.shards}
+                "shards": self.shards, "shard_sha256": self.shard_sha256}
 
 
 def tag_mask(tags: Sequence[int], num_classes: int, background: int | None) -> np.ndarray:
@@ -134,14 +136,29 @@ def _samples(shards: str, manifest: dict, split: str) -> Iterator[dict]:
         _logger.warning("pseudo-labels: skipped %s", message)
 
 
-def _write_shard(out: str, index: int, rows: list[dict]) -> str:
+def _write_shard(out: str, index: int, rows: list[dict], stats: PseudoLabelStats) -> None:
     buf = io.BytesIO()
     with wds.TarWriter(buf) as sink:
         for row in rows:
             sink.write(row)
     url = storage.join(out, f"pseudo-{index:06d}.tar")
     storage.write_bytes(url, buf.getvalue())
-    return url
+    stats.shards.append(url)
+    stats.shard_sha256.append(hashlib.sha256(buf.getvalue()).hexdigest())
+
+
+def check_pseudo_labels(stats: dict) -> None:
+    """``ValueError`` unless every pseudo-label shard ``stats`` lists is there with the bytes it was written with
+    (a resumed refinement trains on exactly the labels it started on)."""
+    for url, digest in zip(stats.get("shards", []), stats.get("shard_sha256", []), strict=True):
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            raise ValueError(f"pseudo-label shard {storage.redact_url(url)} is gone: the refinement cannot resume; "
+                             "start it anew in another --out") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"pseudo-label shard {storage.redact_url(url)} changed since the refinement started: "
+                             "it cannot resume; start it anew in another --out")
 
 
 def write_pseudo_labels(bundle: ModelBundle, shards: str, manifest: dict, out: str, *, priors: Sequence[str],
@@ -174,7 +191,7 @@ def write_pseudo_labels(bundle: ModelBundle, shards: str, manifest: dict, out: s
                 progress.update(1)
         batch.clear()
         if len(rows) >= SHARD_SAMPLES:
-            stats.shards.append(_write_shard(out, len(stats.shards), rows))
+            _write_shard(out, len(stats.shards), rows, stats)
             rows.clear()
 
     for raw in _samples(shards, manifest, split):
@@ -190,7 +207,7 @@ def write_pseudo_labels(bundle: ModelBundle, shards: str, manifest: dict, out: s
     if batch:
         flush()
     if rows:
-        stats.shards.append(_write_shard(out, len(stats.shards), rows))
+        _write_shard(out, len(stats.shards), rows, stats)
     if not stats.shards:
         raise ValueError(f"no usable {split} image in {storage.redact_url(shards)} to pseudo-label")
     return stats

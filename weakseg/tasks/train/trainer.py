@@ -21,11 +21,14 @@ ordinary weakseg checkpoints (``load_checkpoint``) plus a ``training_state``: st
 samples seen, the SGD momentum buffers, the RNG state, the metric history.
 
 ``resume=True`` continues from the newest ``checkpoint-step-*.pt`` in ``out`` (or starts
-fresh when there is none): same weights, same momentum buffers, same step counter and lr
-schedule. The data stream of the interrupted epoch is re-seeded from (seed, epoch, step)
-and runs the epoch's remaining steps: samples are drawn with replacement, so no exact
-replay of the lost steps, and the epoch still has its number of steps. Without ``resume``
-a folder that already holds checkpoints is refused rather than overwritten.
+fresh when there is none) and ends with the weights an uninterrupted run gives, bit for
+bit: same weights, momentum buffers, weight average, step counter, lr schedule and torch
+RNG (dropout), and the same data. Each epoch's stream is seeded by (seed, epoch) alone; a
+run resumed in the middle of an epoch rebuilds that epoch's stream and reads past the
+batches the checkpoint already trained on (decoded and augmented again, not trained on:
+the augmentations draw from per-worker generators, so skipping them would change every
+later crop), then trains the rest. Without ``resume`` a folder that already holds
+checkpoints is refused rather than overwritten.
 """
 from __future__ import annotations
 
@@ -48,15 +51,15 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ...models import (
+    ImageLoss,
     ModelConfig,
     WeakSegNet,
     checkpoint_bytes,
     create_model,
-    image_prior_for,
     load_checkpoint,
     mil_loss,
 )
-from ...models.losses import BackgroundMode, MultiLabelLoss, background_index, with_background
+from ...models.losses import BackgroundMode, MultiLabelLoss
 from .. import storage
 from ..devices import resolve_device
 from ..ingest.manifest import ManifestError, check_shards, shard_specs
@@ -204,9 +207,14 @@ class _Runtime:
     loss_kind: MultiLabelLoss = "softmax"
     background: int | None = None  # class index made a tag of every image
 
+    @property
+    def image_loss(self) -> ImageLoss:
+        """The MIL loss of this run (recorded in its checkpoints; the refinement uses the same)."""
+        return ImageLoss(self.loss_kind, self.multilabel, self.background)
+
     def targets(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Multi-hot ``[B, K]`` training targets: the shards' labels, plus background where it is implied."""
-        return with_background(batch["target"], self.background)
+        """Multi-hot ``[B, K]`` tag sets: the shards' labels, plus background where it is implied."""
+        return self.image_loss.tags(batch["target"])
 
     @property
     def cuda(self) -> bool:
@@ -220,9 +228,7 @@ class _Runtime:
         if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         valid = batch["valid"].to(self.device, non_blocking=True)
-        target = self.targets(batch).to(self.device, non_blocking=True)
-        if not self.multilabel:
-            target = target.argmax(dim=1)
+        target = self.image_loss.targets(batch["target"]).to(self.device, non_blocking=True)
         return x, valid, target
 
 
@@ -381,6 +387,8 @@ def _resume_or_create(out: str, cfg: TrainConfig, classes: list[str], model_conf
     ts = ckpt.training_state
     state.update(step=int(ts["step"]), samples_seen=int(ts["samples_seen"]), skipped=int(ts.get("skipped", 0)),
                  history=list(ckpt.metrics.get("history", [])))
+    if "epoch_losses" in ts:
+        state["epoch_losses"] = [float(x) for x in ts["epoch_losses"]]
     if "rng" in ts:
         torch.set_rng_state(ts["rng"])
     log.info("resuming from %s at step %d (%d samples seen)", storage.redact_url(url), state["step"],
@@ -425,9 +433,12 @@ class _Loop:
             "options": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
             "augment": {**asdict(self.augment), "scale": list(self.augment.scale)},
             "averaged_epochs": s.get("averaged_epochs", 0),
+            "image_loss": self.rt.image_loss.to_dict(),  # what the refinement's MIL term must be
         }
         if self.average is not None and int(self.average.n_averaged):
             training_state["average"] = self.average.state_dict()  # a resume continues the mean
+        if s["step"] % self.spe:  # mid-epoch: the epoch's losses so far, so its row is the uninterrupted one
+            training_state["epoch_losses"] = list(s.get("epoch_losses", []))
         storage.write_bytes(url, checkpoint_bytes(self.rt.model, self.config, self.classes,
                                                   input_size=self.augment.input_size, manifest=self.mref,
                                                   metrics=self.metrics(), training_state=training_state))
@@ -440,8 +451,9 @@ class _Loop:
     def train_epoch(self, epoch: int, bar: tqdm) -> dict[str, Any]:
         """Steps up to the end of ``epoch`` on a fresh resampled stream; returns the epoch's row."""
         cfg, info, state, optimizer = self.cfg, self.info, self.state, self.rt.optimizer
-        end = (epoch + 1) * self.spe
-        stream_seed = hash((cfg.seed, epoch, state["step"])) & 0x7FFFFFFF
+        start, end = epoch * self.spe, (epoch + 1) * self.spe
+        # The epoch's stream depends on (seed, epoch) only, so a resumed epoch can replay it (module doc).
+        stream_seed = hash((cfg.seed, epoch, start)) & 0x7FFFFFFF
         pipeline = train_pipeline(list(self.train_specs), len(self.classes),
                                   TrainTransform(self.augment, seed=stream_seed + info.rank),
                                   seed=stream_seed, shuffle_buffer=cfg.shuffle_buffer, specs=self.train_specs,
@@ -449,8 +461,16 @@ class _Loop:
         loader = make_loader(pipeline, len(self.classes), cfg.batch_size, num_workers=cfg.num_workers,
                              pin_memory=self.rt.cuda, seed=stream_seed)
         batches = iter(loader)
-        losses, epoch_samples, speed, t0 = [], 0, 0.0, time.perf_counter()
+        done = state["step"] - start  # > 0: resumed in the middle of this epoch
+        losses = state.pop("epoch_losses", []) if done else []
+        if len(losses) != done:  # a checkpoint of an older weakseg: same weights, the epoch's mean loss is partial
+            _logger.warning("the checkpoint at step %d does not hold its epoch's first %d losses: this epoch's "
+                            "train_loss averages the rest only", state["step"], done)
+        state["epoch_losses"] = losses
+        epoch_samples, speed, t0 = 0, 0.0, time.perf_counter()
         try:
+            for _ in range(done * cfg.grad_accum):
+                next(batches)  # already trained on before the checkpoint: read past them, as they were drawn
             while state["step"] < end:
                 result = optimizer_step(self.rt, batches, cfg.grad_accum)
                 state["step"] += 1
@@ -467,6 +487,7 @@ class _Loop:
                     self.save_step()
         finally:
             del batches, loader
+        state.pop("epoch_losses", None)
         return {"epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)) if losses else None,
                 "lr": optimizer.param_groups[0]["lr"], "samples_per_second": round(speed, 2),
                 "samples_skipped": state["skipped"]}
@@ -533,10 +554,11 @@ def run_training(
     if model_config.num_classes != len(classes):
         raise ValueError(f"model has {model_config.num_classes} classes, the manifest {len(classes)}")
     # background as a tag of every image makes every target multi-hot (see losses.with_background)
-    background = background_index(classes, cfg.background)
-    multilabel = bool(manifest.get("multilabel", False)) or background is not None
+    image_loss = ImageLoss.for_training(classes, bool(manifest.get("multilabel", False)), cfg.multilabel_loss,
+                                        cfg.background)
+    multilabel, background = image_loss.multilabel, image_loss.background
     # the loss decides what the LSE scores mean at inference (a distribution or presences)
-    model_config = replace(model_config, image_prior=image_prior_for(multilabel, cfg.multilabel_loss))
+    model_config = replace(model_config, image_prior=image_loss.image_prior)
     train_specs, val_specs, spe, effective_batch = _shard_plan(shards, manifest, cfg, info.world_size, log)
     torch.manual_seed(cfg.seed)
     model, config, ts, state = _resume_or_create(out, cfg, classes, model_config, pretrained, log)

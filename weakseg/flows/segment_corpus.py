@@ -63,7 +63,7 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
+from prefect.utilities.annotations import BaseAnnotation, quote
 from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
@@ -96,7 +96,25 @@ def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | No
     return runs.prepare_run(model, device, out, run_id, thresholds, priors, skip_existing, get_run_logger(), tta)
 
 
-@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, task_run_name="segment-chunk-{spec.index:06d}")
+class _quote(quote):
+    """Prefect's ``quote``, surviving pickling: Prefect's own comes back from a Dask worker as
+    ``quote((value,))`` (tuple's ``__getnewargs__`` feeds its ``__new__`` a tuple)."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return type(self), (self.unwrap(),)
+
+
+def _chunk_run_name(parameters: dict[str, Any]) -> str:
+    """``segment-chunk-000042``; on Dask the parameters arrive still wrapped in ``quote``."""
+    spec = parameters["spec"]
+    if isinstance(spec, BaseAnnotation):
+        spec = spec.unwrap()
+    return f"segment-chunk-{spec.index:06d}"
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NONE, task_run_name=_chunk_run_name)
 def segment_chunk_task(spec: ChunkSpec, opts: SegmentOptions, gpu_slot_each: bool = False) -> ChunkResult:
     """One chunk: read, decode, infer, apply priors, write its files (retried whole: same names).
     ``gpu_slot_each``: the chunk takes its own ``gpu`` slot (a Dask worker process on a GPU)."""
@@ -162,7 +180,7 @@ def segment_chunks(runner: TaskRunner, images: str, chunk_size: int, opts: Segme
                     # quote: Prefect would otherwise walk every URI and listing record of the chunk looking
                     # for futures (0.5 ms of the flow process's CPU an image; bench/host_pipeline.py)
                     future = runner.submit(segment_chunk_task,
-                                           {"spec": quote(spec), "opts": chunk_opts, "gpu_slot_each": gpu_resources})
+                                           {"spec": _quote(spec), "opts": chunk_opts, "gpu_slot_each": gpu_resources})
                 pending[future] = spec
                 if len(pending) >= workers:
                     done = next(iter(as_completed(list(pending))))

@@ -65,3 +65,84 @@ def test_the_cycle_resumes_at_the_first_unfinished_step(prefect_harness, tmp_pat
 
     third = life_cycle(images=str(data / "JPEGImages"), **args).result()
     assert set(third["steps"].values()) == {"reused"}
+
+
+def _manifest(folder, generation: str, source: str) -> dict:
+    """A shard manifest as shard-imagenet writes it (only what the cycle's checks read)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"format": "weakseg.shards", "format_version": 1, "generation": {"id": generation, "folder": ""},
+           "classes": ["a", "b"], "source_fingerprint": f"listing-{generation}", "splits": {}, "shards": [],
+           "parameters": {"source": source, "max_side": 96}}
+    (folder / "manifest.json").write_text(json.dumps(doc))
+    return doc
+
+
+def _checkpoint(path, shards: str, manifest: dict, parent: str | None = None, seed: int = 0) -> str:
+    import torch
+
+    from weakseg.models import ModelConfig, checkpoint_bytes, create_model
+    from weakseg.tasks.train.trainer import manifest_reference
+
+    torch.manual_seed(seed)
+    model, config = create_model(ModelConfig(num_classes=2, head_widths=(16, 16, 16), output_stride=16),
+                                 pretrained="none")
+    data = checkpoint_bytes(model, config, ["a", "b"], input_size=64, manifest=manifest_reference(shards, manifest),
+                            training_state={"refined_from": {"model_id": parent}} if parent else None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return reg.content_id(data)[0]
+
+
+def test_a_step_is_finished_only_when_its_output_was_made_from_this_cycles_inputs(tmp_path):
+    from weakseg.tasks import cycle
+
+    layout = cycle.CycleLayout(str(tmp_path / "w1"))
+    old = _manifest(tmp_path / "w1" / "shards", "gen-1", "./labels.csv")
+    assert cycle.shards_done(layout.shards, "./labels.csv", {"max_side": 96})
+    assert not cycle.shards_done(layout.shards, "./other.csv")  # another source: shard again
+    assert not cycle.shards_done(layout.shards, "./labels.csv", {"max_side": 128})  # other options too
+
+    trained = _checkpoint(tmp_path / "w1" / "model" / "model.pt", layout.shards, old)
+    assert cycle.trained_done(layout.model_dir, layout.shards)
+    _checkpoint(tmp_path / "w1" / "refined" / "model.pt", layout.shards, old, parent=trained, seed=1)
+    assert cycle.refined_done(layout.refined_dir, trained)
+
+    retrained = _checkpoint(tmp_path / "w1" / "model" / "model.pt", layout.shards, old, seed=2)  # a retraining
+    assert retrained != trained and cycle.trained_done(layout.model_dir, layout.shards)
+    assert not cycle.refined_done(layout.refined_dir, retrained)  # its refinement is of the earlier training
+
+    _manifest(tmp_path / "w1" / "shards", "gen-2", "./labels.csv")  # the shards were made again, differently
+    assert not cycle.trained_done(layout.model_dir, layout.shards)
+    assert cycle.stale_training(layout.model_dir, layout.shards) == [f"{layout.model_dir}/model.pt"]
+
+
+@pytest.mark.slow
+def test_after_a_retraining_the_cycle_refines_and_gates_again(prefect_harness, tmp_path):
+    """Retrain (the trained model replaced): the earlier refined model is not reused, nor its promotion or
+    segmentation; every later step is redone from the new training."""
+    from weakseg.tasks.synthetic import write_synthetic_dataset
+
+    data, registry, out = tmp_path / "data", str(tmp_path / "registry"), str(tmp_path / "tables")
+    write_synthetic_dataset(str(data), n_train=12, n_val=4, size=96, classes=("dots", "stripes"), max_objects=1,
+                            background_fraction=0.15)
+    work = tmp_path / "cycles" / "w1"
+    args = dict(source=str(data / "labels.csv"), registry=registry, out=out, images=str(data / "JPEGImages"),
+                work=str(tmp_path / "cycles" / "{cycle_id}"), cycle_id="w1", priors="ilp", device="cpu",
+                return_state=True, **{**SMALL, "promote_options": {**SMALL["promote_options"], "tolerance": 1.0}})
+    first = life_cycle(**args).result()
+    assert first["steps"]["refine"] == "ran"
+
+    (work / "model" / "model.pt").unlink()  # retrain, with another seed
+    args["train_options"] = {**SMALL["train_options"], "seed": 1}
+    second = life_cycle(**args).result()
+    assert second["trained"]["model_id"] != first["trained"]["model_id"]
+    assert second["steps"] == {"shard": "reused", "train": "ran", "refine": "ran",
+                               "thresholds": "not needed (no bb/seg in the chain)", "promote": "ran",
+                               "segment": "ran"}
+    refined = reg.load_release(registry, second["candidate"]["model_id"])
+    assert refined.card["refined_from"] == second["trained"]["model_id"]
+    assert reg.read_pointer(registry)["model_id"] == second["candidate"]["model_id"] != first["candidate"]["model_id"]
+    runs = tables.read_table(out, "runs").to_pylist()
+    assert [r["model_id"] for r in runs] == [second["candidate"]["model_id"]]  # the run redone with the new model

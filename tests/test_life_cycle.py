@@ -1,4 +1,5 @@
-"""The life-cycle flow: every step once, and a rerun after a failure that redoes none of the finished ones."""
+"""The life-cycle flow: every step once, a rerun after a failure that redoes none of the finished ones, and
+one after a retraining that redoes every step made from the earlier training."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 
 from weakseg.flows.life_cycle import check_options, life_cycle
 from weakseg.tasks import registry as reg
+from weakseg.tasks import storage
 from weakseg.tasks.segment import tables
 
 SMALL = {
@@ -28,7 +30,8 @@ def test_options_a_step_does_not_take_are_refused_before_any_work():
 
 
 @pytest.mark.slow
-def test_the_cycle_resumes_at_the_first_unfinished_step(prefect_harness, tmp_path):
+def test_the_cycle_resumes_at_the_first_unfinished_step_and_redoes_what_a_retraining_made_stale(prefect_harness,
+                                                                                          tmp_path):
     from weakseg.tasks.synthetic import write_synthetic_dataset
 
     data, registry, out = tmp_path / "data", str(tmp_path / "registry"), str(tmp_path / "tables")
@@ -36,7 +39,7 @@ def test_the_cycle_resumes_at_the_first_unfinished_step(prefect_harness, tmp_pat
                             background_fraction=0.15)
     args = dict(source=str(data / "labels.csv"), registry=registry, out=out, work=str(tmp_path / "cycles" /
                 "{cycle_id}"), cycle_id="w1", ground_truth=str(data), priors="ilp,seg", device="cpu",
-                return_state=True, **SMALL)
+                return_state=True, **{**SMALL, "promote_options": {**SMALL["promote_options"], "tolerance": 1.0}})
 
     # First attempt: the corpus is missing, so the last step fails after the others finished.
     first = life_cycle(images=str(tmp_path / "no-such-corpus"), **args)
@@ -65,6 +68,21 @@ def test_the_cycle_resumes_at_the_first_unfinished_step(prefect_harness, tmp_pat
 
     third = life_cycle(images=str(data / "JPEGImages"), **args).result()
     assert set(third["steps"].values()) == {"reused"}
+
+    # Retrain (the trained model replaced, another seed): nothing made from the earlier training is
+    # reused: refined again from the new one, δ chosen for the new candidate, gated, segmented with it.
+    (work / "model" / "model.pt").unlink()
+    args["train_options"] = {**SMALL["train_options"], "seed": 1}
+    fourth = life_cycle(images=str(data / "JPEGImages"), **args).result()
+    assert fourth["trained"]["model_id"] != result["trained"]["model_id"]
+    assert fourth["steps"] == {"shard": "reused", "train": "ran", "refine": "ran", "thresholds": "ran",
+                               "promote": "ran", "segment": "ran"}
+    candidate = fourth["candidate"]["model_id"]
+    assert reg.load_release(registry, candidate).card["refined_from"] == fourth["trained"]["model_id"]
+    assert storage.read_json(str(work / "thresholds-ilp-seg.json"))["search"]["model_id"] == candidate
+    assert reg.read_pointer(registry)["model_id"] == candidate != result["candidate"]["model_id"]
+    runs = tables.read_table(out, "runs").to_pylist()
+    assert [(r["run_id"], r["model_id"]) for r in runs] == [("cycle-w1", candidate)]
 
 
 def _manifest(folder, generation: str, source: str) -> dict:
@@ -116,33 +134,3 @@ def test_a_step_is_finished_only_when_its_output_was_made_from_this_cycles_input
     _manifest(tmp_path / "w1" / "shards", "gen-2", "./labels.csv")  # the shards were made again, differently
     assert not cycle.trained_done(layout.model_dir, layout.shards)
     assert cycle.stale_training(layout.model_dir, layout.shards) == [f"{layout.model_dir}/model.pt"]
-
-
-@pytest.mark.slow
-def test_after_a_retraining_the_cycle_refines_and_gates_again(prefect_harness, tmp_path):
-    """Retrain (the trained model replaced): the earlier refined model is not reused, nor its promotion or
-    segmentation; every later step is redone from the new training."""
-    from weakseg.tasks.synthetic import write_synthetic_dataset
-
-    data, registry, out = tmp_path / "data", str(tmp_path / "registry"), str(tmp_path / "tables")
-    write_synthetic_dataset(str(data), n_train=12, n_val=4, size=96, classes=("dots", "stripes"), max_objects=1,
-                            background_fraction=0.15)
-    work = tmp_path / "cycles" / "w1"
-    args = dict(source=str(data / "labels.csv"), registry=registry, out=out, images=str(data / "JPEGImages"),
-                work=str(tmp_path / "cycles" / "{cycle_id}"), cycle_id="w1", priors="ilp", device="cpu",
-                return_state=True, **{**SMALL, "promote_options": {**SMALL["promote_options"], "tolerance": 1.0}})
-    first = life_cycle(**args).result()
-    assert first["steps"]["refine"] == "ran"
-
-    (work / "model" / "model.pt").unlink()  # retrain, with another seed
-    args["train_options"] = {**SMALL["train_options"], "seed": 1}
-    second = life_cycle(**args).result()
-    assert second["trained"]["model_id"] != first["trained"]["model_id"]
-    assert second["steps"] == {"shard": "reused", "train": "ran", "refine": "ran",
-                               "thresholds": "not needed (no bb/seg in the chain)", "promote": "ran",
-                               "segment": "ran"}
-    refined = reg.load_release(registry, second["candidate"]["model_id"])
-    assert refined.card["refined_from"] == second["trained"]["model_id"]
-    assert reg.read_pointer(registry)["model_id"] == second["candidate"]["model_id"] != first["candidate"]["model_id"]
-    runs = tables.read_table(out, "runs").to_pylist()
-    assert [r["model_id"] for r in runs] == [second["candidate"]["model_id"]]  # the run redone with the new model

@@ -102,5 +102,6 @@ def registry_slot(registry: str) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
     logger.info("waiting for the registry's slot (global concurrency limit %s)", name)
-    with concurrency(name, occupy=1, strict=True):
+    # Not strict: a lease the server fails to renew must not kill a promotion the pointer's swap guards anyway.
+    with concurrency(name, occupy=1, strict=False):
         yield

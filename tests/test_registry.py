@@ -236,3 +236,166 @@ def test_a_url_with_a_query_is_a_checkpoint_not_a_registry() -> None:
     url = "http://127.0.0.1:9/model.pt?token=s3cret"  # the discard port: any request would fail
     resolved = resolve_model(url)
     assert (resolved.url, resolved.model_id, resolved.registry) == (url, None, None)
+
+
+# ----------------------------------------------------------------------------- concurrent promotions
+
+
+@pytest.fixture
+def hooks():
+    """``hookmem://`` (tests/hookfs.py) with no hooks left over."""
+    from hookfs import HookFS
+
+    HookFS.reset()
+    yield HookFS
+    HookFS.reset()
+
+
+@pytest.fixture(scope="module")
+def six(tiny_checkpoint) -> list[bytes]:
+    """Six distinct small checkpoints (made once: each costs a second or two)."""
+    return [tiny_checkpoint(["a", "b"], seed=s) for s in range(6)]
+
+
+class Killed(BaseException):
+    """The process dies here (a BaseException: no handler, no retry)."""
+
+
+def _gate_score(model: str, data: str) -> float:
+    """The gate's score of a model, computed apart from the flow (same set and settings as ``GATE``)."""
+    from weakseg.tasks.evaluate.promotion import score_on_ground_truth
+
+    return score_on_ground_truth(load_model(model, "cpu"), data, "val", "ilp,sppxl", GATE["max_side"], GATE["tta"],
+                                 GATE["limit"])["value"]
+
+
+@pytest.mark.slow
+def test_a_candidate_whose_baseline_moved_is_compared_again_with_the_new_current(prefect_harness, models, tmp_path,
+                                                                               tiny_checkpoint, hooks):
+    """Promotion A starts while X is current; while A scores X, promotion B (compared with X) moves the
+    pointer to B. A must be compared with B before it replaces B: its entry's ``previous`` is the
+    release its comparison was made against; and the registry's concurrency limit was held."""
+    from prefect.client.orchestration import get_client
+
+    classes = list(load_model(models["good"], "cpu").classes)
+    registry = f"hookmem://promotions-{tmp_path.name}"
+    x = reg.publish_release(registry, Path(models["bad"]).read_bytes()).model_id
+    b_path = tmp_path / "b.pt"
+    b_path.write_bytes(tiny_checkpoint(classes, seed=4))
+    b = reg.publish_release(registry, b_path.read_bytes()).model_id
+    reg.write_pointer(registry, x)
+    held: dict[str, int] = {}
+
+    def b_lands_while_a_scores_x(path: str) -> None:
+        if path.endswith(f"releases/{x}/model.pt"):
+            hooks.on_read.clear()
+            with get_client(sync_client=True) as client:
+                held.update({lim.name: lim.active_slots for lim in client.read_global_concurrency_limits(limit=200)
+                             if lim.active_slots})
+            reg.write_pointer(registry, b, comparison={"baseline": x})
+
+    hooks.on_read.append(b_lands_while_a_scores_x)
+    state = promote(models["good"], registry, ground_truth=models["data"])
+    assert state.is_completed(), state.message
+    result = state.result()
+    a = result["model_id"]
+    assert result["promoted"] and result["previous"] == b
+    assert result["comparison"]["current"] == pytest.approx(_gate_score(str(b_path), models["data"]))  # scored B
+    assert result["comparison"]["baseline"] == b
+    pointer = reg.read_pointer(registry)
+    assert pointer["model_id"] == a and pointer["previous"] == b == pointer["comparison"]["baseline"]
+    history = reg.promotion_history(registry)
+    assert [(h["sequence"], h["model_id"], h["previous"]) for h in history] == [(1, x, None), (2, b, x), (3, a, b)]
+    assert history[-1] == pointer
+
+    from weakseg.flows._registry import registry_limit
+
+    assert held == {registry_limit(registry): 1}  # the flow held its registry's slot while it scored
+
+
+def test_a_stale_baseline_is_refused_by_the_pointer_itself(tmp_path, six):
+    registry = str(tmp_path / "registry")
+    x, b, a = (reg.publish_release(registry, data).model_id for data in six[:3])
+    reg.write_pointer(registry, x)
+    with pytest.raises(reg.BaselineMoved, match="moved from none to"):  # compared with "no release", but X came
+        reg.write_pointer(registry, a, expected=None)
+    reg.write_pointer(registry, b, expected=x)
+    with pytest.raises(reg.BaselineMoved, match=f"moved from {x} to {b}"):
+        reg.write_pointer(registry, a, expected=x)
+    assert reg.read_pointer(registry)["model_id"] == b
+    assert [h["model_id"] for h in reg.promotion_history(registry)] == [x, b]
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_concurrent_promotions_never_share_a_sequence_and_the_history_is_every_move(tmp_path, six, where):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    registry = str(tmp_path / "registry") if where == "local" else f"memory://concurrent-{tmp_path.name}"
+    ids = [reg.publish_release(registry, data).model_id for data in six]
+    start = threading.Barrier(len(ids))
+
+    def promote_now(model_id: str) -> dict:
+        start.wait()
+        return reg.write_pointer(registry, model_id)
+
+    with ThreadPoolExecutor(len(ids)) as pool:
+        docs = list(pool.map(promote_now, ids))
+    assert sorted(d["sequence"] for d in docs) == list(range(1, 7))
+    history = reg.promotion_history(registry)
+    assert [h["sequence"] for h in history] == list(range(1, 7))
+    assert sorted(h["model_id"] for h in history) == sorted(ids)
+    assert [h["previous"] for h in history] == [None] + [h["model_id"] for h in history[:-1]]  # one chain
+    assert reg.read_pointer(registry) == history[-1]
+    fs, path = storage.url_to_fs(storage.join(registry, "history"))
+    assert len([p for p in fs.ls(path, detail=False) if p.endswith(".json")]) == 6
+
+
+def test_a_crash_between_the_two_writes_leaves_no_phantom_and_loses_no_promotion(tmp_path, six, hooks):
+    registry = f"hookmem://crash-{tmp_path.name}"
+    a, b, c = (reg.publish_release(registry, data).model_id for data in six[:3])
+    reg.write_pointer(registry, a)
+
+    def die_at(fragment: str):
+        def hook(path: str) -> None:
+            if fragment in path:
+                raise Killed(path)
+        return hook
+
+    hooks.on_write.append(die_at("/current.json"))  # killed before the pointer moved: nothing was promoted
+    with pytest.raises(Killed):
+        reg.write_pointer(registry, b)
+    hooks.reset()
+    assert reg.read_pointer(registry)["model_id"] == a
+    assert [h["model_id"] for h in reg.promotion_history(registry)] == [a]
+
+    hooks.on_write.append(die_at("/history/"))  # killed after the pointer moved, before its entry
+    with pytest.raises(Killed):
+        reg.write_pointer(registry, c)
+    hooks.reset()
+    assert [(h["sequence"], h["model_id"]) for h in reg.promotion_history(registry)] == [(1, a), (2, c)]
+    reg.write_pointer(registry, b)  # the next promotion writes the entry the crash left unwritten
+    fs, path = storage.url_to_fs(storage.join(registry, "history"))
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) == [
+        "000001.json", "000002.json", "000003.json"]
+    assert [(h["sequence"], h["model_id"], h["previous"]) for h in reg.promotion_history(registry)] == [
+        (1, a, None), (2, c, a), (3, b, c)]
+
+
+def test_the_pointer_swap_is_conditional_on_s3(s3, six):
+    registry = "s3://weakseg-test/cas-registry"
+    x, b, a = (reg.publish_release(registry, data).model_id for data in six[:3])
+    reg.write_pointer(registry, x)
+    pointer = f"{registry}/current.json"
+    held = storage.read_version(pointer)
+    assert held is not None and held.etag
+    # the store itself refuses a write whose If-Match names an older ETag, even with the same bytes read
+    assert not storage.replace_if(pointer, b"{}", storage.Version(held.data, '"0123456789abcdef0123456789abcdef"'))
+    assert storage.read_bytes(pointer) == held.data
+    reg.write_pointer(registry, b, expected=x)
+    assert not storage.replace_if(pointer, b"{}", held)  # what was read has been replaced since
+    assert not storage.replace_if(f"{registry}/history/000001.json", b"{}", None)  # If-None-Match: *
+    with pytest.raises(reg.BaselineMoved):
+        reg.write_pointer(registry, a, expected=x)
+    assert [(h["sequence"], h["model_id"]) for h in reg.promotion_history(registry)] == [(1, x), (2, b)]
+    assert reg.read_pointer(registry)["model_id"] == b

@@ -267,3 +267,31 @@ def test_a_killed_dask_worker_process_loses_no_image(prefect_harness, tmp_path, 
     assert state.is_completed(), state.message
     assert state.result()["counts"]["ok"] == n and state.result()["counts"]["chunks_failed"] == 0
     assert_one_row_per_image(str(out), "dk", n)
+
+
+def test_two_live_runs_with_one_run_id_never_remove_each_others_model_copy(prefect_harness, tmp_path, model_path):
+    """A retried deployment run overlapping its predecessor: the first run has pinned its model and waits
+    for a Dask worker while the second, with the same run id, runs to the end. The first run's worker
+    then loads its pinned copy: still there, both runs finish."""
+    from distributed import LocalCluster
+
+    images, out = str(tmp_path / "corpus"), tmp_path / "out"
+    write_images(tmp_path / "corpus", 4)
+    with LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster:
+        first: dict = {}
+        waiting = threading.Thread(target=lambda: first.update(state=run(
+            images, model_path, str(out), run_id="retried", priors="ilp", task_runner="dask",
+            dask_address=cluster.scheduler_address)))
+        waiting.start()
+        deadline = time.monotonic() + 120
+        while not list((out / "_state").glob("model-retried-*.pt")):
+            assert time.monotonic() < deadline and waiting.is_alive(), first
+            time.sleep(0.2)
+        second = run(images, model_path, str(out), run_id="retried", priors="ilp")  # threads, in this process
+        assert second.is_completed(), second.message
+        cluster.scale(1)  # a worker process: it reads the first run's pinned copy from storage
+        waiting.join(timeout=300)
+    assert first["state"].is_completed(), first["state"].message
+    assert first["state"].result()["counts"]["ok"] == 4
+    assert not list((out / "_state").glob("*.pt"))  # each run removed its own copy

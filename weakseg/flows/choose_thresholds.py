@@ -25,6 +25,7 @@ from pydantic import Field
 from weakseg.flows._params import check_parameters
 from weakseg.flows._registry import resolve_model
 from weakseg.flows._retries import IO_RETRIES, retry_unless
+from weakseg.tasks import storage
 from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.variants import ChainThresholds, choose_chain_thresholds
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE
@@ -91,6 +92,7 @@ def choose_thresholds(
     if not has_objectness(chain):
         raise ValueError(f"priors {priors!r} have no objectness prior (bb or seg): there is no δ to choose")
     check_parameters({"min_side": min_side, "max_side": max_side, "tta": tta})
+    storage.require_buckets({"--out": out})
     prior = threshold_prior(chain)
     ids = read_split(ground_truth, split, limit)
     logger.info("choosing δ of %s for priors %s on %d %s images of %s", prior, ",".join(chain), len(ids), split,

@@ -130,6 +130,7 @@ def evaluate_segmentation(
     """Score one run; returns the metrics.json document."""
     logger = get_run_logger()
     out = out or storage.join(predictions, "evaluation")
+    storage.require_buckets({"--out": out})
     gt_classes, ids = read_ground_truth(ground_truth, split)
     if not ids:
         raise ValueError(f"split {split!r} of {ground_truth} lists no images")

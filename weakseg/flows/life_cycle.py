@@ -5,11 +5,15 @@ segment chain ``--priors`` has bb or seg, on ``--ground-truth``) -> promote-mode
 -> segment-corpus with the promoted release, each step a subflow. Every output lands under
 ``{work}`` (``{cycle_id}`` replaced; the ISO week by default), the releases in ``--registry``.
 
-Resumable: before each step its output is checked (:mod:`weakseg.tasks.cycle`: the shard
-manifest, ``model.pt``, the δ file naming the candidate, the pointer naming it, the ``runs``
-row of the segmentation with it); a finished step is skipped, so a rerun after a kill or a
-failure starts at the first unfinished one (training resumes from its newest step
-checkpoint). A refused promotion ends the cycle Failed before segmenting: the corpus keeps
+Resumable: before each step its output is checked against this cycle's inputs
+(:mod:`weakseg.tasks.cycle`: the shard manifest of this source, ``model.pt`` trained on these
+shards, the refined ``model.pt`` refined from this training, the δ file naming the
+candidate, the pointer naming it, the ``runs`` row of the segmentation with it); a finished
+step is skipped, so a rerun after a kill or a failure starts at the first unfinished one
+(training resumes from its newest step checkpoint), and a step redone makes the later ones
+redo theirs: never a refined model of an earlier training, δ of another model. Checkpoints
+of a training on other shards are removed before training. Output buckets are checked
+before any work. A refused promotion ends the cycle Failed before segmenting: the corpus keeps
 the current release (``segment-corpus/nightly``). Each step's other parameters come as a
 mapping (``--train-options '{"epochs": 4}'``), named as its own command takes them.
 """
@@ -62,9 +66,24 @@ def check_options(options: dict[str, dict[str, Any]]) -> None:
 
 
 @task(**IO_RETRIES, cache_policy=NONE)
-def finished(check: str, args: list[str]) -> bool:
-    """Whether a step's output is there (:mod:`weakseg.tasks.cycle`; I/O: retried)."""
+def finished(check: str, args: list[Any]) -> bool:
+    """Whether a step's output is there and made from this cycle's inputs (:mod:`weakseg.tasks.cycle`; I/O:
+    retried)."""
     return bool(getattr(cycle, check)(*args))
+
+
+@task(**IO_RETRIES, cache_policy=NONE)
+def clear_stale_training(model_dir: str, shards: str) -> list[str]:
+    """Remove checkpoints of a training on other shards, which a resume would continue (I/O: retried)."""
+    stale = cycle.stale_training(model_dir, shards)
+    for url in stale:
+        fs, path = storage.url_to_fs(url)
+        if fs.exists(path):
+            fs.rm(path)
+    if stale:
+        get_run_logger().warning("removed %d checkpoints of a training on other shards from %s", len(stale),
+                                 storage.redact_url(model_dir))
+    return stale
 
 
 Options = Annotated[dict[str, Any] | None, Field(description="more parameters of that step, as its command "
@@ -107,6 +126,7 @@ def life_cycle(
     chain = parse_priors(priors)
     cycle_id = cycle_id or cycle.default_cycle_id(datetime.now(UTC))
     layout = cycle.CycleLayout.for_cycle(work, cycle_id)
+    storage.require_buckets({"--work": layout.root, "--registry": registry, "--out": out})
     steps: dict[str, str] = {}
 
     def step(name: str, done: bool, run) -> Any:
@@ -114,14 +134,18 @@ def life_cycle(
         logger.info("cycle %s: %s %s", cycle_id, name, "finished before: skipped" if done else "running")
         return None if done else run()
 
-    step("shard", finished("shards_done", [layout.shards]),
+    step("shard", finished("shards_done", [layout.shards, source, opts["shard"]]),
          lambda: shard_imagenet(source=source, dest=layout.shards, **opts["shard"]))
-    step("train", finished("checkpoint_done", [layout.model_dir]),
-         lambda: train_mil(shards=layout.shards, out=layout.model_dir, device=device,
-                           **{"resume": True, **opts["train"]}))
+
+    def train() -> Any:
+        clear_stale_training(layout.model_dir, layout.shards)
+        return train_mil(shards=layout.shards, out=layout.model_dir, device=device,
+                         **{"resume": True, **opts["train"]})
+
+    step("train", finished("trained_done", [layout.model_dir, layout.shards]), train)
     trained = candidate = publish_release(registry, storage.join(layout.model_dir, "model.pt"))
     if refine:
-        step("refine", finished("checkpoint_done", [layout.refined_dir]),
+        step("refine", finished("refined_done", [layout.refined_dir, trained["model_id"]]),
              lambda: refine_mil(shards=layout.shards, model=trained["url"], out=layout.refined_dir, device=device,
                                 **{"resume": True, **opts["refine"]}))
         candidate = publish_release(registry, storage.join(layout.refined_dir, "model.pt"))
@@ -135,7 +159,7 @@ def life_cycle(
         logger.warning("priors %s use δ but there is no --ground-truth to choose them on", priors)
     else:
         thresholds = layout.thresholds(",".join(chain))
-        step("thresholds", finished("thresholds_done", [thresholds, candidate["model_id"]]),
+        step("thresholds", finished("thresholds_done", [thresholds, candidate["model_id"], list(chain)]),
              lambda: choose_thresholds(model=candidate["url"], ground_truth=ground_truth, out=thresholds,
                                        priors=",".join(chain), device=device, **opts["thresholds"]))
     result: dict[str, Any] = {"cycle_id": cycle_id, "work": layout.root, "steps": steps, "trained": trained,

@@ -4,10 +4,19 @@ candidate checkpoint -> published as an immutable release (a no-op when it alrea
 -> candidate and current release scored on the same set: mean IoU on VOC-layout ground truth
 (``--ground-truth``), else image-level mAP on a held-out split of the shards (``--shards``,
 by default the ones the candidate was trained on) -> ``{registry}/current.json`` moved to the
-candidate (history entry first, pointer last) when it is not worse than the current release
-by more than ``--tolerance``, or with ``--force`` (recorded). The per-class comparison is the
-``promote-model`` markdown artifact. Refused: the run ends Failed (``weakseg promote`` exits 1)
-with the comparison as its data.
+candidate when it is not worse than the current release by more than ``--tolerance``, or
+with ``--force`` (recorded). The per-class comparison is the ``promote-model`` markdown
+artifact. Refused: the run ends Failed (``weakseg promote`` exits 1) with the comparison as
+its data.
+
+Concurrent promotions: from reading the current release to moving the pointer, the flow
+holds its registry's slot of a Prefect global concurrency limit (created with one slot on
+first use), so promotions of one registry queue. The move itself is a compare-and-swap:
+the pointer moves only while it still names the release the candidate was compared with.
+When another promotion moved it first (one that did not queue: another Prefect server, a
+plain ``write_pointer``), the candidate is scored against the new current release and
+compared again, up to :data:`COMPARISONS` times, then refused; never promoted on a stale
+comparison. The entry's ``previous`` is always the comparison's ``baseline``.
 
 The return value (also a refused run's data) is a plain dict with ``promoted``, ``model_id``,
 ``previous``, ``comparison`` and ``pointer``, for a parent flow to read.
@@ -23,7 +32,7 @@ from prefect.states import Failed
 from pydantic import Field
 
 from weakseg.flows._params import check_parameters
-from weakseg.flows._registry import PROMOTED, announce
+from weakseg.flows._registry import PROMOTED, announce, registry_slot
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.tasks import registry as reg
 from weakseg.tasks import storage
@@ -38,7 +47,9 @@ from weakseg.tasks.evaluate.promotion import variant_of as _variant_of
 from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
 from weakseg.tasks.segment.tta import AUTO
 
-__all__ = ["promote_model"]
+__all__ = ["COMPARISONS", "promote_model"]
+
+COMPARISONS = 3  # comparisons with a current release that keeps moving, before the candidate is refused
 
 
 @task(**IO_RETRIES, retry_condition_fn=retry_unless(ValueError), cache_policy=NONE)
@@ -66,10 +77,12 @@ def score(model_url: str, device: str, ground_truth: str | None, split: str, sha
 
 
 @task(**IO_RETRIES, retry_condition_fn=retry_unless(ValueError), cache_policy=NONE)
-def move_pointer(registry: str, model_id: str, forced: bool, comparison: dict[str, Any],
+def move_pointer(registry: str, model_id: str, baseline: str | None, forced: bool, comparison: dict[str, Any],
                  reason: str) -> dict[str, Any]:
-    """History entry, then ``current.json`` (I/O: retried; an incomplete release is refused, not retried)."""
-    return reg.write_pointer(registry, model_id, forced=forced, comparison=comparison, reason=reason)
+    """``current.json`` by compare-and-swap against ``baseline``, then the history entry (I/O: retried; an
+    incomplete release, or a baseline that moved (:class:`~weakseg.tasks.registry.BaselineMoved`), is not)."""
+    return reg.write_pointer(registry, model_id, expected=baseline, forced=forced, comparison=comparison,
+                             reason=reason)
 
 
 @flow(name="promote-model")
@@ -99,25 +112,42 @@ def promote_model(
     logger = get_run_logger()
     _variant_of(priors)  # a chain the gate cannot score is refused before any work
     check_parameters({"tta": tta})
+    storage.require_buckets({"--registry": registry})
     candidate = publish_candidate(model, registry)
-    current = read_current(registry)
     shards = shards or (None if ground_truth else candidate["card"].get("manifest", {}).get("url"))
     if not ground_truth and not shards:
         raise ValueError("no --ground-truth and no --shards, and the candidate records no shards: nothing to "
                          "score it on")
     args = (device, ground_truth, split, shards, priors, max_side, tta, limit, batch_size)
-    cand_score = score(candidate["url"], *args)
-    same = current is not None and current["model_id"] == candidate["model_id"]
-    cur_score = None if current is None else cand_score if same else score(
-        storage.join(registry, current["model"]), *args)
-    comparison = compare(cand_score, cur_score, tolerance)
-    promote = comparison["passed"] or force
-    result: dict[str, Any] = {"promoted": promote, "forced": force and not comparison["passed"],
-                              "model_id": candidate["model_id"],
-                              "previous": None if current is None else current["model_id"],
-                              "comparison": comparison, "pointer": current}
+    scores = {candidate["model_id"]: score(candidate["url"], *args)}  # model_id -> its score on the set
+    with registry_slot(registry):
+        for attempt in range(1, COMPARISONS + 1):
+            current = read_current(registry)
+            baseline = None if current is None else current["model_id"]
+            if baseline is not None and baseline not in scores:
+                scores[baseline] = score(storage.join(registry, current["model"]), *args)
+            comparison = compare(scores[candidate["model_id"]], None if baseline is None else scores[baseline],
+                                 tolerance, baseline=baseline)
+            promote = comparison["passed"] or force
+            same = baseline == candidate["model_id"]
+            result: dict[str, Any] = {"promoted": promote, "forced": force and not comparison["passed"],
+                                      "model_id": candidate["model_id"], "previous": baseline,
+                                      "comparison": comparison, "pointer": current}
+            if not promote or same:
+                break
+            try:
+                result["pointer"] = move_pointer(registry, candidate["model_id"], baseline, result["forced"],
+                                                 comparison, reason)
+                break
+            except reg.BaselineMoved as moved:
+                logger.warning("%s: %s", moved, "comparing again" if attempt < COMPARISONS else "refused")
+        else:
+            message = (f"candidate {candidate['model_id']} refused: the current release of "
+                       f"{storage.redact_url(registry)} moved {COMPARISONS} times while it was being compared; "
+                       "promote it again")
+            logger.error("%s", message)
+            return Failed(message=message, data={**result, "promoted": False})
     if promote and not same:
-        result["pointer"] = move_pointer(registry, candidate["model_id"], result["forced"], comparison, reason)
         announce(PROMOTED, registry, candidate["model_id"])
     outcome = ("already current" if same else "promoted (forced)" if result["forced"] else "promoted") if promote \
         else "refused"

@@ -168,6 +168,7 @@ def refine_mil(
     logger = get_run_logger()
     chain = parse_priors(priors)
     check_parameters({"tta": tta})
+    storage.require_buckets({"--out": out, "--registry": registry})
     config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, scale=(scale[0], scale[1]),
                           lr=lr, mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
                           finetune_from=finetune_from, steps_per_epoch=steps_per_epoch, soup=soup,

@@ -7,9 +7,9 @@ row -> artifacts. Tables and their layout: :mod:`weakseg.tasks.segment.tables`; 
 :mod:`weakseg.tasks.segment.chunk`; inputs: :mod:`weakseg.tasks.segment.inputs`.
 
 One model per run: ``prepare`` reads the checkpoint once, hashes it (``model_id``) and copies
-the bytes to ``{out}/_state/model-{run_id}-{sha256}.pt``; every chunk loads that copy by
+the bytes to ``{out}/_state/model-{run_id}-{attempt}-{sha256}.pt``; every chunk loads that copy by
 hash (:func:`weakseg.tasks.segment.model.load_pinned`), so a ``--model`` file replaced mid-run
-changes nothing. The copy is removed when the run ends.
+changes nothing. The copy is this attempt's (a random id per flow run), removed when it ends.
 
 Final state (also the ``runs`` row's ``state``): ``Completed`` when every input was
 segmented; ``Completed`` named ``CompletedWithErrors`` when some inputs failed (bad or
@@ -45,7 +45,8 @@ with different run_ids never touch each other's files (names are parsed exactly,
 matched by prefix). Two live runs with the *same* run_id over the same
 listing write the same names: each file is whole (last writer wins) and holds the same
 images, so readers still see one row per image; their scratch files (the output probe, the
-skip-existing index) are per attempt.
+skip-existing index, the pinned model copy) are per attempt, so neither removes what the other
+still reads.
 """
 from __future__ import annotations
 

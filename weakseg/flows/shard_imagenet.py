@@ -123,6 +123,7 @@ def shard_imagenet(
 ) -> dict:
     """Shard a collection; returns the manifest."""
     logger = get_run_logger()
+    storage.require_buckets({"--dest": dest})
     params = {"source": source, "dest": dest, "label_map": label_map, "layout": layout, "max_side": max_side,
               "val_fraction": val_fraction, "seed": seed, "shard_size": shard_size,
               "shard_max_bytes": shard_max_bytes, "jpeg_quality": jpeg_quality, "max_pixels": max_pixels,

@@ -29,6 +29,7 @@ from weakseg.flows._registry import PUBLISHED, announce, publish_release
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.models import ModelConfig
 from weakseg.models.losses import BackgroundMode, MultiLabelLoss
+from weakseg.tasks import storage
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.ingest.manifest import ManifestError, load_manifest
 from weakseg.tasks.storage import redact_url
@@ -127,6 +128,7 @@ def train_mil(
     """Train the MIL network; returns the final checkpoint URL, the metrics and, with a registry, the release."""
     logger = get_run_logger()
     check_parameters({"mean": mean, "std": std})
+    storage.require_buckets({"--out": out, "--registry": registry})
     manifest = read_manifest(shards)
     model_config = ModelConfig(
         num_classes=len(manifest["classes"]), backbone=backbone, head_widths=tuple(head_widths), dropout=dropout,

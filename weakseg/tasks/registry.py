@@ -4,7 +4,7 @@
 
     {registry}/releases/{model_id}/model.pt    the checkpoint's exact bytes (model_id: sha256[:16] of them)
     {registry}/releases/{model_id}/card.json   what the release is; written last, so its presence means complete
-    {registry}/history/{seq:06d}-{time}.json   every promotion, written before the pointer moves
+    {registry}/history/{seq:06d}.json          every move of the pointer: a copy of the pointer it wrote
     {registry}/current.json                    the promoted release: the model consumers resolve
 
 A release is never rewritten: publishing the same bytes again is a no-op, other bytes under
@@ -12,6 +12,15 @@ an existing id are a :class:`RegistryError`. The pointer only ever names a compl
 (its card present, its bytes hashing to the card's sha256). Consumers resolve a registry (or
 its ``current.json``) once per run with :func:`resolve_model` and record the ``model_id``.
 Plain functions over :mod:`weakseg.tasks.storage`: any fsspec URL, no Prefect.
+
+The pointer moves by compare-and-swap (:func:`write_pointer`, :func:`weakseg.tasks.storage.replace_if`):
+a promotion names the release its comparison was made against, and the pointer moves only
+while that release is still current, else :class:`BaselineMoved`. The sequence number is the
+replaced pointer's plus one, so the swap makes it unique; the history entry is written
+*after* the pointer (create-if-absent, ``history/{seq:06d}.json``), and the next promotion
+writes the entry of the pointer it replaces if a crash left it unwritten. So the history is
+exactly the pointer's moves: :func:`promotion_history` adds the current pointer when its
+entry is not written yet, and lists no entry the pointer never reached.
 """
 from __future__ import annotations
 
@@ -20,6 +29,8 @@ import io
 import json
 import math
 import posixpath
+import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,9 +40,11 @@ from ..models.checkpoint import CheckpointError, load_checkpoint
 from . import storage
 
 __all__ = [
+    "ANY",
     "CARD",
     "MODEL",
     "POINTER",
+    "BaselineMoved",
     "RegistryError",
     "Release",
     "ResolvedModel",
@@ -54,6 +67,18 @@ CARD_FORMAT = "weakseg.release"
 
 class RegistryError(ValueError):
     """A registry that cannot be used as asked: a clashing release, an incomplete one, no current release."""
+
+
+class BaselineMoved(RegistryError):
+    """The current release is no longer the one the candidate was compared with: compare again."""
+
+    def __init__(self, registry: str, expected: str | None, current: str | None) -> None:
+        super().__init__(f"the current release of {storage.redact_url(registry)} moved from {expected or 'none'} to "
+                         f"{current or 'none'} since the candidate was compared with it")
+        self.expected, self.current = expected, current
+
+
+ANY = object()  # write_pointer's ``expected``: no comparison to keep valid (replace whatever is current)
 
 
 def content_id(data: bytes) -> tuple[str, str]:
@@ -186,44 +211,104 @@ def read_pointer(registry: str) -> dict[str, Any] | None:
     return None if raw is None else json.loads(raw)
 
 
+_ENTRY = re.compile(r"^(\d{6,})(-.*)?\.json$")  # {seq:06d}.json; {seq:06d}-{time}.json before compare-and-swap
+
+
+def _entry_name(sequence: int) -> str:
+    return posixpath.join("history", f"{sequence:06d}.json")
+
+
+def _record(registry: str, doc: dict[str, Any]) -> None:
+    """The history entry of a pointer that was written (create-if-absent: its sequence is its own)."""
+    storage.replace_if(storage.join(registry, doc.get("history") or _entry_name(int(doc["sequence"]))),
+                       _doc_bytes(doc), None)
+
+
+def _doc_bytes(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, indent=2).encode() + b"\n"
+
+
 def promotion_history(registry: str) -> list[dict[str, Any]]:
-    """Every promotion in order (the history entries the pointer was moved after)."""
+    """Every move of the pointer, in order: the history entries up to the pointer's sequence, and the
+    pointer itself when a crash came between its write and its entry's.
+
+    Entries past the pointer's sequence are not listed: only a registry written before
+    compare-and-swap can hold them (its entry came first, and a crash left it behind).
+    """
+    pointer = read_pointer(registry)
+    if pointer is None:
+        return []
+    top = int(pointer.get("sequence", 0))
     fs, path = storage.url_to_fs(storage.join(registry, "history"))
     try:
-        names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
+        names = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False, refresh=True))
     except FileNotFoundError:
-        return []
-    return [json.loads(fs.cat_file(p)) for p in names]
+        names = []
+    chosen: dict[int, tuple[bool, str]] = {}  # seq -> (of the compare-and-swap layout, name): the best one
+    for name in names:
+        m = _ENTRY.match(name)
+        if m and int(m.group(1)) <= top:
+            rank = (m.group(2) is None, name)
+            chosen[int(m.group(1))] = max(chosen.get(int(m.group(1)), rank), rank)
+    entries = {seq: json.loads(fs.cat_file(posixpath.join(path, name))) for seq, (_, name) in chosen.items()}
+    entries.setdefault(top, pointer)
+    return [entries[s] for s in sorted(entries)]
 
 
-def write_pointer(registry: str, model_id: str, *, forced: bool = False, comparison: dict[str, Any] | None = None,
-                  reason: str = "") -> dict[str, Any]:
-    """Move ``current.json`` to a complete release; the history entry is written first, the pointer last.
+def write_pointer(registry: str, model_id: str, *, expected: Any = ANY, forced: bool = False,
+                  comparison: dict[str, Any] | None = None, reason: str = "") -> dict[str, Any]:
+    """Move ``current.json`` to a complete release by compare-and-swap; its history entry follows.
 
-    The release is verified (card present, bytes match) before anything is written, so the
-    pointer never names a half-written release. Returns the new pointer document.
+    ``expected``: the ``model_id`` the candidate was compared with (None: there was no current
+    release). If the pointer names another release now, or moves before the swap, raises
+    :class:`BaselineMoved` and writes nothing: the comparison must be made again. Without it
+    (:data:`ANY`) the release replaces whatever is current (a concurrent move makes it retry),
+    and ``previous`` names that one. The release is verified (card present, bytes match)
+    before anything is written, so the pointer never names a half-written release. Returns
+    the new pointer document.
     """
     release = load_release(registry, model_id, verify=True)
-    current = read_pointer(registry)
-    now = datetime.now(UTC)
-    sequence = int((current or {}).get("sequence", 0)) + 1
-    entry_name = f"{sequence:06d}-{now:%Y%m%dT%H%M%SZ}.json"
-    doc = {
-        "sequence": sequence,
-        "model_id": release.model_id,
-        "sha256": release.sha256,
-        "model": _release_path(release.model_id),
-        "classes": release.card.get("classes"),
-        "promoted_at": now.isoformat(timespec="seconds"),
-        "forced": forced,
-        "reason": reason,
-        "previous": (current or {}).get("model_id"),
-        "comparison": _json_safe(comparison or {}),
-        "history": posixpath.join("history", entry_name),
-    }
-    storage.write_json(storage.join(registry, "history", entry_name), doc)
-    storage.write_json(storage.join(registry, POINTER), doc)
+    url = storage.join(registry, POINTER)
+    token = uuid.uuid4().hex  # this promotion, to recognise our own write after a lost reply
+    while True:
+        held = storage.read_version(url)
+        current = None if held is None else json.loads(held.data)
+        current_id = None if current is None else current.get("model_id")
+        if expected is not ANY and current_id != expected:
+            raise BaselineMoved(registry, expected, current_id)
+        if current is not None:
+            _record(registry, current)  # a crash after the last swap may have left its entry unwritten
+        now = datetime.now(UTC)
+        sequence = int((current or {}).get("sequence", 0)) + 1
+        doc = {
+            "sequence": sequence,
+            "model_id": release.model_id,
+            "sha256": release.sha256,
+            "model": _release_path(release.model_id),
+            "classes": release.card.get("classes"),
+            "promoted_at": now.isoformat(timespec="seconds"),
+            "forced": forced,
+            "reason": reason,
+            "previous": current_id,
+            "comparison": _json_safe(comparison or {}),
+            "history": _entry_name(sequence),
+            "promotion": token,
+        }
+        if storage.replace_if(url, _doc_bytes(doc), held) or _landed(registry, doc):
+            break
+        # another promotion swapped first: read again (and refuse if it moved off ``expected``)
+    _record(registry, doc)
     return doc
+
+
+def _landed(registry: str, doc: dict[str, Any]) -> bool:
+    """Whether the store applied our swap although it answered otherwise (its reply was lost and the
+    client's retry met 412): the pointer is ours, or, replaced since, the entry the next promotion wrote
+    before replacing it is."""
+    for raw in (_read_or_none(storage.join(registry, POINTER)), _read_or_none(storage.join(registry, doc["history"]))):
+        if raw is not None and json.loads(raw).get("promotion") == doc["promotion"]:
+            return True
+    return False
 
 
 @dataclass(frozen=True)

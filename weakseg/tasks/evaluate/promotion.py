@@ -84,8 +84,12 @@ def score_on_shards(bundle: ModelBundle, shards: str, split: str = "val", batch_
             "per_class": per_class, "set": f"{split} split of the shards"}
 
 
-def compare(candidate: Mapping[str, Any], current: Mapping[str, Any] | None, tolerance: float) -> dict[str, Any]:
-    """The gate's decision and the per-class table: pass when candidate >= current - tolerance, or no current."""
+def compare(candidate: Mapping[str, Any], current: Mapping[str, Any] | None, tolerance: float,
+            baseline: str | None = None) -> dict[str, Any]:
+    """The gate's decision and the per-class table: pass when candidate >= current - tolerance, or no current.
+
+    ``baseline``: the ``model_id`` of the release ``current`` scored, recorded with the comparison
+    (the pointer moves only while that release is current)."""
     if current is None:
         passed, delta = True, None
     else:
@@ -105,7 +109,7 @@ def compare(candidate: Mapping[str, Any], current: Mapping[str, Any] | None, tol
         r = (current or {}).get("per_class", {}).get(name)
         rows.append({"class": name, "candidate": c, "current": r,
                      "delta": None if c is None or r is None else c - r})
-    return {"passed": passed, "metric": candidate["metric"], "set": candidate.get("set"),
+    return {"passed": passed, "baseline": baseline, "metric": candidate["metric"], "set": candidate.get("set"),
             "candidate": candidate["value"], "current": None if current is None else current["value"],
             "delta": delta, "tolerance": tolerance, "per_class": rows}
 

@@ -104,7 +104,10 @@ def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str 
     resolved = resolve_model(model)
     if resolved.registry is not None:
         log.info("model %s resolves to release %s", storage.redact_url(model), resolved.model_id)
-    bundle, pinned = pin_model(resolved.url, storage.join(out, "_state"), device, prefix=f"model-{run_id}-")
+    # Per attempt too: a live run with the same run_id (a retried deployment run overlapping its
+    # predecessor) removes only its own copy when it ends, never the one this attempt's workers load.
+    bundle, pinned = pin_model(resolved.url, storage.join(out, "_state"), device,
+                               prefix=f"model-{run_id}-{attempt}-")
     resolved.check(bundle.model_id)
     check_serves(bundle, model)
     views = bundle.views(tta)

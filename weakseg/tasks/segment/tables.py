@@ -216,27 +216,15 @@ def remove_stale_chunks(out: str, run_date: str, run_id: str, n_chunks: int) -> 
     return removed
 
 
-# Object stores whose first path component is a bucket (container) that writing would create.
-_BUCKET_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl")
-
-
 def check_writable(out: str, run_id: str) -> None:
     """Write and delete a probe object; raises :class:`OutputError` saying why not.
 
     An object-store output whose bucket does not exist is refused (writing would create it).
     """
-    fs, path = storage.url_to_fs(out)
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if protocols & set(_BUCKET_STORES):
-        bucket = path.strip("/").split("/", 1)[0]
-        try:
-            found = fs.exists(bucket)
-        except Exception as err:
-            raise OutputError(f"output {storage.redact_url(out)}: cannot check bucket {bucket!r}: "
-                              f"{type(err).__name__}: {storage.redact(str(err))}") from None
-        if not found:
-            raise OutputError(f"output {storage.redact_url(out)}: bucket {bucket!r} does not exist (weakseg never "
-                              "creates buckets; create it, with its policies, first)")
+    try:
+        storage.require_buckets({"output": out})
+    except storage.BucketError as err:
+        raise OutputError(str(err)) from None
     probe = storage.join(out, "_state", f"probe-{run_id}")
     try:
         storage.write_bytes(probe, b"ok")

@@ -42,7 +42,8 @@ __all__ = ["CRASH_ENV", "Failed", "Job", "PrepareOptions", "Prepared", "Skipped"
            "prepare"]
 
 # Fault injection, for the crash tests only (as tables.CRASH_ENV): a worker asked to prepare an
-# input whose URI ends with this text exits at once, as a worker killed by the system would.
+# input whose URI (a tar member's: whose member name) ends with this text exits at once, as a
+# worker killed by the system would.
 CRASH_ENV = "WEAKSEG_CRASH_PREPARING"
 
 
@@ -68,6 +69,7 @@ class Job:
     meta: SourceMeta | None = None
     done_shas: frozenset[str] = frozenset()  # content hashes this model segmented at this URI (skip-existing)
     host_decode: bool = False  # decode on the host even where the device could (its decoder refused it)
+    key: str = ""  # image_key (:func:`~.inputs.input_key`: distinct for URLs that differ only in a credential)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Prepared:
     prior_ms: dict[str, float] = field(default_factory=dict)  # per prior (the images row's prior_ms)
     stage_ms: dict[str, float] = field(default_factory=dict)  # read / decode / priors, where they ran
     jpeg: bytes | None = None  # device decoding: the plain JPEG's bytes
+    key: str = ""  # image_key (:class:`Job`)
 
     @property
     def pixels(self) -> int:
@@ -110,6 +113,7 @@ class Failed:
     stage: str
     error_type: str
     message: str
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ def prepare(jobs: Sequence[Job], opts: PrepareOptions) -> list[Outcome]:
 
 def _one(job: Job, opts: PrepareOptions) -> Outcome:
     crash = os.environ.get(CRASH_ENV)
-    if crash and job.uri.endswith(crash):
+    if crash and (job.uri.endswith(crash) or job.uri.split("::", 1)[0].endswith(crash)):
         os._exit(70)
     ms: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -152,7 +156,7 @@ def _one(job: Job, opts: PrepareOptions) -> Outcome:
             return Transient(job.uri, str(err))
         if rec.error is not None or rec.data is None:
             err = rec.error or OSError("no data")
-            return Failed(job.uri, "read", error_kind(err), str(err))
+            return Failed(job.uri, "read", error_kind(err), str(err), job.key)
         data = rec.data
     sha = hashlib.sha256(data).hexdigest()
     ms["read"] = (time.perf_counter() - t0) * 1000
@@ -161,12 +165,12 @@ def _one(job: Job, opts: PrepareOptions) -> Outcome:
     if opts.device_jpeg and not job.host_decode:
         header = jpeg_header(data, opts.max_pixels)
         if header is not None:
-            return Prepared(job.uri, sha, "JPEG", job.meta, header, jpeg=data, stage_ms=ms)
+            return Prepared(job.uri, sha, "JPEG", job.meta, header, jpeg=data, stage_ms=ms, key=job.key)
     t0 = time.perf_counter()
     try:
         dec = decode_image(data, opts.max_pixels)
     except Exception as err:  # ImageError kinds; anything else is recorded the same way
-        return Failed(job.uri, "decode", error_kind(err), str(err))
+        return Failed(job.uri, "decode", error_kind(err), str(err), job.key)
     rgb = np.asarray(dec.image)
     h, w = rgb.shape[:2]
     views, original = {}, None
@@ -182,8 +186,8 @@ def _one(job: Job, opts: PrepareOptions) -> Outcome:
     except Exception as err:
         for a in views.values():
             discard(a)
-        return Failed(job.uri, "priors", error_kind(err), str(err))
+        return Failed(job.uri, "priors", error_kind(err), str(err), job.key)
     ms["priors"] = (time.perf_counter() - t0) * 1000
     return Prepared(job.uri, sha, dec.format, job.meta, (h, w), views,
                     None if original is None else ship(original), {k: ship(v) for k, v in inputs.items()},
-                    prior_ms, ms)
+                    prior_ms, ms, key=job.key)

@@ -25,7 +25,7 @@ from .decode import Failed, Job, Prepared, PrepareOptions, Skipped, Transient, p
 from .encode import Encoded, EncodeJob, RunContext, encode, overlay_thumbnail
 from .forward import Pixels, Prediction
 from .hostpool import BrokenProcessPool, Spooled
-from .inputs import ChunkSpec, stored_uri
+from .inputs import ChunkSpec, input_key, stored_uri
 from .postprocess import Labelled
 from .read import TransientInputError, read_chunk
 from .state import WORKER_CRASHED, ChunkState
@@ -52,15 +52,24 @@ class Item:
 
 def jobs(chunk: ChunkState, spec: ChunkSpec, done: tables.Done) -> Iterator[Job]:
     """The chunk's inputs as host jobs, each once: URLs to read (files), or bytes read here (a
-    shard's members, streamed from the archive); read failures of members are errors rows."""
+    shard's members, streamed from the archive); read failures of members are errors rows.
+
+    "Once" is per whole canonical URL (two that differ only in a credential are two inputs,
+    with one stored URI and two keys: :func:`~.inputs.input_key`). Skip-existing: each job
+    carries the content hashes this model segmented at its URI (:func:`~.decode.prepare`
+    skips a match); members of a tar read again that failed by their own bytes
+    (``done.failed``, :mod:`.incremental`) are counted skipped and not processed.
+    """
     opts, seen = chunk.opts, set()
     if spec.shard is None:
         for i, url in enumerate(spec.uris):
-            uri = stored_uri(url)
-            if uri not in seen:
-                seen.add(uri)
-                yield Job(uri, url=url, meta=spec.meta_of(i), done_shas=frozenset(done.hashes.get(uri, ())))
+            if url not in seen:
+                seen.add(url)
+                uri = stored_uri(url)
+                yield Job(uri, url=url, meta=spec.meta_of(i), done_shas=frozenset(done.hashes.get(uri, ())),
+                          key=input_key(url))
         return
+    failed = done.failed
     records = read_chunk(spec, opts.max_bytes)
     while True:
         with chunk.clock("read"):
@@ -70,11 +79,14 @@ def jobs(chunk: ChunkState, spec: ChunkSpec, done: tables.Done) -> Iterator[Job]
         if not window:
             return
         for rec in window:
-            if rec.error is not None or rec.data is None:
-                chunk.error_from(rec.uri, "read", rec.error or OSError("no data"))
-            elif rec.uri not in seen:
-                seen.add(rec.uri)
-                yield Job(rec.uri, data=rec.data, meta=rec.meta, done_shas=frozenset(done.hashes.get(rec.uri, ())))
+            if rec.uri in failed:
+                chunk.result.skipped += 1
+            elif rec.error is not None or rec.data is None:
+                chunk.error_from(rec.uri, "read", rec.error or OSError("no data"), rec.key)
+            elif rec.key not in seen:
+                seen.add(rec.key)
+                yield Job(rec.uri, data=rec.data, meta=rec.meta, done_shas=frozenset(done.hashes.get(rec.uri, ())),
+                          key=rec.key)
 
 
 class Feed:
@@ -130,13 +142,13 @@ class Feed:
         if isinstance(out, Skipped):
             chunk.result.skipped += 1
         elif isinstance(out, Failed):
-            chunk.error(out.uri, out.stage, out.error_type, out.message)
+            chunk.error(out.uri, out.stage, out.error_type, out.message, out.key)
         elif isinstance(out, Transient):
             raise TransientInputError(out.message)
         elif isinstance(out, BrokenProcessPool):
-            chunk.error(job.uri, "decode", WORKER_CRASHED, str(out))
+            chunk.error(job.uri, "decode", WORKER_CRASHED, str(out), job.key)
         else:  # the job itself raised (a bug): the input is an errors row, never lost
-            chunk.error_from(job.uri, "decode", out)
+            chunk.error_from(job.uri, "decode", out, job.key)
         return None
 
     def _decoded(self) -> Iterator[Item]:
@@ -162,7 +174,7 @@ class Feed:
                 p.jpeg = None
                 yield Item(p, Pixels(p.size, rgb))
                 continue
-            job = Job(p.uri, data=p.jpeg, meta=p.meta, host_decode=True)
+            job = Job(p.uri, data=p.jpeg, meta=p.meta, host_decode=True, key=p.key)
             for out in chunk.outcomes(chunk.pool.submit(prepare, [job], self.popts), [job], prepare, self.popts):
                 item = self._accounted(out, job)
                 if item is not None:
@@ -196,7 +208,7 @@ class Encoder:
             self.thumbnails[p.uri] = overlay_thumbnail(rgb.cpu().numpy() if isinstance(rgb, torch.Tensor) else rgb,
                                                        out.labels)
         job = EncodeJob(p.uri, p.sha, p.fmt, p.meta, chunk.pool.ship(out.labels), out.counts, out.prob_sum,
-                        out.boxes, pred.image_probs, pred.inference_ms, pred.forward_size, dict(p.prior_ms))
+                        out.boxes, pred.image_probs, pred.inference_ms, pred.forward_size, dict(p.prior_ms), p.key)
         w = hold_weight(*p.size)
         self.pending.append((chunk.pool.submit(encode, [job], self.run), job, w))
         self.weight += w
@@ -211,9 +223,9 @@ class Encoder:
                 if isinstance(out, Encoded):
                     self._rows(out, job)
                 elif isinstance(out, BrokenProcessPool):
-                    chunk.error(job.uri, "encode", WORKER_CRASHED, str(out))
+                    chunk.error(job.uri, "encode", WORKER_CRASHED, str(out), job.key)
                 else:
-                    chunk.error_from(job.uri, "encode", out)
+                    chunk.error_from(job.uri, "encode", out, job.key)
 
     def _rows(self, enc: Encoded, job: EncodeJob) -> None:
         result, rows = self.chunk.result, self.chunk.writer.rows

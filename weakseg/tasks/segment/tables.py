@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..errors import ERRORS_SCHEMA
+from .inputs import listing_key
 
 __all__ = [
     "CHUNK_TABLES",
@@ -247,47 +248,80 @@ def check_writable(out: str, run_id: str) -> None:
                           f"{storage.redact(str(err))}") from None
 
 
-# The skip-existing index: one row per (uri, content hash, listing metadata) done by the model;
-# archive_uri is a tar member's archive (null for files), so a whole unchanged shard can be skipped.
+# The skip-existing index: what the model already did with each input, sorted by image_uri.
+# Rows of `images` (outcome "ok": uri, content hash, listing metadata) and, for tar members, the
+# errors rows of the runs that read their archive (outcome "failed": caused by the input's own
+# bytes, never redone while the archive is unchanged; "retry": anything else, redone), with the
+# archive's metadata as that run listed it; a member row carries its run_id.
 _DONE_COLUMNS = {"source_size": "BIGINT", "source_etag": "VARCHAR", "source_mtime": "TIMESTAMPTZ"}
-_DONE_SQL = ("SELECT DISTINCT image_uri, content_sha256, {listing}, "
-             "CASE WHEN starts_with(image_uri, 'tar://') AND contains(image_uri, '::') "
-             "THEN substr(image_uri, strpos(image_uri, '::') + 2) END AS archive_uri "
-             "FROM read_parquet($pattern, hive_partitioning=true, union_by_name=true) "
-             "WHERE model_id = $model_id AND run_id <> $run_id ORDER BY image_uri")
+_ARCHIVE_OF = ("CASE WHEN starts_with(image_uri, 'tar://') AND contains(image_uri, '::') "
+               "THEN substr(image_uri, strpos(image_uri, '::') + 2) {otherwise} END")
+_DONE_SQL = (
+    "WITH img AS (SELECT run_id, image_uri, content_sha256, {listing}, "
+    + _ARCHIVE_OF.format(otherwise="") + " AS archive_uri "
+    "FROM read_parquet($images, hive_partitioning=true, union_by_name=true) "
+    "WHERE model_id = $model_id AND run_id <> $run_id) "
+    "SELECT DISTINCT image_uri, content_sha256, source_size, source_etag, source_mtime, archive_uri, "
+    "CASE WHEN archive_uri IS NULL THEN NULL ELSE run_id END AS run_id, 'ok' AS outcome FROM img "
+    "{errors} ORDER BY image_uri"
+)
+_DONE_ERRORS_SQL = (
+    "UNION ALL SELECT DISTINCT e.image_uri, CAST(NULL AS VARCHAR), a.source_size, a.source_etag, a.source_mtime, "
+    "a.archive_uri, e.run_id, CASE WHEN list_contains($own_bytes, e.stage || ':' || e.error_type) "
+    "THEN 'failed' ELSE 'retry' END "
+    "FROM (SELECT run_id, image_uri, stage, error_type, " + _ARCHIVE_OF.format(otherwise="ELSE image_uri")
+    + " AS archive_uri FROM read_parquet($errors, hive_partitioning=true, union_by_name=true) "
+    "WHERE run_id <> $run_id) e "
+    "JOIN (SELECT DISTINCT run_id, archive_uri, source_size, source_etag, source_mtime FROM img "
+    "WHERE archive_uri IS NOT NULL) a ON e.run_id = a.run_id AND e.archive_uri = a.archive_uri "
+)
+
+
+def _has_files(out: str, table: str) -> bool:
+    fs, root = storage.url_to_fs(storage.join(out, table))
+    return fs.exists(root) and bool(fs.glob(posixpath.join(root, "run_date=*", "*.parquet")))
 
 
 def build_done_index(out: str, model_id: str, index_url: str, run_id: str = "") -> int:
-    """Write the (image_uri, content_sha256, listing metadata) rows already segmented by ``model_id``, sorted.
+    """Write what ``model_id`` already did with each input, sorted by URI (see the index's columns
+    above); returns how many (uri, content hash, listing metadata) rows say "ok" (0: nothing done yet).
 
-    Rows of ``run_id`` itself are left out: a rerun of a run rewrites its own files. Only
-    the ``images`` table counts (written last by a chunk, it is the commit marker). Files
-    written before the table had the ``source_*`` columns give nulls there (their inputs are
-    hashed, as before).
+    Rows of ``run_id`` itself are left out: a rerun of a run rewrites its own files. ``images``
+    is the commit marker: an input counts as done only from there (written last by a chunk),
+    and a tar member's errors rows count only from runs that wrote ``images`` rows of its
+    archive (a chunk that did not finish wrote none). Which errors are the input's own fault
+    is :data:`~.incremental.CAUSED_BY_INPUT`. Files written before the table had the
+    ``source_*`` columns give nulls there (their inputs are hashed, as before).
 
     DuckDB sorts out of core and its result is streamed into the index file batch by batch,
     so memory stays bounded however large the output; every value (the output path too) is
     a bound parameter, never pasted into SQL. The sorted file lets :func:`done_lookup`
-    prune row groups by statistics. Returns the number of rows (0 when there is no output yet).
+    prune row groups by statistics.
     """
-    fs, root = storage.url_to_fs(storage.join(out, "images"))
-    if not fs.exists(root) or not fs.glob(posixpath.join(root, "run_date=*", "*.parquet")):
+    from .incremental import CAUSED_BY_INPUT
+
+    if not _has_files(out, "images"):
         return 0
     con = storage.duckdb_connection(out)
-    pattern = storage.join(out, "images", "**", "*.parquet")
+    images = storage.join(out, "images", "**", "*.parquet")
     n = 0
     try:
-        params = {"pattern": pattern, "model_id": model_id, "run_id": run_id}
+        params: dict[str, Any] = {"images": images, "model_id": model_id, "run_id": run_id}
         present = {r[0] for r in con.sql("DESCRIBE SELECT * FROM read_parquet($pattern, hive_partitioning=true, "
-                                         "union_by_name=true)", params={"pattern": pattern}).fetchall()}
+                                         "union_by_name=true)", params={"pattern": images}).fetchall()}
         listing = ", ".join(c if c in present else f"CAST(NULL AS {t}) AS {c}" for c, t in _DONE_COLUMNS.items())
-        reader = con.sql(_DONE_SQL.format(listing=listing), params=params).to_arrow_reader(16384)
+        errors = ""
+        if _has_files(out, "errors"):
+            errors = _DONE_ERRORS_SQL
+            params |= {"errors": storage.join(out, "errors", "**", "*.parquet"),
+                       "own_bytes": sorted(f"{stage}:{kind}" for stage, kind in CAUSED_BY_INPUT)}
+        reader = con.sql(_DONE_SQL.format(listing=listing, errors=errors), params=params).to_arrow_reader(16384)
         with tempfile.TemporaryDirectory() as tmp:
             local = posixpath.join(tmp, "done.parquet")
             with pq.ParquetWriter(local, reader.schema) as writer:
                 for batch in reader:
                     writer.write_batch(batch, row_group_size=16384)
-                    n += batch.num_rows
+                    n += batch.column("outcome").to_pylist().count("ok")
             with open(local, "rb") as f:
                 storage.write_bytes(index_url, f.read())
     finally:
@@ -295,18 +329,20 @@ def build_done_index(out: str, model_id: str, index_url: str, run_id: str = "") 
     return n
 
 
-ListingKey = tuple[int, str | None, datetime | None]  # (size, etag, mtime) of a listed file
+ListingKey = tuple[int, str | None, datetime | None]  # (size, etag, mtime) of a listed file: listing_key()
 
 
 @dataclass
 class Done:
-    """What the skip-existing index holds for some inputs: content hashes and listing keys, by URI."""
+    """What the skip-existing index holds for some inputs: content hashes and listing keys, by URI;
+    for a tar read again, its members that failed by their own bytes (not redone)."""
 
     hashes: dict[str, set[str]] = field(default_factory=dict)
     listed: dict[str, set[ListingKey]] = field(default_factory=dict)
+    failed: frozenset[str] = frozenset()
 
     def unchanged(self, uri: str, key: ListingKey | None) -> bool:
-        """Done from a listing that said exactly this (size, etag, mtime): no need to read it."""
+        """Done from a listing that said exactly this (:func:`~.inputs.listing_key`): no need to read it."""
         return key is not None and key in self.listed.get(uri, ())
 
     def hashed(self, uri: str, sha: str) -> bool:
@@ -316,7 +352,7 @@ class Done:
 def _listing_key(size: Any, etag: Any, mtime: Any) -> ListingKey | None:
     if size is None or (etag is None and mtime is None):
         return None
-    return int(size), etag, mtime
+    return listing_key(size, etag, mtime)
 
 
 def _read_done(index_url: str, filters: list) -> pa.Table:
@@ -325,12 +361,12 @@ def _read_done(index_url: str, filters: list) -> pa.Table:
 
 
 def done_lookup(index_url: str, uris: Iterable[str]) -> Done:
-    """The index's rows for ``uris`` (stored URIs), as :class:`Done`."""
+    """The index's "ok" rows for ``uris`` (stored URIs), as :class:`Done`."""
     uris = list(uris)
     done = Done()
     if not uris:
         return done
-    table = _read_done(index_url, [("image_uri", "in", uris)])
+    table = _read_done(index_url, [("image_uri", "in", uris), ("outcome", "==", "ok")])
     columns = [table.column(c).to_pylist() for c in ("image_uri", "content_sha256", *_DONE_COLUMNS)]
     for uri, sha, size, etag, mtime in zip(*columns, strict=True):
         done.hashes.setdefault(uri, set()).add(sha)
@@ -340,14 +376,16 @@ def done_lookup(index_url: str, uris: Iterable[str]) -> Done:
     return done
 
 
-def done_archive(index_url: str, archive_uri: str, key: ListingKey | None) -> int:
-    """How many members of the tar at ``archive_uri`` (stored URI) were done from an archive whose
-    listing said exactly ``key``: when > 0, the unchanged archive need not be read at all."""
+def done_archive(index_url: str, archive_uri: str, key: ListingKey | None) -> list[tuple[str, str, str]]:
+    """``(image_uri, run_id, outcome)`` of the index's rows for the tar at ``archive_uri`` (stored URI),
+    from runs whose listing of it said exactly ``key``; [] when ``key`` is None.
+    :func:`~.incremental.archive_verdict` decides from them."""
     if key is None:
-        return 0
+        return []
     table = _read_done(index_url, [("archive_uri", "==", archive_uri)])
-    columns = [table.column(c).to_pylist() for c in ("image_uri", *_DONE_COLUMNS)]
-    return len({uri for uri, *listed in zip(*columns, strict=True) if _listing_key(*listed) == key})
+    columns = [table.column(c).to_pylist() for c in ("image_uri", "run_id", "outcome", *_DONE_COLUMNS)]
+    return [(uri, run, outcome) for uri, run, outcome, *listed in zip(*columns, strict=True)
+            if _listing_key(*listed) == key]
 
 
 def done_in_chunk(index_url: str, uris: Iterable[str]) -> dict[str, set[str]]:

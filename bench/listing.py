@@ -9,8 +9,8 @@ reports the child's peak RSS (``VmHWM``) and what it was once the modules were i
 
 - ``local-tree``: a folder of small files in sub-folders of 1,000;
 - ``local-flat``: every file in one folder (the spilled sort);
-- ``s3``: one prefix of keys on moto's S3 server (filled through moto's backend, listed
-  through the real S3 API by s3fs).
+- ``s3``: every key under one prefix on moto's S3 server (filled through moto's backend,
+  listed through the real S3 API by s3fs).
 
 Target (issue 36): for each kind, peak RSS at the larger size within 1.2x that at the smaller
 (``ratio``). ``--code DIR`` lists with the weakseg found in DIR (e.g. an older checkout), for a
@@ -120,7 +120,7 @@ class Moto:
 
         backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
         for i in range(n):
-            backend.put_object(BUCKET, f"{prefix}/d{i // 1000:05d}/img{i:07d}.jpg", b"x")
+            backend.put_object(BUCKET, f"{prefix}/img{i:07d}.jpg", b"x")
         return f"s3://{BUCKET}/{prefix}"
 
     def stop(self) -> None:

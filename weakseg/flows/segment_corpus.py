@@ -178,7 +178,7 @@ def _chunk_device(device: str, task_runner: str, dask_address: str | None) -> st
 def finish_run(out: str, run_date: str, run_id: str, n_chunks: int, row: dict[str, Any],
                scratch: list[str]) -> str:
     """Drop this run's files that this attempt did not write, write its ``runs`` row, remove scratch files."""
-    tables.remove_stale_chunks(out, run_date, run_id, n_chunks)
+    tables.remove_stale_chunks(out, run_date, run_id, n_chunks, before=row["started_at"])
     tables.crash_point("runs")
     url = tables.runs_file(out, run_date, run_id)
     tables.write_rows(url, "runs", [row])

@@ -16,6 +16,7 @@ listed there has its masks and regions.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import re
@@ -27,6 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage
 from ..errors import ERRORS_SCHEMA
@@ -54,6 +56,7 @@ __all__ = [
     "write_rows",
 ]
 
+_logger = logging.getLogger(__name__)
 CHUNK_TABLES = ("errors", "regions", "masks", "images")  # write order: images last
 
 SCHEMAS: dict[str, pa.Schema] = {
@@ -204,9 +207,17 @@ def find_run_date(out: str, run_id: str) -> str | None:
     return min(dates) if dates else None
 
 
-def remove_stale_chunks(out: str, run_date: str, run_id: str, n_chunks: int) -> int:
+def remove_stale_chunks(out: str, run_date: str, run_id: str, n_chunks: int, before: datetime | None = None) -> int:
     """Delete ``run_id``'s files that this attempt did not write: chunks ``>= n_chunks`` (an earlier,
-    longer listing) and any file of the run in another run_date partition. Never another run's."""
+    longer listing) and any file of the run in another run_date partition. Never another run's.
+
+    With ``before`` (this attempt's start), also what killed attempts of the run left behind,
+    last modified before it: their temporary files (a writer killed between its temporary file
+    and the rename, :func:`weakseg._atomic.atomic_write`) and their scratch files in
+    ``_state/`` (output probes, skip-existing indexes). A live attempt of the same run id that
+    started earlier loses its index then: its remaining chunks read and hash every input
+    instead of skipping (:func:`done_lookup`), the same rows.
+    """
     fs, _ = storage.url_to_fs(out)
     removed = 0
     for _, date, path in run_files(out, run_id):  # paths inside ``fs``
@@ -214,7 +225,37 @@ def remove_stale_chunks(out: str, run_date: str, run_id: str, n_chunks: int) -> 
         if date != run_date or (chunk is not None and chunk >= n_chunks):
             fs.rm(path)
             removed += 1
+    if before is not None:
+        for path in _leftovers(out, run_id, before):
+            fs.rm(path)
+            removed += 1
     return removed
+
+
+def _leftovers(out: str, run_id: str, before: datetime) -> list[str]:
+    """Temporary and scratch files of ``run_id`` last modified before ``before`` (see :func:`remove_stale_chunks`)."""
+    from .inputs import source_meta
+
+    check_run_id(run_id)
+    rid = re.escape(run_id)
+    temp = re.compile(rf"\.{rid}(-\d{{6,}})?\.parquet\..+\.tmp")
+    scratch = re.compile(rf"(probe-{rid}-[0-9a-f]+|\.?done-{rid}-[0-9a-f]+\.parquet(\..+\.tmp)?"
+                         rf"|\.model-{rid}-[0-9a-f]+\.pt\..+\.tmp)")
+    found = []
+    for table in (*CHUNK_TABLES, "runs", "_state"):
+        fs, root = storage.url_to_fs(storage.join(out, table))
+        if table != "_state" and not isinstance(fs, LocalFileSystem):  # object stores write whole objects
+            continue
+        if not fs.exists(root):
+            continue
+        fs.invalidate_cache(root)
+        pattern = scratch if table == "_state" else temp
+        for path, info in fs.find(root, detail=True, maxdepth=None if table != "_state" else 1).items():
+            meta = source_meta(info)
+            if pattern.fullmatch(posixpath.basename(path)) and meta is not None and meta.mtime is not None \
+                    and meta.mtime < before:
+                found.append(path)
+    return found
 
 
 # Object stores whose first path component is a bucket (container) that writing would create.
@@ -355,9 +396,16 @@ def _listing_key(size: Any, etag: Any, mtime: Any) -> ListingKey | None:
     return listing_key(size, etag, mtime)
 
 
-def _read_done(index_url: str, filters: list) -> pa.Table:
+def _read_done(index_url: str, filters: list) -> pa.Table | None:
+    """The index's rows that pass ``filters``; None when the index is gone (a rerun of the run removed
+    a killed attempt's scratch while this one ran: the inputs are then read and hashed, never lost)."""
     fs, path = storage.url_to_fs(index_url)
-    return pq.read_table(path, filesystem=fs, filters=filters)
+    try:
+        return pq.read_table(path, filesystem=fs, filters=filters)
+    except FileNotFoundError:
+        _logger.warning("skip-existing index %s is gone; reading and hashing this chunk's inputs",
+                        storage.redact_url(index_url))
+        return None
 
 
 def done_lookup(index_url: str, uris: Iterable[str]) -> Done:
@@ -367,6 +415,8 @@ def done_lookup(index_url: str, uris: Iterable[str]) -> Done:
     if not uris:
         return done
     table = _read_done(index_url, [("image_uri", "in", uris), ("outcome", "==", "ok")])
+    if table is None:
+        return done
     columns = [table.column(c).to_pylist() for c in ("image_uri", "content_sha256", *_DONE_COLUMNS)]
     for uri, sha, size, etag, mtime in zip(*columns, strict=True):
         done.hashes.setdefault(uri, set()).add(sha)
@@ -383,6 +433,8 @@ def done_archive(index_url: str, archive_uri: str, key: ListingKey | None) -> li
     if key is None:
         return []
     table = _read_done(index_url, [("archive_uri", "==", archive_uri)])
+    if table is None:
+        return []
     columns = [table.column(c).to_pylist() for c in ("image_uri", "run_id", "outcome", *_DONE_COLUMNS)]
     return [(uri, run, outcome) for uri, run, outcome, *listed in zip(*columns, strict=True)
             if _listing_key(*listed) == key]

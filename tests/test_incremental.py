@@ -164,12 +164,21 @@ def test_an_s3_prefix_is_listed_page_by_page(s3, monkeypatch):
         lists_for_first = proxy.methods["GET"]
         rest = list(chunks)
         lists_in_all = proxy.methods["GET"]
+        cached = [k for k in storage.url_to_fs("s3://weakseg-test/paged")[0].dircache if "paged" in k]
+        with pytest.raises(inputs.SourceError, match="does not exist"):
+            next(iter_chunks("s3://weakseg-test/no-such-prefix", 5))
+        with pytest.raises(inputs.SourceError, match="does not exist"):
+            next(iter_chunks("s3://weakseg-no-such-bucket/x", 5))
+        [one] = list(iter_chunks("s3://weakseg-test/paged/img007.jpg", 5))
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     s3fs.S3FileSystem.clear_instance_cache()
     uris = [u for c in (first, *rest) for u in c.uris]
     assert uris == [f"s3://weakseg-test/paged/img{i:03d}.jpg" for i in range(30)]
     assert all(m is not None and m.etag for c in (first, *rest) for m in c.meta)
-    assert lists_in_all - lists_for_first >= 2, (lists_for_first, lists_in_all)  # 4 pages, 3 after the first chunk
+    # a one-key listing says it is a folder, then one page of 10: nothing listed whole, nothing cached
+    assert lists_for_first == 2 and lists_in_all == 5, (lists_for_first, lists_in_all)  # 31 keys: 4 pages
+    assert cached == []
+    assert one.uris == ("s3://weakseg-test/paged/img007.jpg",)
 
 
 # --- 37.4: a network failure is not the image's fault --------------------------------------------

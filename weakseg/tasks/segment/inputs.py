@@ -189,6 +189,44 @@ def _is_s3(fs) -> bool:
     return bool({"s3", "s3a"} & set(protocols)) and hasattr(fs, "_call_s3")
 
 
+def _kind(fs, path: str) -> str | None:
+    """``"dir"``, ``"file"`` or None (nothing there), without listing a folder: fsspec's ``isdir``
+    lists an S3 folder whole (and caches it: every key in memory before the first is used),
+    and its ``exists`` on HTTP is a ``GET`` that starts sending the body. An HTTP URL is a
+    file (or a manifest), never listed."""
+    if _is_http(fs):
+        try:
+            fs.info(path)  # a HEAD
+        except FileNotFoundError:
+            return None
+        return "file"
+    if _is_s3(fs):
+        return _s3_kind(fs, path)
+    if not fs.exists(path):
+        return None
+    return "dir" if fs.isdir(path) else "file"
+
+
+def _s3_kind(fs, path: str) -> str | None:
+    """One ``HEAD`` (an object?) and at most one one-key listing (a folder?)."""
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+    key = key.strip("/")
+    if key:
+        try:
+            sync(fs.loop, fs._call_s3, "head_object", Bucket=bucket, Key=key, **getattr(fs, "req_kw", {}))
+            return "file"
+        except FileNotFoundError:
+            pass
+    try:
+        out = sync(fs.loop, fs._call_s3, "list_objects_v2", Bucket=bucket, Prefix=key + "/" if key else "",
+                   MaxKeys=1, **getattr(fs, "req_kw", {}))
+    except FileNotFoundError:  # no such bucket
+        return None
+    return "dir" if out.get("KeyCount", 0) or out.get("Contents") or out.get("CommonPrefixes") else None
+
+
 def _is_glob(url: str) -> bool:
     if url.lower().startswith(("http://", "https://")):  # "?" starts a query there, e.g. a signed URL's
         return False
@@ -456,9 +494,10 @@ class Listing:
             for path, meta in _glob(fs, root):
                 yield ("shard" if path.lower().endswith(".tar") else "image"), rebase(path), meta
             return
-        if not fs.exists(root):
+        kind = _kind(fs, root)
+        if kind is None:
             raise SourceError(f"--images {storage.redact_url(images)} does not exist")
-        if not _is_http(fs) and fs.isdir(root):  # an HTTP URL is one file or manifest, never listed
+        if kind == "dir":
             self.repeats = False
             rebase = _Rebase(fs, images)
             for path, meta in _walk(fs, root):

@@ -2,12 +2,14 @@
 
 Every ``fail_every``-th request gets ``503 SlowDown`` (S3's throttling answer) and every
 ``drop_every``-th has its connection closed without an answer. Deterministic counters, so
-a test run is repeatable; counts of what it did are kept for assertions.
+a test run is repeatable; counts of what it did are kept for assertions (``methods``: requests
+by HTTP method; ``body_bytes``: bytes of response bodies sent, by method).
 """
 from __future__ import annotations
 
 import http.client
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -21,6 +23,8 @@ class FlakyProxy:
         self.upstream = urlsplit(upstream)
         self.fail_every, self.drop_every = fail_every, drop_every
         self.requests = self.failed = self.dropped = 0
+        self.methods: Counter[str] = Counter()
+        self.body_bytes: Counter[str] = Counter()
         self._lock = threading.Lock()
         proxy = self
 
@@ -34,6 +38,7 @@ class FlakyProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with proxy._lock:
                     proxy.requests += 1
+                    proxy.methods[self.command] += 1
                     n = proxy.requests
                 if proxy.drop_every and n % proxy.drop_every == 0:
                     with proxy._lock:
@@ -60,10 +65,14 @@ class FlakyProxy:
                 for key, value in resp.getheaders():
                     if key.lower() not in _HOP and key.lower() != "content-length":
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD answer has no body but says the object's length
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.body_bytes[self.command] += len(data)
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle

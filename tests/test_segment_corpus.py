@@ -221,13 +221,15 @@ def test_memory_filesystem_with_shards(prefect_harness, model_bytes):
     assert n[0] == 4
     # The command line, incremental: files and shard members already done are skipped. The files and
     # the shard are unchanged (listing metadata), so none is read: the empty file, never segmented, is
-    # read and fails again; the shard is skipped whole, its failed member with it.
+    # read and fails again; the shard is skipped whole, its member that failed by its own bytes counted
+    # skipped with it (every input of the corpus is counted: listed 6).
     from weakseg.flows.cli import main
 
     assert main(["segment", "--images", root, "--model", model, "--out", out, "--run-id", "mem2", "--skip-existing",
                  "--priors", "ilp", "--device", "cpu", "--batch-size", "2"]) == 0
     runs = {r["run_id"]: r["counts"] for r in tables.read_table(out, "runs").to_pylist()}
-    assert runs["mem2"]["skipped"] == 4 and runs["mem2"]["ok"] == 0 and runs["mem2"]["failed"] == 1
+    assert runs["mem2"]["skipped"] == 5 and runs["mem2"]["ok"] == 0 and runs["mem2"]["failed"] == 1
+    assert runs["mem2"]["listed"] == 6
 
 
 def test_fails_fast_on_missing_model_or_unwritable_output(prefect_harness, tmp_path, model_bytes):

@@ -230,8 +230,8 @@ def test_corpus_listing_kinds(tmp_path):
     for name in ("a.JPG", "b/c.png", "b/.hidden/x.jpg", "b/notes.txt", "z.tar"):
         (root / name).write_bytes(b"x")
     kinds = list(iter_inputs(str(root)))
-    # Folder by folder (a folder's files, then its sub-folders), each sorted; hidden ones skipped.
-    assert kinds == [("image", f"{root}/a.JPG"), ("shard", f"{root}/z.tar"), ("image", f"{root}/b/c.png")]
+    # Sorted by path, a folder's name sorting as "name/" (the order S3 lists keys in); hidden ones skipped.
+    assert kinds == [("image", f"{root}/a.JPG"), ("image", f"{root}/b/c.png"), ("shard", f"{root}/z.tar")]
     assert [u for _, u in iter_inputs(f"{root}/**/*.png")] == [f"{root}/b/c.png"]
     (tmp_path / "list.txt").write_text("# comment\nc/a.JPG\n\n/abs/x.jpg\nmemory://m/y.jpg\n")
     assert [u for _, u in iter_inputs(str(tmp_path / "list.txt"))] == [f"{tmp_path}/c/a.JPG", "/abs/x.jpg",
@@ -240,7 +240,7 @@ def test_corpus_listing_kinds(tmp_path):
     assert [u for _, u in iter_inputs(str(tmp_path / "m.parquet"))] == [f"{root}/a.JPG", f"{tmp_path}/c/b/c.png"]
     chunks = list(iter_chunks(str(root), 1))
     assert [(c.index, c.uris, c.shard) for c in chunks] == [
-        (0, (f"{root}/a.JPG",), None), (1, (), f"{root}/z.tar"), (2, (f"{root}/b/c.png",), None)]
+        (0, (f"{root}/a.JPG",), None), (1, (f"{root}/b/c.png",), None), (2, (), f"{root}/z.tar")]
     assert [u for _, u in iter_inputs("memory://nothing/s-{000..002}.tar")] == [
         "memory://nothing/s-000.tar", "memory://nothing/s-001.tar", "memory://nothing/s-002.tar"]
     from weakseg.tasks.ingest.sources import SourceError

@@ -124,7 +124,9 @@ def test_unchanged_local_corpus_is_not_read(tmp_path, bundle, opens):
     assert [r["image_uri"] for r in r3] == [str(root / "2.jpg")]
 
 
-def test_manifest_listing_falls_back_to_hashing(tmp_path, bundle, opens):
+def test_manifest_inputs_are_described_before_reading(tmp_path, bundle, opens):
+    """A manifest's listing says nothing of its files: each is stat'ed (a HEAD for URLs) before it is
+    read, and the images row records it, so a later run of any listing decides without reading."""
     root = tmp_path / "corpus"
     root.mkdir()
     for i in range(2):
@@ -132,11 +134,14 @@ def test_manifest_listing_falls_back_to_hashing(tmp_path, bundle, opens):
     (tmp_path / "list.txt").write_text("corpus/0.jpg\ncorpus/1.jpg\n")
     out = str(tmp_path / "out")
     _run(str(tmp_path / "list.txt"), out, "m1", bundle, skip=False)
-    assert {r["source_size"] for r in tables.read_table(out, "images").to_pylist()} == {None}
+    sizes = {r["image_uri"]: r["source_size"] for r in tables.read_table(out, "images").to_pylist()}
+    assert sizes == {str(root / f"{i}.jpg"): os.stat(root / f"{i}.jpg").st_size for i in range(2)}
     opens.clear()
-    again = _run(str(root), out, "m2", bundle, skip=True)  # the same files, now from a listing with metadata
+    again = _run(str(root), out, "m2", bundle, skip=True)  # the same files, now from a folder listing
     assert (again.ok, again.skipped) == (0, 2)
-    assert len([p for p in opens if str(root) in p]) == 2  # read and hashed: the manifest run recorded no metadata
+    third = _run(str(tmp_path / "list.txt"), out, "m3", bundle, skip=True)  # and from the manifest again
+    assert (third.ok, third.skipped) == (0, 2)
+    assert not [p for p in opens if str(root) in p]  # not one image byte read
 
 
 def test_unchanged_shard_is_not_opened(bundle, opens):

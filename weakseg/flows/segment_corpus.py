@@ -216,7 +216,7 @@ def _local_dask_host_workers(dask_workers: int) -> int:
 def finish_run(out: str, run_date: str, run_id: str, n_chunks: int, row: dict[str, Any],
                scratch: list[str]) -> str:
     """Drop this run's files that this attempt did not write, write its ``runs`` row, remove scratch files."""
-    tables.remove_stale_chunks(out, run_date, run_id, n_chunks)
+    tables.remove_stale_chunks(out, run_date, run_id, n_chunks, before=row["started_at"])
     tables.crash_point("runs")
     url = tables.runs_file(out, run_date, run_id)
     tables.write_rows(url, "runs", [row])

@@ -106,7 +106,7 @@ def segment_chunk(spec: ChunkSpec, opts: SegmentOptions, bundle: ModelBundle | N
         ready = []
         for item, pred, out in zip(batch, preds, labelled, strict=True):
             if isinstance(out, BaseException):
-                chunk.error_from(item.p.uri, "priors", out)
+                chunk.error_from(item.p.uri, "priors", out, item.p.key)
             elif out is not None:  # None: its forward pass failed (an errors row already)
                 ready.append((item, pred, out))
         encoder.submit(ready)

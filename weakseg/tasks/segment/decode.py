@@ -42,7 +42,8 @@ __all__ = ["CRASH_ENV", "Failed", "Job", "PrepareOptions", "Prepared", "Skipped"
            "prepare"]
 
 # Fault injection, for the crash tests only (as tables.CRASH_ENV): a worker asked to prepare an
-# input whose URI ends with this text exits at once, as a worker killed by the system would.
+# input whose URI (a tar member's: whose member name) ends with this text exits at once, as a
+# worker killed by the system would.
 CRASH_ENV = "WEAKSEG_CRASH_PREPARING"
 
 
@@ -69,6 +70,7 @@ class Job:
     done_shas: frozenset[str] = frozenset()  # content hashes this model segmented at this URI (skip-existing)
     host_decode: bool = False  # decode on the host even where the device could (its decoder refused it)
     slot: int | None = None  # the shared-memory slot for its arrays (handoff.Slots), taken by the flow's process
+    key: str = ""  # image_key (:func:`~.inputs.input_key`: distinct for URLs that differ only in a credential)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Prepared:
     views: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # shrunk to a view's size
     original: np.ndarray | None = None  # full pixels, when a view needs them (not shrunk)
     inputs: dict[str, np.ndarray] = field(default_factory=dict)  # the priors' host inputs
+    key: str = ""  # image_key (:class:`Job`)
 
     @property
     def pixels(self) -> int:
@@ -119,6 +122,7 @@ class Failed:
     stage: str
     error_type: str
     message: str
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def prepare(jobs: Sequence[Job], opts: PrepareOptions) -> list[Outcome]:
 
 def _one(job: Job, opts: PrepareOptions) -> Outcome:
     crash = os.environ.get(CRASH_ENV)
-    if crash and job.uri.endswith(crash):
+    if crash and (job.uri.endswith(crash) or job.uri.split("::", 1)[0].endswith(crash)):
         os._exit(70)
     ms: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -161,7 +165,7 @@ def _one(job: Job, opts: PrepareOptions) -> Outcome:
             return Transient(job.uri, str(err))
         if rec.error is not None or rec.data is None:
             err = rec.error or OSError("no data")
-            return Failed(job.uri, "read", error_kind(err), str(err))
+            return Failed(job.uri, "read", error_kind(err), str(err), job.key)
         data = rec.data
     sha = hashlib.sha256(data).hexdigest()
     ms["read"] = (time.perf_counter() - t0) * 1000
@@ -170,12 +174,12 @@ def _one(job: Job, opts: PrepareOptions) -> Outcome:
     if opts.device_jpeg and not job.host_decode:
         header = jpeg_header(data, opts.max_pixels)
         if header is not None:
-            return Prepared(job.uri, sha, "JPEG", job.meta, header, jpeg=data, stage_ms=ms)
+            return Prepared(job.uri, sha, "JPEG", job.meta, header, jpeg=data, stage_ms=ms, key=job.key)
     t0 = time.perf_counter()
     try:
         dec = decode_image(data, opts.max_pixels)
     except Exception as err:  # ImageError kinds; anything else is recorded the same way
-        return Failed(job.uri, "decode", error_kind(err), str(err))
+        return Failed(job.uri, "decode", error_kind(err), str(err), job.key)
     rgb = np.asarray(dec.image)
     h, w = rgb.shape[:2]
     arrays: dict[str, np.ndarray] = {}
@@ -189,11 +193,11 @@ def _one(job: Job, opts: PrepareOptions) -> Outcome:
     try:
         inputs, prior_ms = compute_prior_inputs(rgb, opts.priors)
     except Exception as err:
-        return Failed(job.uri, "priors", error_kind(err), str(err))
+        return Failed(job.uri, "priors", error_kind(err), str(err), job.key)
     for name, a in inputs.items():
         arrays[f"input:{name}"] = _compact(a) if name == "superpixels" else a
     ms["priors"] = (time.perf_counter() - t0) * 1000
-    return Prepared(job.uri, sha, dec.format, job.meta, (h, w), pack(arrays, job.slot), prior_ms, ms)
+    return Prepared(job.uri, sha, dec.format, job.meta, (h, w), pack(arrays, job.slot), prior_ms, ms, key=job.key)
 
 
 def _compact(ids: np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ def forward(chunk: ChunkState, device: DeviceStage, batch: Sequence[Item]) -> li
         return _timed_forward(chunk, device, batch)
     except Exception as err:
         if len(batch) == 1:
-            chunk.error_from(batch[0].p.uri, "inference", err)
+            chunk.error_from(batch[0].p.uri, "inference", err, batch[0].p.key)
             return [None]
         _logger.warning("chunk %d: forward pass failed for %d images (%s); one at a time", chunk.spec.index,
                         len(batch), redact(str(err)))
@@ -75,7 +75,7 @@ def forward(chunk: ChunkState, device: DeviceStage, batch: Sequence[Item]) -> li
         try:
             preds.extend(_timed_forward(chunk, device, [item]))
         except Exception as err:
-            chunk.error_from(item.p.uri, "inference", err)
+            chunk.error_from(item.p.uri, "inference", err, item.p.key)
             preds.append(None)
     return preds
 

@@ -57,6 +57,7 @@ class EncodeJob:
     inference_ms: float
     forward_size: tuple[int, int]
     prior_ms: dict[str, float] = field(default_factory=dict)
+    key: str = ""  # image_key (:func:`~.inputs.input_key`); "" : the hash of ``uri``
 
 
 @dataclass
@@ -112,7 +113,7 @@ def _one(job: EncodeJob, run: RunContext) -> Encoded:
     counts[job.present], prob_sum[job.present], boxes[job.present] = job.counts, job.prob_sum, job.boxes
     rows = regions(labels.size, counts, prob_sum, boxes, job.image_probs, run.classes)
     png = encode_mask(labels)
-    key = image_key(job.uri)
+    key = job.key or image_key(job.uri)
     classes = run.classes
     order = np.argsort(-job.image_probs)
     image = {

@@ -27,7 +27,7 @@ from .decode import Failed, Job, Prepared, PrepareOptions, Skipped, Transient, p
 from .encode import Encoded, EncodeJob, RunContext, encode, overlay_thumbnail
 from .forward import Pixels, Prediction
 from .hostpool import BrokenProcessPool
-from .inputs import ChunkSpec, stored_uri
+from .inputs import ChunkSpec, input_key, stored_uri
 from .postprocess import Labelled
 from .read import TransientInputError, read_chunk
 from .state import WORKER_CRASHED, ChunkState
@@ -57,15 +57,24 @@ class Item:
 
 def jobs(chunk: ChunkState, spec: ChunkSpec, done: tables.Done) -> Iterator[Job]:
     """The chunk's inputs as host jobs, each once: URLs to read (files), or bytes read here (a
-    shard's members, streamed from the archive); read failures of members are errors rows."""
+    shard's members, streamed from the archive); read failures of members are errors rows.
+
+    "Once" is per whole canonical URL (two that differ only in a credential are two inputs,
+    with one stored URI and two keys: :func:`~.inputs.input_key`). Skip-existing: each job
+    carries the content hashes this model segmented at its URI (:func:`~.decode.prepare`
+    skips a match); members of a tar read again that failed by their own bytes
+    (``done.failed``, :mod:`.incremental`) are counted skipped and not processed.
+    """
     opts, seen = chunk.opts, set()
     if spec.shard is None:
         for i, url in enumerate(spec.uris):
-            uri = stored_uri(url)
-            if uri not in seen:
-                seen.add(uri)
-                yield Job(uri, url=url, meta=spec.meta_of(i), done_shas=frozenset(done.hashes.get(uri, ())))
+            if url not in seen:
+                seen.add(url)
+                uri = stored_uri(url)
+                yield Job(uri, url=url, meta=spec.meta_of(i), done_shas=frozenset(done.hashes.get(uri, ())),
+                          key=input_key(url))
         return
+    failed = done.failed
     records = read_chunk(spec, opts.max_bytes)
     while True:
         with chunk.clock("read"):
@@ -75,11 +84,14 @@ def jobs(chunk: ChunkState, spec: ChunkSpec, done: tables.Done) -> Iterator[Job]
         if not window:
             return
         for rec in window:
-            if rec.error is not None or rec.data is None:
-                chunk.error_from(rec.uri, "read", rec.error or OSError("no data"))
-            elif rec.uri not in seen:
-                seen.add(rec.uri)
-                yield Job(rec.uri, data=rec.data, meta=rec.meta, done_shas=frozenset(done.hashes.get(rec.uri, ())))
+            if rec.uri in failed:
+                chunk.result.skipped += 1
+            elif rec.error is not None or rec.data is None:
+                chunk.error_from(rec.uri, "read", rec.error or OSError("no data"), rec.key)
+            elif rec.key not in seen:
+                seen.add(rec.key)
+                yield Job(rec.uri, data=rec.data, meta=rec.meta, done_shas=frozenset(done.hashes.get(rec.uri, ())),
+                          key=rec.key)
 
 
 class Feed:
@@ -181,13 +193,13 @@ class Feed:
         if isinstance(out, Skipped):
             chunk.result.skipped += 1
         elif isinstance(out, Failed):
-            chunk.error(out.uri, out.stage, out.error_type, out.message)
+            chunk.error(out.uri, out.stage, out.error_type, out.message, out.key)
         elif isinstance(out, Transient):
             raise TransientInputError(out.message)
         elif isinstance(out, BrokenProcessPool):
-            chunk.error(job.uri, "decode", WORKER_CRASHED, str(out))
+            chunk.error(job.uri, "decode", WORKER_CRASHED, str(out), job.key)
         else:  # the job itself raised (a bug): the input is an errors row, never lost
-            chunk.error_from(job.uri, "decode", out)
+            chunk.error_from(job.uri, "decode", out, job.key)
         return None
 
     def _decoded(self) -> Iterator[Item]:
@@ -272,9 +284,9 @@ class Encoder:
                 if isinstance(out, Encoded):
                     self._rows(out, job)
                 elif isinstance(out, BrokenProcessPool):
-                    chunk.error(job.uri, "encode", WORKER_CRASHED, str(out))
+                    chunk.error(job.uri, "encode", WORKER_CRASHED, str(out), job.key)
                 else:
-                    chunk.error_from(job.uri, "encode", out)
+                    chunk.error_from(job.uri, "encode", out, job.key)
 
     def _rows(self, enc: Encoded, job: EncodeJob) -> None:
         result, rows = self.chunk.result, self.chunk.writer.rows
@@ -305,4 +317,4 @@ def _encode_job(p: Prepared, pred: Prediction, out: Labelled, labels: Any) -> En
     present = np.flatnonzero(out.counts)
     return EncodeJob(p.uri, p.sha, p.fmt, p.meta, labels, tuple(out.labels.shape), present, out.counts[present],
                      out.prob_sum[present], out.boxes[present], pred.image_probs, pred.inference_ms,
-                     pred.forward_size, dict(p.prior_ms))
+                     pred.forward_size, dict(p.prior_ms), p.key)

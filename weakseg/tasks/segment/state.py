@@ -137,13 +137,14 @@ class ChunkState:
         # thread) is shared by them, yet every worker has jobs while the device runs a batch.
         self.per_job = max(1, min(8, self.ahead // (2 * pool.workers))) if pool.workers else 1
 
-    def error(self, uri: str, stage: str, error_type: str, message: str) -> None:
-        self.writer.rows["errors"].append(ErrorRecord(uri, image_key(uri), stage, error_type, message,
+    def error(self, uri: str, stage: str, error_type: str, message: str, key: str = "") -> None:
+        """An errors row; ``key``: the input's image_key (:func:`~.inputs.input_key`), "" for the hash of ``uri``."""
+        self.writer.rows["errors"].append(ErrorRecord(uri, key or image_key(uri), stage, error_type, message,
                                                       run_id=self.opts.run_id, chunk=self.spec.index,
                                                       occurred_at=datetime.now(UTC)).row())
 
-    def error_from(self, uri: str, stage: str, err: BaseException) -> None:
-        self.error(uri, stage, error_kind(err), str(err))
+    def error_from(self, uri: str, stage: str, err: BaseException, key: str = "") -> None:
+        self.error(uri, stage, error_kind(err), str(err), key)
 
     def outcomes(self, future: Future, jobs: Sequence[Any], fn: Callable, *args: Any) -> list[Any]:
         """A host job's outcomes; when its worker died, each input again alone (an input whose job

@@ -16,6 +16,7 @@ listed there has its masks and regions.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import re
@@ -27,9 +28,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from .. import storage
 from ..errors import ERRORS_SCHEMA
+from .inputs import listing_key
 
 __all__ = [
     "CHUNK_TABLES",
@@ -53,6 +56,7 @@ __all__ = [
     "write_rows",
 ]
 
+_logger = logging.getLogger(__name__)
 CHUNK_TABLES = ("errors", "regions", "masks", "images")  # write order: images last
 
 SCHEMAS: dict[str, pa.Schema] = {
@@ -203,9 +207,17 @@ def find_run_date(out: str, run_id: str) -> str | None:
     return min(dates) if dates else None
 
 
-def remove_stale_chunks(out: str, run_date: str, run_id: str, n_chunks: int) -> int:
+def remove_stale_chunks(out: str, run_date: str, run_id: str, n_chunks: int, before: datetime | None = None) -> int:
     """Delete ``run_id``'s files that this attempt did not write: chunks ``>= n_chunks`` (an earlier,
-    longer listing) and any file of the run in another run_date partition. Never another run's."""
+    longer listing) and any file of the run in another run_date partition. Never another run's.
+
+    With ``before`` (this attempt's start), also what killed attempts of the run left behind,
+    last modified before it: their temporary files (a writer killed between its temporary file
+    and the rename, :func:`weakseg._atomic.atomic_write`) and their scratch files in
+    ``_state/`` (output probes, skip-existing indexes). A live attempt of the same run id that
+    started earlier loses its index then: its remaining chunks read and hash every input
+    instead of skipping (:func:`done_lookup`), the same rows.
+    """
     fs, _ = storage.url_to_fs(out)
     removed = 0
     for _, date, path in run_files(out, run_id):  # paths inside ``fs``
@@ -213,7 +225,37 @@ def remove_stale_chunks(out: str, run_date: str, run_id: str, n_chunks: int) -> 
         if date != run_date or (chunk is not None and chunk >= n_chunks):
             fs.rm(path)
             removed += 1
+    if before is not None:
+        for path in _leftovers(out, run_id, before):
+            fs.rm(path)
+            removed += 1
     return removed
+
+
+def _leftovers(out: str, run_id: str, before: datetime) -> list[str]:
+    """Temporary and scratch files of ``run_id`` last modified before ``before`` (see :func:`remove_stale_chunks`)."""
+    from .inputs import source_meta
+
+    check_run_id(run_id)
+    rid = re.escape(run_id)
+    temp = re.compile(rf"\.{rid}(-\d{{6,}})?\.parquet\..+\.tmp")
+    scratch = re.compile(rf"(probe-{rid}-[0-9a-f]+|\.?done-{rid}-[0-9a-f]+\.parquet(\..+\.tmp)?"
+                         rf"|\.model-{rid}-[0-9a-f]+(-[0-9a-f]+)?\.pt\..+\.tmp)")
+    found = []
+    for table in (*CHUNK_TABLES, "runs", "_state"):
+        fs, root = storage.url_to_fs(storage.join(out, table))
+        if table != "_state" and not isinstance(fs, LocalFileSystem):  # object stores write whole objects
+            continue
+        if not fs.exists(root):
+            continue
+        fs.invalidate_cache(root)
+        pattern = scratch if table == "_state" else temp
+        for path, info in fs.find(root, detail=True, maxdepth=None if table != "_state" else 1).items():
+            meta = source_meta(info)
+            if pattern.fullmatch(posixpath.basename(path)) and meta is not None and meta.mtime is not None \
+                    and meta.mtime < before:
+                found.append(path)
+    return found
 
 
 def check_writable(out: str, run_id: str) -> None:
@@ -235,47 +277,80 @@ def check_writable(out: str, run_id: str) -> None:
                           f"{storage.redact(str(err))}") from None
 
 
-# The skip-existing index: one row per (uri, content hash, listing metadata) done by the model;
-# archive_uri is a tar member's archive (null for files), so a whole unchanged shard can be skipped.
+# The skip-existing index: what the model already did with each input, sorted by image_uri.
+# Rows of `images` (outcome "ok": uri, content hash, listing metadata) and, for tar members, the
+# errors rows of the runs that read their archive (outcome "failed": caused by the input's own
+# bytes, never redone while the archive is unchanged; "retry": anything else, redone), with the
+# archive's metadata as that run listed it; a member row carries its run_id.
 _DONE_COLUMNS = {"source_size": "BIGINT", "source_etag": "VARCHAR", "source_mtime": "TIMESTAMPTZ"}
-_DONE_SQL = ("SELECT DISTINCT image_uri, content_sha256, {listing}, "
-             "CASE WHEN starts_with(image_uri, 'tar://') AND contains(image_uri, '::') "
-             "THEN substr(image_uri, strpos(image_uri, '::') + 2) END AS archive_uri "
-             "FROM read_parquet($pattern, hive_partitioning=true, union_by_name=true) "
-             "WHERE model_id = $model_id AND run_id <> $run_id ORDER BY image_uri")
+_ARCHIVE_OF = ("CASE WHEN starts_with(image_uri, 'tar://') AND contains(image_uri, '::') "
+               "THEN substr(image_uri, strpos(image_uri, '::') + 2) {otherwise} END")
+_DONE_SQL = (
+    "WITH img AS (SELECT run_id, image_uri, content_sha256, {listing}, "
+    + _ARCHIVE_OF.format(otherwise="") + " AS archive_uri "
+    "FROM read_parquet($images, hive_partitioning=true, union_by_name=true) "
+    "WHERE model_id = $model_id AND run_id <> $run_id) "
+    "SELECT DISTINCT image_uri, content_sha256, source_size, source_etag, source_mtime, archive_uri, "
+    "CASE WHEN archive_uri IS NULL THEN NULL ELSE run_id END AS run_id, 'ok' AS outcome FROM img "
+    "{errors} ORDER BY image_uri"
+)
+_DONE_ERRORS_SQL = (
+    "UNION ALL SELECT DISTINCT e.image_uri, CAST(NULL AS VARCHAR), a.source_size, a.source_etag, a.source_mtime, "
+    "a.archive_uri, e.run_id, CASE WHEN list_contains($own_bytes, e.stage || ':' || e.error_type) "
+    "THEN 'failed' ELSE 'retry' END "
+    "FROM (SELECT run_id, image_uri, stage, error_type, " + _ARCHIVE_OF.format(otherwise="ELSE image_uri")
+    + " AS archive_uri FROM read_parquet($errors, hive_partitioning=true, union_by_name=true) "
+    "WHERE run_id <> $run_id) e "
+    "JOIN (SELECT DISTINCT run_id, archive_uri, source_size, source_etag, source_mtime FROM img "
+    "WHERE archive_uri IS NOT NULL) a ON e.run_id = a.run_id AND e.archive_uri = a.archive_uri "
+)
+
+
+def _has_files(out: str, table: str) -> bool:
+    fs, root = storage.url_to_fs(storage.join(out, table))
+    return fs.exists(root) and bool(fs.glob(posixpath.join(root, "run_date=*", "*.parquet")))
 
 
 def build_done_index(out: str, model_id: str, index_url: str, run_id: str = "") -> int:
-    """Write the (image_uri, content_sha256, listing metadata) rows already segmented by ``model_id``, sorted.
+    """Write what ``model_id`` already did with each input, sorted by URI (see the index's columns
+    above); returns how many (uri, content hash, listing metadata) rows say "ok" (0: nothing done yet).
 
-    Rows of ``run_id`` itself are left out: a rerun of a run rewrites its own files. Only
-    the ``images`` table counts (written last by a chunk, it is the commit marker). Files
-    written before the table had the ``source_*`` columns give nulls there (their inputs are
-    hashed, as before).
+    Rows of ``run_id`` itself are left out: a rerun of a run rewrites its own files. ``images``
+    is the commit marker: an input counts as done only from there (written last by a chunk),
+    and a tar member's errors rows count only from runs that wrote ``images`` rows of its
+    archive (a chunk that did not finish wrote none). Which errors are the input's own fault
+    is :data:`~.incremental.CAUSED_BY_INPUT`. Files written before the table had the
+    ``source_*`` columns give nulls there (their inputs are hashed, as before).
 
     DuckDB sorts out of core and its result is streamed into the index file batch by batch,
     so memory stays bounded however large the output; every value (the output path too) is
     a bound parameter, never pasted into SQL. The sorted file lets :func:`done_lookup`
-    prune row groups by statistics. Returns the number of rows (0 when there is no output yet).
+    prune row groups by statistics.
     """
-    fs, root = storage.url_to_fs(storage.join(out, "images"))
-    if not fs.exists(root) or not fs.glob(posixpath.join(root, "run_date=*", "*.parquet")):
+    from .incremental import CAUSED_BY_INPUT
+
+    if not _has_files(out, "images"):
         return 0
     con = storage.duckdb_connection(out)
-    pattern = storage.join(out, "images", "**", "*.parquet")
+    images = storage.join(out, "images", "**", "*.parquet")
     n = 0
     try:
-        params = {"pattern": pattern, "model_id": model_id, "run_id": run_id}
+        params: dict[str, Any] = {"images": images, "model_id": model_id, "run_id": run_id}
         present = {r[0] for r in con.sql("DESCRIBE SELECT * FROM read_parquet($pattern, hive_partitioning=true, "
-                                         "union_by_name=true)", params={"pattern": pattern}).fetchall()}
+                                         "union_by_name=true)", params={"pattern": images}).fetchall()}
         listing = ", ".join(c if c in present else f"CAST(NULL AS {t}) AS {c}" for c, t in _DONE_COLUMNS.items())
-        reader = con.sql(_DONE_SQL.format(listing=listing), params=params).to_arrow_reader(16384)
+        errors = ""
+        if _has_files(out, "errors"):
+            errors = _DONE_ERRORS_SQL
+            params |= {"errors": storage.join(out, "errors", "**", "*.parquet"),
+                       "own_bytes": sorted(f"{stage}:{kind}" for stage, kind in CAUSED_BY_INPUT)}
+        reader = con.sql(_DONE_SQL.format(listing=listing, errors=errors), params=params).to_arrow_reader(16384)
         with tempfile.TemporaryDirectory() as tmp:
             local = posixpath.join(tmp, "done.parquet")
             with pq.ParquetWriter(local, reader.schema) as writer:
                 for batch in reader:
                     writer.write_batch(batch, row_group_size=16384)
-                    n += batch.num_rows
+                    n += batch.column("outcome").to_pylist().count("ok")
             with open(local, "rb") as f:
                 storage.write_bytes(index_url, f.read())
     finally:
@@ -283,18 +358,20 @@ def build_done_index(out: str, model_id: str, index_url: str, run_id: str = "") 
     return n
 
 
-ListingKey = tuple[int, str | None, datetime | None]  # (size, etag, mtime) of a listed file
+ListingKey = tuple[int, str | None, datetime | None]  # (size, etag, mtime) of a listed file: listing_key()
 
 
 @dataclass
 class Done:
-    """What the skip-existing index holds for some inputs: content hashes and listing keys, by URI."""
+    """What the skip-existing index holds for some inputs: content hashes and listing keys, by URI;
+    for a tar read again, its members that failed by their own bytes (not redone)."""
 
     hashes: dict[str, set[str]] = field(default_factory=dict)
     listed: dict[str, set[ListingKey]] = field(default_factory=dict)
+    failed: frozenset[str] = frozenset()
 
     def unchanged(self, uri: str, key: ListingKey | None) -> bool:
-        """Done from a listing that said exactly this (size, etag, mtime): no need to read it."""
+        """Done from a listing that said exactly this (:func:`~.inputs.listing_key`): no need to read it."""
         return key is not None and key in self.listed.get(uri, ())
 
     def hashed(self, uri: str, sha: str) -> bool:
@@ -304,21 +381,30 @@ class Done:
 def _listing_key(size: Any, etag: Any, mtime: Any) -> ListingKey | None:
     if size is None or (etag is None and mtime is None):
         return None
-    return int(size), etag, mtime
+    return listing_key(size, etag, mtime)
 
 
-def _read_done(index_url: str, filters: list) -> pa.Table:
+def _read_done(index_url: str, filters: list) -> pa.Table | None:
+    """The index's rows that pass ``filters``; None when the index is gone (a rerun of the run removed
+    a killed attempt's scratch while this one ran: the inputs are then read and hashed, never lost)."""
     fs, path = storage.url_to_fs(index_url)
-    return pq.read_table(path, filesystem=fs, filters=filters)
+    try:
+        return pq.read_table(path, filesystem=fs, filters=filters)
+    except FileNotFoundError:
+        _logger.warning("skip-existing index %s is gone; reading and hashing this chunk's inputs",
+                        storage.redact_url(index_url))
+        return None
 
 
 def done_lookup(index_url: str, uris: Iterable[str]) -> Done:
-    """The index's rows for ``uris`` (stored URIs), as :class:`Done`."""
+    """The index's "ok" rows for ``uris`` (stored URIs), as :class:`Done`."""
     uris = list(uris)
     done = Done()
     if not uris:
         return done
-    table = _read_done(index_url, [("image_uri", "in", uris)])
+    table = _read_done(index_url, [("image_uri", "in", uris), ("outcome", "==", "ok")])
+    if table is None:
+        return done
     columns = [table.column(c).to_pylist() for c in ("image_uri", "content_sha256", *_DONE_COLUMNS)]
     for uri, sha, size, etag, mtime in zip(*columns, strict=True):
         done.hashes.setdefault(uri, set()).add(sha)
@@ -328,14 +414,18 @@ def done_lookup(index_url: str, uris: Iterable[str]) -> Done:
     return done
 
 
-def done_archive(index_url: str, archive_uri: str, key: ListingKey | None) -> int:
-    """How many members of the tar at ``archive_uri`` (stored URI) were done from an archive whose
-    listing said exactly ``key``: when > 0, the unchanged archive need not be read at all."""
+def done_archive(index_url: str, archive_uri: str, key: ListingKey | None) -> list[tuple[str, str, str]]:
+    """``(image_uri, run_id, outcome)`` of the index's rows for the tar at ``archive_uri`` (stored URI),
+    from runs whose listing of it said exactly ``key``; [] when ``key`` is None.
+    :func:`~.incremental.archive_verdict` decides from them."""
     if key is None:
-        return 0
+        return []
     table = _read_done(index_url, [("archive_uri", "==", archive_uri)])
-    columns = [table.column(c).to_pylist() for c in ("image_uri", *_DONE_COLUMNS)]
-    return len({uri for uri, *listed in zip(*columns, strict=True) if _listing_key(*listed) == key})
+    if table is None:
+        return []
+    columns = [table.column(c).to_pylist() for c in ("image_uri", "run_id", "outcome", *_DONE_COLUMNS)]
+    return [(uri, run, outcome) for uri, run, outcome, *listed in zip(*columns, strict=True)
+            if _listing_key(*listed) == key]
 
 
 def done_in_chunk(index_url: str, uris: Iterable[str]) -> dict[str, set[str]]:

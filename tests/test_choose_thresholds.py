@@ -60,9 +60,11 @@ def test_choose_thresholds_writes_a_file_segment_reads(prefect_harness, voc_and_
     assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", str(root / "x.json"),
                  "--priors", "ilp,sppxl", "--device", "cpu"]) == 1
     assert "no objectness prior" in capsys.readouterr().err
-    assert main(["thresholds", "--model", str(root / "none.pt"), "--ground-truth", gt, "--out",
-                 str(root / "x.json"), "--device", "cpu"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a bad option: refused before any flow run
+        main(["thresholds", "--model", str(root / "none.pt"), "--ground-truth", gt, "--out", str(root / "x.json"),
+              "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert f"--model: {root / 'none.pt'} does not exist" in capsys.readouterr().err
     assert not (root / "x.json").exists()
 
 

@@ -14,17 +14,18 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from pydantic import Field
 
+from weakseg.flows._params import with_parameters
 from weakseg.flows.choose_thresholds import read_split, search, write
 from weakseg.flows.evaluate_segmentation import evaluate_segmentation
 from weakseg.flows.life_cycle import life_cycle
+from weakseg.flows.params import demo as P
 from weakseg.flows.segment_corpus import segment_corpus
 from weakseg.tasks import storage
 from weakseg.tasks.evaluate.scoring import read_split_ids
@@ -129,15 +130,8 @@ def _query(segmentation: str, run_id: str) -> tuple[str, list[tuple]]:
 
 
 @flow(name="demo")
-def demo(
-    workdir: Annotated[str, Field(description="where everything is written (reused on a second run)")] = "demo-output",
-    n_train: Annotated[int, Field(ge=16, description="synthetic training images")] = 400,
-    n_val: Annotated[int, Field(ge=4, description="synthetic validation images (the scored ones)")] = 48,
-    size: Annotated[int, Field(ge=64, description="image side in pixels")] = 160,
-    epochs: Annotated[int, Field(ge=1, description="training epochs")] = 8,
-    refine_epochs: Annotated[int, Field(ge=0, description="epochs of the refinement stage (0: none)")] = 4,
-    seed: Annotated[int, Field(description="data seed")] = 0,
-) -> dict[str, Any]:
+@with_parameters(P.demo)
+def demo(workdir, n_train, n_val, size, epochs, refine_epochs, seed) -> dict[str, Any]:
     """Run the whole pipeline and print a report; returns it."""
     if "://" not in workdir:  # manifests below list image paths: make them absolute
         workdir = os.path.abspath(workdir)

@@ -47,7 +47,7 @@ import contextlib
 import dataclasses
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -56,23 +56,21 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
-from weakseg.flows._params import check_parameters
+from weakseg.flows._params import check_parameters, with_parameters
 from weakseg.flows._retries import IO_RETRIES, retry_unless
-from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
+from weakseg.flows._runners import api_for_workers, make_task_runner
+from weakseg.flows.params import segment_corpus as P
 from weakseg.tasks import storage
 from weakseg.tasks.devices import resolve_device
-from weakseg.tasks.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from weakseg.tasks.ingest.sources import SourceError
 from weakseg.tasks.legend import legend_markdown
 from weakseg.tasks.segment import runs, tables
 from weakseg.tasks.segment.chunk import ChunkResult, SegmentOptions, segment_chunk
-from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, ModelError
+from weakseg.tasks.segment.inference import ModelError
 from weakseg.tasks.segment.inputs import ChunkSpec, iter_chunks
 from weakseg.tasks.segment.priors import parse_priors
-from weakseg.tasks.segment.tta import AUTO
 
 __all__ = ["segment_corpus"]
 
@@ -225,51 +223,10 @@ def _final_state(state_name: str, message: str | None, summary: dict[str, Any]) 
 
 
 @flow(name="segment-corpus", task_runner=ThreadPoolTaskRunner(max_workers=16))
-def segment_corpus(
-    images: Annotated[str, Field(description="folder, glob, .txt/.csv/.parquet manifest of URIs, or "
-                                 "WebDataset .tar shards (any fsspec URL)")],
-    model: Annotated[str, Field(description="checkpoint URL (train-mil's model.pt), or a registry (its "
-                                "current release, resolved once at the start)")],
-    out: Annotated[str, Field(description="output folder URL for the Parquet tables")],
-    priors: Annotated[str, Field(pattern=r"^(none|(ilp|sppxl|bb|seg)( *, *(ilp|sppxl|bb|seg))*)$",
-                                 description="comma list of ilp, sppxl, bb, seg; or none")] = "ilp,sppxl",
-    batch_size: Annotated[int, Field(ge=1, le=4096, description="images per forward pass")] = 8,
-    run_id: Annotated[str | None, Field(pattern=tables.RUN_ID.pattern,
-                                        description="run id (default: time + flow run id); reuse to redo a "
-                                        "run")] = None,
-    skip_existing: Annotated[bool, Field(description="only images not yet in the output for this model "
-                                         "(same URI and content hash)")] = False,
-    chunk_size: Annotated[int, Field(ge=1, description="images per chunk (one task, one file per table)")] = 512,
-    max_side: Annotated[int, Field(ge=32, description="forward-pass longer side; results come back at "
-                                   "full size")] = DEFAULT_MAX_SIDE,
-    min_side: Annotated[int, Field(ge=0, description="enlarge images whose longer side is under this for the "
-                                   "forward pass: finer maps for small photos, slower (0: never)")] = 0,
-    tta: Annotated[str, Field(description="test-time views averaged: scales of the forward size, +flip for "
-                              "mirrored ones (e.g. 1,1.5,2+flip); 1: one plain pass; auto: the views chosen on "
-                              "dev data for the model's kind (2, one pass at 2x, ~4x the forward cost; 1,2 for "
-                              "a refined model without a background class, ~5x)")] = AUTO,
-    max_pixels: Annotated[
-        int, Field(ge=1, description="refuse larger images (decompression bombs)")
-    ] = DEFAULT_MAX_PIXELS,
-    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
-    decode: Annotated[Literal["auto", "host", "device"], Field(description="where JPEGs are decoded: device "
-                      "(nvjpeg on CUDA) when no prior needs host pixels; auto: device on CUDA, else "
-                      "host")] = "auto",
-    thresholds: Annotated[str | None, Field(description="thresholds JSON URL (weakseg thresholds) for bb/seg "
-                                            "(default: the checkpoint's, else 0.5/K)")] = None,
-    task_runner: Annotated[TaskRunnerKind, Field(description="where chunks run: threads, or Dask worker "
-                                                 "processes (one model per process)")] = "threads",
-    workers: Annotated[int, Field(ge=1, le=256, description="chunks in flight at once (threads or local "
-                                  "Dask worker processes)")] = 2,
-    dask_address: Annotated[
-        str | None, Field(description="join this Dask scheduler instead of starting a local cluster")
-    ] = None,
-    thumbnails: Annotated[int, Field(ge=0, le=32, description="overlay thumbnails in the markdown artifact")] = 4,
-    max_bytes: Annotated[int, Field(ge=1, description="inputs (files, tar members) over this many bytes become "
-                                    "error rows without being read")] = DEFAULT_MAX_BYTES,
-    max_error_fraction: Annotated[float, Field(ge=0, le=1, description="the run ends Failed (exit 1) when more "
-                                               "than this fraction of its inputs failed")] = 0.5,
-) -> dict[str, Any]:
+@with_parameters(P.segment_corpus)
+def segment_corpus(images, model, out, priors, batch_size, run_id, skip_existing, chunk_size, max_side, min_side, tta,
+                   max_pixels, device, decode, thresholds, task_runner, workers, dask_address, thumbnails, max_bytes,
+                   max_error_fraction) -> dict[str, Any]:
     """Segment a corpus; returns the run summary (the ``runs`` row)."""
     parameters = dict(locals())  # first: exactly the flow's parameters, for the runs row
     logger = get_run_logger()

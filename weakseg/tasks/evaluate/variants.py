@@ -16,7 +16,15 @@ from .. import storage
 from ..images import decode_image
 from ..segment.inference import ModelBundle, compute_prior_inputs, load_model, predict, segment_variants
 from ..segment.priors import VARIANTS, chain_scores, has_objectness, objectness_prior, parse_priors, threshold_prior
-from .scoring import align_classes, confusion_matrix, decode_mask, gt_mask_url, read_gt_classes, read_split_ids
+from .scoring import (
+    align_classes,
+    confusion_matrix,
+    decode_mask,
+    gt_mask_url,
+    read_gt_classes,
+    read_split_ids,
+    read_voc_image,
+)
 from .thresholds import ThresholdFit, ThresholdSample, threshold_sample, write_thresholds
 
 __all__ = [
@@ -33,12 +41,12 @@ __all__ = [
 
 
 def read_voc(ground_truth: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """RGB uint8 [H, W, 3] and ground truth uint8 [H, W] of one VOC-layout image.
+    """RGB uint8 [H, W, 3] and ground truth uint8 [H, W] of one VOC-layout image (any image extension
+    in ``JPEGImages/``: :func:`~weakseg.tasks.evaluate.scoring.read_voc_image`).
 
     Raises ``OSError`` (missing file) or ``ValueError`` (undecodable, sizes differ).
     """
-    rgb = np.asarray(decode_image(storage.read_bytes(storage.join(ground_truth, "JPEGImages", f"{image_id}.jpg"))
-                                  ).image)
+    rgb = np.asarray(decode_image(read_voc_image(ground_truth, image_id)).image)
     gt = decode_mask(storage.read_bytes(gt_mask_url(ground_truth, image_id)))
     if gt.shape != rgb.shape[:2]:
         raise ValueError(f"{image_id}: mask {gt.shape} and image {rgb.shape[:2]} differ in size")

@@ -66,7 +66,7 @@ except SystemExit as exit:
 """
 
 
-@pytest.mark.parametrize("args", [["--help"], ["segment", "--help"], ["cycle", "--help"],
+@pytest.mark.parametrize("args", [["--help"], ["segment", "--help"], ["cycle", "--help"], ["export", "--help"],
                                   ["train", "--shards", "s", "--out", "o", "--epochs", "0"]])
 def test_help_and_option_errors_import_neither_torch_nor_prefect(args):
     out = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, check=True)

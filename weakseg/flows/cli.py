@@ -58,6 +58,8 @@ COMMANDS: dict[str, Command] = {
                           "weakseg.flows.choose_thresholds:choose_thresholds"),
     "promote": Command("promote-model", "promote a model to the registry's current release when it is not worse "
                        "(exit 0 promoted, 1 refused)", "weakseg.flows.promote_model:promote_model"),
+    "export": Command("export-masks", "export a run's masks as COCO (RLE) or a VOC-layout folder, for annotation "
+                      "and training tools", "weakseg.flows.export_masks:export_masks"),
     "cycle": Command("life-cycle", "the whole life cycle: shard, train, refine, thresholds, promote, segment; a rerun "
                      "resumes at the first unfinished step", "weakseg.flows.life_cycle:life_cycle"),
     "demo": Command("demo", "run the whole life cycle on synthetic data, offline", "weakseg.flows.demo:demo"),

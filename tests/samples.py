@@ -14,3 +14,13 @@ def block_jpeg(rng: np.random.Generator, side: int, margin: int = 6) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def latest_artifact(key: str):
+    """The newest Prefect artifact of ``key`` (asserting there is one), from the running API."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        found = [a for a in client.read_latest_artifacts() if a.key == key]
+    assert found, f"no artifact {key}"
+    return found[0]

@@ -178,7 +178,7 @@ def test_a_voc_layout_with_png_images_is_read_by_promote_and_thresholds(tmp_path
 
     from weakseg.tasks.evaluate.promotion import score_on_ground_truth
     from weakseg.tasks.evaluate.scoring import read_voc_image, voc_image_url
-    from weakseg.tasks.evaluate.variants import fit_thresholds, read_voc
+    from weakseg.tasks.evaluate.variants import fit_thresholds, read_voc, score_variants
     from weakseg.tasks.segment.inference import load_model
     from weakseg.tasks.synthetic import SYNTHETIC_CLASSES, write_synthetic_dataset
 
@@ -195,6 +195,9 @@ def test_a_voc_layout_with_png_images_is_read_by_promote_and_thresholds(tmp_path
     (tmp_path / "m.pt").write_bytes(tiny_checkpoint(read_gt_classes(str(gt))))
     bundle = load_model(str(tmp_path / "m.pt"), "cpu")
     assert score_on_ground_truth(bundle, str(gt), "val", max_side=64, tta="1")["images"] == 3  # promote's measure
+    seen: list[int] = []
+    score_variants(bundle, str(gt), "val", None, ["ilp"], max_side=64, tta="1", progress=seen.append)
+    assert seen == [1, 1, 1]  # one progress step an image (promote's bar)
     found = fit_thresholds(bundle, str(gt), read_split_ids(str(gt), "train"), ["ilp+seg"], max_side=64, tta="1")
     assert found["ilp+seg"][1]["skipped"] == 0  # thresholds read every image
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from samples import latest_artifact
 
 from weakseg.tasks import export, storage
 from weakseg.tasks.evaluate.scoring import decode_mask, read_gt_classes, read_split_ids
@@ -221,3 +222,7 @@ def test_cli_export_of_a_real_run_round_trips_and_scores_itself_perfectly(prefec
     assert metrics["mean_iou"] == 1.0 and metrics["images"]["scored"] == 5
     assert main(["export", "--predictions", out, "--run-id", "nope", "--format", "voc", "--out",
                  str(tmp_path / "x")]) == 1
+
+    for key, done in (("segment-corpus-progress", "5/5 img done"), ("export-masks-progress", "5/5 img done"),
+                      ("evaluate-segmentation-progress", "5/5 img done")):
+        assert latest_artifact(key).data == 100.0 and done in latest_artifact(key).description, key  # complete

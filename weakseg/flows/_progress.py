@@ -31,13 +31,15 @@ class Progress:
     """
 
     def __init__(self, key: str, desc: str, unit: str = "img", total: int | None = None,
-                 every_seconds: float = 2.0, enabled: bool = True) -> None:
+                 every_seconds: float = 2.0, enabled: bool | None = None) -> None:
         self.key, self.unit, self.every = key, unit, every_seconds
         self.done = self.failed = 0
         self.total = total
         self.started = time.monotonic()
         self._last = 0.0
-        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
+        # enabled None: a bar in a terminal only (not in a worker's or a test's captured output)
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
+                        disable=None if enabled is None else not enabled)
         self.artifact = create_progress_artifact(0.0, key=key, description=self.describe())
 
     def __enter__(self) -> Progress:

@@ -22,6 +22,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from weakseg.flows._params import check_parameters, with_parameters
+from weakseg.flows._progress import Progress
 from weakseg.flows._registry import resolve_model
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows.params import choose_thresholds as P
@@ -53,8 +54,11 @@ def read_split(ground_truth: str, split: str, limit: int | None) -> list[str]:
 @task(cache_policy=NONE)
 def search(model: str, device: str, ground_truth: str, ids: list[str], chains: dict[str, tuple[str, ...]],
            max_side: int, min_side: int, tta: str = AUTO) -> dict[str, ChainThresholds]:
-    """Load the model and run the search for each chain, in one pass over the images (CPU/GPU-bound, not retried)."""
-    return choose_chain_thresholds(model, device, ground_truth, ids, chains, max_side, min_side, tta)
+    """Load the model and run the search for each chain, in one pass over the images (CPU/GPU-bound, not retried),
+    with a progress bar and the ``choose-thresholds-progress`` artifact."""
+    with Progress("choose-thresholds-progress", "thresholds", total=len(ids)) as progress:
+        return choose_chain_thresholds(model, device, ground_truth, ids, chains, max_side, min_side, tta,
+                                       progress.update)
 
 
 @task(cache_policy=NONE, **IO_RETRIES, retry_condition_fn=retry_unless(ValueError))

@@ -18,6 +18,7 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from weakseg.flows._params import with_parameters
+from weakseg.flows._progress import Progress
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows.params import evaluate_segmentation as P
 from weakseg.tasks import storage
@@ -137,8 +138,11 @@ def evaluate_segmentation(predictions, ground_truth, split, out, run_id, include
     matched = [found[i] for i in ids if i in found]
     futures = [score_chunk.submit(ground_truth, matched[i : i + chunk_size], alignment, i)
                for i in range(0, len(matched), chunk_size)]
-    for future in futures:
-        scores.extend(future.result())
+    with Progress("evaluate-segmentation-progress", "evaluate", total=len(matched)) as progress:
+        for future in futures:
+            chunk = future.result()
+            scores.extend(chunk)
+            progress.update(len(chunk), failed=sum(s.status != "scored" for s in chunk))
     doc = metrics_document(scores, alignment, run_id=run["run_id"], model_id=run.get("model_id"), split=split,
                            predictions=storage.redact_url(predictions),
                            ground_truth=storage.redact_url(ground_truth), gt_images=len(ids), match_counts=counts)

@@ -59,6 +59,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from weakseg.flows._gpu import gpu_slot
 from weakseg.flows._params import check_parameters, with_parameters
+from weakseg.flows._progress import Progress
 from weakseg.flows._retries import IO_RETRIES, retry_unless
 from weakseg.flows._runners import api_for_workers, make_task_runner
 from weakseg.flows.params import segment_corpus as P
@@ -117,6 +118,12 @@ def segment_chunks(runner: TaskRunner, images: str, chunk_size: int, opts: Segme
     time to start (or join) the cluster and the fan-out's wall time after it (for the Prefect
     overhead: wall time minus the chunks' own). ``gpu_resources`` (Dask on CUDA): every chunk asks
     for a ``GPU`` resource and takes its worker process's ``gpu`` slot.
+
+    Progress, as chunks finish: a bar in the terminal and the ``segment-corpus-progress``
+    artifact (images done, images/s, failed) and one log line a chunk saying the same. The
+    total, hence the percentage and the ETA, comes once a listing has ended: the count that
+    :class:`~weakseg.tasks.segment.runs.ListingCount` runs ahead in a background thread, or
+    this loop's own; tar shards not yet read count as the mean of those read.
     """
     logger = get_run_logger()
     t_start = time.perf_counter()
@@ -131,31 +138,53 @@ def segment_chunks(runner: TaskRunner, images: str, chunk_size: int, opts: Segme
         failed_chunks: list[str] = []
         pending: dict[Any, ChunkSpec] = {}
         n_chunks = 0
+        listed = runs.ListingTally()  # what this loop has listed so far
+        ahead = runs.ListingCount(images, chunk_size)  # the whole listing, counted in the background
+        shards = {"images": 0, "done": 0}  # images of the tar shards read so far
 
-        def collect(future, spec: ChunkSpec) -> None:
+        def total(listing_done: bool) -> int | None:
+            """The run's images once a listing has ended (this loop's, or the count ahead's)."""
+            tally = listed if listing_done else ahead.tally if ahead.complete else None
+            return None if tally is None else tally.images(shards["images"], shards["done"])
+
+        def collect(future, spec: ChunkSpec, listing_done: bool = False) -> None:
             try:
                 r = future.result()
             except Exception as err:  # retries exhausted: the run goes on, its final state says Failed
                 message = storage.redact(str(err))
                 logger.error("chunk %d failed after retries: %s: %s", spec.index, type(err).__name__, message)
                 failed_chunks.append(f"chunk {spec.index}: {type(err).__name__}: {message}")
+                progress.update(len(spec.uris), failed=len(spec.uris))
                 return
             results.append(r)
-            logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s", r.index, r.ok, r.failed, r.skipped,
-                        r.seconds)
+            n = r.ok + r.failed + r.skipped
+            if spec.shard is not None:
+                shards["images"] += n
+                shards["done"] += 1
+            expected = total(listing_done)
+            if expected is not None and expected != progress.total:
+                progress.set_total(max(expected, progress.done + n))
+            progress.update(n, failed=r.failed)
+            logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s; %s", r.index, r.ok, r.failed, r.skipped,
+                        r.seconds, progress.describe())
 
-        for spec in iter_chunks(images, chunk_size):
-            n_chunks += 1
-            chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
-            with _gpu_annotation() if gpu_resources else contextlib.nullcontext(), api_for_workers():
-                future = runner.submit(segment_chunk_task,
-                                       {"spec": spec, "opts": chunk_opts, "gpu_slot_each": gpu_resources})
-            pending[future] = spec
-            if len(pending) >= workers:
-                done = next(iter(as_completed(list(pending))))
-                collect(done, pending.pop(done))
-        for future in as_completed(list(pending)):
-            collect(future, pending.pop(future))
+        with Progress("segment-corpus-progress", "segment-corpus") as progress:
+            try:
+                for spec in iter_chunks(images, chunk_size):
+                    n_chunks += 1
+                    listed.add(spec)
+                    chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
+                    with _gpu_annotation() if gpu_resources else contextlib.nullcontext(), api_for_workers():
+                        future = runner.submit(segment_chunk_task,
+                                               {"spec": spec, "opts": chunk_opts, "gpu_slot_each": gpu_resources})
+                    pending[future] = spec
+                    if len(pending) >= workers:
+                        done = next(iter(as_completed(list(pending))))
+                        collect(done, pending.pop(done))
+                for future in as_completed(list(pending)):
+                    collect(future, pending.pop(future), listing_done=True)
+            finally:
+                ahead.stop()
         return runs.Fanout(results, failed_chunks, n_chunks, time.perf_counter() - t0, start_seconds)
 
 

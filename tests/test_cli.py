@@ -67,7 +67,9 @@ except SystemExit as exit:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["segment", "--help"], ["cycle", "--help"], ["export", "--help"],
-                                  ["train", "--shards", "s", "--out", "o", "--epochs", "0"]])
+                                  ["train", "--shards", ".", "--out", "o", "--epochs", "0"],
+                                  ["cycle", "--source", ".", "--registry", "r", "--images", ".", "--out", "o",
+                                   "--train-options", '{"epoch": 1}']])
 def test_help_and_option_errors_import_neither_torch_nor_prefect(args):
     out = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-3:] == ["0" if "--help" in args else "2", "False", "False"], out.stderr[-2000:]

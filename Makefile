@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test test-fast demo bench quality server worker deploy clean
+.PHONY: install lint test test-fast demo bench quality server pool worker deploy clean
 
 # (Re)install when the project metadata changes; reuses an existing venv.
 $(STAMP): pyproject.toml
@@ -61,11 +61,16 @@ POOL ?= weakseg-process
 server: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1
 
-worker: $(STAMP)
-	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool create $(POOL) --type process 2>/dev/null || true
+# The work pool the deployments name, created when missing (never changed when it exists):
+# `make deploy` and `make worker` each work first.
+pool: $(STAMP)
+	@PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 \
+	  || PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool create $(POOL) --type process
+
+worker: pool
 	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect worker start --pool $(POOL)
 
-deploy: $(STAMP)
+deploy: pool
 	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --all
 
 clean:

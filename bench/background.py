@@ -28,7 +28,13 @@ from PIL import Image
 from weakseg.models import ModelConfig, create_model, mil_loss
 from weakseg.models.checkpoint import Checkpoint
 from weakseg.models.losses import background_index, with_background
-from weakseg.tasks.evaluate.scoring import align_classes, confusion_matrix, read_gt_classes, segmentation_metrics
+from weakseg.tasks.evaluate.scoring import (
+    align_classes,
+    confusion_matrix,
+    read_gt_classes,
+    segmentation_metrics,
+    voc_image_url,
+)
 from weakseg.tasks.evaluate.variants import iter_voc
 from weakseg.tasks.segment.inference import ModelBundle, segment_variants
 from weakseg.tasks.tensors import normalize
@@ -42,7 +48,7 @@ CHAINS = ("base", "ilp", "ilp+sppxl", "ilp+seg", "ilp+sppxl+seg")
 def features(model, config, data: Path, ids: list[str], side: int) -> dict[str, list[torch.Tensor]]:
     out = {}
     for image_id in ids:
-        img = Image.open(data / "JPEGImages" / f"{image_id}.jpg").convert("RGB")
+        img = Image.open(voc_image_url(str(data), image_id)).convert("RGB")
         scale = side / max(img.size)
         img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.BILINEAR)
         out[image_id] = []

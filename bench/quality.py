@@ -32,7 +32,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from weakseg.tasks import storage
-from weakseg.tasks.evaluate.scoring import read_split_ids
+from weakseg.tasks.evaluate.scoring import read_split_ids, voc_image_url
 from weakseg.tasks.evaluate.variants import fit_thresholds, score_variants, thresholds_by_variant
 from weakseg.tasks.segment.inference import ModelBundle, load_model
 from weakseg.tasks.segment.priors import VARIANTS
@@ -125,7 +125,7 @@ def cli_path(model: str, layout: Path, work: Path, split: str, seed: int, tag: s
     from weakseg.flows.segment_corpus import segment_corpus
 
     listing = work / f"{split}-images.txt"
-    listing.write_text("".join(f"{layout / 'JPEGImages' / i}.jpg\n" for i in read_split_ids(str(layout), split)))
+    listing.write_text("".join(f"{voc_image_url(str(layout), i)}\n" for i in read_split_ids(str(layout), split)))
     run_id = f"seed{seed}-{split}{tag}"
     segment_corpus(images=str(listing), model=model, out=str(work / "tables"), run_id=run_id, device="cpu")
     return evaluate_segmentation(predictions=str(work / "tables"), ground_truth=str(layout), split=split,

@@ -36,3 +36,13 @@ def image_statistics(labels: np.ndarray, prob_sum: np.ndarray, image_probs: np.n
         })
     regions.sort(key=lambda r: -r["pixel_count"])
     return regions
+
+
+def latest_artifact(key: str):
+    """The newest Prefect artifact of ``key`` (asserting there is one), from the running API."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        found = [a for a in client.read_latest_artifacts() if a.key == key]
+    assert found, f"no artifact {key}"
+    return found[0]

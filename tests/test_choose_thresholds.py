@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from samples import latest_artifact
 
 from weakseg.flows._params import flow_parameters
 from weakseg.flows.choose_thresholds import choose_thresholds, split_warning
@@ -43,6 +44,8 @@ def test_choose_thresholds_writes_a_file_segment_reads(prefect_harness, voc_and_
     assert doc["search"]["images"] == 3 and doc["search"]["skipped"] == 2
     assert set(doc["search"]["skipped_images"]) == {"val_000002", "val_000003"}
     assert "class values up to 200" in doc["search"]["skipped_images"]["val_000003"]
+    progress = latest_artifact("choose-thresholds-progress")  # every image of the split passed, skipped ones too
+    assert progress.data == 100.0 and "5/5 img done" in progress.description
     assert doc["search"]["mean_iou"] >= doc["search"]["shared_mean_iou"]
     assert doc["search"]["tta"] == "2"  # the views of --tta auto for this MIL model, as segment will run them
     prior, vec, chain, views = load_thresholds(out, classes)
@@ -60,9 +63,11 @@ def test_choose_thresholds_writes_a_file_segment_reads(prefect_harness, voc_and_
     assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", str(root / "x.json"),
                  "--priors", "ilp,sppxl", "--device", "cpu"]) == 1
     assert "no objectness prior" in capsys.readouterr().err
-    assert main(["thresholds", "--model", str(root / "none.pt"), "--ground-truth", gt, "--out",
-                 str(root / "x.json"), "--device", "cpu"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a bad option: refused before any flow run
+        main(["thresholds", "--model", str(root / "none.pt"), "--ground-truth", gt, "--out", str(root / "x.json"),
+              "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert f"--model: {root / 'none.pt'} does not exist" in capsys.readouterr().err
     assert not (root / "x.json").exists()
 
 

@@ -53,3 +53,33 @@ def test_a_bad_tta_spec_is_refused_before_any_flow_run(name, tmp_path, capsys):
         main([name, *required, "--tta", "1,9+flip"])
     assert exc.value.code == 2
     assert "--tta" in capsys.readouterr().err
+
+
+# What runs in a fresh interpreter: the exit status, stderr's last line, and whether torch or Prefect got imported.
+_PROBE = """
+import sys
+from weakseg.flows.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    print(exit.code, "torch" in sys.modules, "prefect" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["segment", "--help"], ["cycle", "--help"], ["export", "--help"],
+                                  ["train", "--shards", ".", "--out", "o", "--epochs", "0"],
+                                  ["cycle", "--source", ".", "--registry", "r", "--images", ".", "--out", "o",
+                                   "--train-options", '{"epoch": 1}']])
+def test_help_and_option_errors_import_neither_torch_nor_prefect(args):
+    out = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-3:] == ["0" if "--help" in args else "2", "False", "False"], out.stderr[-2000:]
+
+
+def test_a_local_input_that_does_not_exist_is_refused_before_any_server_starts(tmp_path):
+    missing = tmp_path / "nowhere"
+    out = subprocess.run([sys.executable, "-c", _PROBE, "segment", "--images", str(tmp_path), "--model",
+                          str(missing / "model.pt"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-3:] == ["2", "False", "False"]
+    assert f"--model: {missing}/model.pt does not exist" in out.stderr
+    assert not (tmp_path / "out").exists()

@@ -70,13 +70,17 @@ def prefect_stack(tmp_path_factory):
     worker = None
     try:
         _wait_healthy(env["PREFECT_API_URL"], server)
-        subprocess.run([PREFECT, "work-pool", "create", "weakseg-process", "--type", "process"], env=env, check=True,
-                       capture_output=True)
+        # `make deploy` on a server without the work pool (before any `make worker`): it creates the pool.
+        # -o: the venv's install stamp counts as up to date (this venv is the one under test).
+        make = ["make", "-o", f"{sys.prefix}/.installed", "deploy", f"VENV={sys.prefix}",
+                f"PREFECT_API_URL={env['PREFECT_API_URL']}"]
+        deployed = subprocess.run(make, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        again = subprocess.run([*make[:3], "pool", *make[4:]], env=env, cwd=ROOT, capture_output=True, text=True,
+                               timeout=120)
+        assert again.returncode == 0, again.stdout + again.stderr  # the pool exists: nothing to do
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "weakseg-process"], env=env, cwd=ROOT,
                                   stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
-        deployed = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT,
-                                  capture_output=True, text=True, timeout=300)
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         yield env, logs
     finally:
         if worker is not None:

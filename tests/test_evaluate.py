@@ -170,3 +170,38 @@ def test_latest_run_by_end_time():
     assert latest_run(runs, "c")["run_id"] == "c"
     with pytest.raises(ValueError, match="'zz' not in the runs table"):
         latest_run(runs, "zz")
+
+
+def test_a_voc_layout_with_png_images_is_read_by_promote_and_thresholds(tmp_path, tiny_checkpoint):
+    """JPEGImages/ may hold PNGs (or any image extension); a missing image says what the layout should hold."""
+    from PIL import Image
+
+    from weakseg.tasks.evaluate.promotion import score_on_ground_truth
+    from weakseg.tasks.evaluate.scoring import read_voc_image, voc_image_url
+    from weakseg.tasks.evaluate.variants import fit_thresholds, read_voc, score_variants
+    from weakseg.tasks.segment.inference import load_model
+    from weakseg.tasks.synthetic import SYNTHETIC_CLASSES, write_synthetic_dataset
+
+    gt = tmp_path / "gt"
+    write_synthetic_dataset(str(gt), n_train=3, n_val=3, size=64, classes=SYNTHETIC_CLASSES[:2], max_objects=1)
+    for jpg in (gt / "JPEGImages").glob("*.jpg"):
+        Image.open(jpg).save(jpg.with_suffix(".PNG"))
+        jpg.unlink()
+    first = read_split_ids(str(gt), "val")[0]
+    assert voc_image_url(str(gt), first) == str(gt / "JPEGImages" / f"{first}.PNG")
+    rgb, mask = read_voc(str(gt), first)
+    assert rgb.shape[:2] == mask.shape
+
+    (tmp_path / "m.pt").write_bytes(tiny_checkpoint(read_gt_classes(str(gt))))
+    bundle = load_model(str(tmp_path / "m.pt"), "cpu")
+    assert score_on_ground_truth(bundle, str(gt), "val", max_side=64, tta="1")["images"] == 3  # promote's measure
+    seen: list[int] = []
+    score_variants(bundle, str(gt), "val", None, ["ilp"], max_side=64, tta="1", progress=seen.append)
+    assert seen == [1, 1, 1]  # one progress step an image (promote's bar)
+    found = fit_thresholds(bundle, str(gt), read_split_ids(str(gt), "train"), ["ilp+seg"], max_side=64, tta="1")
+    assert found["ilp+seg"][1]["skipped"] == 0  # thresholds read every image
+
+    (gt / "JPEGImages" / f"{first}.PNG").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"no image of id '{first}' in JPEGImages/ \(a VOC layout holds "
+                       rf"JPEGImages/{first}\.jpg, or the same name with another image extension"):
+        read_voc_image(str(gt), first)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-__all__ = ["TaskRunnerKind", "api_for_workers", "make_task_runner"]
+from weakseg.flows.params._shared import TaskRunnerKind
 
-TaskRunnerKind = Literal["threads", "dask"]
+__all__ = ["TaskRunnerKind", "api_for_workers", "make_task_runner"]
 
 
 def make_task_runner(kind: TaskRunnerKind, workers: int, address: str | None = None,

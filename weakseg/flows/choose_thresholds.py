@@ -15,20 +15,20 @@ the flow still does it, with a warning in the log, the artifact and the file's `
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
-from pydantic import Field
 
-from weakseg.flows._params import check_parameters
+from weakseg.flows._params import check_parameters, with_parameters
+from weakseg.flows._progress import Progress
 from weakseg.flows._registry import resolve_model
 from weakseg.flows._retries import IO_RETRIES, retry_unless
+from weakseg.flows.params import choose_thresholds as P
 from weakseg.tasks import storage
 from weakseg.tasks.evaluate.scoring import read_split_ids
 from weakseg.tasks.evaluate.variants import ChainThresholds, choose_chain_thresholds
-from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE
 from weakseg.tasks.segment.priors import has_objectness, parse_priors, threshold_prior
 from weakseg.tasks.segment.tta import AUTO
 
@@ -55,8 +55,11 @@ def read_split(ground_truth: str, split: str, limit: int | None) -> list[str]:
 @task(cache_policy=NONE)
 def search(model: str, device: str, ground_truth: str, ids: list[str], chains: dict[str, tuple[str, ...]],
            max_side: int, min_side: int, tta: str = AUTO) -> dict[str, ChainThresholds]:
-    """Load the model and run the search for each chain, in one pass over the images (CPU/GPU-bound, not retried)."""
-    return choose_chain_thresholds(model, device, ground_truth, ids, chains, max_side, min_side, tta)
+    """Load the model and run the search for each chain, in one pass over the images (CPU/GPU-bound, not retried),
+    with a progress bar and the ``choose-thresholds-progress`` artifact."""
+    with Progress("choose-thresholds-progress", "thresholds", total=len(ids)) as progress:
+        return choose_chain_thresholds(model, device, ground_truth, ids, chains, max_side, min_side, tta,
+                                       progress.update)
 
 
 @task(cache_policy=NONE, **IO_RETRIES, retry_condition_fn=retry_unless(ValueError))
@@ -66,26 +69,9 @@ def write(out: str, chosen: ChainThresholds, how: dict[str, Any]) -> dict[str, A
 
 
 @flow(name="choose-thresholds")
-def choose_thresholds(
-    model: Annotated[str, Field(description="checkpoint URL (train-mil's model.pt), or a registry (its "
-                                "current release)")],
-    ground_truth: Annotated[str, Field(description="VOC-layout folder URL (JPEGImages/, SegmentationClass/, "
-                                       "ImageSets/)")],
-    out: Annotated[str, Field(description="thresholds JSON URL to write (weakseg segment --thresholds reads it)")],
-    split: Annotated[str, Field(min_length=1, description="ImageSets/Segmentation/<split>.txt to choose on "
-                                "(not the split the output is evaluated on)")] = "train",
-    eval_split: Annotated[str, Field(min_length=1, description="the split evaluate-segmentation scores this "
-                                     "output on: choosing on it is warned about")] = "val",
-    priors: Annotated[str, Field(description="the chain segment will apply, with bb or seg: e.g. ilp,sppxl,seg "
-                                 "or ilp,bb")] = "ilp,sppxl,seg",
-    limit: Annotated[int | None, Field(ge=1, description="use only the first N images of the split")] = None,
-    max_side: Annotated[int, Field(ge=32, description="forward-pass longer side, as in segment")] = DEFAULT_MAX_SIDE,
-    min_side: Annotated[int, Field(ge=0, description="enlarge smaller images to this longer side, as in segment "
-                                   "(0: never)")] = 0,
-    tta: Annotated[str, Field(description="test-time views, as in segment (δ belong to the maps they were "
-                              "chosen on)")] = AUTO,
-    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
-) -> dict[str, Any]:
+@with_parameters(P.choose_thresholds)
+def choose_thresholds(model, ground_truth, out, split, eval_split, priors, limit, max_side, min_side, tta,
+                      device) -> dict[str, Any]:
     """Choose δ_k for one chain; returns the thresholds document."""
     logger = get_run_logger()
     chain = parse_priors(priors)

@@ -1,8 +1,11 @@
 """The ``weakseg`` command line: one sub-command per flow.
 
-Options are generated from each flow's signature (kebab-case here, snake_case in the flow)
-and validated before any work starts. Exit status: 0 when the flow run completed, 1 when
-it failed (its message on stderr), 2 for bad options.
+Options are generated from each flow's parameters (kebab-case here, snake_case in the flow)
+and validated before any work starts, from the flow's parameter stub
+(:mod:`weakseg.flows.params`) alone: ``--help`` and option errors (bad values, a local input
+that does not exist) answer without importing torch, Prefect or the flow, and without
+starting a Prefect server. Exit status: 0 when the flow run completed, 1 when it failed (its
+message on stderr), 2 for bad options.
 """
 from __future__ import annotations
 
@@ -16,18 +19,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from weakseg import __version__
-from weakseg.flows._params import add_flow_arguments, validate_params
+from weakseg.flows._params import add_flow_arguments, missing_inputs, validate_params
+
+
+def _import(target: str) -> Callable:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 @dataclass(frozen=True)
 class Command:
     flow_name: str
     help: str
-    target: str  # "module:function" of the flow, imported when the command is used
+    target: str  # "module:function" of the flow, imported only to run it
 
     def load(self) -> Callable:
+        """The flow (imports torch and Prefect)."""
+        return _import(self.target)
+
+    def parameters(self) -> Callable:
+        """The flow's parameter stub: same module name under ``weakseg.flows.params`` (light)."""
         module, _, attr = self.target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _import(module.replace("weakseg.flows.", "weakseg.flows.params.", 1) + ":" + attr)
 
 
 COMMANDS: dict[str, Command] = {
@@ -45,13 +58,17 @@ COMMANDS: dict[str, Command] = {
                           "weakseg.flows.choose_thresholds:choose_thresholds"),
     "promote": Command("promote-model", "promote a model to the registry's current release when it is not worse "
                        "(exit 0 promoted, 1 refused)", "weakseg.flows.promote_model:promote_model"),
+    "export": Command("export-masks", "export a run's masks as COCO (RLE) or a VOC-layout folder, for annotation "
+                      "and training tools", "weakseg.flows.export_masks:export_masks"),
     "cycle": Command("life-cycle", "the whole life cycle: shard, train, refine, thresholds, promote, segment; a rerun "
                      "resumes at the first unfinished step", "weakseg.flows.life_cycle:life_cycle"),
     "demo": Command("demo", "run the whole life cycle on synthetic data, offline", "weakseg.flows.demo:demo"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``only``, the options of that command alone are built
+    (what one invocation needs: the other commands' parameter modules are not imported)."""
     parser = argparse.ArgumentParser(
         prog="weakseg",
         description="Weakly supervised semantic segmentation from image-level labels "
@@ -61,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         cmd = sub.add_parser(name, help=f"{command.help} ({command.flow_name})", description=command.help)
-        add_flow_arguments(cmd, command.load())
+        if only is None or only == name:
+            add_flow_arguments(cmd, command.parameters())
     return parser
 
 
@@ -83,14 +101,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # The embedded Prefect server would phone home at start-up and log an error offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the command is the first word that is not an option (weakseg's own options take no value)
+    parser = build_parser(only=next((a for a in argv if not a.startswith("-")), ""))
     args = parser.parse_args(argv)
-    flow = COMMANDS[args.command].load()
+    command = COMMANDS[args.command]
+    spec = command.parameters()
     values = {k: v for k, v in vars(args).items() if k != "command"}
     try:
-        params = validate_params(flow, values)
+        params = validate_params(spec, values)
+        problems = missing_inputs(spec, params)
+        if problems:
+            raise ValueError("; ".join(problems))
     except ValueError as err:
         parser.error(f"{args.command}: {err}")
+    flow = command.load()
     with _patient_embedded_server():
         state = flow(**params, return_state=True)
     if state.is_failed():

@@ -2,41 +2,49 @@
 
 synthetic photos-like data -> the life-cycle flow (shard-imagenet -> train-mil with a frozen
 offline-pretrained backbone -> refine-mil -> promote-model into ``{workdir}/registry`` ->
-segment-corpus of the validation images with the promoted, refined release) -> the MIL
-model's δ_k on training images -> segment-corpus once per prior variant -> evaluate-segmentation
-of every run -> a short report (mean IoU per variant of the MIL model and along the refined
-model's default chain, a DuckDB query, overlays with a legend). Everything lives under
-``workdir``; a second run resumes the life cycle where it stopped and reuses the data,
-shards and models.
+segment-corpus of the validation images with the promoted, refined release) ->
+evaluate-segmentation of that run -> the MIL model's δ_k on training images -> every prior
+variant of the MIL model, and the refined model's chain step by step, scored from one forward
+pass an image (:func:`~weakseg.tasks.evaluate.variants.score_variants`, as the quality tables
+are) -> a short report (mean IoU per variant, a DuckDB query and overlays with a legend of
+the delivered run). Everything lives under ``workdir``; a second run resumes the life cycle
+where it stopped and reuses the data, shards and models.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from pydantic import Field
 
+from weakseg.flows._params import with_parameters
 from weakseg.flows.choose_thresholds import read_split, search, write
 from weakseg.flows.evaluate_segmentation import evaluate_segmentation
 from weakseg.flows.life_cycle import life_cycle
-from weakseg.flows.segment_corpus import segment_corpus
+from weakseg.flows.params import demo as P
 from weakseg.tasks import storage
 from weakseg.tasks.evaluate.scoring import read_split_ids
-from weakseg.tasks.evaluate.variants import threshold_variants
+from weakseg.tasks.evaluate.variants import score_variants, threshold_variants
 from weakseg.tasks.images import voc_palette
 from weakseg.tasks.legend import with_legend_strip
+from weakseg.tasks.segment.inference import load_model, load_thresholds
 from weakseg.tasks.segment.priors import VARIANTS
+from weakseg.tasks.segment.tta import AUTO
 from weakseg.tasks.synthetic import write_synthetic_dataset
 
 REFINED = "refined ilp+sppxl"  # the report's row for the refined model with the default chain
 # The refined model's chain up to the default, step by step: a prior that lowers the product shows.
 REFINED_STEPS = ("base", "ilp")
+# The demo's own training and refinement settings (the commands' defaults are for real photos on GPUs).
+TRAIN_OPTIONS = {"batch_size": 16, "head_widths": [128, 128, 128], "output_stride": 8, "lr": 1e-3, "num_workers": 2,
+                 "checkpoint_every": 0, "rotation": 5.0, "scale": [0.9, 1.1]}
+# One refinement, not refine's default soup of two: the demo is a short smoke run of the life cycle.
+REFINE_OPTIONS = {"num_workers": 2, "soup": 1}
 
 __all__ = ["demo"]
 
@@ -70,10 +78,6 @@ def choose_thresholds(model: str, data: str, n_images: int, out: str) -> dict[st
     return urls
 
 
-def _run_id(variant: str) -> str:
-    return "demo-" + ("refined" if variant == REFINED else variant.replace(" ", "-").replace("+", "-"))
-
-
 @task
 def score(data: str, workdir: str, run_id: str) -> dict[str, Any]:
     """evaluate-segmentation of one segment-corpus run on the val images."""
@@ -82,12 +86,15 @@ def score(data: str, workdir: str, run_id: str) -> dict[str, Any]:
 
 
 @task
-def segment_and_score(images: str, data: str, workdir: str, variant: str, model: str, priors: str,
-                      thresholds: str | None) -> dict[str, Any]:
-    """segment-corpus of the val images with one model and chain, then evaluate-segmentation."""
-    segment_corpus(images=images, model=model, out=storage.join(workdir, "segmentation"), priors=priors,
-                   run_id=_run_id(variant), thresholds=thresholds, device="cpu")
-    return score.fn(data, workdir, _run_id(variant))
+def score_chains(model: str, data: str, variants: list[str], thresholds: dict[str, str]) -> dict[str, dict]:
+    """Mean IoU and per-class IoU of each variant on the val images, all from one forward pass an
+    image (segment's default views); δ of a variant from its thresholds file."""
+    bundle = load_model(model, "cpu")
+    deltas = {}
+    for variant, url in thresholds.items():
+        prior, delta, _, _ = load_thresholds(url, bundle.classes)
+        deltas[variant] = {prior: delta}
+    return score_variants(bundle, data, "val", deltas, variants, tta=AUTO)
 
 
 @task
@@ -119,25 +126,19 @@ def write_overlays(segmentation: str, data: str, run_id: str, dest: str, limit: 
     return written
 
 
-def _query(segmentation: str, run_id: str) -> tuple[str, list[tuple]]:
-    sql = (
-        "SELECT class_name, count(*) AS images, round(avg(area_fraction), 3) AS mean_area "
-        f"FROM read_parquet('{storage.join(segmentation, 'regions', '**', '*.parquet')}', hive_partitioning=true) "
-        f"WHERE run_id = '{run_id}' GROUP BY class_name ORDER BY images DESC"
-    )
-    return sql, storage.duckdb_connection(segmentation).execute(sql).fetchall()
+QUERY = ("SELECT class_name, count(*) AS images, round(avg(area_fraction), 3) AS mean_area "
+         "FROM read_parquet(?, hive_partitioning=true) WHERE run_id = ? GROUP BY class_name ORDER BY images DESC")
+
+
+def _query(segmentation: str, run_id: str) -> tuple[str, list, list[tuple]]:
+    """The report's DuckDB query over the regions table, its values bound (never pasted into the SQL)."""
+    params = [storage.join(segmentation, "regions", "**", "*.parquet"), run_id]
+    return QUERY, params, storage.duckdb_connection(segmentation).execute(QUERY, params).fetchall()
 
 
 @flow(name="demo")
-def demo(
-    workdir: Annotated[str, Field(description="where everything is written (reused on a second run)")] = "demo-output",
-    n_train: Annotated[int, Field(ge=16, description="synthetic training images")] = 400,
-    n_val: Annotated[int, Field(ge=4, description="synthetic validation images (the scored ones)")] = 48,
-    size: Annotated[int, Field(ge=64, description="image side in pixels")] = 160,
-    epochs: Annotated[int, Field(ge=1, description="training epochs")] = 8,
-    refine_epochs: Annotated[int, Field(ge=0, description="epochs of the refinement stage (0: none)")] = 4,
-    seed: Annotated[int, Field(description="data seed")] = 0,
-) -> dict[str, Any]:
+@with_parameters(P.demo)
+def demo(workdir, n_train, n_val, size, epochs, refine_epochs, seed) -> dict[str, Any]:
     """Run the whole pipeline and print a report; returns it."""
     if "://" not in workdir:  # manifests below list image paths: make them absolute
         workdir = os.path.abspath(workdir)
@@ -148,30 +149,27 @@ def demo(
         source=storage.join(data, "labels.csv"), registry=storage.join(workdir, "registry"), images=images,
         out=segmentation, work=workdir, cycle_id="demo", ground_truth=data, refine=refine_epochs > 0,
         priors="ilp,sppxl", device="cpu", shard_options={"max_side": size},
-        train_options={"epochs": epochs, "batch_size": 16, "input_size": size, "head_widths": [128, 128, 128],
-                       "output_stride": 8, "lr": 1e-3, "num_workers": 2, "checkpoint_every": 0, "rotation": 5.0,
-                       "scale": [0.9, 1.1]},
-        # One refinement, not refine's default soup of two: the demo is a short smoke run of the life cycle.
-        refine_options={"epochs": refine_epochs, "input_size": size, "num_workers": 2, "soup": 1}
-        if refine_epochs else {},
-        segment_options={"run_id": _run_id(REFINED) if refine_epochs else "demo-cycle"})
+        train_options={**TRAIN_OPTIONS, "epochs": epochs, "input_size": size},
+        refine_options={**REFINE_OPTIONS, "epochs": refine_epochs, "input_size": size} if refine_epochs else {},
+        segment_options={"run_id": "demo-refined" if refine_epochs else "demo-cycle"})
+    run_id = cycle["run_id"]  # the val images segmented by the delivered release
+    results: dict[str, dict] = {}
     model = storage.join(workdir, "model", "model.pt")  # the MIL model, before refinement
     thresholds = choose_thresholds(model, data, 48, workdir)
-    runs = {v: (model, ",".join(priors) or "none", thresholds.get(v)) for v, priors in VARIANTS.items()}
-    results = {variant: segment_and_score(images, data, workdir, variant, *run) for variant, run in runs.items()}
+    results.update(score_chains(model, data, list(VARIANTS), thresholds))
     if refine_epochs:  # the cycle segmented the val images with its promoted release, the refined model
-        for step in REFINED_STEPS:
-            name = f"refined {step}"
-            results[name] = segment_and_score(images, data, workdir, name, cycle["candidate"]["url"],
-                                              ",".join(VARIANTS[step]) or "none", None)
-        results[REFINED] = score(data, workdir, cycle["run_id"])
-    overlays = write_overlays(segmentation, data, "demo-ilp-sppxl", storage.join(workdir, "overlays"))
-    sql, rows = _query(segmentation, "demo-ilp-sppxl")
+        steps = score_chains(cycle["candidate"]["url"], data, list(REFINED_STEPS), {})
+        results.update({f"refined {step}": steps[step] for step in REFINED_STEPS})
+        results[REFINED] = score(data, workdir, run_id)
+    else:
+        results["ilp+sppxl"] = score(data, workdir, run_id)  # the delivered run, segment-corpus + evaluate
+    overlays = write_overlays(segmentation, data, run_id, storage.join(workdir, "overlays"))
+    sql, params, rows = _query(segmentation, run_id)
     report = {
         "mean_iou": {v: round(m["mean_iou"], 4) for v, m in results.items()},
         "pixel_accuracy": {v: round(m["pixel_accuracy"], 4) for v, m in results.items()},
         "background_iou": {v: round(m["per_class"]["background"]["iou"], 4) for v, m in results.items()},
-        "duckdb": {"sql": sql, "rows": rows},
+        "duckdb": {"sql": sql, "parameters": params, "rows": rows},
         "overlays": storage.join(workdir, "overlays"),
         "tables": segmentation,
     }
@@ -181,7 +179,7 @@ def demo(
     create_markdown_artifact("\n".join(lines), key="demo-report", description="weakseg demo: mean IoU per prior")
     print("\nweakseg demo: mean IoU on the synthetic validation images, per prior variant")
     print("\n".join(lines))
-    print(f"\nDuckDB over the output tables:\n  {sql}")
+    print(f"\nDuckDB over the output tables (run {run_id}):\n  con.execute({sql!r},\n              {params!r})")
     for row in rows:
         print("   ", row)
     print(f"\nLife cycle {cycle['cycle_id']}: " + ", ".join(f"{k} {v}" for k, v in cycle["steps"].items())

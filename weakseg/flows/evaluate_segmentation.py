@@ -10,15 +10,17 @@ the reason in ``per_image.parquet``; they never stop the run.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import Field
 
+from weakseg.flows._params import with_parameters
+from weakseg.flows._progress import Progress
 from weakseg.flows._retries import IO_RETRIES, retry_unless
+from weakseg.flows.params import evaluate_segmentation as P
 from weakseg.tasks import storage
 from weakseg.tasks.evaluate.scoring import (
     ClassAlignment,
@@ -114,19 +116,9 @@ def publish(doc: dict[str, Any], out: str) -> None:
 
 
 @flow(name="evaluate-segmentation", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def evaluate_segmentation(
-    predictions: Annotated[str, Field(description="segment-corpus output folder URL (images/, masks/, runs/)")],
-    ground_truth: Annotated[str, Field(description="VOC-layout folder URL (SegmentationClass/, ImageSets/)")],
-    split: Annotated[str, Field(min_length=1, description="ImageSets/Segmentation/<split>.txt to score")] = "val",
-    out: Annotated[str | None, Field(description="output folder URL; default {predictions}/evaluation")] = None,
-    run_id: Annotated[str | None, Field(description="run to score, whatever its state; default the latest run "
-                                        "that did not fail")] = None,
-    include_failed: Annotated[bool, Field(description="let the default pick a run that ended Failed")] = False,
-    unlabelled_as_background: Annotated[
-        bool, Field(description="count predicted 255 as background when the ground truth has it and the run not")
-    ] = True,
-    chunk_size: Annotated[int, Field(ge=1, description="images per scoring task")] = 200,
-) -> dict[str, Any]:
+@with_parameters(P.evaluate_segmentation)
+def evaluate_segmentation(predictions, ground_truth, split, out, run_id, include_failed, unlabelled_as_background,
+                          chunk_size) -> dict[str, Any]:
     """Score one run; returns the metrics.json document."""
     logger = get_run_logger()
     out = out or storage.join(predictions, "evaluation")
@@ -147,8 +139,11 @@ def evaluate_segmentation(
     matched = [found[i] for i in ids if i in found]
     futures = [score_chunk.submit(ground_truth, matched[i : i + chunk_size], alignment, i)
                for i in range(0, len(matched), chunk_size)]
-    for future in futures:
-        scores.extend(future.result())
+    with Progress("evaluate-segmentation-progress", "evaluate", total=len(matched)) as progress:
+        for future in futures:
+            chunk = future.result()
+            scores.extend(chunk)
+            progress.update(len(chunk), failed=sum(s.status != "scored" for s in chunk))
     doc = metrics_document(scores, alignment, run_id=run["run_id"], model_id=run.get("model_id"), split=split,
                            predictions=storage.redact_url(predictions),
                            ground_truth=storage.redact_url(ground_truth), gt_images=len(ids), match_counts=counts)

@@ -20,18 +20,19 @@ mapping (``--train-options '{"epochs": 4}'``), named as its own command takes th
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.states import Failed
-from pydantic import Field
 
-from weakseg.flows._params import flow_parameters
+from weakseg.flows._params import with_parameters
 from weakseg.flows._registry import publish_release
 from weakseg.flows._retries import IO_RETRIES
 from weakseg.flows.choose_thresholds import choose_thresholds
+from weakseg.flows.params import life_cycle as P
+from weakseg.flows.params.life_cycle import option_problems
 from weakseg.flows.promote_model import promote_model
 from weakseg.flows.refine_mil import refine_mil
 from weakseg.flows.segment_corpus import segment_corpus
@@ -42,25 +43,9 @@ from weakseg.tasks.segment.priors import has_objectness, parse_priors
 
 __all__ = ["life_cycle"]
 
-# What the cycle sets itself in each step: not accepted in that step's options.
-_SET_BY_CYCLE = {
-    "shard": (shard_imagenet, {"source", "dest"}),
-    "train": (train_mil, {"shards", "out", "device", "registry"}),
-    "refine": (refine_mil, {"shards", "model", "out", "device", "registry"}),
-    "thresholds": (choose_thresholds, {"model", "ground_truth", "out", "priors", "device"}),
-    "promote": (promote_model, {"model", "registry", "ground_truth", "device"}),
-    "segment": (segment_corpus, {"images", "model", "out", "priors", "thresholds", "device"}),
-}
-
-
 def check_options(options: dict[str, dict[str, Any]]) -> None:
     """Refuse an option a step does not take, or one the cycle sets itself, before any work."""
-    problems = []
-    for step, given in options.items():
-        fn, fixed = _SET_BY_CYCLE[step]
-        names = {p.name for p in flow_parameters(fn)}
-        problems += [f"--{step}-options: {k!r} is set by the cycle" for k in given if k in fixed]
-        problems += [f"--{step}-options: {fn.name} has no parameter {k!r}" for k in given if k not in names]
+    problems = option_problems(options)
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -86,37 +71,10 @@ def clear_stale_training(model_dir: str, shards: str) -> list[str]:
     return stale
 
 
-Options = Annotated[dict[str, Any] | None, Field(description="more parameters of that step, as its command "
-                                                 "takes them (JSON on the command line)")]
-
-
 @flow(name="life-cycle")
-def life_cycle(
-    source: Annotated[str, Field(description="labelled image collection to shard (as weakseg shard --source)")],
-    registry: Annotated[str, Field(description="registry folder URL: releases are published and promoted there")],
-    images: Annotated[str, Field(description="corpus to segment with the promoted release (as weakseg segment "
-                                 "--images)")],
-    out: Annotated[str, Field(description="output folder URL of the segmentation tables")],
-    work: Annotated[str, Field(description="folder URL of this cycle's shards/, model/, refined/ and δ files; "
-                               "{cycle_id} is replaced")] = "./cycles/{cycle_id}",
-    cycle_id: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                                          description="this cycle's id (default: the ISO week, e.g. 2025-W07); "
-                                          "the same id resumes a cycle")] = None,
-    ground_truth: Annotated[str | None, Field(description="VOC-layout folder URL: δ are chosen on its train split "
-                                              "and the gate scores mean IoU on its val split; without it the gate "
-                                              "scores image-level mAP on the held-out shards")] = None,
-    refine: Annotated[bool, Field(description="refine the trained model on its pseudo-labels; the refined "
-                                  "model is the candidate")] = True,
-    priors: Annotated[str, Field(description="prior chain of the segmentation (and of δ when it has bb/seg)")] = (
-        "ilp,sppxl"),
-    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
-    shard_options: Options = None,
-    train_options: Options = None,
-    refine_options: Options = None,
-    thresholds_options: Options = None,
-    promote_options: Options = None,
-    segment_options: Options = None,
-) -> dict[str, Any]:
+@with_parameters(P.life_cycle)
+def life_cycle(source, registry, images, out, work, cycle_id, ground_truth, refine, priors, device, shard_options,
+               train_options, refine_options, thresholds_options, promote_options, segment_options) -> dict[str, Any]:
     """Run the cycle's unfinished steps; returns what each step did, the candidate and the segmentation run."""
     logger = get_run_logger()
     opts = {"shard": shard_options or {}, "train": train_options or {}, "refine": refine_options or {},

@@ -23,17 +23,17 @@ The return value (also a refused run's data) is a plain dict with ``promoted``, 
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.states import Failed
-from pydantic import Field
 
-from weakseg.flows._params import check_parameters
+from weakseg.flows._params import check_parameters, with_parameters
 from weakseg.flows._registry import PROMOTED, announce, registry_slot
 from weakseg.flows._retries import IO_RETRIES, retry_unless
+from weakseg.flows.params import promote_model as P
 from weakseg.tasks import registry as reg
 from weakseg.tasks import storage
 from weakseg.tasks.evaluate.promotion import (
@@ -44,8 +44,7 @@ from weakseg.tasks.evaluate.promotion import (
     score_on_shards,
 )
 from weakseg.tasks.evaluate.promotion import variant_of as _variant_of
-from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
-from weakseg.tasks.segment.tta import AUTO
+from weakseg.tasks.segment.inference import load_model
 
 __all__ = ["COMPARISONS", "promote_model"]
 
@@ -86,28 +85,9 @@ def move_pointer(registry: str, model_id: str, baseline: str | None, forced: boo
 
 
 @flow(name="promote-model")
-def promote_model(
-    model: Annotated[str, Field(description="candidate checkpoint URL (train's or refine's model.pt, or a "
-                                "release's); published as a release first")],
-    registry: Annotated[str, Field(description="registry folder URL (releases/, history/, current.json)")],
-    ground_truth: Annotated[str | None, Field(description="VOC-layout folder URL to score on (mean IoU); "
-                                              "default: image-level mAP on --shards")] = None,
-    split: Annotated[str, Field(min_length=1, description="split of the ground truth, or of the shards, to "
-                                "score on")] = "val",
-    tolerance: Annotated[float, Field(ge=0, le=1, description="promote when candidate >= current - this")] = 0.0,
-    force: Annotated[bool, Field(description="promote whatever the comparison says (recorded in the "
-                                 "history and the pointer)")] = False,
-    reason: Annotated[str, Field(description="why, recorded with the promotion (e.g. for --force)")] = "",
-    shards: Annotated[str | None, Field(description="shards whose split the mAP is scored on without ground "
-                                        "truth; default: the ones the candidate was trained on")] = None,
-    priors: Annotated[str, Field(description="prior chain scored on ground truth (as segment applies it)")] = (
-        "ilp,sppxl"),
-    limit: Annotated[int | None, Field(ge=1, description="score only the first N ground-truth images")] = None,
-    max_side: Annotated[int, Field(ge=32, description="forward-pass longer side, as in segment")] = DEFAULT_MAX_SIDE,
-    tta: Annotated[str, Field(description="test-time views, as in segment")] = AUTO,
-    batch_size: Annotated[int, Field(ge=1, description="images per forward pass on shards")] = 16,
-    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
-) -> dict[str, Any]:
+@with_parameters(P.promote_model)
+def promote_model(model, registry, ground_truth, split, tolerance, force, reason, shards, priors, limit, max_side, tta,
+                  batch_size, device) -> dict[str, Any]:
     """Publish the candidate, score it against the current release, move the pointer or refuse."""
     logger = get_run_logger()
     _variant_of(priors)  # a chain the gate cannot score is refused before any work

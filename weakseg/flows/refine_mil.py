@@ -19,25 +19,25 @@ from __future__ import annotations
 
 import hashlib
 import io
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
-from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
-from weakseg.flows._params import check_parameters
+from weakseg.flows._params import check_parameters, with_parameters
 from weakseg.flows._registry import PUBLISHED, announce, publish_release, resolve_model
 from weakseg.flows._retries import IO_RETRIES, retry_unless
+from weakseg.flows.params import refine_mil as P
 from weakseg.models import load_checkpoint
 from weakseg.tasks import storage
 from weakseg.tasks.devices import resolve_device
 from weakseg.tasks.ingest.manifest import ManifestError, load_manifest
-from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, load_model
+from weakseg.tasks.segment.inference import load_model
 from weakseg.tasks.segment.priors import parse_priors
 from weakseg.tasks.storage import redact_url
-from weakseg.tasks.train.pseudo_labels import PSEUDO_LABEL_TTA, check_pseudo_labels, write_pseudo_labels
+from weakseg.tasks.train.pseudo_labels import check_pseudo_labels, write_pseudo_labels
 from weakseg.tasks.train.refine import RefineConfig, image_loss_of, run_refine
 from weakseg.tasks.train.trainer import list_checkpoints
 
@@ -110,60 +110,10 @@ def publish_metrics(pseudo: dict[str, Any], result: dict[str, Any]) -> None:
 
 
 @flow(name="refine-mil")
-def refine_mil(
-    shards: Annotated[str, Field(description="folder URL of the shards the model was trained on")],
-    model: Annotated[str, Field(description="URL of the MIL model to refine (weakseg train's model.pt), or a "
-                                "registry (its current release)")],
-    out: Annotated[str, Field(description="folder URL for pseudo-labels/ and the refined model.pt")],
-    priors: Annotated[str, Field(description="priors of the pseudo-labels: the training image's tags restrict "
-                                             "the labels (ilp), sppxl smooths them")] = "ilp,sppxl",
-    confidence: Annotated[float, Field(ge=0, le=1, description=(
-        "a pixel is ignored when its label's probability (superpixel mean with sppxl) is under this times the "
-        "most that label reaches in the image"))] = 0.8,
-    epochs: Annotated[int, Field(ge=1, description="passes over the pseudo-labelled images")] = 6,
-    steps_per_epoch: Annotated[int, Field(ge=0, description="optimiser steps per epoch; 0: one pass")] = 0,
-    batch_size: Annotated[int, Field(ge=1, description="crops per step")] = 16,
-    input_size: Annotated[int, Field(ge=16, description="training crop side in pixels")] = 288,
-    scale: Annotated[list[float], Field(min_length=2, max_length=2, description=(
-        "range of the random rescaling of the crops, low,high (of the image fitted to input_size)"))] = (
-        RefineConfig.scale),
-    lr: Annotated[float, Field(gt=0, description="peak SGD learning rate")] = RefineConfig.lr,
-    mil_weight: Annotated[float, Field(ge=0, description="weight of the image-level MIL loss")] = 1.0,
-    class_weights: Annotated[Literal["none", "balanced"], Field(description=(
-        "balanced: weight the pixel loss by 1/sqrt(class share of the pseudo-labels), so objects that "
-        "cover few pixels beside a large background weigh more"))] = "none",
-    lr_schedule: Annotated[Literal["constant", "poly"], Field(description=(
-        "poly: the learning rate falls as (1 - step/steps)^0.9 to 0 at the last step; constant: lr throughout"
-    ))] = "poly",
-    soup: Annotated[int, Field(ge=1, description=(
-        "refinements averaged into the refined model (a uniform model soup of seeds seed, seed+1, ...): each "
-        "costs one more refinement; 1: a single refinement"))] = RefineConfig.soup,
-    finetune_from: Annotated[int | None, Field(description=(
-        "also train the backbone from this feature stage on (timm's features_only stages; negative: from the "
-        "last back, -1 the last), BatchNorms kept; none: only what the MIL model trained"))] = None,
-    backbone_lr_scale: Annotated[float, Field(gt=0, description=(
-        "learning rate of the trained backbone stages (--finetune-from), as a factor of --lr"))] = (
-        RefineConfig.backbone_lr_scale),
-    output_stride: Annotated[Literal[8, 16, 32] | None, Field(description=(
-        "refine and serve the network at this output stride (8: score maps four times as dense from one plain "
-        "pass); none: the model's own"))] = RefineConfig.output_stride,
-    max_side: Annotated[int, Field(ge=16, description="longer side of the pseudo-labelling forward pass")] = (
-        DEFAULT_MAX_SIDE),
-    tta: Annotated[str, Field(description=(
-        "test-time views of the pseudo-labelling forward pass (segment's syntax); more than segment's default, "
-        "since each training image is labelled once"))] = PSEUDO_LABEL_TTA,
-    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: CUDA when present")] = "auto",
-    num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes")] = 2,
-    seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,
-    progress: Annotated[bool, Field(description="tqdm progress bar in the terminal")] = True,
-    checkpoint_every: Annotated[int, Field(ge=0, description=(
-        "steps between step checkpoints (also at every epoch's end); 0: epoch ends only"))] = (
-        RefineConfig.checkpoint_every),
-    resume: Annotated[bool, Field(description=(
-        "continue the unfinished refinement in --out from its newest step checkpoint, on its pseudo-labels"))] = False,
-    registry: Annotated[str | None, Field(description="registry folder URL: publish the refined model.pt as "
-                                          "the release {registry}/releases/{model_id}/")] = None,
-) -> dict[str, Any]:
+@with_parameters(P.refine_mil)
+def refine_mil(shards, model, out, priors, confidence, epochs, steps_per_epoch, batch_size, input_size, scale, lr,
+               mil_weight, class_weights, lr_schedule, soup, finetune_from, backbone_lr_scale, output_stride, max_side,
+               tta, device, num_workers, seed, progress, checkpoint_every, resume, registry) -> dict[str, Any]:
     """Pseudo-label the training images with the model, fine-tune it on them; returns the checkpoint URL."""
     logger = get_run_logger()
     chain = parse_priors(priors)

@@ -55,7 +55,7 @@ import dataclasses
 import os
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -65,23 +65,22 @@ from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import BaseAnnotation, quote
-from pydantic import Field
 
 from weakseg.flows._gpu import gpu_slot
-from weakseg.flows._params import check_parameters
+from weakseg.flows._params import check_parameters, with_parameters
+from weakseg.flows._progress import Progress
 from weakseg.flows._retries import IO_RETRIES, retry_unless
-from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
+from weakseg.flows._runners import api_for_workers, make_task_runner
+from weakseg.flows.params import segment_corpus as P
 from weakseg.tasks import storage
 from weakseg.tasks.devices import resolve_device
-from weakseg.tasks.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from weakseg.tasks.ingest.sources import SourceError
 from weakseg.tasks.legend import legend_markdown
 from weakseg.tasks.segment import runs, tables
 from weakseg.tasks.segment.chunk import ChunkResult, SegmentOptions, segment_chunk
-from weakseg.tasks.segment.inference import DEFAULT_MAX_SIDE, ModelError
+from weakseg.tasks.segment.inference import ModelError
 from weakseg.tasks.segment.inputs import ChunkSpec, iter_chunks
 from weakseg.tasks.segment.priors import parse_priors
-from weakseg.tasks.segment.tta import AUTO
 
 __all__ = ["segment_corpus"]
 
@@ -146,6 +145,12 @@ def segment_chunks(runner: TaskRunner, images: str, chunk_size: int, opts: Segme
     time to start (or join) the cluster and the fan-out's wall time after it (for the Prefect
     overhead: wall time minus the chunks' own). ``gpu_resources`` (Dask on CUDA): every chunk asks
     for a ``GPU`` resource and takes its worker process's ``gpu`` slot.
+
+    Progress, as chunks finish: a bar in the terminal and the ``segment-corpus-progress``
+    artifact (images done, images/s, failed) and one log line a chunk saying the same. The
+    total, hence the percentage and the ETA, comes once a listing has ended: the count that
+    :class:`~weakseg.tasks.segment.runs.ListingCount` runs ahead in a background thread, or
+    this loop's own; tar shards not yet read count as the mean of those read.
     """
     logger = get_run_logger()
     t_start = time.perf_counter()
@@ -160,34 +165,55 @@ def segment_chunks(runner: TaskRunner, images: str, chunk_size: int, opts: Segme
         failed_chunks: list[str] = []
         pending: dict[Any, ChunkSpec] = {}
         n_chunks = 0
+        listed = runs.ListingTally()  # what this loop has listed so far
+        ahead = runs.ListingCount(images, chunk_size)  # the whole listing, counted in the background
+        shards = {"images": 0, "done": 0}  # images of the tar shards read so far
 
-        def collect(future, spec: ChunkSpec) -> None:
+        def total(listing_done: bool) -> int | None:
+            """The run's images once a listing has ended (this loop's, or the count ahead's)."""
+            tally = listed if listing_done else ahead.tally if ahead.complete else None
+            return None if tally is None else tally.images(shards["images"], shards["done"])
+
+        def collect(future, spec: ChunkSpec, listing_done: bool = False) -> None:
             try:
                 r = future.result()
             except Exception as err:  # retries exhausted: the run goes on, its final state says Failed
                 message = storage.redact(str(err))
                 logger.error("chunk %d failed after retries: %s: %s", spec.index, type(err).__name__, message)
                 failed_chunks.append(f"chunk {spec.index}: {type(err).__name__}: {message}")
+                progress.update(len(spec.uris), failed=len(spec.uris))
                 return
             results.append(r)
-            logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s", r.index, r.ok, r.failed, r.skipped,
-                        r.seconds)
+            n = r.ok + r.failed + r.skipped
+            if spec.shard is not None:
+                shards["images"] += n
+                shards["done"] += 1
+            expected = total(listing_done)
+            if expected is not None and expected != progress.total:
+                progress.set_total(max(expected, progress.done + n))
+            progress.update(n, failed=r.failed)
+            logger.info("chunk %d: %d ok, %d failed, %d skipped in %.1f s; %s", r.index, r.ok, r.failed, r.skipped,
+                        r.seconds, progress.describe())
 
-        with api_for_workers(runner):
-            for spec in iter_chunks(images, chunk_size):
-                n_chunks += 1
-                chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
-                with _gpu_annotation() if gpu_resources else contextlib.nullcontext():
-                    # quote: Prefect would otherwise walk every URI and listing record of the chunk looking
-                    # for futures (0.5 ms of the flow process's CPU an image; bench/host_pipeline.py)
-                    future = runner.submit(segment_chunk_task,
-                                           {"spec": _quote(spec), "opts": chunk_opts, "gpu_slot_each": gpu_resources})
-                pending[future] = spec
-                if len(pending) >= workers:
-                    done = next(iter(as_completed(list(pending))))
-                    collect(done, pending.pop(done))
-            for future in as_completed(list(pending)):
-                collect(future, pending.pop(future))
+        with Progress("segment-corpus-progress", "segment-corpus") as progress, api_for_workers(runner):
+            try:
+                for spec in iter_chunks(images, chunk_size):
+                    n_chunks += 1
+                    listed.add(spec)
+                    chunk_opts = opts if spec.index == 0 else dataclasses.replace(opts, thumbnails=0)
+                    with _gpu_annotation() if gpu_resources else contextlib.nullcontext():
+                        # quote: Prefect would otherwise walk every URI and listing record of the chunk looking
+                        # for futures (0.5 ms of the flow process's CPU an image; bench/host_pipeline.py)
+                        future = runner.submit(segment_chunk_task, {"spec": _quote(spec), "opts": chunk_opts,
+                                                                    "gpu_slot_each": gpu_resources})
+                    pending[future] = spec
+                    if len(pending) >= workers:
+                        done = next(iter(as_completed(list(pending))))
+                        collect(done, pending.pop(done))
+                for future in as_completed(list(pending)):
+                    collect(future, pending.pop(future), listing_done=True)
+            finally:
+                ahead.stop()
         return runs.Fanout(results, failed_chunks, n_chunks, time.perf_counter() - t0, start_seconds)
 
 
@@ -263,57 +289,10 @@ def _final_state(state_name: str, message: str | None, summary: dict[str, Any]) 
 
 
 @flow(name="segment-corpus", task_runner=ThreadPoolTaskRunner(max_workers=16))
-def segment_corpus(
-    images: Annotated[str, Field(description="folder, glob, .txt/.csv/.parquet manifest of URIs, or "
-                                 "WebDataset .tar shards (any fsspec URL)")],
-    model: Annotated[str, Field(description="checkpoint URL (train-mil's model.pt), or a registry (its "
-                                "current release, resolved once at the start)")],
-    out: Annotated[str, Field(description="output folder URL for the Parquet tables")],
-    priors: Annotated[str, Field(pattern=r"^(none|(ilp|sppxl|bb|seg)( *, *(ilp|sppxl|bb|seg))*)$",
-                                 description="comma list of ilp, sppxl, bb, seg; or none")] = "ilp,sppxl",
-    batch_size: Annotated[int, Field(ge=1, le=4096, description="images per forward pass")] = 8,
-    run_id: Annotated[str | None, Field(pattern=tables.RUN_ID.pattern,
-                                        description="run id (default: time + flow run id); reuse to redo a "
-                                        "run")] = None,
-    skip_existing: Annotated[bool, Field(description="only images not yet in the output for this model "
-                                         "(same URI and content hash)")] = False,
-    chunk_size: Annotated[int, Field(ge=1, description="images per chunk (one task, one file per table)")] = 512,
-    max_side: Annotated[int, Field(ge=32, description="forward-pass longer side; results come back at "
-                                   "full size")] = DEFAULT_MAX_SIDE,
-    min_side: Annotated[int, Field(ge=0, description="enlarge images whose longer side is under this for the "
-                                   "forward pass: finer maps for small photos, slower (0: never)")] = 0,
-    tta: Annotated[str, Field(description="test-time views averaged: scales of the forward size, +flip for "
-                              "mirrored ones (e.g. 1,1.5,2+flip); 1: one plain pass; auto: the views chosen on "
-                              "dev data for the model's kind (2, one pass at 2x, ~4x the forward cost; 1,2 for "
-                              "a refined model without a background class, ~5x)")] = AUTO,
-    max_pixels: Annotated[
-        int, Field(ge=1, description="refuse larger images (decompression bombs)")
-    ] = DEFAULT_MAX_PIXELS,
-    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",
-    decode: Annotated[Literal["auto", "host", "device"], Field(description="where JPEGs are decoded: device "
-                      "(nvjpeg on CUDA) when no prior needs host pixels; auto: device on CUDA, else "
-                      "host")] = "auto",
-    host_workers: Annotated[int | None, Field(ge=0, le=256, description="worker processes for the host stages "
-                            "(reading, decoding, superpixels, PNG masks); 0: inline in the flow's process; default: "
-                            "the cores minus one when the model runs on an accelerator, 0 on the CPU")] = None,
-    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], Field(description="number format of the "
-                         "forward pass: auto is bf16 autocast (channels_last) on CUDA, fp32 on the "
-                         "CPU")] = "auto",
-    thresholds: Annotated[str | None, Field(description="thresholds JSON URL (weakseg thresholds) for bb/seg "
-                                            "(default: the checkpoint's, else 0.5/K)")] = None,
-    task_runner: Annotated[TaskRunnerKind, Field(description="where chunks run: threads, or Dask worker "
-                                                 "processes (one model per process)")] = "threads",
-    workers: Annotated[int, Field(ge=1, le=256, description="chunks in flight at once (threads or local "
-                                  "Dask worker processes)")] = 2,
-    dask_address: Annotated[
-        str | None, Field(description="join this Dask scheduler instead of starting a local cluster")
-    ] = None,
-    thumbnails: Annotated[int, Field(ge=0, le=32, description="overlay thumbnails in the markdown artifact")] = 4,
-    max_bytes: Annotated[int, Field(ge=1, description="inputs (files, tar members) over this many bytes become "
-                                    "error rows without being read")] = DEFAULT_MAX_BYTES,
-    max_error_fraction: Annotated[float, Field(ge=0, le=1, description="the run ends Failed (exit 1) when more "
-                                               "than this fraction of its inputs failed")] = 0.5,
-) -> dict[str, Any]:
+@with_parameters(P.segment_corpus)
+def segment_corpus(images, model, out, priors, batch_size, run_id, skip_existing, chunk_size, max_side, min_side, tta,
+                   max_pixels, device, decode, host_workers, precision, thresholds, task_runner, workers, dask_address,
+                   thumbnails, max_bytes, max_error_fraction) -> dict[str, Any]:
     """Segment a corpus; returns the run summary (the ``runs`` row)."""
     parameters = dict(locals())  # first: exactly the flow's parameters, for the runs row
     logger = get_run_logger()

@@ -8,19 +8,17 @@ and atomically, switches readers to the new generation only once it is complete.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner
-from pydantic import Field
 from tqdm.auto import tqdm
 
+from weakseg.flows._params import with_parameters
 from weakseg.flows._retries import IO_RETRIES, retry_unless
-from weakseg.flows._runners import TaskRunnerKind, api_for_workers, make_task_runner
+from weakseg.flows._runners import api_for_workers, make_task_runner
+from weakseg.flows.params import shard_imagenet as P
 from weakseg.tasks import storage
-from weakseg.tasks.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from weakseg.tasks.ingest.label_maps import LabelMap, build_label_map
 from weakseg.tasks.ingest.manifest import ManifestError, generation_folder, read_manifest_if_any
 from weakseg.tasks.ingest.shard_writer import (
@@ -95,32 +93,10 @@ def write_shards(runner: TaskRunner, plans: list[ShardPlan], dest: str, classes:
 
 
 @flow(name="shard-imagenet")
-def shard_imagenet(
-    source: Annotated[str, Field(description="image collection: folder URL or CSV/Parquet manifest (uri,labels)")],
-    dest: Annotated[str, Field(description="output folder URL for the shards and manifest.json")],
-    label_map: Annotated[str, Field(description="identity, voc, or the URL of a source_label,label CSV")] = "identity",
-    layout: Literal["auto", "ilsvrc", "synset-tars", "imagefolder", "manifest"] = "auto",
-    max_side: Annotated[int, Field(ge=16, description="shrink so the shorter side is at most this")] = 512,
-    val_fraction: Annotated[float, Field(ge=0, lt=1, description="val share when the source has no split")] = 0.0,
-    seed: Annotated[int, Field(description="shuffle, split and background sampling seed")] = 0,
-    shard_size: Annotated[int, Field(ge=1, description="samples per shard at most")] = 1000,
-    shard_max_bytes: Annotated[int, Field(ge=1024, description="bytes per shard at most")] = 256 * 2**20,
-    jpeg_quality: Annotated[int, Field(ge=1, le=100, description="JPEG quality when re-encoding")] = 90,
-    max_pixels: Annotated[
-        int, Field(ge=1, description="refuse larger images (decompression bombs)")
-    ] = DEFAULT_MAX_PIXELS,
-    max_bytes: Annotated[
-        int, Field(ge=1, description="refuse larger files and tar members before reading them (64 MiB)")
-    ] = DEFAULT_MAX_BYTES,
-    background_fraction: Annotated[
-        float, Field(ge=0, le=1, description="voc: share of unrelated synsets kept as background")
-    ] = 0.25,
-    task_runner: Annotated[TaskRunnerKind, Field(description="threads, or dask worker processes")] = "threads",
-    workers: Annotated[int, Field(ge=1, description="threads or Dask worker processes")] = 4,
-    dask_address: Annotated[
-        str | None, Field(description="join this Dask scheduler instead of starting a local cluster")
-    ] = None,
-) -> dict:
+@with_parameters(P.shard_imagenet)
+def shard_imagenet(source, dest, label_map, layout, max_side, val_fraction, seed, shard_size, shard_max_bytes,
+                   jpeg_quality, max_pixels, max_bytes, background_fraction, task_runner, workers,
+                   dask_address) -> dict:
     """Shard a collection; returns the manifest."""
     logger = get_run_logger()
     storage.require_buckets({"--dest": dest})

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..ingest.manifest import load_manifest, shard_specs
 from ..segment.inference import DEFAULT_MAX_SIDE, ModelBundle
@@ -24,6 +25,7 @@ from ..tensors import normalize
 from ..train.augment import EvalTransform
 from ..train.shard_reader import eval_pipeline, make_loader
 from ..train.trainer import average_precision
+from .scoring import read_split_ids
 from .variants import score_variants
 
 __all__ = ["compare", "comparison_markdown", "format_score", "score_on_ground_truth", "score_on_shards", "variant_of"]
@@ -46,10 +48,13 @@ def _nan_to_none(x: float) -> float | None:
 def score_on_ground_truth(bundle: ModelBundle, ground_truth: str, split: str, priors: str = "ilp,sppxl",
                           max_side: int = DEFAULT_MAX_SIDE, tta: str | None = None,
                           limit: int | None = None) -> dict[str, Any]:
-    """Mean IoU (and IoU per ground-truth class) of the model with ``priors`` on a VOC-layout split."""
+    """Mean IoU (and IoU per ground-truth class) of the model with ``priors`` on a VOC-layout split;
+    a progress bar in a terminal."""
     variant = variant_of(priors)
-    metrics = score_variants(bundle, ground_truth, split, None, [variant], max_side=max_side, limit=limit,
-                             tta=tta)[variant]
+    total = len(read_split_ids(ground_truth, split)[:limit])
+    with tqdm(total=total, desc=f"promote: scoring {bundle.model_id}", unit="img", disable=None) as bar:
+        metrics = score_variants(bundle, ground_truth, split, None, [variant], max_side=max_side, limit=limit,
+                                 tta=tta, progress=bar.update)[variant]
     return {"metric": "mean_iou", "value": _nan_to_none(metrics["mean_iou"]), "images": metrics["images"],
             "per_class": {name: _nan_to_none(v["iou"]) for name, v in metrics["per_class"].items()},
             "set": f"{split} split of the ground truth, priors {variant}"}
@@ -58,7 +63,8 @@ def score_on_ground_truth(bundle: ModelBundle, ground_truth: str, split: str, pr
 @torch.no_grad()
 def score_on_shards(bundle: ModelBundle, shards: str, split: str = "val", batch_size: int = 16,
                     manifest: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Image-level mAP (AP per class of the LSE scores against the tags) on a split of the shards."""
+    """Image-level mAP (AP per class of the LSE scores against the tags) on a split of the shards;
+    a progress bar in a terminal."""
     manifest = dict(manifest or load_manifest(shards))
     classes = list(manifest["classes"])
     if list(bundle.classes) != classes:
@@ -70,11 +76,14 @@ def score_on_shards(bundle: ModelBundle, shards: str, split: str = "val", batch_
                              split_by_node=False, specs=specs, classes=classes)
     model, config = bundle.model.eval(), bundle.checkpoint.config
     scores, targets = [], []
-    for batch in make_loader(pipeline, len(classes), batch_size):
-        x = normalize(batch["images"].to(bundle.device), config.mean, config.std)
-        maps = model(x, dense=True)
-        scores.append(model.image_scores(maps.float(), batch["valid"].to(bundle.device), dense=True).float().cpu())
-        targets.append(batch["target"])
+    total = manifest.get("splits", {}).get(split, {}).get("samples")  # what the manifest says the split holds
+    with tqdm(total=total, desc=f"promote: scoring {bundle.model_id}", unit="img", disable=None) as bar:
+        for batch in make_loader(pipeline, len(classes), batch_size):
+            x = normalize(batch["images"].to(bundle.device), config.mean, config.std)
+            maps = model(x, dense=True)
+            scores.append(model.image_scores(maps.float(), batch["valid"].to(bundle.device), dense=True).float().cpu())
+            targets.append(batch["target"])
+            bar.update(len(batch["target"]))
     if not scores:
         raise ValueError(f"split {split!r} of the shards has no readable samples to score on")
     s, t = torch.cat(scores).double().numpy(), torch.cat(targets).numpy() > 0

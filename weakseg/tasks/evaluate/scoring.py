@@ -23,6 +23,7 @@ need):
 """
 from __future__ import annotations
 
+import glob
 import io
 import math
 import posixpath
@@ -36,6 +37,7 @@ import pyarrow.dataset as ds
 from PIL import Image
 
 from .. import storage
+from ..images import IMAGE_EXTENSIONS
 from ..ingest.label_maps import VOC_CLASSES
 from ..uris import split_tar_uri
 
@@ -54,9 +56,11 @@ __all__ = [
     "read_gt_classes",
     "read_runs",
     "read_split_ids",
+    "read_voc_image",
     "score_image",
     "segmentation_metrics",
     "unmatched_scores",
+    "voc_image_url",
 ]
 
 VOID = 255
@@ -212,6 +216,48 @@ def read_split_ids(ground_truth: str, split: str) -> list[str]:
 
 def gt_mask_url(ground_truth: str, image_id: str) -> str:
     return storage.join(ground_truth, "SegmentationClass", f"{image_id}.png")
+
+
+def _voc_image_candidates(ground_truth: str, image_id: str) -> list[str]:
+    """``JPEGImages/<id>.<ext>`` files with an image extension (any case), as URLs."""
+    fs, folder = storage.url_to_fs(storage.join(ground_truth, "JPEGImages"))
+    found = fs.glob(posixpath.join(folder, glob.escape(image_id) + ".*"))
+    return sorted(storage.to_url(fs, p) for p in found if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def _no_voc_image(ground_truth: str, image_id: str, found: list[str]) -> Exception:
+    if found:
+        return ValueError(f"{storage.redact_url(ground_truth)}: JPEGImages/ holds several images of id {image_id!r} "
+                          f"({[posixpath.basename(f) for f in found]}); keep one")
+    return FileNotFoundError(f"{storage.redact_url(ground_truth)}: no image of id {image_id!r} in JPEGImages/ (a VOC "
+                             f"layout holds JPEGImages/{image_id}.jpg, or the same name with another image "
+                             f"extension: {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def voc_image_url(ground_truth: str, image_id: str) -> str:
+    """The image of ``image_id`` in a VOC layout: ``JPEGImages/<id>.jpg`` or, when there is none,
+    the one file ``JPEGImages/<id>.<ext>`` with another image extension (PNG, ...)."""
+    url = storage.join(ground_truth, "JPEGImages", f"{image_id}.jpg")
+    if storage.exists(url):
+        return url
+    found = _voc_image_candidates(ground_truth, image_id)
+    if len(found) != 1:
+        raise _no_voc_image(ground_truth, image_id, found)
+    return found[0]
+
+
+def read_voc_image(ground_truth: str, image_id: str) -> bytes:
+    """The bytes of :func:`voc_image_url`, read without a listing when the image is a ``.jpg``.
+
+    Raises ``FileNotFoundError`` saying what a VOC layout holds when there is no such image.
+    """
+    try:
+        return storage.read_bytes(storage.join(ground_truth, "JPEGImages", f"{image_id}.jpg"))
+    except FileNotFoundError:
+        found = _voc_image_candidates(ground_truth, image_id)
+        if len(found) != 1:
+            raise _no_voc_image(ground_truth, image_id, found) from None
+        return storage.read_bytes(found[0])
 
 
 def decode_mask(data: bytes) -> np.ndarray:

@@ -6,7 +6,7 @@ itself never sees a mask.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,15 @@ from .. import storage
 from ..images import decode_image
 from ..segment.inference import ModelBundle, compute_prior_inputs, load_model, predict, segment_variants
 from ..segment.priors import VARIANTS, chain_scores, has_objectness, objectness_prior, parse_priors, threshold_prior
-from .scoring import align_classes, confusion_matrix, decode_mask, gt_mask_url, read_gt_classes, read_split_ids
+from .scoring import (
+    align_classes,
+    confusion_matrix,
+    decode_mask,
+    gt_mask_url,
+    read_gt_classes,
+    read_split_ids,
+    read_voc_image,
+)
 from .thresholds import ThresholdFit, ThresholdSample, threshold_sample, write_thresholds
 
 __all__ = [
@@ -33,12 +41,12 @@ __all__ = [
 
 
 def read_voc(ground_truth: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """RGB uint8 [H, W, 3] and ground truth uint8 [H, W] of one VOC-layout image.
+    """RGB uint8 [H, W, 3] and ground truth uint8 [H, W] of one VOC-layout image (any image extension
+    in ``JPEGImages/``: :func:`~weakseg.tasks.evaluate.scoring.read_voc_image`).
 
     Raises ``OSError`` (missing file) or ``ValueError`` (undecodable, sizes differ).
     """
-    rgb = np.asarray(decode_image(storage.read_bytes(storage.join(ground_truth, "JPEGImages", f"{image_id}.jpg"))
-                                  ).image)
+    rgb = np.asarray(decode_image(read_voc_image(ground_truth, image_id)).image)
     gt = decode_mask(storage.read_bytes(gt_mask_url(ground_truth, image_id)))
     if gt.shape != rgb.shape[:2]:
         raise ValueError(f"{image_id}: mask {gt.shape} and image {rgb.shape[:2]} differ in size")
@@ -58,11 +66,12 @@ def threshold_variants(variants: Sequence[str] = tuple(VARIANTS)) -> list[str]:
 
 def fit_chain_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[str],
                          chains: Mapping[str, Sequence[str]], max_side: int = 512,
-                         min_side: int = 0,
-                         tta: str | None = None) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
+                         min_side: int = 0, tta: str | None = None,
+                         progress: Callable[[int], None] | None = None,
+                         ) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
     """δ_k of each prior chain (``{name: ("ilp", "sppxl", "seg")}``), maximising its mean IoU on ``ids``.
 
-    One pass over the images for all chains. Returns ``{name: (δ by class name, how the
+    One pass over the images for all chains (``progress(1)`` after each). Returns ``{name: (δ by class name, how the
     search went)}``; each chain's δ are chosen for that chain (ilp+sppxl+bb tests the
     smoothed labels, ilp+bb the raw ones). An image that cannot be read (missing, corrupt,
     mask of another size) is skipped and listed in the search's ``skipped``; it never stops
@@ -83,6 +92,9 @@ def fit_chain_thresholds(bundle: ModelBundle, ground_truth: str, ids: Sequence[s
         except (OSError, ValueError) as err:
             skipped[image_id] = f"{type(err).__name__}: {err}"
             continue
+        finally:
+            if progress is not None:
+                progress(1)
         for name, fit in fits.items():
             fit.add_checked(*checked[name])
     if len(skipped) == len(ids):
@@ -117,11 +129,12 @@ class ChainThresholds:
 
 def choose_chain_thresholds(model: str, device: str, ground_truth: str, ids: Sequence[str],
                             chains: Mapping[str, Sequence[str]], max_side: int = 512,
-                            min_side: int = 0, tta: str | None = None) -> dict[str, ChainThresholds]:
+                            min_side: int = 0, tta: str | None = None,
+                            progress: Callable[[int], None] | None = None) -> dict[str, ChainThresholds]:
     """Load the model and choose δ_k of each chain on ``ids`` in one pass (:func:`fit_chain_thresholds`);
     each search record names the model (``model_id``) and the views its maps came from (``tta``)."""
     bundle = load_model(model, device)
-    found = fit_chain_thresholds(bundle, ground_truth, ids, chains, max_side, min_side, tta)
+    found = fit_chain_thresholds(bundle, ground_truth, ids, chains, max_side, min_side, tta, progress)
     return {name: ChainThresholds(parse_priors(chains[name]), tuple(bundle.classes), thresholds,
                                   {**how, "model_id": bundle.model_id, "tta": bundle.views(tta)})
             for name, (thresholds, how) in found.items()}
@@ -168,8 +181,9 @@ def score_variants(bundle: ModelBundle, ground_truth: str, split: str,
                    thresholds: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                    variants: Sequence[str] = tuple(VARIANTS),
                    max_side: int = 512, limit: int | None = None, min_side: int = 0,
-                   tta: str | None = None) -> dict[str, dict[str, Any]]:
-    """Metrics (mean IoU, per-class IoU, pixel accuracy, ...) of each variant on a split.
+                   tta: str | None = None, progress: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Metrics (mean IoU, per-class IoU, pixel accuracy, ...) of each variant on a split
+    (``progress(1)`` after each image).
 
     ``thresholds``: δ per variant, ``{variant: {"bb" or "seg": δ[K]}}`` (see
     :func:`thresholds_by_variant`); variants without any use the model's.
@@ -184,4 +198,6 @@ def score_variants(bundle: ModelBundle, ground_truth: str, split: str,
                                  min_side=min_side, tta=tta)
         for variant, mask in masks.items():
             confusions[variant] += confusion_matrix(gt, mask, alignment)
+        if progress is not None:
+            progress(1)
     return {v: {**segmentation_metrics(conf, alignment), "images": len(ids)} for v, conf in confusions.items()}

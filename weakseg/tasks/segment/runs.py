@@ -7,6 +7,7 @@ Plain functions: :func:`prepare_run` before the chunks, the rest over the chunks
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,10 +23,13 @@ from ..registry import resolve_model
 from . import tables
 from .chunk import STAGES, ChunkResult
 from .inference import ModelError, load_thresholds, pin_model, predict
+from .inputs import ChunkSpec, iter_chunks
 from .tta import AUTO
 
 __all__ = [
     "Fanout",
+    "ListingCount",
+    "ListingTally",
     "RunSetup",
     "class_table",
     "default_run_id",
@@ -75,6 +79,61 @@ class Fanout:
     chunks: int
     seconds: float  # the fan-out's wall time after the runner started
     start_seconds: float  # time to start (or join) the runner's cluster
+
+
+@dataclass
+class ListingTally:
+    """What a listing held: image files, and tar shards (whose images are known once read)."""
+
+    files: int = 0
+    shards: int = 0
+
+    def add(self, spec: ChunkSpec) -> None:
+        if spec.shard is not None:
+            self.shards += 1
+        else:
+            self.files += len(spec.uris)
+
+    def images(self, shard_images: int, shards_done: int) -> int | None:
+        """The images listed: shards not yet read count as the mean of those read (``shard_images``
+        over ``shards_done``); None while shards are listed and none has been read."""
+        if self.shards == 0:
+            return self.files
+        if shards_done == 0:
+            return None
+        return self.files + round(self.shards * shard_images / shards_done)
+
+
+class ListingCount:
+    """The size of a listing, counted ahead of the run in a background thread.
+
+    The run consumes its listing lazily, a few chunks ahead of the work, so without this the
+    number of images would be known only near the end. This thread walks the same listing
+    (:func:`~weakseg.tasks.segment.inputs.iter_chunks`: the same dedup, nothing read but the
+    listing) and only counts, into ``tally``; ``complete`` once it has seen the end. A listing
+    that fails here is left to the run's own listing to report.
+    """
+
+    def __init__(self, images: str, chunk_size: int) -> None:
+        self.tally = ListingTally()
+        self.complete = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._count, args=(images, chunk_size), daemon=True,
+                                        name="weakseg-listing-count")
+        self._thread.start()
+
+    def _count(self, images: str, chunk_size: int) -> None:
+        try:
+            for spec in iter_chunks(images, chunk_size):
+                if self._stop.is_set():
+                    return
+                self.tally.add(spec)
+        except Exception:  # the run's own listing raises it where it counts
+            return
+        self.complete = True
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def default_run_id(started_at: datetime, flow_run_id: str) -> str:

@@ -77,8 +77,12 @@ class _Store:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_sigkill_at_random_moments_then_a_rerun_gives_the_uninterrupted_tables(prefect_harness, tmp_path, where,
-                                                                               request, tiny_checkpoint):
+                                                                               request, tiny_checkpoint, monkeypatch):
     from prefect.settings import PREFECT_API_URL
+
+    from weakseg.tasks.segment.lease import LEASE_ENV
+
+    monkeypatch.setenv(LEASE_ENV, "0.2")  # a killed attempt's lease is stale (its model copy removable) in 1.2 s
 
     write_images(tmp_path / "corpus", 14, side=48)
     model = str(tmp_path / "model.pt")
@@ -103,11 +107,12 @@ def test_sigkill_at_random_moments_then_a_rerun_gives_the_uninterrupted_tables(p
     killed = stores["killed"]
     moments = []
     for _ in range(KILLS):
+        leases = {f for f in killed.files() if f.startswith("_state/live-")}
         proc = _cli(images, model, killed.url, env)
         deadline = time.monotonic() + 120
-        while proc.poll() is None and not any(f.startswith("_state/model-") for f in killed.files()):
+        while proc.poll() is None and not {f for f in killed.files() if f.startswith("_state/live-")} - leases:
             assert time.monotonic() < deadline, "the CLI did not start its run in 120 s"
-            time.sleep(0.05)  # the run has started (its model is pinned): its work begins
+            time.sleep(0.05)  # until the attempt's lease appears: it pins its model, its work begins
         delay = rng.uniform(0.0, 1.1) * work
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=delay)
@@ -128,7 +133,8 @@ def test_sigkill_at_random_moments_then_a_rerun_gives_the_uninterrupted_tables(p
 
 def test_a_rerun_removes_what_killed_attempts_left_behind(prefect_harness, tmp_path, tiny_checkpoint):
     """What a killed attempt can leave (a writer killed between its temporary file and the rename,
-    an output probe, a skip-existing index) is gone after the rerun; another run's files stay."""
+    an output probe, a skip-existing index, the model copy of a flow run the API knows as over or
+    not at all) is gone after the rerun; another run's files stay."""
     import tempfile as tf
 
     write_images(tmp_path / "corpus", 4, side=48)
@@ -146,8 +152,9 @@ def test_a_rerun_removes_what_killed_attempts_left_behind(prefect_harness, tmp_p
 
     stray = [left(partition, f"{RUN_ID}-000001.parquet"), left(out / "runs" / partition.name, f"{RUN_ID}.parquet"),
              left(state, f"model-{RUN_ID}-{'a' * 64}.pt"), state / f"probe-{RUN_ID}-0123456789ab",
-             state / f"done-{RUN_ID}-0123456789ab.parquet"]
-    others = [left(partition, "other-000001.parquet"), state / "probe-other-0123456789ab"]
+             state / f"done-{RUN_ID}-0123456789ab.parquet", state / f"model-{RUN_ID}-{'b' * 32}-{'a' * 64}.pt"]
+    others = [left(partition, "other-000001.parquet"), state / "probe-other-0123456789ab",
+              state / f"model-{RUN_ID}-{'c' * 32}-{'a' * 64}.pt", state / f"live-{RUN_ID}-{'c' * 32}"]  # live
     for p in (*stray, *others):
         p.touch()
     _flow(str(tmp_path / "corpus"), model, str(out))

@@ -80,6 +80,7 @@ from weakseg.tasks.segment import runs, tables
 from weakseg.tasks.segment.chunk import ChunkResult, SegmentOptions, segment_chunk
 from weakseg.tasks.segment.inference import ModelError
 from weakseg.tasks.segment.inputs import ChunkSpec, iter_chunks
+from weakseg.tasks.segment.lease import Lease
 from weakseg.tasks.segment.priors import parse_priors
 
 __all__ = ["segment_corpus"]
@@ -326,7 +327,8 @@ def segment_corpus(images, model, out, priors, batch_size, run_id, skip_existing
     runner = make_task_runner(task_runner, workers, dask_address, resources={"GPU": 1} if gpu else None)
     # One gpu slot per process on the device: this one for threads (its chunks share the device and
     # must not queue for slots against each other), each chunk's worker process on Dask.
-    with gpu_slot(chunk_device) if task_runner == "threads" else contextlib.nullcontext():
+    # The lease says this attempt is alive while its workers may load the pinned copy (tasks.segment.lease).
+    with Lease(info.lease), gpu_slot(chunk_device) if task_runner == "threads" else contextlib.nullcontext():
         fanout = segment_chunks(runner, images, chunk_size, opts, workers, gpu_resources=gpu)
     if fanout.chunks == 0:
         raise SourceError(f"--images {images} holds no images")
@@ -337,7 +339,8 @@ def segment_corpus(images, model, out, priors, batch_size, run_id, skip_existing
     row = runs.runs_row(run_id=run_id, flow_run_id=flow_run_id, model=info.model_uri, info=info, priors=prior_list,
                         parameters=runs.run_parameters(parameters, chunk_device), counts=counts, state=state_name,
                         started_at=started_at, seconds=seconds, timing=timing)
-    finish_run(out, info.run_date, run_id, fanout.chunks, row, [p for p in (info.done_index, info.model_pinned) if p])
+    scratch = [p for p in (info.done_index, info.model_pinned, info.lease) if p]
+    finish_run(out, info.run_date, run_id, fanout.chunks, row, scratch)
     _artifacts(fanout, info.classes, counts, out, thumbnails)
     summary = runs.run_summary(row, fanout.results, fanout.start_seconds, fanout.seconds)
     logger.info("run %s: %d ok, %d failed, %d skipped, %d chunks (%d failed) in %.1f s (%.2f images/s, "

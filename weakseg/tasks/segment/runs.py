@@ -24,6 +24,7 @@ from . import tables
 from .chunk import STAGES, ChunkResult
 from .inference import ModelError, load_thresholds, pin_model, predict
 from .inputs import ChunkSpec, iter_chunks
+from .lease import Lease, lease_url
 from .tta import AUTO
 
 __all__ = [
@@ -68,6 +69,7 @@ class RunSetup:
     device: str
     model_uri: str = ""  # the checkpoint the run reads, without credentials (a registry's release)
     tta: str = "1"  # the views the run averages, "auto" resolved for the model
+    lease: str = ""  # URL of this attempt's lease (:mod:`.lease`), touched before the model was pinned
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,8 @@ def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str 
     resolve the views (``tta``) and thresholds, find run_date."""
     attempt = uuid.uuid4().hex[:12]  # scratch names per attempt: two live runs of one run_id never share them
     tables.check_writable(out, f"{run_id}-{attempt}")
+    lease = lease_url(out, run_id, attempt)
+    Lease(lease).touch()  # before the copy exists: a finishing attempt never sees it without a lease
     resolved = resolve_model(model)
     if resolved.registry is not None:
         log.info("model %s resolves to release %s", storage.redact_url(model), resolved.model_id)
@@ -184,7 +188,7 @@ def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str 
             done_index = None
     return RunSetup(bundle.model_id, bundle.sha256, pinned, list(bundle.classes), in_use.values, in_use.sources,
                     run_date, done_index, done, bundle.background_index is not None, str(bundle.device),
-                    storage.redact_url(resolved.url), views)
+                    storage.redact_url(resolved.url), views, lease)
 
 
 def run_parameters(parameters: Mapping[str, Any], device: str) -> dict[str, Any]:

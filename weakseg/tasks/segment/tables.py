@@ -23,7 +23,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -216,7 +216,9 @@ def remove_stale_chunks(out: str, run_date: str, run_id: str, n_chunks: int, bef
     and the rename, :func:`weakseg._atomic.atomic_write`) and their scratch files in
     ``_state/`` (output probes, skip-existing indexes). A live attempt of the same run id that
     started earlier loses its index then: its remaining chunks read and hash every input
-    instead of skipping (:func:`done_lookup`), the same rows.
+    instead of skipping (:func:`done_lookup`), the same rows. Pinned model copies of other
+    attempts go only when their attempt's lease has gone stale (:mod:`.lease`): a live
+    attempt's workers may still load its copy.
     """
     fs, _ = storage.url_to_fs(out)
     removed = 0
@@ -233,14 +235,21 @@ def remove_stale_chunks(out: str, run_date: str, run_id: str, n_chunks: int, bef
 
 
 def _leftovers(out: str, run_id: str, before: datetime) -> list[str]:
-    """Temporary and scratch files of ``run_id`` last modified before ``before`` (see :func:`remove_stale_chunks`)."""
+    """Temporary and scratch files of ``run_id`` last modified before ``before``, and the pinned model
+    copies and leases of its attempts that are over (see :func:`remove_stale_chunks`)."""
     from .inputs import source_meta
+    from .lease import STALE_LEASES, lease_seconds
 
     check_run_id(run_id)
     rid = re.escape(run_id)
     temp = re.compile(rf"\.{rid}(-\d{{6,}})?\.parquet\..+\.tmp")
     scratch = re.compile(rf"(probe-{rid}-[0-9a-f]+|\.?done-{rid}-[0-9a-f]+\.parquet(\..+\.tmp)?"
-                         rf"|\.model-{rid}-[0-9a-f]+(-[0-9a-f]+)?\.pt\..+\.tmp)")
+                         rf"|\.(model|live)-{rid}-[0-9a-f]+(-[0-9a-f]+)?(\.pt)?\..+\.tmp)")
+    pinned = re.compile(rf"model-{rid}-(?P<attempt>[0-9a-f]+)-[0-9a-f]{{64}}\.pt")
+    leased = re.compile(rf"live-{rid}-(?P<attempt>[0-9a-f]+)")
+    live_since = datetime.now(UTC) - timedelta(seconds=STALE_LEASES * lease_seconds())
+    copies: dict[str, str] = {}  # attempt -> its pinned copy, older than ``before``
+    leases: dict[str, datetime] = {}  # attempt -> its lease's last touch
     found = []
     for table in (*CHUNK_TABLES, "runs", "_state"):
         fs, root = storage.url_to_fs(storage.join(out, table))
@@ -252,9 +261,20 @@ def _leftovers(out: str, run_id: str, before: datetime) -> list[str]:
         pattern = scratch if table == "_state" else temp
         for path, info in fs.find(root, detail=True, maxdepth=None if table != "_state" else 1).items():
             meta = source_meta(info)
-            if pattern.fullmatch(posixpath.basename(path)) and meta is not None and meta.mtime is not None \
-                    and meta.mtime < before:
+            if meta is None or meta.mtime is None:
+                continue
+            name = posixpath.basename(path)
+            lease, copy = (leased.fullmatch(name), pinned.fullmatch(name)) if table == "_state" else (None, None)
+            if lease is not None:
+                leases[lease["attempt"]] = meta.mtime
+                if meta.mtime < min(before, live_since):
+                    found.append(path)
+            elif copy is not None:
+                if meta.mtime < before:
+                    copies[copy["attempt"]] = path
+            elif pattern.fullmatch(name) and meta.mtime < before:
                 found.append(path)
+    found += [path for attempt, path in copies.items() if leases.get(attempt, live_since) <= live_since]
     return found
 
 

@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/weakseg demo
 
 # Speed and memory benchmarks (JSON on stdout); the quality table is `make quality`.
-BENCHES ?= model shard train segment postprocess scale batching listing
+BENCHES ?= model shard train segment postprocess scale batching listing host_pipeline memory
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 

@@ -33,7 +33,7 @@ print(done["images"], time.perf_counter() - t, resource.getrusage(resource.RUSAG
 
 def write_run(out: str, n: int, chunk: int = 512) -> None:
     from weakseg.tasks.segment import tables
-    from weakseg.tasks.segment.chunk import encode_mask
+    from weakseg.tasks.segment.encode import encode_mask
 
     rng = np.random.default_rng(0)
     for c in range(0, n, chunk):

@@ -35,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from segment import make_checkpoint, make_images  # bench/segment.py: the same corpus and model
 
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded 2-core machine
+
 
 def run_flow(images: str, model: str, out: str, **kw) -> tuple[dict, float]:
     from weakseg.flows.segment_corpus import segment_corpus

@@ -48,6 +48,8 @@ from weakseg.tasks.segment.hostpool import HOST_WORKERS_ENV
 from weakseg.tasks.segment.inference import compute_prior_inputs, forward_batches, load_model, predict
 from weakseg.tasks.segment.postprocess import band_bytes, label_batch
 
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded 2-core machine
+
 CLASSES = ["background", *[f"class{i:02d}" for i in range(20)]]  # 21, like PASCAL VOC
 PHOTO_SIZES = [(375, 500), (500, 375), (333, 500), (500, 333), (320, 480), (480, 320), (400, 400)]
 HEAD = (1024, 768, 512)  # the paper's head, for the throughput comparison

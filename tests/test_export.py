@@ -14,7 +14,7 @@ from samples import latest_artifact
 from weakseg.tasks import export, storage
 from weakseg.tasks.evaluate.scoring import decode_mask, read_gt_classes, read_split_ids
 from weakseg.tasks.segment import tables
-from weakseg.tasks.segment.chunk import encode_mask
+from weakseg.tasks.segment.encode import encode_mask
 
 CLASSES = ["background", "cat", "dog", "tree"]
 

@@ -45,6 +45,12 @@ TRAIN_OPTIONS = {"batch_size": 16, "head_widths": [128, 128, 128], "output_strid
                  "checkpoint_every": 0, "rotation": 5.0, "scale": [0.9, 1.1]}
 # One refinement, not refine's default soup of two: the demo is a short smoke run of the life cycle.
 REFINE_OPTIONS = {"num_workers": 2, "soup": 1}
+# Test-time views of the demo's other forward passes (gate, segment, δ, the report's rows): segment's default.
+TTA = AUTO
+# The promotion gate scores the first val images only: it runs (every stage of the cycle does), but the first
+# promotion into the demo's fresh registry has no current release to beat, and segment scores them all anyway.
+PROMOTE_OPTIONS: dict[str, Any] = {"limit": 16, "tta": TTA}
+THRESHOLD_IMAGES = 48  # training images δ_k of the bb/seg variants is chosen on
 
 __all__ = ["demo"]
 
@@ -73,7 +79,7 @@ def choose_thresholds(model: str, data: str, n_images: int, out: str) -> dict[st
     missing = [v for v, url in urls.items() if not storage.exists(url)]
     if missing:
         ids = read_split(data, "train", n_images)
-        for v, chosen in search(model, "cpu", data, ids, {v: VARIANTS[v] for v in missing}, 512, 0).items():
+        for v, chosen in search(model, "cpu", data, ids, {v: VARIANTS[v] for v in missing}, 512, 0, TTA).items():
             write(urls[v], chosen, chosen.how)
     return urls
 
@@ -88,13 +94,13 @@ def score(data: str, workdir: str, run_id: str) -> dict[str, Any]:
 @task
 def score_chains(model: str, data: str, variants: list[str], thresholds: dict[str, str]) -> dict[str, dict]:
     """Mean IoU and per-class IoU of each variant on the val images, all from one forward pass an
-    image (segment's default views); δ of a variant from its thresholds file."""
+    image (the demo's views, :data:`TTA`); δ of a variant from its thresholds file."""
     bundle = load_model(model, "cpu")
     deltas = {}
     for variant, url in thresholds.items():
         prior, delta, _, _ = load_thresholds(url, bundle.classes)
         deltas[variant] = {prior: delta}
-    return score_variants(bundle, data, "val", deltas, variants, tta=AUTO)
+    return score_variants(bundle, data, "val", deltas, variants, tta=TTA)
 
 
 @task
@@ -151,11 +157,12 @@ def demo(workdir, n_train, n_val, size, epochs, refine_epochs, seed) -> dict[str
         priors="ilp,sppxl", device="cpu", shard_options={"max_side": size},
         train_options={**TRAIN_OPTIONS, "epochs": epochs, "input_size": size},
         refine_options={**REFINE_OPTIONS, "epochs": refine_epochs, "input_size": size} if refine_epochs else {},
-        segment_options={"run_id": "demo-refined" if refine_epochs else "demo-cycle"})
+        promote_options=PROMOTE_OPTIONS,
+        segment_options={"run_id": "demo-refined" if refine_epochs else "demo-cycle", "tta": TTA})
     run_id = cycle["run_id"]  # the val images segmented by the delivered release
     results: dict[str, dict] = {}
     model = storage.join(workdir, "model", "model.pt")  # the MIL model, before refinement
-    thresholds = choose_thresholds(model, data, 48, workdir)
+    thresholds = choose_thresholds(model, data, THRESHOLD_IMAGES, workdir)
     results.update(score_chains(model, data, list(VARIANTS), thresholds))
     if refine_epochs:  # the cycle segmented the val images with its promoted release, the refined model
         steps = score_chains(cycle["candidate"]["url"], data, list(REFINED_STEPS), {})

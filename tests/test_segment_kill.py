@@ -80,7 +80,7 @@ def test_sigkill_at_random_moments_then_a_rerun_gives_the_uninterrupted_tables(p
                                                                                request, tiny_checkpoint, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
-    from weakseg.tasks.segment.lease import LEASE_ENV
+    from weakseg.tasks.segment.lease import LEASE_ENV, STALE_LEASES
 
     monkeypatch.setenv(LEASE_ENV, "0.2")  # a killed attempt's lease is stale (its model copy removable) in 1.2 s
 
@@ -121,7 +121,10 @@ def test_sigkill_at_random_moments_then_a_rerun_gives_the_uninterrupted_tables(p
             moments.append(round(delay, 2))
         proc.wait()
     assert moments, "no run was killed"
-    _flow(images, model, killed.url)  # the rerun, to the end
+    # The rerun, to the end, once the last killed attempt's lease is stale (6 periods of 0.2 s): a
+    # rerun that finishes sooner cannot tell that attempt from a live one and keeps its model copy.
+    time.sleep(STALE_LEASES * 0.2)
+    _flow(images, model, killed.url)
 
     reference = stores["reference"]
     for table in ("images", "regions", "masks", "errors", "runs"):

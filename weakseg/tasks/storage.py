@@ -25,7 +25,6 @@ import logging
 import os
 import posixpath
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from .._atomic import _UMASK, atomic_write
+from .._atomic import atomic_write, durable_temp
 
 __all__ = [
     "BUCKET_STORES", "BucketError", "Version", "bucket_of", "duckdb_connection", "exists", "join", "parquet_bytes",
@@ -239,15 +238,8 @@ def _file_lock(path: str):
 
 def _create_local(path: str, data: bytes) -> bool:
     """Create-if-absent: the bytes in a temporary file, then a hard link (fails if the name exists)."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = durable_temp(path, data)
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
         os.link(tmp, path)
         return True
     except FileExistsError:

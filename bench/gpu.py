@@ -141,12 +141,12 @@ def bare_forward(model_path: str, arrays: list[np.ndarray], batch_size: int, dev
     """images/s of the forward pass alone, as :func:`~weakseg.tasks.segment.forward.predict` runs
     it (same sizes, padding, normalisation, precision, memory layout), batches built and moved to
     the device first."""
-    from weakseg.tasks.segment.forward import _autocast
+    from weakseg.tasks.devices import autocast
     from weakseg.tasks.segment.inference import forward_batches, load_model
 
     bundle = load_model(model_path, device)
     batches = forward_batches(bundle, arrays, batch_size, 512)
-    with torch.inference_mode(), _autocast(bundle.device, precision):
+    with torch.inference_mode(), autocast(bundle.device, precision):
         for x in batches:  # warm-up: every batch shape once
             bundle.model.dense_maps(x)
         _sync(bundle.device)

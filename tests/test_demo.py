@@ -28,3 +28,13 @@ def test_reduced_demo_runs_end_to_end_and_reuses_its_work(prefect_harness, tmp_p
     assert model.stat().st_mtime_ns == stamp  # reused, not retrained
     assert again["mean_iou"] == report["mean_iou"]
     assert Path(report["overlays"]).is_dir()
+
+
+def test_the_demo_trains_at_stride_16_exactly_where_its_head_fits():
+    """STRIDE_16_MIN_SIZE is the smallest input the demo's network takes at output stride 16 (smaller: stride 8)."""
+    from weakseg.flows.demo import STRIDE_16_MIN_SIZE, TRAIN_OPTIONS
+    from weakseg.models import ModelConfig, create_model
+
+    model, _ = create_model(ModelConfig(num_classes=3, head_widths=tuple(TRAIN_OPTIONS["head_widths"]),
+                                        output_stride=16), pretrained="none")
+    assert model.min_input_size == STRIDE_16_MIN_SIZE

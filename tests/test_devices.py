@@ -81,3 +81,28 @@ def test_on_cuda_every_callers_forward_runs_on_the_device_thread(tmp_path, tiny_
     assert len(seen) == 1 and not seen & callers and threading.get_ident() not in seen
     for im, pred in zip(images, preds, strict=True):
         torch.testing.assert_close(pred[0].cells, predict(bundle, [im])[0].cells)
+
+
+def test_precision_rules_and_autocast():
+    from weakseg.tasks.devices import TRAIN_PRECISIONS, autocast, native_bf16, resolve_precision
+
+    assert resolve_precision("auto", CPU) == "fp32" and resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("bf16", CPU) == "bf16" and resolve_precision("fp16", CPU) == "fp16"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, not 'fp16'"):
+        resolve_precision("fp16", CPU, TRAIN_PRECISIONS)  # training has no loss scaling
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    with autocast(CPU, "bf16"):
+        assert conv(x).dtype == torch.bfloat16
+    with autocast(CPU, "fp32"):
+        assert conv(x).dtype == torch.float32
+    assert isinstance(native_bf16(), bool)
+
+
+def test_training_configs_refuse_fp16():
+    from weakseg.tasks.train.refine import RefineConfig
+    from weakseg.tasks.train.trainer import TrainConfig
+
+    for config in (TrainConfig, RefineConfig):
+        assert config(precision="bf16").precision == "bf16"
+        with pytest.raises(ValueError, match="fp16 would need loss scaling"):
+            config(precision="fp16")

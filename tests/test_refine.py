@@ -231,6 +231,32 @@ def test_a_soup_is_the_mean_of_its_members(tmp_path) -> None:
         RefineConfig(soup=0)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_refinement_runs_its_layers_in_the_precision_asked(tmp_path, precision) -> None:
+    """``precision`` reaches the training steps (the head's output is bf16 under bf16, the losses stay fp32); a step
+    checkpoint written before the option existed resumes as the ``auto`` it ran with, another precision does not."""
+    from weakseg.models import Checkpoint, ModelConfig, create_model
+    from weakseg.tasks.train.refine import RefineConfig, _check_resume, run_refine
+
+    shard = _pseudo_shard(tmp_path / "pseudo-000000.tar")
+    model, config = create_model(ModelConfig(num_classes=3, head_widths=(16, 16, 16), output_stride=16))
+    dtypes = set()
+    model.head.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    cfg = RefineConfig(epochs=1, steps_per_epoch=2, batch_size=2, input_size=64, num_workers=0, progress=False,
+                       soup=1, precision=precision)
+    result = run_refine(Checkpoint(model, config, ["background", "cat", "dog"], input_size=64), [shard], 4,
+                        str(tmp_path / "out"), cfg, device=torch.device("cpu"), parent={}, pseudo_stats={})
+    assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert np.isfinite(result["history"][-1]["loss"])
+    from dataclasses import asdict, replace
+
+    old = {k: v for k, v in {**asdict(RefineConfig()), "scale": [0.8, 1.2]}.items() if k != "precision"}
+    ts = {"refined_from": {}, "pseudo_labels": {"shards": [shard]}, "options": {"refine": old}}
+    _check_resume(ts, RefineConfig(), {}, [shard], "ckpt")  # no precision recorded: it ran auto
+    with pytest.raises(ValueError, match="precision: checkpoint 'auto', asked 'bf16'"):
+        _check_resume(ts, replace(RefineConfig(), precision="bf16"), {}, [shard], "ckpt")
+
+
 def _unsure_pseudo_shard(path, samples) -> str:
     """A pseudo-label shard of real training samples whose every pixel is unsure (255): only the MIL term trains."""
     import io

@@ -185,3 +185,12 @@ def test_weight_average_survives_a_resume(shards, tmp_path):
     assert result["steps_this_run"] == 2 and final.training_state["averaged_epochs"] == 2
     for name, value in _params(final).items():
         torch.testing.assert_close(value, (_params(fifth)[name] + _params(sixth)[name]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_training_runs_the_layers_in_bf16(shards, tmp_path):
+    """``precision=bf16`` on the CPU: the same steps as fp32 train, with other (rounded) losses, all finite."""
+    runs = {p: _train(shards, str(tmp_path / p), epochs=1, steps_per_epoch=2, val_every=0, precision=p)
+            for p in ("fp32", "bf16")}
+    losses = {p: r["history"][-1]["train_loss"] for p, r in runs.items()}
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert losses["bf16"] != losses["fp32"] and abs(losses["bf16"] - losses["fp32"]) < 0.1 * losses["fp32"]

@@ -53,7 +53,7 @@ def read_manifest(shards: str) -> dict[str, Any]:
 @task(cache_policy=NONE)
 def label_training_images(model: str, device: str, shards: str, manifest: dict[str, Any], out: str,
                           priors: tuple[str, ...], confidence: float, max_side: int, tta: str,
-                          finetune_from: int | None = None) -> dict[str, Any]:
+                          finetune_from: int | None = None, precision: str = "auto") -> dict[str, Any]:
     """Pseudo-label the training split with the model (compute-bound, not retried)."""
     bundle = load_model(model, device)
     if list(bundle.classes) != list(manifest["classes"]):
@@ -62,7 +62,8 @@ def label_training_images(model: str, device: str, shards: str, manifest: dict[s
     bundle.checkpoint.model.backbone.stage_index(finetune_from)  # a stage it lacks: fails before the pseudo-labels
     background = image_loss_of(bundle.checkpoint).background  # as the model's training had it
     stats = write_pseudo_labels(bundle, shards, manifest, storage.join(out, "pseudo-labels"), priors=priors,
-                                confidence=confidence, max_side=max_side, background=background, tta=tta)
+                                confidence=confidence, max_side=max_side, background=background, tta=tta,
+                                precision=precision)
     return {**stats.to_dict(), "parent": {"url": bundle.model_uri, "model_id": bundle.model_id,
                                           "sha256": bundle.sha256}}
 
@@ -113,7 +114,8 @@ def publish_metrics(pseudo: dict[str, Any], result: dict[str, Any]) -> None:
 @with_parameters(P.refine_mil)
 def refine_mil(shards, model, out, priors, confidence, epochs, steps_per_epoch, batch_size, input_size, scale, lr,
                mil_weight, class_weights, lr_schedule, soup, finetune_from, backbone_lr_scale, output_stride, max_side,
-               tta, device, num_workers, seed, progress, checkpoint_every, resume, registry) -> dict[str, Any]:
+               tta, device, num_workers, precision, seed, progress, checkpoint_every, resume,
+               registry) -> dict[str, Any]:
     """Pseudo-label the training images with the model, fine-tune it on them; returns the checkpoint URL."""
     logger = get_run_logger()
     chain = parse_priors(priors)
@@ -122,7 +124,8 @@ def refine_mil(shards, model, out, priors, confidence, epochs, steps_per_epoch, 
     config = RefineConfig(epochs=epochs, batch_size=batch_size, input_size=input_size, scale=(scale[0], scale[1]),
                           lr=lr, mil_weight=mil_weight, class_weights=class_weights, lr_schedule=lr_schedule,
                           finetune_from=finetune_from, steps_per_epoch=steps_per_epoch, soup=soup,
-                          num_workers=num_workers, seed=seed, progress=progress, checkpoint_every=checkpoint_every,
+                          num_workers=num_workers, precision=precision, seed=seed, progress=progress,
+                          checkpoint_every=checkpoint_every,
                           backbone_lr_scale=backbone_lr_scale, output_stride=output_stride,
                           resume=resume)  # a bad range fails here, not later
     manifest = read_manifest(shards)
@@ -137,7 +140,7 @@ def refine_mil(shards, model, out, priors, confidence, epochs, steps_per_epoch, 
             logger.info("resuming: the pseudo-labels of %s", redact_url(unfinished))
         else:
             pseudo = label_training_images(model, device, shards, manifest, out, chain, confidence, max_side, tta,
-                                           finetune_from)
+                                           finetune_from, precision)
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
                     100 * pseudo["coverage"], pseudo["skipped"])
         result = refine(model, device, pseudo, out, config)

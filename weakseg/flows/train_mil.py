@@ -72,7 +72,7 @@ def publish_metrics(result: dict[str, Any]) -> None:
 def train_mil(shards, out, backbone, pretrained, epochs, steps_per_epoch, batch_size, grad_accum, lr, momentum,
               weight_decay, lr_decay, lr_decay_every_samples, lse_r, input_size, head_widths, dropout, output_stride,
               finetune_from, multilabel_loss, background, hflip, rotation, scale, crop, brightness, contrast, mean, std,
-              device, num_workers, shuffle_buffer, max_skip_fraction, checkpoint_every, keep_checkpoints,
+              device, num_workers, precision, shuffle_buffer, max_skip_fraction, checkpoint_every, keep_checkpoints,
               average_epochs, val_every, seed, resume, progress, registry) -> dict[str, Any]:
     """Train the MIL network; returns the final checkpoint URL, the metrics and, with a registry, the release."""
     logger = get_run_logger()
@@ -91,7 +91,7 @@ def train_mil(shards, out, backbone, pretrained, epochs, steps_per_epoch, batch_
         weight_decay=weight_decay, lr_decay=lr_decay, lr_decay_every_samples=lr_decay_every_samples,
         multilabel_loss=multilabel_loss, background=background, steps_per_epoch=steps_per_epoch, val_every=val_every,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, average_epochs=average_epochs,
-        num_workers=num_workers,
+        num_workers=num_workers, precision=precision,
         shuffle_buffer=shuffle_buffer, max_skip_fraction=max_skip_fraction, device=device, seed=seed, resume=resume,
         progress=progress,
     )

@@ -67,6 +67,9 @@ def refine_mil(
         "since each training image is labelled once"))] = PSEUDO_LABEL_TTA,
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: CUDA when present")] = "auto",
     num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes")] = 2,
+    precision: Annotated[Literal["auto", "fp32", "bf16"], Field(description=(
+        "number format of the network's layers while training: auto is bf16 autocast on CUDA, fp32 on the CPU; "
+        "bf16 on a CPU with AMX or AVX512-BF16 is about 1.5x faster (the losses stay fp32)"))] = "auto",
     seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,
     progress: Annotated[bool, Field(description="tqdm progress bar in the terminal")] = True,
     checkpoint_every: Annotated[int, Field(ge=0, description=(

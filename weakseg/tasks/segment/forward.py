@@ -17,7 +17,6 @@ between the cells' centres, ``ModelConfig.cell_offset``).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...models import image_probabilities
-from ..devices import on_device_thread, uses_device_thread
+from ..devices import PRECISIONS, autocast, on_device_thread, resolve_precision, uses_device_thread
 from ..tensors import normalize
 from .batching import DEFAULT_MAX_SIDE, by_input_shape, input_shape
 from .model import ModelBundle
@@ -40,24 +39,6 @@ __all__ = ["PRECISIONS", "Pixels", "Precision", "Prediction", "cell_grid", "forw
            "resolve_precision", "sample_cells", "upsample_cells"]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The forward pass's number format: ``auto`` is bf16 on CUDA (autocast, channels_last), fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the network's layers (torch's autocast); fp32 runs as it is."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
 @dataclass
@@ -328,7 +309,7 @@ def _forward(bundle: ModelBundle, images: Sequence[Image], sizes: Sequence[tuple
     if pad_batch and n & (n - 1):
         x = torch.cat([x, x[-1:].expand((1 << n.bit_length()) - n, -1, -1, -1)])
     x = normalize(x, bundle.checkpoint.config.mean, bundle.checkpoint.config.std)
-    with _autocast(bundle.device, precision):
+    with autocast(bundle.device, precision):
         maps = model.dense_maps(x)[:n]  # [B, K, bh/stride, bw/stride]; cell i over pixel i*stride + cell_offset
     forward_ms = (time.perf_counter() - started) * 1000 / n
     by_cells: dict[tuple[int, int], list[int]] = {}  # the cells on an image: its LSE and its map

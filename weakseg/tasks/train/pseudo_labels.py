@@ -163,11 +163,13 @@ def check_pseudo_labels(stats: dict) -> None:
 
 def write_pseudo_labels(bundle: ModelBundle, shards: str, manifest: dict, out: str, *, priors: Sequence[str],
                         confidence: float, max_side: int, background: int | None, tta: str | None = None,
-                        batch_size: int = 8, split: str = "train", progress=None) -> PseudoLabelStats:
+                        batch_size: int = 8, split: str = "train", progress=None,
+                        precision: str = "auto") -> PseudoLabelStats:
     """Label every ``split`` image of the shards with ``bundle`` (module doc); shards under ``out``.
 
     ``background``: the class index that is a tag of every image (the model's training made it one), or None;
-    ``tta``: the test-time views of the forward pass (as ``weakseg segment --tta``).
+    ``tta``: the test-time views of the forward pass (as ``weakseg segment --tta``); ``precision`` its
+    number format (as ``weakseg segment --precision``).
     """
     classes = list(manifest["classes"])
     priors = parse_priors(priors)
@@ -177,7 +179,7 @@ def write_pseudo_labels(bundle: ModelBundle, shards: str, manifest: dict, out: s
     batch: list[tuple[dict, dict]] = []
 
     def flush() -> None:
-        preds = predict(bundle, [d["image"] for _, d in batch], max_side, tta=tta)
+        preds = predict(bundle, [d["image"] for _, d in batch], max_side, tta=tta, precision=precision)
         for (raw, d), pred in zip(batch, preds, strict=True):
             inputs, _ = compute_prior_inputs(d["image"], priors)
             tags = tag_mask(d["labels"], len(classes), background)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ...models import Checkpoint, ImageLoss, checkpoint_bytes, create_model, load_checkpoint
 from .. import storage
+from ..devices import TRAIN_PRECISIONS, autocast, resolve_precision
 from ..segment.inference import upsample_cells
 from ..segment.priors import UNLABELLED
 from ..tensors import normalize
@@ -70,10 +71,14 @@ class RefineConfig:
     soup: int = 2  # refinements averaged into the output (seeds seed, seed+1, ...): a uniform model soup
     num_workers: int = 2
     shuffle_buffer: int = 500
+    precision: str = "auto"  # the layers' number format while refining (devices.resolve_precision)
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)} for training "
+                             f"(fp16 would need loss scaling), not {self.precision!r}")
         lo, hi = self.scale
         if not 0 < lo <= hi:
             raise ValueError(f"scale must be a range low,high with 0 < low <= high, got {self.scale}")
@@ -201,13 +206,16 @@ def image_loss_of(ckpt: Checkpoint) -> ImageLoss:
 
 
 def refine_loss(ckpt: Checkpoint, batch: dict[str, torch.Tensor], device: torch.device, mil_weight: float,
-                image_loss: ImageLoss, class_weights: torch.Tensor | None = None
+                image_loss: ImageLoss, class_weights: torch.Tensor | None = None, precision: str = "fp32"
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Pixel cross-entropy on the pseudo-labels (``class_weights`` on ``device``, optional) plus ``mil_weight`` x
-    the MIL loss of the model's training (``image_loss``) on the image's tags."""
+    the MIL loss of the model's training (``image_loss``) on the image's tags; the network's layers in
+    ``precision`` (resolved), the losses in fp32."""
     model, config = ckpt.model, ckpt.config
     x = normalize(batch["images"].to(device), config.mean, config.std)
-    maps = model(x, dense=True).float()
+    with autocast(device, precision):
+        maps = model(x, dense=True)
+    maps = maps.float()
     size = tuple(x.shape[-2:])
     logits = torch.stack([upsample_cells(m, size, size, model.stride, model.cell_offset) for m in maps])
     pixel = F.cross_entropy(logits, batch["labels"].to(device), weight=class_weights, ignore_index=UNLABELLED)
@@ -285,7 +293,8 @@ class _Run:
             while step < (epoch + 1) * spe:
                 optimizer.zero_grad(set_to_none=True)
                 loss, parts = refine_loss(ckpt, next(batches), self.device, cfg.mil_weight, image_loss,
-                                          self.weights)
+                                          self.weights, resolve_precision(cfg.precision, self.device,
+                                                                          TRAIN_PRECISIONS))
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
@@ -319,6 +328,7 @@ def _check_resume(ts: dict[str, Any], cfg: RefineConfig, parent: dict[str, Any],
         raise ValueError(f"cannot resume from {shown}: it was trained on other pseudo-labels; use another --out")
     asked = {**asdict(cfg), "scale": list(cfg.scale)}
     had = ts.get("options", {}).get("refine", {})
+    had = {**_ADDED, **had}
     diffs = [f"{k}: checkpoint {had.get(k)!r}, asked {v!r}" for k, v in asked.items()
              if k not in _RUN_ONLY and had.get(k) != v]
     if diffs:
@@ -327,6 +337,7 @@ def _check_resume(ts: dict[str, Any], cfg: RefineConfig, parent: dict[str, Any],
 
 
 _RUN_ONLY = ("progress", "resume", "checkpoint_every", "keep_checkpoints")  # settings a resume may change
+_ADDED = {"precision": "auto"}  # settings newer than some checkpoints: what those checkpoints ran with
 
 
 def with_output_stride(ckpt: Checkpoint, output_stride: int | None) -> Checkpoint:

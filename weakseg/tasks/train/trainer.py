@@ -61,7 +61,7 @@ from ...models import (
 )
 from ...models.losses import BackgroundMode, MultiLabelLoss
 from .. import storage
-from ..devices import resolve_device
+from ..devices import TRAIN_PRECISIONS, autocast, resolve_device, resolve_precision
 from ..ingest.manifest import ManifestError, check_shards, shard_specs
 from ..tensors import normalize
 from .augment import AugmentConfig, EvalTransform, TrainTransform
@@ -113,9 +113,15 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     max_skip_fraction: float = 0.5  # more skipped samples than this share: fail, nothing usable is coming
     device: str = "auto"
+    precision: str = "auto"  # the layers' number format (devices.resolve_precision): auto is bf16 on CUDA only
     seed: int = 0
     resume: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)} for training "
+                             f"(fp16 would need loss scaling), not {self.precision!r}")
 
 
 # ----------------------------------------------------------------------------- devices, DDP
@@ -206,6 +212,7 @@ class _Runtime:
     multilabel: bool
     loss_kind: MultiLabelLoss = "softmax"
     background: int | None = None  # class index made a tag of every image
+    precision: str = "fp32"  # resolved (devices.resolve_precision)
 
     @property
     def image_loss(self) -> ImageLoss:
@@ -221,7 +228,7 @@ class _Runtime:
         return self.device.type == "cuda"
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     def inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = normalize(batch["images"].to(self.device, non_blocking=True), self.mean, self.std)
@@ -572,7 +579,7 @@ def run_training(
     if ts.get("optimizer"):
         optimizer.load_state_dict(ts["optimizer"])
     rt = _Runtime(model, net, optimizer, info.device, config.mean, config.std, multilabel, cfg.multilabel_loss,
-                  background)
+                  background, resolve_precision(cfg.precision, info.device, TRAIN_PRECISIONS))
     loop = _Loop(out, cfg, augment, info, rt, config, classes, train_specs, val_specs, spe, effective_batch,
                  manifest_reference(shards, manifest), state, average)
     bar = tqdm(total=cfg.epochs * spe, initial=state["step"], unit="step", dynamic_ncols=True,

@@ -65,7 +65,8 @@ from ..ingest.sources import SourceError, image_key
 from ..uris import MANIFEST_COLUMNS, manifest_column, manifest_ref, split_tar_uri, tar_uri
 
 __all__ = ["SPILL_ENTRIES", "ChunkSpec", "Listing", "SourceMeta", "canonical_uri", "describe", "fill_meta",
-           "input_key", "iter_chunks", "iter_inputs", "iter_kinds", "iter_listing", "source_meta", "stored_uri"]
+           "input_key", "iter_chunks", "iter_inputs", "iter_kinds", "iter_listing", "source_meta", "stored_and_key",
+           "stored_uri"]
 
 
 TEXT_MANIFESTS = (".txt", ".lst")
@@ -111,7 +112,7 @@ def listing_key(size: Any, etag: Any, mtime: Any) -> tuple[int, str | None, date
 @dataclass(frozen=True)
 class ChunkSpec:
     index: int
-    uris: tuple[str, ...] = ()  # image files
+    uris: tuple[str, ...] = ()  # image files, canonical (:func:`canonical_uri`; as :func:`iter_chunks` gives them)
     shard: str | None = None  # or one WebDataset tar, read whole
     meta: tuple[SourceMeta | None, ...] = ()  # per URI (or the shard's, one), when the listing gave it
 
@@ -139,12 +140,24 @@ def canonical_uri(url: str) -> str:
     if path:
         path = posixpath.normpath(path) + ("/" if path.endswith("/") and path != "/" else "")
         path = "/" + path.lstrip("/") if parts.path.startswith("/") else path
-    return urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, parts.fragment))
+    out = urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, parts.fragment))
+    if "://" not in out:  # canonical once and for all (a canonical URI is its own canonical URI)
+        if not parts.scheme:  # no scheme after all ("a/b://c"): a local path
+            return os.path.abspath(out)
+        out = out.replace(":", "://", 1)  # memory:///a: urlunsplit drops the "//" of an empty host
+    return out
 
 
 def stored_uri(url: str) -> str:
     """The URI that tables, errors and logs show for ``url``: canonical, without credentials."""
     return storage.redact_url(canonical_uri(url))
+
+
+def stored_and_key(canonical: str) -> tuple[str, str]:
+    """:func:`stored_uri` and :func:`input_key` of a URI already canonical (:func:`canonical_uri`:
+    a :class:`ChunkSpec`'s), made canonical once per input rather than once per use."""
+    stored = storage.redact_url(canonical)
+    return stored, image_key(stored) if stored == canonical else image_key(f"{stored}\n{canonical}")
 
 
 def input_key(url: str) -> str:
@@ -154,11 +167,7 @@ def input_key(url: str) -> str:
     only in a credential have one ``image_uri`` and two keys, one row each. The key is a
     truncated SHA-256; the credential cannot be read back from it.
     """
-    canonical = canonical_uri(url)
-    stored = storage.redact_url(canonical)
-    if stored == canonical:
-        return image_key(stored)
-    return image_key(f"{stored}\n{canonical}")
+    return stored_and_key(canonical_uri(url))[1]
 
 
 def _digest(uri: str) -> bytes:

@@ -27,7 +27,7 @@ from .decode import Failed, Job, Prepared, PrepareOptions, Skipped, Transient, p
 from .encode import Encoded, EncodeJob, RunContext, encode, overlay_thumbnail
 from .forward import Pixels, Prediction
 from .hostpool import BrokenProcessPool
-from .inputs import ChunkSpec, input_key, stored_uri
+from .inputs import ChunkSpec, stored_and_key
 from .postprocess import Labelled
 from .read import TransientInputError, read_chunk
 from .state import WORKER_CRASHED, ChunkState
@@ -70,9 +70,9 @@ def jobs(chunk: ChunkState, spec: ChunkSpec, done: tables.Done) -> Iterator[Job]
         for i, url in enumerate(spec.uris):
             if url not in seen:
                 seen.add(url)
-                uri = stored_uri(url)
+                uri, key = stored_and_key(url)  # the spec's URIs are canonical
                 yield Job(uri, url=url, meta=spec.meta_of(i), done_shas=frozenset(done.hashes.get(uri, ())),
-                          key=input_key(url))
+                          key=key)
         return
     failed = done.failed
     records = read_chunk(spec, opts.max_bytes)

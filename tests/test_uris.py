@@ -30,3 +30,19 @@ def test_tar_uris_are_built_and_split_one_way():
     assert split_tar_uri("tar://m.jpg::s3://b/s.tar") == ("m.jpg", "s3://b/s.tar")
     assert split_tar_uri("s3://b/m.jpg") is None
     assert canonical_uri(tar_uri("m.jpg", "/data/./s.tar")) == "tar://m.jpg::file:///data/s.tar"
+
+
+@pytest.mark.parametrize("url", [
+    "a.jpg", "./d/../a.jpg", "file:///data/./a.jpg", "S3://B/k//./x.jpg", "https://u:pw@h.example/a.jpg?sig=s&w=1",
+    "tar://m.jpg::shards/./s.tar", "memory:///bucket/../a.jpg", "memory://a/b.jpg", "x/a://b.jpg",
+])
+def test_a_canonical_uri_is_its_own_canonical_uri(url):
+    """The engine makes each input canonical once and carries it (inputs.stored_and_key): so a
+    canonical URI must be its own, and its stored URI and key those of any spelling. Before,
+    ``memory:///a`` became ``memory:/a``, a local path the next time (and never read)."""
+    from weakseg.tasks.segment.inputs import input_key, stored_and_key, stored_uri
+
+    canonical = canonical_uri(url)
+    assert canonical_uri(canonical) == canonical
+    assert stored_and_key(canonical) == (stored_uri(url), input_key(url))
+    assert canonical_uri("memory:///bucket/../a.jpg") == "memory:///a.jpg"

@@ -167,7 +167,7 @@ def segment_chunks(runner: TaskRunner, images: str, chunk_size: int, opts: Segme
         pending: dict[Any, ChunkSpec] = {}
         n_chunks = 0
         listed = runs.ListingTally()  # what this loop has listed so far
-        ahead = runs.ListingCount(images, chunk_size)  # the whole listing, counted in the background
+        ahead = runs.ListingCount(images)  # the whole listing, counted in the background
         shards = {"images": 0, "done": 0}  # images of the tar shards read so far
 
         def total(listing_done: bool) -> int | None:

@@ -160,7 +160,8 @@ def _one(job: Job, opts: PrepareOptions) -> Outcome:
     data = job.data
     if data is None:
         try:
-            rec = read_file(job.url or job.uri, opts.max_bytes, meta=job.meta)
+            rec = read_file(job.url or job.uri, opts.max_bytes, meta=job.meta,
+                            names=(job.uri, job.key) if job.key else None)
         except TransientInputError as err:
             return Transient(job.uri, str(err))
         if rec.error is not None or rec.data is None:

@@ -3,8 +3,10 @@
 :func:`encode` is a job of the host pool (:mod:`.hostpool`), run in a worker process (inline
 with 0 workers): the mask's PNG, the ``regions`` rows (one per class present, from the
 per-label statistics the device computed, :class:`~.postprocess.Labelled`), the ``masks``
-row and the ``images`` row. What the job needs of the image comes in an :class:`EncodeJob`;
-the labels travel in shared memory (:mod:`.handoff`). No torch, no Prefect.
+row and the ``images`` row. What the job needs of each image comes in an :class:`EncodeJob`;
+the label maps of a job's images travel together in shared memory (:mod:`.handoff`: one slot
+for the job, not one an image, so the slots last for the inputs decoded ahead). No torch, no
+Prefect.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ class EncodeJob:
     sha: str
     fmt: str
     meta: SourceMeta | None
-    labels: Packed | dict[str, np.ndarray]  # {"labels": uint8 [H, W]}, in shared memory (handoff.pack)
+    labels: str  # the name of its uint8 [H, W] label map among the job's packed arrays (:func:`encode`)
     size: tuple[int, int]  # (h, w) of the labels
     present: np.ndarray  # the label values present (class indices, 255), ascending
     counts: np.ndarray  # int64 [P] pixels of each value present
@@ -94,20 +96,26 @@ def regions(labels_size: int, counts: np.ndarray, prob_sum: np.ndarray, boxes: n
     return rows
 
 
-def encode(jobs: Sequence[EncodeJob], run: RunContext) -> list[Encoded | BaseException]:
-    """Pool job: each image's PNG mask and rows; a failure is that image's alone (returned, not raised)."""
+def encode(jobs: Sequence[EncodeJob], run: RunContext, labels: Packed | Mapping[str, np.ndarray]
+           ) -> list[Encoded | BaseException]:
+    """Pool job: each image's PNG mask and rows, its label map ``labels[job.labels]`` (the job's label
+    maps packed together, :func:`~.handoff.pack`; a job retried alone gets them all); a failure
+    is that image's alone (returned, not raised)."""
+    try:
+        arrays = unpack(labels)
+    except Exception as err:  # e.g. a spool file already mapped by a worker that died
+        return [err for _ in jobs]
     out: list[Encoded | BaseException] = []
     for job in jobs:
         try:
-            out.append(_one(job, run))
+            out.append(_one(job, run, arrays[job.labels]))
         except Exception as err:
             out.append(err)
     return out
 
 
-def _one(job: EncodeJob, run: RunContext) -> Encoded:
+def _one(job: EncodeJob, run: RunContext, labels: np.ndarray) -> Encoded:
     t0 = time.perf_counter()
-    labels = unpack(job.labels)["labels"]
     h, w = labels.shape
     counts, prob_sum, boxes = np.zeros(256, np.int64), np.zeros(256), np.zeros((256, 4), np.int64)
     counts[job.present], prob_sum[job.present], boxes[job.present] = job.counts, job.prob_sum, job.boxes

@@ -71,13 +71,20 @@ class Slots:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, folder: str, slot_bytes: int, count: int) -> Slots | None:
-        """A new slot file in ``folder``, or None where its pages cannot be had (a small ``/dev/shm``)."""
-        try:
-            return cls(os.path.join(folder, "slots"), slot_bytes, count, create=True)
-        except OSError as err:
-            _logger.warning("no shared-memory slots (%s: %s); host workers hand arrays over in files", folder, err)
-            return None
+    def create(cls, folder: str, slot_bytes: int, count: int, least: int = 8) -> Slots | None:
+        """A new slot file in ``folder`` of ``count`` slots, or half as many (down to ``least``) where
+        a small ``/dev/shm`` cannot hold them; None where not even those can be had."""
+        while True:
+            try:
+                return cls(os.path.join(folder, "slots"), slot_bytes, count, create=True)
+            except OSError as err:
+                if count // 2 < least:
+                    _logger.warning("no shared-memory slots (%s: %s); host workers hand arrays over in files",
+                                    folder, err)
+                    return None
+                _logger.info("%d shared-memory slots do not fit in %s (%s); trying %d", count, folder, err,
+                             count // 2)
+                count //= 2
 
     def take(self) -> int | None:
         with self._lock:

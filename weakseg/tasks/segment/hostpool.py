@@ -53,7 +53,11 @@ _logger = logging.getLogger(__name__)
 T = TypeVar("T")
 HOST_WORKERS_ENV = "WEAKSEG_HOST_WORKERS"  # overrides the automatic pool size (default_host_workers)
 SPOOL_PREFIX = "weakseg-spool-"
-SLOTS_BASE, SLOTS_PER_WORKER = 32, 16  # shared-memory slots of a pool (handoff.SLOT_BYTES each)
+# Shared-memory slots of a pool (handoff.SLOT_BYTES each). An input decoded ahead holds one from its
+# job until the device is done with it, an encode job one for its label maps: on 2 cores, two chunks
+# of ilp at batch 8 held up to 127 at once (bench/host_pipeline.py); with 64, 4 in 10 went through
+# spool files, which cost the flow's process more CPU than the slots' copies.
+SLOTS_BASE, SLOTS_PER_WORKER = 96, 16
 # Modules the fork server imports once, so a new worker starts in milliseconds: the jobs' own.
 PRELOAD = ["weakseg.tasks.segment.decode", "weakseg.tasks.segment.encode"]
 

@@ -28,7 +28,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from . import tables
-from .inputs import ChunkSpec, fill_meta, stored_uri
+from .inputs import ChunkSpec, fill_meta, stored_and_key
 from .read import archive_uri
 
 __all__ = ["CAUSED_BY_INPUT", "ArchiveDone", "archive_verdict", "caused_by_input", "skip_unchanged"]
@@ -101,9 +101,9 @@ def skip_unchanged(spec: ChunkSpec, index: str | None) -> tuple[ChunkSpec | None
         if verdict.whole:
             return None, tables.Done(), verdict.settled
         return spec, tables.Done(failed=verdict.failed), 0
-    done = tables.done_lookup(index, [stored_uri(u) for u in spec.uris])
-    keep = [i for i, u in enumerate(spec.uris)
-            if not done.unchanged(stored_uri(u), m.file_key if (m := spec.meta_of(i)) else None)]
+    stored = [stored_and_key(u)[0] for u in spec.uris]  # the spec's URIs are canonical
+    done = tables.done_lookup(index, stored)
+    keep = [i for i, u in enumerate(stored) if not done.unchanged(u, m.file_key if (m := spec.meta_of(i)) else None)]
     skipped = len(spec.uris) - len(keep)
     if not keep:
         return None, done, skipped

@@ -65,7 +65,8 @@ from ..ingest.sources import SourceError, image_key
 from ..uris import MANIFEST_COLUMNS, manifest_column, manifest_ref, split_tar_uri, tar_uri
 
 __all__ = ["SPILL_ENTRIES", "ChunkSpec", "Listing", "SourceMeta", "canonical_uri", "describe", "fill_meta",
-           "input_key", "iter_chunks", "iter_inputs", "iter_listing", "source_meta", "stored_uri"]
+           "input_key", "iter_chunks", "iter_inputs", "iter_kinds", "iter_listing", "source_meta", "stored_and_key",
+           "stored_uri"]
 
 
 TEXT_MANIFESTS = (".txt", ".lst")
@@ -111,7 +112,7 @@ def listing_key(size: Any, etag: Any, mtime: Any) -> tuple[int, str | None, date
 @dataclass(frozen=True)
 class ChunkSpec:
     index: int
-    uris: tuple[str, ...] = ()  # image files
+    uris: tuple[str, ...] = ()  # image files, canonical (:func:`canonical_uri`; as :func:`iter_chunks` gives them)
     shard: str | None = None  # or one WebDataset tar, read whole
     meta: tuple[SourceMeta | None, ...] = ()  # per URI (or the shard's, one), when the listing gave it
 
@@ -139,12 +140,24 @@ def canonical_uri(url: str) -> str:
     if path:
         path = posixpath.normpath(path) + ("/" if path.endswith("/") and path != "/" else "")
         path = "/" + path.lstrip("/") if parts.path.startswith("/") else path
-    return urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, parts.fragment))
+    out = urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, parts.fragment))
+    if "://" not in out:  # canonical once and for all (a canonical URI is its own canonical URI)
+        if not parts.scheme:  # no scheme after all ("a/b://c"): a local path
+            return os.path.abspath(out)
+        out = out.replace(":", "://", 1)  # memory:///a: urlunsplit drops the "//" of an empty host
+    return out
 
 
 def stored_uri(url: str) -> str:
     """The URI that tables, errors and logs show for ``url``: canonical, without credentials."""
     return storage.redact_url(canonical_uri(url))
+
+
+def stored_and_key(canonical: str) -> tuple[str, str]:
+    """:func:`stored_uri` and :func:`input_key` of a URI already canonical (:func:`canonical_uri`:
+    a :class:`ChunkSpec`'s), made canonical once per input rather than once per use."""
+    stored = storage.redact_url(canonical)
+    return stored, image_key(stored) if stored == canonical else image_key(f"{stored}\n{canonical}")
 
 
 def input_key(url: str) -> str:
@@ -154,11 +167,7 @@ def input_key(url: str) -> str:
     only in a credential have one ``image_uri`` and two keys, one row each. The key is a
     truncated SHA-256; the credential cannot be read back from it.
     """
-    canonical = canonical_uri(url)
-    stored = storage.redact_url(canonical)
-    if stored == canonical:
-        return image_key(stored)
-    return image_key(f"{stored}\n{canonical}")
+    return stored_and_key(canonical_uri(url))[1]
 
 
 def _digest(uri: str) -> bytes:
@@ -325,16 +334,16 @@ def _stat_meta(path: str) -> SourceMeta | None:
     return SourceMeta(st.st_size, None, _utc(st.st_mtime_ns // 1000 / 1e6))
 
 
-def _walk_local(folder: str, hidden: bool = False, depth: int | None = None
+def _walk_local(folder: str, hidden: bool = False, depth: int | None = None, meta: bool = True
                 ) -> Iterator[tuple[str, SourceMeta | None]]:
-    """Files under a local folder, sorted by path (one ``stat`` each), one directory at a time;
-    ``depth`` levels at most (1: the folder's own files)."""
+    """Files under a local folder, sorted by path (one ``stat`` each unless ``meta`` is False),
+    one directory at a time; ``depth`` levels at most (1: the folder's own files)."""
     for _, name, is_dir in _sorted_stream(_scan_local(folder, hidden), SPILL_ENTRIES):
         path = posixpath.join(folder, name)
         if not is_dir:
-            yield path, _stat_meta(path)
+            yield path, _stat_meta(path) if meta else None
         elif depth is None or depth > 1:
-            yield from _walk_local(path, hidden, None if depth is None else depth - 1)
+            yield from _walk_local(path, hidden, None if depth is None else depth - 1, meta)
 
 
 def _s3_pages(fs, bucket: str, prefix: str, delimiter: str) -> Iterator[list[dict[str, Any]]]:
@@ -405,11 +414,12 @@ def _walk_fs(fs, folder: str, hidden: bool = False, depth: int | None = None
             yield from _walk_fs(fs, name, hidden, None if depth is None else depth - 1)
 
 
-def _walk(fs, folder: str, hidden: bool = False, depth: int | None = None, stem: str = ""
+def _walk(fs, folder: str, hidden: bool = False, depth: int | None = None, stem: str = "", meta: bool = True
           ) -> Iterator[tuple[str, SourceMeta | None]]:
-    """Files under ``folder`` (a path inside ``fs``), sorted by path, streamed, with their metadata."""
+    """Files under ``folder`` (a path inside ``fs``), sorted by path, streamed, with their metadata
+    (``meta`` False: none where it costs a request, i.e. a ``stat`` a local file)."""
     if isinstance(fs, LocalFileSystem):
-        walk = _walk_local(folder if folder else "/", hidden, depth)
+        walk = _walk_local(folder if folder else "/", hidden, depth, meta)
     elif _is_s3(fs):
         walk = _walk_s3(fs, folder, hidden, depth, stem)
     else:
@@ -420,7 +430,7 @@ def _walk(fs, folder: str, hidden: bool = False, depth: int | None = None, stem:
             yield path, meta
 
 
-def _glob(fs, pattern: str) -> Iterator[tuple[str, SourceMeta | None]]:
+def _glob(fs, pattern: str, meta: bool = True) -> Iterator[tuple[str, SourceMeta | None]]:
     """Files matching a glob (a path inside ``fs``), fsspec's rules (:func:`fsspec.utils.glob_translate`),
     found by walking from its literal folder no deeper than the pattern reaches."""
     from fsspec.utils import glob_translate
@@ -432,9 +442,9 @@ def _glob(fs, pattern: str) -> Iterator[tuple[str, SourceMeta | None]]:
     depth = None if "**" in rest else rest.count("/") + 1
     stem = pattern[cut + 1:first]  # the literal start of the first name with a wildcard (no "/")
     regex = re.compile(glob_translate(pattern))
-    for path, meta in _walk(fs, folder, hidden=True, depth=depth, stem=stem):
+    for path, found in _walk(fs, folder, hidden=True, depth=depth, stem=stem, meta=meta):
         if regex.match(path):
-            yield path, meta
+            yield path, found
 
 
 def _manifest_rows(fs, path: str) -> Iterator[str]:
@@ -471,11 +481,13 @@ class Listing:
 
     :attr:`repeats` (known once iteration has started) says whether the listing can name an
     input twice: manifests and brace patterns can, a folder walk, an S3 prefix or a glob cannot.
-    Fails fast (:class:`SourceError`) when the URL does not exist.
+    Fails fast (:class:`SourceError`) when the URL does not exist. ``meta`` False: names only, no
+    metadata where it would cost a request (a ``stat`` a local file; counting needs none).
     """
 
-    def __init__(self, images: str) -> None:
+    def __init__(self, images: str, meta: bool = True) -> None:
         self.images = images
+        self.meta = meta
         self.repeats = True
 
     def __iter__(self) -> Iterator[tuple[str, str, SourceMeta | None]]:
@@ -491,7 +503,7 @@ class Listing:
             self.repeats = False
             first = min(i for i, c in enumerate(images) if c in "*?[" and i > images.find("://") + 2)
             rebase = _Rebase(fs, images[: images.rfind("/", 0, first) + 1] if "/" in images[:first] else "")
-            for path, meta in _glob(fs, root):
+            for path, meta in _glob(fs, root, self.meta):
                 yield ("shard" if path.lower().endswith(".tar") else "image"), rebase(path), meta
             return
         kind = _kind(fs, root)
@@ -500,7 +512,7 @@ class Listing:
         if kind == "dir":
             self.repeats = False
             rebase = _Rebase(fs, images)
-            for path, meta in _walk(fs, root):
+            for path, meta in _walk(fs, root, meta=self.meta):
                 lower = path.lower()
                 if lower.endswith(".tar"):
                     yield "shard", rebase(path), meta
@@ -548,15 +560,8 @@ def iter_chunks(images: str, chunk_size: int) -> Iterator[ChunkSpec]:
     included, in memory only), never as the URIs themselves. Each chunk carries its inputs'
     listing metadata (:class:`SourceMeta`) where there is some.
     """
-    index, pending, metas, seen = 0, [], [], set()
-    listing = Listing(images)
-    for kind, url, meta in listing:
-        url = canonical_uri(url)
-        if listing.repeats:
-            digest = _digest(url)
-            if digest in seen:
-                continue
-            seen.add(digest)
+    index, pending, metas = 0, [], []
+    for kind, url, meta in _once(Listing(images)):
         if kind == "shard":
             yield ChunkSpec(index, shard=url, meta=(meta,) if meta else ())
             index += 1
@@ -568,6 +573,31 @@ def iter_chunks(images: str, chunk_size: int) -> Iterator[ChunkSpec]:
             index, pending, metas = index + 1, [], []
     if pending:
         yield ChunkSpec(index, tuple(pending), meta=_metas(metas))
+
+
+def _once(listing: Listing, canonical: bool = True) -> Iterator[tuple[str, str, SourceMeta | None]]:
+    """The listing's inputs, each once: where it can repeat one (:attr:`Listing.repeats`), a later
+    listing of a canonical URI already seen is dropped. URLs canonical; with ``canonical`` False,
+    as listed where the listing cannot repeat (counting needs no spelling)."""
+    seen: set[bytes] = set()
+    for kind, url, meta in listing:
+        if listing.repeats:
+            url = canonical_uri(url)
+            digest = _digest(url)
+            if digest in seen:
+                continue
+            seen.add(digest)
+        elif canonical:
+            url = canonical_uri(url)
+        yield kind, url, meta
+
+
+def iter_kinds(images: str) -> Iterator[str]:
+    """The kind (``"image"`` or ``"shard"``) of each input :func:`iter_chunks` gives, in order, found
+    cheaply: the same listing and the same dropping of repeats, but names only (no ``stat`` of a
+    local file) and nothing made canonical where the listing cannot repeat."""
+    for kind, _, _ in _once(Listing(images, meta=False), canonical=False):
+        yield kind
 
 
 def _metas(metas: list[SourceMeta | None]) -> tuple[SourceMeta | None, ...]:

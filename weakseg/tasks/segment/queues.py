@@ -27,7 +27,7 @@ from .decode import Failed, Job, Prepared, PrepareOptions, Skipped, Transient, p
 from .encode import Encoded, EncodeJob, RunContext, encode, overlay_thumbnail
 from .forward import Pixels, Prediction
 from .hostpool import BrokenProcessPool
-from .inputs import ChunkSpec, input_key, stored_uri
+from .inputs import ChunkSpec, stored_and_key
 from .postprocess import Labelled
 from .read import TransientInputError, read_chunk
 from .state import WORKER_CRASHED, ChunkState
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["Encoder", "Feed", "Item", "jobs"]
 
 _logger = logging.getLogger(__name__)
-JOB_MS = 20.0  # a decode job's host work to aim at, in milliseconds of one worker
+JOB_MS = 20.0  # a host job's work to aim at, in milliseconds of one worker
 
 
 @dataclass
@@ -70,9 +70,9 @@ def jobs(chunk: ChunkState, spec: ChunkSpec, done: tables.Done) -> Iterator[Job]
         for i, url in enumerate(spec.uris):
             if url not in seen:
                 seen.add(url)
-                uri = stored_uri(url)
+                uri, key = stored_and_key(url)  # the spec's URIs are canonical
                 yield Job(uri, url=url, meta=spec.meta_of(i), done_shas=frozenset(done.hashes.get(uri, ())),
-                          key=input_key(url))
+                          key=key)
         return
     failed = done.failed
     records = read_chunk(spec, opts.max_bytes)
@@ -253,34 +253,41 @@ class Encoder:
 
     def __init__(self, chunk: ChunkState, run: RunContext) -> None:
         self.chunk, self.run = chunk, run
-        self.pending: deque[tuple[Future, list[EncodeJob], int]] = deque()
+        self.pending: deque[tuple[Future, list[EncodeJob], Any, int]] = deque()
         self.weight = 0
         self.thumbnails: dict[str, str] = {}  # uri -> overlay, made before the labels leave
+        self.per_job = chunk.per_job  # images a job holds, until their encoding time is known
+        self.image_ms: float | None = None  # a worker's milliseconds an image (moving average)
 
     def submit(self, done: Sequence[tuple[Item, Prediction, Labelled]]) -> None:
-        """A batch's labelled images, in jobs of :attr:`ChunkState.per_job` images."""
+        """A batch's labelled images, in jobs of at most :attr:`per_job` images (as even as can be),
+        each job's label maps packed together (one shared-memory slot a job). A job's round trip
+        costs the flow's process more than an image's rows: as many images as a worker encodes
+        in :data:`JOB_MS` (a 500x375 mask takes about 1.5 ms: a batch of 8 is one job)."""
         chunk = self.chunk
-        jobs: list[EncodeJob] = []
-        for item, pred, out in done:
+        for item, _, out in done:
             if len(chunk.result.thumbnails) + len(self.thumbnails) < chunk.opts.thumbnails:
                 rgb = item.pixels.largest()
                 self.thumbnails[item.p.uri] = overlay_thumbnail(
                     rgb.cpu().numpy() if isinstance(rgb, torch.Tensor) else rgb, out.labels)
-            jobs.append(_encode_job(item.p, pred, out, chunk.pool.pack({"labels": out.labels})))
-        for k in range(0, len(jobs), max(1, chunk.per_job)):
-            part = jobs[k:k + chunk.per_job]
-            w = sum(hold_weight(*j.size) for j in part)
-            self.pending.append((chunk.pool.submit(encode, part, self.run), part, w))
+        parts = -(-len(done) // max(1, self.per_job))
+        for k in range(parts):
+            part = done[k * len(done) // parts:(k + 1) * len(done) // parts]
+            labels = chunk.pool.pack({str(i): out.labels for i, (_, _, out) in enumerate(part)})
+            jobs = [_encode_job(item.p, pred, out, str(i)) for i, (item, pred, out) in enumerate(part)]
+            w = sum(hold_weight(*j.size) for j in jobs)
+            self.pending.append((chunk.pool.submit(encode, jobs, self.run, labels), jobs, labels, w))
             self.weight += w
 
     def drain(self, limit: int) -> None:
         """Rows of the encoded images, in order, until at most ``limit`` photo-sized masks are in flight."""
         chunk = self.chunk
         while self.pending and (self.weight > limit or limit == 0):
-            future, jobs, w = self.pending.popleft()
+            future, jobs, labels, w = self.pending.popleft()
             self.weight -= w
-            for job, out in zip(jobs, chunk.outcomes(future, jobs, encode, self.run), strict=True):
-                chunk.pool.release(job.labels)
+            outcomes = chunk.outcomes(future, jobs, encode, self.run, labels)
+            chunk.pool.release(labels)
+            for job, out in zip(jobs, outcomes, strict=True):
                 if isinstance(out, Encoded):
                     self._rows(out, job)
                 elif isinstance(out, BrokenProcessPool):
@@ -291,6 +298,8 @@ class Encoder:
     def _rows(self, enc: Encoded, job: EncodeJob) -> None:
         result, rows = self.chunk.result, self.chunk.writer.rows
         result.stage_seconds["encode"] += enc.encode_ms / 1000
+        self.image_ms = enc.encode_ms if self.image_ms is None else 0.9 * self.image_ms + 0.1 * enc.encode_ms
+        self.per_job = max(1, round(JOB_MS / max(self.image_ms, 0.1)))
         rows["regions"].extend(enc.regions)
         rows["masks"].append(enc.mask)
         rows["images"].append(enc.image)
@@ -303,17 +312,16 @@ class Encoder:
     def close(self) -> None:
         """Jobs not started cancelled, running ones waited for; their labels' memory given back."""
         while self.pending:
-            future, jobs, _ = self.pending.popleft()
+            future, _, labels, _ = self.pending.popleft()
             future.cancel()
             with contextlib.suppress(BaseException):
                 future.result()
-            for job in jobs:
-                self.chunk.pool.release(job.labels)
+            self.chunk.pool.release(labels)
 
 
-def _encode_job(p: Prepared, pred: Prediction, out: Labelled, labels: Any) -> EncodeJob:
-    """What an encode job needs of one image: its labels (shipped) and the statistics of the labels
-    present only (a few values, not 256 of each)."""
+def _encode_job(p: Prepared, pred: Prediction, out: Labelled, labels: str) -> EncodeJob:
+    """What an encode job needs of one image: the name of its label map (shipped with the job's)
+    and the statistics of the labels present only (a few values, not 256 of each)."""
     present = np.flatnonzero(out.counts)
     return EncodeJob(p.uri, p.sha, p.fmt, p.meta, labels, tuple(out.labels.shape), present, out.counts[present],
                      out.prob_sum[present], out.boxes[present], pred.image_probs, pred.inference_ms,

@@ -120,9 +120,11 @@ def _read_bounded(url: str, max_bytes: int) -> bytes:
     return data
 
 
-def read_file(url: str, max_bytes: int, attempts: int = 2, meta: SourceMeta | None = None) -> InputRecord:
-    """One file as an :class:`InputRecord`; a passing failure that persists raises instead."""
-    uri, key = stored_uri(url), input_key(url)
+def read_file(url: str, max_bytes: int, attempts: int = 2, meta: SourceMeta | None = None,
+              names: tuple[str, str] | None = None) -> InputRecord:
+    """One file as an :class:`InputRecord`; a passing failure that persists raises instead. ``names``:
+    its stored URI and image_key where the caller has them (:func:`~.inputs.stored_and_key`)."""
+    uri, key = names or (stored_uri(url), input_key(url))
     for attempt in range(attempts):
         try:
             return InputRecord(uri, _read_bounded(url, max_bytes), meta=meta, key=key)

@@ -23,7 +23,7 @@ from ..registry import resolve_model
 from . import tables
 from .chunk import STAGES, ChunkResult
 from .inference import ModelError, load_thresholds, pin_model, predict
-from .inputs import ChunkSpec, iter_chunks
+from .inputs import ChunkSpec, iter_kinds
 from .lease import Lease, lease_url
 from .tta import AUTO
 
@@ -90,6 +90,13 @@ class ListingTally:
     files: int = 0
     shards: int = 0
 
+    def add_kind(self, kind: str) -> None:
+        """One input of :func:`~weakseg.tasks.segment.inputs.iter_kinds`."""
+        if kind == "shard":
+            self.shards += 1
+        else:
+            self.files += 1
+
     def add(self, spec: ChunkSpec) -> None:
         if spec.shard is not None:
             self.shards += 1
@@ -111,25 +118,27 @@ class ListingCount:
 
     The run consumes its listing lazily, a few chunks ahead of the work, so without this the
     number of images would be known only near the end. This thread walks the same listing
-    (:func:`~weakseg.tasks.segment.inputs.iter_chunks`: the same dedup, nothing read but the
-    listing) and only counts, into ``tally``; ``complete`` once it has seen the end. A listing
-    that fails here is left to the run's own listing to report.
+    (:func:`~weakseg.tasks.segment.inputs.iter_kinds`: the same dedup, nothing read but the
+    listing, and names only: no ``stat`` of a local file, no canonical URI where the listing
+    cannot repeat one, so the count costs the flow's process little) and only counts, into
+    ``tally``; ``complete`` once it has seen the end. A listing that fails here is left to the
+    run's own listing to report.
     """
 
-    def __init__(self, images: str, chunk_size: int) -> None:
+    def __init__(self, images: str) -> None:
         self.tally = ListingTally()
         self.complete = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._count, args=(images, chunk_size), daemon=True,
+        self._thread = threading.Thread(target=self._count, args=(images,), daemon=True,
                                         name="weakseg-listing-count")
         self._thread.start()
 
-    def _count(self, images: str, chunk_size: int) -> None:
+    def _count(self, images: str) -> None:
         try:
-            for spec in iter_chunks(images, chunk_size):
+            for kind in iter_kinds(images):
                 if self._stop.is_set():
                     return
-                self.tally.add(spec)
+                self.tally.add_kind(kind)
         except Exception:  # the run's own listing raises it where it counts
             return
         self.complete = True

@@ -11,8 +11,8 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["PRECISIONS", "TRAIN_PRECISIONS", "autocast", "device_thread", "native_bf16", "on_device_thread",
-           "resolve_device", "resolve_precision", "uses_device_thread"]
+__all__ = ["PRECISIONS", "TRAIN_PRECISIONS", "autocast", "check_precision", "device_thread", "native_bf16",
+           "on_device_thread", "resolve_device", "resolve_precision", "uses_device_thread"]
 
 T = TypeVar("T")
 
@@ -32,15 +32,21 @@ TRAIN_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")  # fp16 would need 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS) -> str:
+    """``precision`` when it is one of ``allowed`` (training's: :data:`TRAIN_PRECISIONS`), else a ValueError."""
+    if precision not in allowed:
+        why = " (training in fp16 would need loss scaling)" if precision in PRECISIONS else ""
+        raise ValueError(f"precision must be one of {', '.join(allowed)}, not {precision!r}{why}")
+    return precision
+
+
 def resolve_precision(precision: str, device: torch.device, allowed: tuple[str, ...] = PRECISIONS) -> str:
     """The number format of the network's layers: ``auto`` is bf16 autocast on CUDA, fp32 elsewhere.
 
     bf16 on the CPU is a choice, never a default: it is faster only where the CPU multiplies bf16
     natively (:func:`native_bf16`), and several times slower where it does not.
     """
-    if precision not in allowed:
-        raise ValueError(f"precision must be one of {', '.join(allowed)}, not {precision!r}")
-    if precision == "auto":
+    if check_precision(precision, allowed) == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
 

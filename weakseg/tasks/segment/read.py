@@ -23,7 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .. import storage
 from ..images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageError
 from ..uris import tar_uri
-from .inputs import ChunkSpec, SourceMeta, input_key, stored_uri
+from .inputs import ChunkSpec, SourceMeta, canonical_uri, input_key, stored_and_key, stored_uri
 
 __all__ = ["InputRecord", "TransientInputError", "archive_uri", "is_transient", "read_chunk", "read_file",
            "read_shard"]
@@ -124,7 +124,7 @@ def read_file(url: str, max_bytes: int, attempts: int = 2, meta: SourceMeta | No
               names: tuple[str, str] | None = None) -> InputRecord:
     """One file as an :class:`InputRecord`; a passing failure that persists raises instead. ``names``:
     its stored URI and image_key where the caller has them (:func:`~.inputs.stored_and_key`)."""
-    uri, key = names or (stored_uri(url), input_key(url))
+    uri, key = names or stored_and_key(canonical_uri(url))
     for attempt in range(attempts):
         try:
             return InputRecord(uri, _read_bounded(url, max_bytes), meta=meta, key=key)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ...models import Checkpoint, ImageLoss, checkpoint_bytes, create_model, load_checkpoint
 from .. import storage
-from ..devices import TRAIN_PRECISIONS, autocast, resolve_precision
+from ..devices import TRAIN_PRECISIONS, autocast, check_precision, resolve_precision
 from ..segment.inference import upsample_cells
 from ..segment.priors import UNLABELLED
 from ..tensors import normalize
@@ -76,9 +76,7 @@ class RefineConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in TRAIN_PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)} for training "
-                             f"(fp16 would need loss scaling), not {self.precision!r}")
+        check_precision(self.precision, TRAIN_PRECISIONS)
         lo, hi = self.scale
         if not 0 < lo <= hi:
             raise ValueError(f"scale must be a range low,high with 0 < low <= high, got {self.scale}")
@@ -275,6 +273,7 @@ class _Run:
         seed = cfg.seed + member
         torch.manual_seed(seed)
         image_loss = image_loss_of(ckpt)
+        precision = resolve_precision(cfg.precision, self.device, TRAIN_PRECISIONS)
         model = ckpt.model.to(device=self.device).train()
         optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.backbone_lr_scale)
         scheduler = lr_scheduler(optimizer, cfg.lr_schedule, cfg.epochs * spe)
@@ -293,8 +292,7 @@ class _Run:
             while step < (epoch + 1) * spe:
                 optimizer.zero_grad(set_to_none=True)
                 loss, parts = refine_loss(ckpt, next(batches), self.device, cfg.mil_weight, image_loss,
-                                          self.weights, resolve_precision(cfg.precision, self.device,
-                                                                          TRAIN_PRECISIONS))
+                                          self.weights, precision)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()

@@ -61,7 +61,7 @@ from ...models import (
 )
 from ...models.losses import BackgroundMode, MultiLabelLoss
 from .. import storage
-from ..devices import TRAIN_PRECISIONS, autocast, resolve_device, resolve_precision
+from ..devices import TRAIN_PRECISIONS, autocast, check_precision, resolve_device, resolve_precision
 from ..ingest.manifest import ManifestError, check_shards, shard_specs
 from ..tensors import normalize
 from .augment import AugmentConfig, EvalTransform, TrainTransform
@@ -119,9 +119,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in TRAIN_PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)} for training "
-                             f"(fp16 would need loss scaling), not {self.precision!r}")
+        check_precision(self.precision, TRAIN_PRECISIONS)
 
 
 # ----------------------------------------------------------------------------- devices, DDP

@@ -106,3 +106,16 @@ def test_training_configs_refuse_fp16():
         assert config(precision="bf16").precision == "bf16"
         with pytest.raises(ValueError, match="fp16 would need loss scaling"):
             config(precision="fp16")
+
+
+def test_a_training_runtime_resolves_its_precision_as_training_does():
+    """Benches build the trainer's runtime without a precision: auto, bf16 on CUDA as before the option."""
+    from weakseg.tasks.train.trainer import _Runtime
+
+    def runtime(device: str, **precision) -> _Runtime:
+        return _Runtime(None, None, None, torch.device(device), (0.0,), (1.0,), False, **precision)
+
+    assert runtime("cuda").precision == "bf16" and runtime("cpu").precision == "fp32"
+    assert runtime("cpu", precision="bf16").precision == "bf16"
+    with pytest.raises(ValueError, match="fp16 would need loss scaling"):
+        runtime("cpu", precision="fp16")

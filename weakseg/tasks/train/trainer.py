@@ -210,7 +210,10 @@ class _Runtime:
     multilabel: bool
     loss_kind: MultiLabelLoss = "softmax"
     background: int | None = None  # class index made a tag of every image
-    precision: str = "fp32"  # resolved (devices.resolve_precision)
+    precision: str = "auto"  # the layers' number format, resolved on construction (devices.resolve_precision)
+
+    def __post_init__(self) -> None:
+        self.precision = resolve_precision(self.precision, self.device, TRAIN_PRECISIONS)
 
     @property
     def image_loss(self) -> ImageLoss:
@@ -577,7 +580,7 @@ def run_training(
     if ts.get("optimizer"):
         optimizer.load_state_dict(ts["optimizer"])
     rt = _Runtime(model, net, optimizer, info.device, config.mean, config.std, multilabel, cfg.multilabel_loss,
-                  background, resolve_precision(cfg.precision, info.device, TRAIN_PRECISIONS))
+                  background, cfg.precision)
     loop = _Loop(out, cfg, augment, info, rt, config, classes, train_specs, val_specs, spe, effective_batch,
                  manifest_reference(shards, manifest), state, average)
     bar = tqdm(total=cfg.epochs * spe, initial=state["step"], unit="step", dynamic_ncols=True,

@@ -15,7 +15,7 @@ import time
 import torch
 
 from weakseg.models import ModelConfig, create_model
-from weakseg.tasks.devices import resolve_device
+from weakseg.tasks.devices import TRAIN_PRECISIONS, resolve_device
 from weakseg.tasks.ingest.manifest import load_manifest, shard_urls
 from weakseg.tasks.train.augment import AugmentConfig, TrainTransform
 from weakseg.tasks.train.optimizer import make_optimizer
@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--output-stride", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=TRAIN_PRECISIONS,
+                   help="the layers' number format (weakseg train --precision)")
     args = p.parse_args()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +62,8 @@ def main() -> None:
         model.to(device)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
-        rt = _Runtime(model, model, make_optimizer(model), device, config.mean, config.std, multilabel=False)
+        rt = _Runtime(model, model, make_optimizer(model), device, config.mean, config.std, multilabel=False,
+                      precision=args.precision)
         aug = AugmentConfig(input_size=args.input_size)
         loader = make_loader(train_pipeline(urls, k, TrainTransform(aug), shuffle_buffer=64), k, args.batch_size,
                              num_workers=args.num_workers, pin_memory=device.type == "cuda")
@@ -74,6 +77,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "input_size": args.input_size, "head_widths": args.head_widths,
         "output_stride": args.output_stride, "num_workers": args.num_workers, "steps": args.steps,
+        "precision": rt.precision,
         "shards_samples_per_s": round(streamed, 2),
         "in_memory_samples_per_s": round(in_memory, 2),
         "ratio": round(streamed / in_memory, 3),

@@ -41,7 +41,7 @@ from weakseg.tasks.synthetic import write_synthetic_dataset
 REFINED = "refined ilp+sppxl"  # the report's row for the refined model with the default chain
 # The refined model's chain up to the default, step by step: a prior that lowers the product shows.
 REFINED_STEPS = ("base", "ilp")
-# Training and refining in bf16 where the CPU multiplies it natively (AMX, AVX512-BF16: about 1.5x faster);
+# Training and refining in bf16 where the CPU multiplies it natively (AMX, AVX512-BF16: 1.4-1.6x faster);
 # fp32 elsewhere, where bf16 would be slower. The forward passes that score the demo stay fp32.
 PRECISION = "bf16" if native_bf16() else "fp32"
 # The demo's own training settings (the commands' defaults are for real photos on GPUs).

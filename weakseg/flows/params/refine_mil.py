@@ -69,7 +69,7 @@ def refine_mil(
     num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes")] = 2,
     precision: Annotated[Literal["auto", "fp32", "bf16"], Field(description=(
         "number format of the network's layers while training: auto is bf16 autocast on CUDA, fp32 on the CPU; "
-        "bf16 on a CPU with AMX or AVX512-BF16 is about 1.5x faster (the losses stay fp32)"))] = "auto",
+        "bf16 on a CPU with AMX or AVX512-BF16 is 1.4-1.6x faster (the losses stay fp32)"))] = "auto",
     seed: Annotated[int, Field(description="initialisation and data-order seed")] = 0,
     progress: Annotated[bool, Field(description="tqdm progress bar in the terminal")] = True,
     checkpoint_every: Annotated[int, Field(ge=0, description=(

@@ -59,7 +59,7 @@ def train_mil(
     num_workers: Annotated[int, Field(ge=0, description="DataLoader worker processes per rank")] = 4,
     precision: Annotated[Literal["auto", "fp32", "bf16"], Field(description=(
         "number format of the network's layers while training: auto is bf16 autocast on CUDA, fp32 on the CPU; "
-        "bf16 on a CPU with AMX or AVX512-BF16 is about 1.5x faster (the losses stay fp32)"))] = "auto",
+        "bf16 on a CPU with AMX or AVX512-BF16 is 1.4-1.6x faster (the losses stay fp32)"))] = "auto",
     shuffle_buffer: Annotated[int, Field(ge=1, description="samples in the shuffle buffer")] = 1000,
     max_skip_fraction: Annotated[float, Field(gt=0, le=1, description=(
         "fail when more than this share of the samples read were skipped (after 100 skips): nothing usable "

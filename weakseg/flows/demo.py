@@ -51,7 +51,7 @@ TRAIN_OPTIONS = {"batch_size": 16, "head_widths": [128, 128, 128], "lr": 1e-3, "
 # stride 8, and on the dev copy (--seed 1) its MIL model scored higher at the default size (docs/method.md,
 # *The demo's length*); smaller images train at 8.
 STRIDE_16_MIN_SIZE = 129
-# The refinement at refine's defaults (pseudo-label views, a soup of two), in the demo's precision.
+# The refinement at refine's defaults (pseudo-label views, a soup of two, one round), in the demo's precision.
 REFINE_OPTIONS = {"num_workers": 2, "precision": PRECISION}
 # Test-time views of the demo's other forward passes (gate, segment, δ, the report's rows): segment's default.
 TTA = AUTO

@@ -8,8 +8,11 @@ fine-tuned on them with per-pixel cross-entropy plus the MIL loss
 also published as the immutable release ``{registry}/releases/{model_id}/``, its card naming
 the parent model (``refined_from``). ``--model`` may be a registry (its current release). The
 pseudo-label statistics (coverage, pixels per class) and the per-epoch losses go to the log,
-the checkpoint and the ``refine-mil-metrics`` artifact. Refining a refined model is allowed
-(an iteration); it is not the default pipeline.
+the checkpoint and the ``refine-mil-metrics`` artifact. ``--rounds N`` repeats the stage on
+pseudo-labels from the model the round before made (iterated self-training); on dev a second
+round lifted a Lite0 model a lot and a Lite2 one not at all, so the default is one round
+(docs/method.md, *Choices*). Rounds before the last write ``{out}/round-N/`` (kept: a rerun
+reuses a finished round); the last writes ``{out}/model.pt``.
 
 Step checkpoints (``{out}/checkpoint-step-*.pt``, removed once ``model.pt`` is written) let
 ``--resume`` continue a killed refinement on the same pseudo-labels to the weights an
@@ -110,13 +113,28 @@ def publish_metrics(pseudo: dict[str, Any], result: dict[str, Any]) -> None:
                     f"{redact_url(result['checkpoint'])}")
 
 
+@task(**IO_RETRIES, cache_policy=NONE)
+def finished_round(out: str, parent: str) -> dict[str, Any] | None:
+    """``{out}/model.pt``'s URL and parent record when an earlier run finished this round from ``parent`` (same
+    bytes), else None; a model there refined from another parent is refused (I/O: retried)."""
+    url = storage.join(out, "model.pt")
+    if not storage.exists(url) or list_checkpoints(out):
+        return None
+    made_from = load_checkpoint(io.BytesIO(storage.read_bytes(url))).training_state.get("refined_from", {})
+    if made_from.get("sha256") != hashlib.sha256(storage.read_bytes(parent)).hexdigest():
+        raise ValueError(f"{redact_url(url)} refines another model than this round's "
+                         f"({redact_url(parent)}): choose another --out")
+    return {"checkpoint": url, "parent": made_from}
+
+
 @flow(name="refine-mil")
 @with_parameters(P.refine_mil)
 def refine_mil(shards, model, out, priors, confidence, epochs, steps_per_epoch, batch_size, input_size, scale, lr,
-               mil_weight, class_weights, lr_schedule, soup, finetune_from, backbone_lr_scale, output_stride, max_side,
-               tta, device, num_workers, precision, seed, progress, checkpoint_every, resume,
+               mil_weight, class_weights, lr_schedule, rounds, soup, finetune_from, backbone_lr_scale, output_stride,
+               max_side, tta, device, num_workers, precision, seed, progress, checkpoint_every, resume,
                registry) -> dict[str, Any]:
-    """Pseudo-label the training images with the model, fine-tune it on them; returns the checkpoint URL."""
+    """Pseudo-label the training images with the model, fine-tune it on them (``rounds`` times, each round on
+    the labels of the model the round before made); returns the last round's checkpoint URL."""
     logger = get_run_logger()
     chain = parse_priors(priors)
     check_parameters({"tta": tta})
@@ -130,6 +148,46 @@ def refine_mil(shards, model, out, priors, confidence, epochs, steps_per_epoch, 
                           resume=resume)  # a bad range fails here, not later
     manifest = read_manifest(shards)
     model = resolve_model(model).url  # once: a registry's pointer may move during the run
+    earlier: list[dict[str, Any]] = []
+    origin = None  # the model the first round refined: every round's checkpoint names it
+    for number in range(1, rounds + 1):
+        last = number == rounds
+        round_out = out if last else storage.join(out, f"round-{number}")
+        lineage = None if rounds == 1 else {"round": number, "rounds": rounds, "origin": origin}
+        done = None if last else finished_round(round_out, model)
+        if done:  # a rerun (or --resume) of a multi-round refinement: this round finished before
+            logger.info("round %d/%d: done before, %s", number, rounds, redact_url(done["checkpoint"]))
+            result = done
+        else:
+            if rounds > 1:
+                logger.info("round %d/%d: refining %s into %s", number, rounds, redact_url(model),
+                            redact_url(round_out))
+            result = refine_round(shards, model, round_out, manifest, chain, confidence, max_side, tta, device,
+                                  finetune_from, precision, resume, config, lineage)
+        origin = origin or _origin(result["parent"] if done else result["pseudo_labels"]["parent"])
+        if not last:
+            earlier.append({"round": number, "checkpoint": result["checkpoint"]})
+            model = result["checkpoint"]
+    logger.info("refined model %s", redact_url(result["checkpoint"]))
+    if registry:
+        result["release"] = publish_release(registry, result["checkpoint"])
+        announce(PUBLISHED, registry, result["release"]["model_id"])
+    return {**result, "earlier_rounds": earlier}
+
+
+def _origin(parent: dict[str, Any]) -> dict[str, Any]:
+    """The first round's parent: the one a round's parent record names, or the record itself in round 1."""
+    return parent.get("origin") or {k: parent[k] for k in ("url", "model_id", "sha256") if k in parent}
+
+
+def refine_round(shards: str, model: str, out: str, manifest: dict[str, Any], chain: tuple[str, ...],
+                 confidence: float, max_side: int, tta: str, device: str, finetune_from: int | None, precision: str,
+                 resume: bool, config: RefineConfig, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One refinement of ``model`` into ``out``: its pseudo-labels (or, resumed, the unfinished run's), then the
+    fine-tuning. ``lineage`` (several rounds): this round's number, the count and the first round's parent
+    (``origin``; None in round 1), kept in the checkpoint's parent record so a registry card names the model the
+    rounds started from."""
+    logger = get_run_logger()
     unfinished = unfinished_refinement(out)
     if unfinished and not resume:  # before the pseudo-labels, which would overwrite the ones it trains on
         raise ValueError(f"{redact_url(out)} holds an unfinished refinement ({redact_url(unfinished)}); pass "
@@ -143,10 +201,8 @@ def refine_mil(shards, model, out, priors, confidence, epochs, steps_per_epoch, 
                                            finetune_from, precision)
         logger.info("pseudo-labels: %d images, %.1f%% of pixels kept, %d skipped", pseudo["images"],
                     100 * pseudo["coverage"], pseudo["skipped"])
+        if lineage is not None:
+            pseudo["parent"] = {**pseudo["parent"], **{k: v for k, v in lineage.items() if v is not None}}
         result = refine(model, device, pseudo, out, config)
     publish_metrics(pseudo, result)
-    logger.info("refined model %s", redact_url(result["checkpoint"]))
-    if registry:
-        result["release"] = publish_release(registry, result["checkpoint"])
-        announce(PUBLISHED, registry, result["release"]["model_id"])
     return {**result, "pseudo_labels": pseudo}

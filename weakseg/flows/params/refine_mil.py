@@ -17,6 +17,7 @@ from weakseg.flows.params._shared import (
     REFINE_CHECKPOINT_EVERY,
     REFINE_LR,
     REFINE_OUTPUT_STRIDE,
+    REFINE_ROUNDS,
     REFINE_SCALE,
     REFINE_SOUP,
 )
@@ -48,6 +49,9 @@ def refine_mil(
     lr_schedule: Annotated[Literal["constant", "poly"], Field(description=(
         "poly: the learning rate falls as (1 - step/steps)^0.9 to 0 at the last step; constant: lr throughout"
     ))] = "poly",
+    rounds: Annotated[int, Field(ge=1, le=5, description=(
+        "refinements in a row, each on pseudo-labels from the model the round before made (the first from "
+        "--model); rounds before the last write {out}/round-N/, the last writes {out}/model.pt"))] = REFINE_ROUNDS,
     soup: Annotated[int, Field(ge=1, description=(
         "refinements averaged into the refined model (a uniform model soup of seeds seed, seed+1, ...): each "
         "costs one more refinement; 1: a single refinement"))] = REFINE_SOUP,

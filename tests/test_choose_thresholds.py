@@ -47,10 +47,10 @@ def test_choose_thresholds_writes_a_file_segment_reads(prefect_harness, voc_and_
     progress = latest_artifact("choose-thresholds-progress")  # every image of the split passed, skipped ones too
     assert progress.data == 100.0 and "5/5 img done" in progress.description
     assert doc["search"]["mean_iou"] >= doc["search"]["shared_mean_iou"]
-    assert doc["search"]["tta"] == "2"  # the views of --tta auto for this MIL model, as segment will run them
+    assert doc["search"]["tta"] == "1.25"  # the views of --tta auto for this MIL model, as segment will run them
     prior, vec, chain, views = load_thresholds(out, classes)
     assert prior == "seg" and chain == ("ilp", "sppxl", "seg") and len(vec) == len(classes)
-    assert views == "2"
+    assert views == "1.25"
 
     out_bb = str(root / "t-bb.json")
     assert main(["thresholds", "--model", model, "--ground-truth", gt, "--out", out_bb, "--priors", "bb,ilp",

@@ -144,11 +144,17 @@ def test_local_corpus_bad_files_rerun_and_skip_existing(prefect_harness, tmp_pat
     runs = t["runs"].to_pylist()
     assert len(runs) == 1 and runs[0]["classes"] == CLASSES and runs[0]["state"] == "CompletedWithErrors"
     assert runs[0]["priors"] == "ilp,sppxl,bb,seg" and json.loads(runs[0]["parameters"])["chunk_size"] == 4
-    # The default test-time view is the image at twice its plain forward size (b_large: shrunk to 256 first).
-    assert json.loads(runs[0]["parameters"])["tta"] == "2"
+    # The default test-time view is the image at 1.25x its plain forward size (b_large: shrunk to 256 first).
+    assert json.loads(runs[0]["parameters"])["tta"] == "1.25"
     forward = {r["image_uri"].rsplit("/", 1)[-1]: (r["forward_width"], r["forward_height"])
                for r in t["images"].to_pylist()}
-    assert forward["a_rgb.jpg"] == (240, 180) and forward["b_large.jpg"] == (512, 342)
+    assert forward["b_large.jpg"] == (320, 214)
+    # --min-side none (the default): photos smaller than the model's training input (128 px) are enlarged to it
+    assert json.loads(runs[0]["parameters"])["min_side"] == 128
+    sides = {name: size for name, (_, size) in files.items() if name in GOOD}
+    small = [name for name, (w, h) in sides.items() if max(w, h) < 128]
+    assert "a_rgb.jpg" in small and forward["a_rgb.jpg"] == (160, 120)  # 120 x 90 -> 128 x 96, at 1.25x that
+    assert all(max(forward[name]) == 160 for name in small)
     used = json.loads(runs[0]["thresholds"])
     assert used["bb"] == used["seg"] == dict.fromkeys(CLASSES, 0.125)  # default 0.5/K
     assert used["sources"] == {"bb": "default (0.5/K)", "seg": "default (0.5/K)"}
@@ -287,8 +293,8 @@ def test_thresholds_file_chosen_for_another_chain_is_used_with_a_warning(prefect
                 thresholds=url)
     assert state.is_completed(), state.message
     assert any("chosen for priors ilp,sppxl,bb; this run applies ilp,bb" in m for m in messages), messages
-    # δ chosen on plain maps, applied to the default views (2 for this MIL model): said, not refused
-    assert any("chosen on the maps of the views 1; this run averages 2" in m for m in messages), messages
+    # δ chosen on plain maps, applied to the default views (1.25 for this MIL model): said, not refused
+    assert any("chosen on the maps of the views 1; this run averages 1.25" in m for m in messages), messages
     used = json.loads(tables.read_table(str(tmp_path / "out"), "runs").to_pylist()[0]["thresholds"])
     assert used["bb"] == dict.fromkeys(CLASSES, 0.2) and used["sources"]["bb"] == url
     messages.clear()

@@ -196,7 +196,7 @@ def check_parameters(values: Mapping[str, Any]) -> None:
     """The checks that compare two parameters, for whichever of them ``values`` holds;
     raises ``ValueError`` listing the problems."""
     problems = []
-    if {"min_side", "max_side"} <= values.keys() and values["min_side"] > values["max_side"]:
+    if {"min_side", "max_side"} <= values.keys() and (values["min_side"] or 0) > values["max_side"]:
         problems.append(f"min_side {values['min_side']} is over max_side {values['max_side']}")
     if {"mean", "std"} <= values.keys():
         mean, std = values["mean"] or (), values["std"] or ()

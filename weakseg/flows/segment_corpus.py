@@ -309,6 +309,8 @@ def segment_corpus(images, model, out, priors, batch_size, run_id, skip_existing
     if task_runner == "threads":
         chunk_device = info.device
     tta = parameters["tta"] = info.tta  # "auto" resolved for the model: the runs row records the views that ran
+    if min_side is None:  # the model's training input size, within max_side: the runs row records what ran
+        min_side = parameters["min_side"] = min(info.min_side, max_side)
     if skip_existing:
         logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info.done,
                     info.model_id)

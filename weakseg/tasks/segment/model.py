@@ -70,6 +70,17 @@ class ModelBundle:
         """``tta``, with ``"auto"`` replaced by this model's views."""
         return resolve_tta(tta, self.default_tta)
 
+    @property
+    def default_min_side(self) -> int:
+        """The longer side ``--min-side`` none (the default) enlarges smaller photos to: the size the model
+        trained at, so small photos (and their objects) are seen at the scale the model learnt them at; photos
+        that large or larger are unchanged (docs/method.md, *Choices*)."""
+        return int(self.checkpoint.input_size or 0)
+
+    def resolve_min_side(self, min_side: int | None) -> int:
+        """``min_side``, with None replaced by :attr:`default_min_side`."""
+        return self.default_min_side if min_side is None else int(min_side)
+
     def views(self, tta: str | TTA | None) -> str:
         """The views ``tta`` runs on this model, spelled one way (``"auto"``: the model's, ``None``: ``"1"``):
         what runs and thresholds files record."""

@@ -70,6 +70,7 @@ class RunSetup:
     model_uri: str = ""  # the checkpoint the run reads, without credentials (a registry's release)
     tta: str = "1"  # the views the run averages, "auto" resolved for the model
     lease: str = ""  # URL of this attempt's lease (:mod:`.lease`), touched before the model was pinned
+    min_side: int = 0  # the model's default --min-side (its training input size): what none resolves to
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str 
             done_index = None
     return RunSetup(bundle.model_id, bundle.sha256, pinned, list(bundle.classes), in_use.values, in_use.sources,
                     run_date, done_index, done, bundle.background_index is not None, str(bundle.device),
-                    storage.redact_url(resolved.url), views, lease)
+                    storage.redact_url(resolved.url), views, lease, bundle.default_min_side)
 
 
 def run_parameters(parameters: Mapping[str, Any], device: str) -> dict[str, Any]:

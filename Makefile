@@ -43,15 +43,15 @@ bench-gpu:
 # setting was chosen on the dev split cut from MSRC train), scored once on the val split,
 # with the CLI's default chain through segment-corpus + evaluate, and on the val photos
 # shrunk to half their side (small objects); then the supervised ceiling of each data set.
-# The --refine runs reuse the trainings and add the refinement stage. About 4 hours on 2
-# CPU cores. Writes quality-output/.
+# The --refine runs reuse the trainings and add the refinement stage. EfficientNet-Lite2, bf16 where
+# the CPU has it (bench/quality.py). About 3 hours on 2 CPU cores. Writes quality-output/.
 quality: $(STAMP)
 	$(BIN)/python bench/quality.py --dataset msrc21-objects --split val
 	$(BIN)/python bench/quality.py --dataset msrc21-objects --split val --refine
 	$(BIN)/python bench/quality.py --dataset msrc21 --split val
 	$(BIN)/python bench/quality.py --dataset msrc21 --split val --refine
-	$(BIN)/python bench/supervised.py --out quality-output/supervised.pt --weak-quality quality-output/msrc21/quality-val-refined.json
-	$(BIN)/python bench/supervised.py --dataset msrc21-objects --out quality-output/supervised-objects.pt --weak-quality quality-output/msrc21-objects/quality-val-refined.json
+	$(BIN)/python bench/supervised.py --backbone tf_efficientnet_lite2 --out quality-output/supervised.pt --weak-quality quality-output/msrc21/quality-val-refined.json
+	$(BIN)/python bench/supervised.py --backbone tf_efficientnet_lite2 --dataset msrc21-objects --out quality-output/supervised-objects.pt --weak-quality quality-output/msrc21-objects/quality-val-refined.json
 
 # Local Prefect stack (see infra/README.md): a server on 127.0.0.1 with SQLite, a process
 # worker on the pool the deployments use, and the deployments of prefect.yaml.

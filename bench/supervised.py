@@ -67,7 +67,8 @@ def train(args: argparse.Namespace) -> list[float]:
     """Train the head on the train split's pixel labels; saves ``args.out``; returns the losses."""
     torch.manual_seed(0)
     classes = sorted(c for c in read_gt_classes(args.data))
-    config = ModelConfig(num_classes=len(classes), head_widths=tuple(int(w) for w in args.head_widths.split(",")),
+    widths = tuple(int(w) for w in args.head_widths.split(","))
+    config = ModelConfig(num_classes=len(classes), backbone=args.backbone, head_widths=widths,
                          output_stride=args.output_stride)
     model, config = create_model(config)
     samples = load_split(args.data, classes, args.max_side)
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--max-side", type=int, default=320)
+    parser.add_argument("--backbone", default=ModelConfig.backbone, help="as weakseg train --backbone")
     parser.add_argument("--head-widths", default="256,256,256")
     parser.add_argument("--output-stride", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -122,7 +124,8 @@ def main() -> None:
                             max_side=max(args.max_side, args.min_side), min_side=args.min_side)["base"]
     report = {
         "benchmark": f"supervised_ceiling_{args.dataset}",
-        "model": args.out, "steps": steps, "batch_size": args.batch_size, "crop": args.crop,
+        "model": args.out, "backbone": load_checkpoint(args.out).config.backbone,
+        "steps": steps, "batch_size": args.batch_size, "crop": args.crop,
         "inference": {"max_side": max(args.max_side, args.min_side), "min_side": args.min_side},
         "loss_first": round(float(np.mean(losses[:20])), 4) if losses else None,
         "loss_last": round(float(np.mean(losses[-20:])), 4) if losses else None,

@@ -405,8 +405,9 @@ def test_rounds_refine_the_round_before_and_a_rerun_reuses_finished_rounds(tmp_p
     input_id = reg.content_id(model.read_bytes())[0]
     assert final["origin"]["model_id"] == input_id and (final["round"], final["rounds"]) == (2, 2)
     card = reg.model_card((out / "model.pt").read_bytes())
-    assert card["refined_from"] == input_id and card["refine_rounds"] == 2
+    assert card["refined_from"] == input_id and card["refine_round"] == 2
     assert reg.model_card(first.read_bytes())["refined_from"] == input_id
+    assert reg.model_card(first.read_bytes())["refine_round"] == 1
 
     kept = first.stat().st_mtime_ns
     again = refine_mil(shards=str(shards), model=str(model), out=str(out), rounds=2, **options)

@@ -147,9 +147,9 @@ def model_card(data: bytes) -> dict[str, Any]:
         "input_size": ckpt.input_size,
         "metrics": metrics,
         "manifest": dict(ckpt.manifest or {}),
-        # several rounds: the model the first round refined (its card's lineage), and how many rounds ran
+        # several rounds: the model the first round refined (the lineage), and the round that made this model
         "refined_from": (parent.get("origin") or parent).get("model_id"),
-        "refine_rounds": parent.get("rounds", 1) if parent else None,
+        "refine_round": parent.get("round", 1) if parent else None,
         "thresholds": metrics.get("thresholds"),
         "created_at": ckpt.created_at,
         "weakseg_version": ckpt.weakseg_version,

@@ -48,13 +48,14 @@ def _nan_to_none(x: float) -> float | None:
 def score_on_ground_truth(bundle: ModelBundle, ground_truth: str, split: str, priors: str = "ilp,sppxl",
                           max_side: int = DEFAULT_MAX_SIDE, tta: str | None = None,
                           limit: int | None = None) -> dict[str, Any]:
-    """Mean IoU (and IoU per ground-truth class) of the model with ``priors`` on a VOC-layout split;
-    a progress bar in a terminal."""
+    """Mean IoU (and IoU per ground-truth class) of the model with ``priors`` on a VOC-layout split, small photos
+    enlarged as segment's default ``--min-side`` does for this model; a progress bar in a terminal."""
     variant = variant_of(priors)
     total = len(read_split_ids(ground_truth, split)[:limit])
     with tqdm(total=total, desc=f"promote: scoring {bundle.model_id}", unit="img", disable=None) as bar:
         metrics = score_variants(bundle, ground_truth, split, None, [variant], max_side=max_side, limit=limit,
-                                 tta=tta, progress=bar.update)[variant]
+                                 min_side=min(bundle.default_min_side, max_side), tta=tta,
+                                 progress=bar.update)[variant]
     return {"metric": "mean_iou", "value": _nan_to_none(metrics["mean_iou"]), "images": metrics["images"],
             "per_class": {name: _nan_to_none(v["iou"]) for name, v in metrics["per_class"].items()},
             "set": f"{split} split of the ground truth, priors {variant}"}

@@ -30,8 +30,9 @@ def choose_thresholds(
                                  "or ilp,bb")] = "ilp,sppxl,seg",
     limit: Annotated[int | None, Field(ge=1, description="use only the first N images of the split")] = None,
     max_side: Annotated[int, Field(ge=32, description="forward-pass longer side, as in segment")] = DEFAULT_MAX_SIDE,
-    min_side: Annotated[int | None, Field(ge=0, description="enlarge smaller images to this longer side, as in "
-                                          "segment (0: never; none: the size the model trained at)")] = None,
+    min_side: Annotated[int | None, Field(ge=0, description=(
+        "enlarge smaller images to this longer side, as in segment (0: never; none, the default: the size the "
+        "model trained at)"))] = None,
     tta: Annotated[str, Field(description="test-time views, as in segment (δ belong to the maps they were "
                               "chosen on)")] = AUTO,
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto: cuda when available")] = "auto",

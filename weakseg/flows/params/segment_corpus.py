@@ -35,9 +35,10 @@ def segment_corpus(
     chunk_size: Annotated[int, Field(ge=1, description="images per chunk (one task, one file per table)")] = 512,
     max_side: Annotated[int, Field(ge=32, description="forward-pass longer side; results come back at "
                                    "full size")] = DEFAULT_MAX_SIDE,
-    min_side: Annotated[int | None, Field(ge=0, description="enlarge images whose longer side is under this for the "
-                                   "forward pass (0: never; none: the size the model trained at, so a small photo "
-                                   "is seen at the scale the model learnt; larger photos are unchanged)")] = None,
+    min_side: Annotated[int | None, Field(ge=0, description=(
+        "enlarge images whose longer side is under this for the forward pass (0: never; none, the default: the "
+        "size the model trained at, so a small photo is seen at the scale the model learnt; larger photos are "
+        "unchanged)"))] = None,
     tta: Annotated[str, Field(description="test-time views averaged: scales of the forward size, +flip for "
                               "mirrored ones (e.g. 1,1.5,2+flip); 1: one plain pass; auto: the views chosen on "
                               "dev data for the model's kind (1.25, one pass at 1.25x, ~1.6x the forward cost; 1.5 "

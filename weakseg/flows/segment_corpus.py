@@ -92,9 +92,11 @@ _retry_io_only = retry_unless(ModelError, SourceError, tables.OutputError, Value
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_io_only)
 def prepare(model: str, device: str, out: str, run_id: str, thresholds: str | None, priors: tuple[str, ...],
-            skip_existing: bool, tta: str) -> runs.RunSetup:
-    """Check the output, pin the model (once, by content), resolve the views and thresholds, find run_date."""
-    return runs.prepare_run(model, device, out, run_id, thresholds, priors, skip_existing, get_run_logger(), tta)
+            skip_existing: bool, tta: str, min_side: int | None, max_side: int) -> runs.RunSetup:
+    """Check the output, pin the model (once, by content), resolve the views, --min-side and thresholds, find
+    run_date."""
+    return runs.prepare_run(model, device, out, run_id, thresholds, priors, skip_existing, get_run_logger(), tta,
+                            min_side, max_side)
 
 
 class _quote(quote):
@@ -305,12 +307,12 @@ def segment_corpus(images, model, out, priors, batch_size, run_id, skip_existing
     chunk_device = _chunk_device(device, task_runner, dask_address)
     # On Dask the flow process only reads the model's metadata; the workers run it.
     info = prepare(model, "cpu" if task_runner == "dask" else device, out, run_id, thresholds, prior_list,
-                   skip_existing, tta)
+                   skip_existing, tta, min_side, max_side)
     if task_runner == "threads":
         chunk_device = info.device
-    tta = parameters["tta"] = info.tta  # "auto" resolved for the model: the runs row records the views that ran
-    if min_side is None:  # the model's training input size, within max_side: the runs row records what ran
-        min_side = parameters["min_side"] = min(info.min_side, max_side)
+    # "auto" and none resolved for the model: the runs row records the views and the min_side that ran
+    tta = parameters["tta"] = info.tta
+    min_side = parameters["min_side"] = info.min_side
     if skip_existing:
         logger.info("skip-existing: %d (uri, content hash) pairs already segmented by model %s", info.done,
                     info.model_id)

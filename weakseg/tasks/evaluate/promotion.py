@@ -54,7 +54,7 @@ def score_on_ground_truth(bundle: ModelBundle, ground_truth: str, split: str, pr
     total = len(read_split_ids(ground_truth, split)[:limit])
     with tqdm(total=total, desc=f"promote: scoring {bundle.model_id}", unit="img", disable=None) as bar:
         metrics = score_variants(bundle, ground_truth, split, None, [variant], max_side=max_side, limit=limit,
-                                 min_side=min(bundle.default_min_side, max_side), tta=tta,
+                                 min_side=bundle.resolve_min_side(None, max_side), tta=tta,
                                  progress=bar.update)[variant]
     return {"metric": "mean_iou", "value": _nan_to_none(metrics["mean_iou"]), "images": metrics["images"],
             "per_class": {name: _nan_to_none(v["iou"]) for name, v in metrics["per_class"].items()},

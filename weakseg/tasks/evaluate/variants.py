@@ -134,8 +134,8 @@ def choose_chain_thresholds(model: str, device: str, ground_truth: str, ids: Seq
     """Load the model and choose δ_k of each chain on ``ids`` in one pass (:func:`fit_chain_thresholds`);
     each search record names the model (``model_id``) and the views its maps came from (``tta``)."""
     bundle = load_model(model, device)
-    found = fit_chain_thresholds(bundle, ground_truth, ids, chains, max_side, bundle.resolve_min_side(min_side), tta,
-                                 progress)
+    min_side = bundle.resolve_min_side(min_side, max_side)
+    found = fit_chain_thresholds(bundle, ground_truth, ids, chains, max_side, min_side, tta, progress)
     return {name: ChainThresholds(parse_priors(chains[name]), tuple(bundle.classes), thresholds,
                                   {**how, "model_id": bundle.model_id, "tta": bundle.views(tta)})
             for name, (thresholds, how) in found.items()}

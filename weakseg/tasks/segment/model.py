@@ -77,9 +77,12 @@ class ModelBundle:
         that large or larger are unchanged (docs/method.md, *Choices*)."""
         return int(self.checkpoint.input_size or 0)
 
-    def resolve_min_side(self, min_side: int | None) -> int:
-        """``min_side``, with None replaced by :attr:`default_min_side`."""
-        return self.default_min_side if min_side is None else int(min_side)
+    def resolve_min_side(self, min_side: int | None, max_side: int | None = None) -> int:
+        """``min_side``, with None replaced by :attr:`default_min_side` (within ``max_side``): what a run
+        records as the value it used."""
+        if min_side is not None:
+            return int(min_side)
+        return self.default_min_side if max_side is None else min(self.default_min_side, max_side)
 
     def views(self, tta: str | TTA | None) -> str:
         """The views ``tta`` runs on this model, spelled one way (``"auto"``: the model's, ``None``: ``"1"``):

@@ -70,7 +70,7 @@ class RunSetup:
     model_uri: str = ""  # the checkpoint the run reads, without credentials (a registry's release)
     tta: str = "1"  # the views the run averages, "auto" resolved for the model
     lease: str = ""  # URL of this attempt's lease (:mod:`.lease`), touched before the model was pinned
-    min_side: int = 0  # the model's default --min-side (its training input size): what none resolves to
+    min_side: int = 0  # the run's --min-side, none resolved for the model (its training input size)
 
 
 @dataclass(frozen=True)
@@ -167,9 +167,10 @@ def check_serves(bundle, model: str) -> None:
 
 
 def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str | None, priors: tuple[str, ...],
-                skip_existing: bool, log: logging.Logger | logging.LoggerAdapter, tta: str = AUTO) -> RunSetup:
+                skip_existing: bool, log: logging.Logger | logging.LoggerAdapter, tta: str = AUTO,
+                min_side: int | None = 0, max_side: int | None = None) -> RunSetup:
     """Check the output, resolve a registry to its current release, pin the model (once, by content),
-    resolve the views (``tta``) and thresholds, find run_date."""
+    resolve the views (``tta``), ``min_side`` and thresholds, find run_date."""
     attempt = uuid.uuid4().hex[:12]  # scratch names per attempt: two live runs of one run_id never share them
     tables.check_writable(out, f"{run_id}-{attempt}")
     lease = lease_url(out, run_id, attempt)
@@ -198,7 +199,7 @@ def prepare_run(model: str, device: str, out: str, run_id: str, thresholds: str 
             done_index = None
     return RunSetup(bundle.model_id, bundle.sha256, pinned, list(bundle.classes), in_use.values, in_use.sources,
                     run_date, done_index, done, bundle.background_index is not None, str(bundle.device),
-                    storage.redact_url(resolved.url), views, lease, bundle.default_min_side)
+                    storage.redact_url(resolved.url), views, lease, bundle.resolve_min_side(min_side, max_side))
 
 
 def run_parameters(parameters: Mapping[str, Any], device: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from weakseg.tasks import storage
-from weakseg.tasks.devices import native_bf16
+from weakseg.tasks.devices import TRAIN_PRECISIONS, native_bf16
 from weakseg.tasks.evaluate.scoring import read_split_ids, voc_image_url
 from weakseg.tasks.evaluate.variants import fit_thresholds, score_variants, thresholds_by_variant
 from weakseg.tasks.segment.inference import ModelBundle, load_model
@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--refine", action="store_true",
                         help="score the refined model (weakseg refine of each seed's model, its defaults)")
     parser.add_argument("--backbone", default=None, help=f"weakseg train --backbone (default: {TRAIN['backbone']})")
-    parser.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16"),
+    parser.add_argument("--precision", default=None, choices=TRAIN_PRECISIONS,
                         help=f"weakseg train/refine --precision (default here: {PRECISION})")
     parser.add_argument("--refine-options", default="{}", type=json.loads,
                         help='weakseg refine options over its defaults, as JSON (e.g. \'{"finetune_from": 0}\')')

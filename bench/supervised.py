@@ -120,11 +120,12 @@ def main() -> None:
         steps, losses = load_checkpoint(args.model).metrics.get("steps"), []
     else:
         steps, losses = args.steps, train(args)
-    result = score_variants(load_model(args.out, "cpu"), args.data, "val", variants=("base",),
+    bundle = load_model(args.out, "cpu")
+    result = score_variants(bundle, args.data, "val", variants=("base",),
                             max_side=max(args.max_side, args.min_side), min_side=args.min_side)["base"]
     report = {
         "benchmark": f"supervised_ceiling_{args.dataset}",
-        "model": args.out, "backbone": load_checkpoint(args.out).config.backbone,
+        "model": args.out, "backbone": bundle.checkpoint.config.backbone,
         "steps": steps, "batch_size": args.batch_size, "crop": args.crop,
         "inference": {"max_side": max(args.max_side, args.min_side), "min_side": args.min_side},
         "loss_first": round(float(np.mean(losses[:20])), 4) if losses else None,

@@ -83,3 +83,25 @@ def test_a_local_input_that_does_not_exist_is_refused_before_any_server_starts(t
     assert out.stdout.split()[-3:] == ["2", "False", "False"]
     assert f"--model: {missing}/model.pt does not exist" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_console_shows_a_refusal_without_its_traceback_and_a_bug_with_it(tmp_path):
+    """A ValueError weakseg raises (a run that is not there) is its message; numpy's ValueError keeps its traceback."""
+    import logging
+
+    import numpy as np
+
+    from weakseg.flows.cli import RefusalsWithoutTraceback
+    from weakseg.tasks import export
+
+    def console(fail) -> str:
+        try:
+            fail()
+        except ValueError:
+            record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+        assert RefusalsWithoutTraceback().filter(record)
+        return logging.Formatter().format(record)
+
+    assert console(lambda: export.plan_export(str(tmp_path), "nope")) == "failed"
+    bug = console(lambda: np.zeros(2) + np.zeros(3))
+    assert bug.startswith("failed\nTraceback") and "operands could not be broadcast" in bug

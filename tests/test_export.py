@@ -180,7 +180,7 @@ def test_export_from_and_to_s3(s3, tmp_path):
 
 @pytest.mark.slow
 def test_cli_export_of_a_real_run_round_trips_and_scores_itself_perfectly(prefect_harness, tmp_path,
-                                                                            tiny_checkpoint):
+                                                                            tiny_checkpoint, capfd):
     """segment (a real run) -> export coco and voc -> every RLE equals mask_png; evaluate of the run against its
     own VOC export gives mean IoU 1.0."""
     from PIL import Image
@@ -220,8 +220,11 @@ def test_cli_export_of_a_real_run_round_trips_and_scores_itself_perfectly(prefec
                  str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["mean_iou"] == 1.0 and metrics["images"]["scored"] == 5
+    capfd.readouterr()
     assert main(["export", "--predictions", out, "--run-id", "nope", "--format", "voc", "--out",
                  str(tmp_path / "x")]) == 1
+    console = "".join(capfd.readouterr())
+    assert "run 'nope' not in the runs table" in console and "Traceback" not in console  # no Prefect traceback
 
     for key, done in (("segment-corpus-progress", "5/5 img done"), ("export-masks-progress", "5/5 img done"),
                       ("evaluate-segmentation-progress", "5/5 img done")):

@@ -5,7 +5,9 @@ and validated before any work starts, from the flow's parameter stub
 (:mod:`weakseg.flows.params`) alone: ``--help`` and option errors (bad values, a local input
 that does not exist) answer without importing torch, Prefect or the flow, and without
 starting a Prefect server. Exit status: 0 when the flow run completed, 1 when it failed (its
-message on stderr), 2 for bad options.
+message on stderr), 2 for bad options. A ``ValueError`` that weakseg's own code raised is a
+refusal whose message says what to fix: the console shows it without the traceback Prefect
+logs beside it (the run's logs on the server keep it); any other exception keeps its traceback.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from weakseg import __version__
 from weakseg.flows._params import add_flow_arguments, missing_inputs, validate_params
@@ -96,6 +99,42 @@ def _patient_embedded_server():
     return temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EMBEDDED_STARTUP_SECONDS})
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def _raised_by_weakseg(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is weakseg's own code."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+class RefusalsWithoutTraceback(logging.Filter):
+    """Drop the traceback from console records of a refusal (a ValueError weakseg raised)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ValueError) and _raised_by_weakseg(exc):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def _terse_refusals():
+    """The filter on the console's (root's) handlers for the flow run, taken off after it."""
+    handlers, terse = list(logging.getLogger().handlers), RefusalsWithoutTraceback()
+    for handler in handlers:
+        handler.addFilter(terse)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(terse)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -116,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(f"{args.command}: {err}")
     flow = command.load()
-    with _patient_embedded_server():
+    with _patient_embedded_server(), _terse_refusals():
         state = flow(**params, return_state=True)
     if state.is_failed():
         print(f"weakseg {args.command}: {state.message}", file=sys.stderr)

@@ -118,6 +118,7 @@ def log_messages():
     handlers: list[tuple[logging.Logger, logging.Handler]] = []
 
     def collect(*names: str) -> list[str]:
+        import prefect.main  # noqa: F401  configures logging on first import, dropping handlers added before
         messages: list[str] = []
         handler = _Collect(messages)
         for name in names:

@@ -4,10 +4,11 @@ pseudo-labels with and without a CRF, scored against the training photos' own ma
 Per photo, as ``weakseg refine`` labels it (:mod:`weakseg.tasks.train.pseudo_labels`): the model's forward pass with
 the refinement's views (``1,2+flip``), the maps restricted to the photo's tags and peak-normalised; then, for each
 setting, a fully connected CRF (``pydensecrf2``: Gaussian + bilateral kernels, 8 mean-field iterations) on those
-maps, and the superpixel prior and confidence gate on the result. Two scores per setting, over the classes present:
-the mean IoU of the pixels the gate keeps (what the refinement trains on) with the share it keeps, and the mean IoU
-of every pixel's most probable tagged class. ``pydensecrf2`` is not a dependency (PyPI has only its source: Cython
-and a C++ compiler): ``pip install pydensecrf2`` first. Prints JSON.
+maps, and the superpixel prior and confidence gate on the result. Three scores per setting, each a mean IoU over the
+classes present with the share of pixels it labels: ``kept``, the pixels the gate keeps (what the refinement trains
+on); ``every``, every pixel's most probable tagged class; ``agreed``, the plain gate's labels where the CRF's most
+probable class agrees with them (the CRF as a stricter gate). ``pydensecrf2`` is not a dependency (PyPI has only
+its source: Cython and a C++ compiler): ``pip install pydensecrf2`` first. Prints JSON.
 
     .venv/bin/python bench/crf_pseudo_labels.py --model quality-output/msrc21-objects/model-seed0/model.pt \\
         --data quality-output/msrc21-objects/data --images 100
@@ -67,9 +68,16 @@ def main() -> None:
     ids = read_split_ids(str(data), args.split)
     ids = random.Random(0).sample(ids, min(args.images, len(ids)))
 
-    counts = {name: np.zeros((4, k)) for name in SETTINGS}  # intersections and unions: kept pixels, every pixel
-    kept = dict.fromkeys(SETTINGS, 0)
+    # per setting and scored label set: intersections and unions per class, and the pixels it labels
+    counts = {(name, what): np.zeros((3, k)) for name in SETTINGS for what in ("kept", "every", "agreed")}
     scored = 0
+
+    def count(key: tuple[str, str], labels: np.ndarray, truth: np.ndarray, where: np.ndarray) -> None:
+        for c in range(k):
+            counts[key][0, c] += ((labels == c) & (truth == c) & where).sum()
+            counts[key][1, c] += (((labels == c) | (truth == c)) & where).sum()
+        counts[key][2, 0] += where.sum()
+
     for image_id in ids:
         rgb, truth = read_voc(str(data), image_id)
         truth = remap[truth]
@@ -80,27 +88,30 @@ def main() -> None:
         restricted = peak_normalise(restricted / np.maximum(restricted.sum(0, keepdims=True), 1e-12), background)
         valid = truth < k
         scored += int(valid.sum())
+        plain = pseudo_label(restricted, allowed, PRIORS, args.confidence, inputs, background)
         for name, setting in SETTINGS.items():
             maps = restricted if setting is None else dense_crf(rgb, restricted, setting) * allowed[:, None, None]
-            labels = pseudo_label(maps, allowed, PRIORS, args.confidence, inputs, background)
+            labels = plain if setting is None else pseudo_label(maps, allowed, PRIORS, args.confidence, inputs,
+                                                                 background)
             best = maps.argmax(0)
-            keep = valid & (labels != UNLABELLED)
-            kept[name] += int(keep.sum())
-            for c in range(k):
-                counts[name][0, c] += ((labels == c) & (truth == c) & keep).sum()
-                counts[name][1, c] += (((labels == c) | (truth == c)) & keep).sum()
-                counts[name][2, c] += ((best == c) & (truth == c) & valid).sum()
-                counts[name][3, c] += (((best == c) | (truth == c)) & valid).sum()
+            count((name, "kept"), labels, truth, valid & (labels != UNLABELLED))
+            count((name, "every"), best, truth, valid)
+            # the plain gate's labels where the CRF's most probable class agrees with them (a stricter gate)
+            count((name, "agreed"), plain, truth, valid & (plain != UNLABELLED) & (plain == best))
 
     report = {"model": args.model, "images": len(ids), "split": args.split, "settings": {}}
-    for name, c in counts.items():
-        present = c[3] > 0
-        kept_iou, all_iou = c[0][present] / np.maximum(c[1][present], 1), c[2][present] / c[3][present]
-        report["settings"][name] = {
-            "kernels": SETTINGS[name], "kept_share": round(kept[name] / max(scored, 1), 3),
-            "kept_mean_iou": round(float(kept_iou.mean()), 3), "every_pixel_mean_iou": round(float(all_iou.mean()), 3),
-            "every_pixel_iou": {n: round(float(x), 3)
-                                for n, x in zip(np.array(classes)[present], all_iou, strict=True)}}
+    for name in SETTINGS:
+        present = counts[(name, "every")][1] > 0
+        row: dict = {"kernels": SETTINGS[name]}
+        for what in ("kept", "every", "agreed"):
+            c = counts[(name, what)]
+            iou = c[0][present] / np.maximum(c[1][present], 1)
+            row[f"{what}_share"] = round(float(c[2, 0]) / max(scored, 1), 3)
+            row[f"{what}_mean_iou"] = round(float(iou.mean()), 3)
+            if what == "every":
+                row["every_pixel_iou"] = {n: round(float(x), 3)
+                                          for n, x in zip(np.array(classes)[present], iou, strict=True)}
+        report["settings"][name] = row
     print(json.dumps(report, indent=1))
 
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from weakseg.tasks.evaluate.scoring import read_split_ids
+from weakseg.tasks.evaluate.scoring import read_gt_classes, read_split_ids
 from weakseg.tasks.evaluate.variants import read_voc
 from weakseg.tasks.segment.inference import compute_prior_inputs, load_model, predict
 from weakseg.tasks.segment.priors import UNLABELLED
-from weakseg.tasks.train.pseudo_labels import PSEUDO_LABEL_TTA, peak_normalise, pseudo_label, tag_mask
+from weakseg.tasks.train.pseudo_labels import PSEUDO_LABEL_TTA, pseudo_label, restrict_to_tags, tag_mask
 
 PRIORS = ["ilp", "sppxl"]
 # name -> (Gaussian sxy, Gaussian weight, bilateral sxy, bilateral srgb, bilateral weight)
@@ -63,20 +63,21 @@ def main() -> None:
     with open(data / "labels.csv", newline="") as f:
         tags = {row["image_id"]: row["labels"].split(";") for row in csv.DictReader(f)}
     remap = np.full(256, 255, np.uint8)  # the data set's class indices -> the model's
-    for i, name in enumerate((data / "classes.txt").read_text().split()):
+    for i, name in enumerate(read_gt_classes(str(data))):
         remap[i] = classes.index(name)
     ids = read_split_ids(str(data), args.split)
     ids = random.Random(0).sample(ids, min(args.images, len(ids)))
 
     # per setting and scored label set: intersections and unions per class, and the pixels it labels
-    counts = {(name, what): np.zeros((3, k)) for name in SETTINGS for what in ("kept", "every", "agreed")}
+    counts = {(name, what): np.zeros((2, k)) for name in SETTINGS for what in ("kept", "every", "agreed")}
+    labelled = dict.fromkeys(counts, 0)
     scored = 0
 
     def count(key: tuple[str, str], labels: np.ndarray, truth: np.ndarray, where: np.ndarray) -> None:
         for c in range(k):
             counts[key][0, c] += ((labels == c) & (truth == c) & where).sum()
             counts[key][1, c] += (((labels == c) | (truth == c)) & where).sum()
-        counts[key][2, 0] += where.sum()
+        labelled[key] += int(where.sum())
 
     for image_id in ids:
         rgb, truth = read_voc(str(data), image_id)
@@ -84,8 +85,7 @@ def main() -> None:
         probs = predict(bundle, [rgb], args.max_side, tta=PSEUDO_LABEL_TTA)[0].probs()
         inputs, _ = compute_prior_inputs(rgb, PRIORS)
         allowed = tag_mask([classes.index(c) for c in tags[image_id] if c in classes], k, background)
-        restricted = probs * allowed[:, None, None]
-        restricted = peak_normalise(restricted / np.maximum(restricted.sum(0, keepdims=True), 1e-12), background)
+        restricted = restrict_to_tags(probs, allowed, background)  # what pseudo_label reads, the CRF's input
         valid = truth < k
         scored += int(valid.sum())
         plain = pseudo_label(restricted, allowed, PRIORS, args.confidence, inputs, background)
@@ -106,7 +106,7 @@ def main() -> None:
         for what in ("kept", "every", "agreed"):
             c = counts[(name, what)]
             iou = c[0][present] / np.maximum(c[1][present], 1)
-            row[f"{what}_share"] = round(float(c[2, 0]) / max(scored, 1), 3)
+            row[f"{what}_share"] = round(labelled[(name, what)] / max(scored, 1), 3)
             row[f"{what}_mean_iou"] = round(float(iou.mean()), 3)
             if what == "every":
                 row["every_pixel_iou"] = {n: round(float(x), 3)

@@ -34,7 +34,7 @@ from ..segment.priors import UNLABELLED, apply_priors, label_score, parse_priors
 from .shard_reader import Decode, ErrorLog, ReadShards
 
 __all__ = ["PSEUDO_LABEL_TTA", "PseudoLabelStats", "check_pseudo_labels", "peak_normalise", "pseudo_label",
-           "tag_mask", "write_pseudo_labels"]
+           "restrict_to_tags", "tag_mask", "write_pseudo_labels"]
 
 _logger = logging.getLogger(__name__)
 SHARD_SAMPLES = 1000  # samples per pseudo-label shard
@@ -101,6 +101,14 @@ def peak_normalise(probs: np.ndarray, background: int | None) -> np.ndarray:
     return out / np.maximum(out.sum(0, keepdims=True), 1e-12)
 
 
+def restrict_to_tags(probs: np.ndarray, tags: np.ndarray, background: int | None) -> np.ndarray:
+    """The maps a pseudo-label is read from: ``probs`` restricted to ``tags`` (:func:`tag_mask`), renormalised per
+    pixel, then :func:`peak_normalise`-d."""
+    restricted = probs * tags[:, None, None].astype(probs.dtype)
+    restricted /= np.maximum(restricted.sum(0, keepdims=True), 1e-12)
+    return peak_normalise(restricted, background)
+
+
 def pseudo_label(probs: np.ndarray, tags: np.ndarray, priors: Sequence[str], confidence: float,
                  inputs: dict[str, np.ndarray], background: int | None = None) -> np.ndarray:
     """``uint8[H, W]`` labels among the tags, 255 where the label is unsure.
@@ -115,9 +123,7 @@ def pseudo_label(probs: np.ndarray, tags: np.ndarray, priors: Sequence[str], con
     ``probs[K, H, W]`` per-pixel probabilities, ``tags[K]`` from :func:`tag_mask`, ``inputs``
     the prior inputs (:func:`~weakseg.tasks.segment.inference.compute_prior_inputs`).
     """
-    restricted = probs * tags[:, None, None].astype(probs.dtype)
-    restricted /= np.maximum(restricted.sum(0, keepdims=True), 1e-12)
-    restricted = peak_normalise(restricted, background)
+    restricted = restrict_to_tags(probs, tags, background)
     labels = apply_priors(restricted, tags, priors, background_index=background, **inputs)
     score = label_score(restricted, labels)
     if "superpixels" in inputs and "sppxl" in priors:

@@ -138,17 +138,17 @@ def cli_path(model: str, layout: Path, work: Path, split: str, seed: int, tag: s
 
 
 def score_seed(bundle: ModelBundle, layout: Path, split: str, limit: int | None, fit: bool,
-               variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
+               variants: tuple[str, ...] = tuple(VARIANTS), min_side: int = 0) -> dict:
     plain = score_variants(bundle, str(layout), split, None, variants, max_side=MAX_SIDE, limit=limit,
-                           min_side=bundle.default_min_side, tta=AUTO)
+                           min_side=min_side, tta=AUTO)
     if not fit:
         return plain
     found = fit_thresholds(bundle, str(layout), read_split_ids(str(layout), "train"), variants,
-                           max_side=MAX_SIDE, min_side=bundle.default_min_side, tta=AUTO)
+                           max_side=MAX_SIDE, min_side=min_side, tta=AUTO)
     fitted = {f"{v} (δ fitted)": t for v, t in thresholds_by_variant(found, bundle.classes).items()}
     tuned = score_variants(bundle, str(layout), split, {v.split(" ")[0]: t for v, t in fitted.items()},
                            tuple(v.split(" ")[0] for v in fitted), max_side=MAX_SIDE, limit=limit,
-                           min_side=bundle.default_min_side, tta=AUTO)
+                           min_side=min_side, tta=AUTO)
     return {**plain, **{f"{v} (δ fitted)": m for v, m in tuned.items()}}
 
 
@@ -243,21 +243,23 @@ def main() -> None:
             model = refine(model, work, seed, args.refine_options)
         stat = os.stat(model)
         bundle = load_model(model, "cpu")
+        min_side = bundle.resolve_min_side(None, MAX_SIDE)  # segment's default --min-side, as the CLI path runs it
         key = {"model": model, "model_size": stat.st_size, "model_mtime_ns": stat.st_mtime_ns, "split": args.split,
                "variants": variants, "limit": args.limit, "fit_thresholds": args.fit_thresholds,
                "tta": bundle.default_tta,  # the views `--tta auto` runs for this model
-               "min_side": bundle.default_min_side}  # and what `--min-side` none enlarges small photos to
+               "min_side": min_side}
         scores = cached_scores(work, seed, args.refine, key)
         if scores is None:
             scores = {"key": key,
                       "cli": cli_path(model, layout, work, args.split, seed, "-refined" if args.refine else ""),
-                      "variants": score_seed(bundle, layout, args.split, args.limit, args.fit_thresholds, variants)}
+                      "variants": score_seed(bundle, layout, args.split, args.limit, args.fit_thresholds, variants,
+                                             min_side)}
             write_scores(work, seed, args.refine, scores)
         if args.shrink and "shrunk" not in scores:  # small objects: the default chain on photos at half their side
             small = shrunk_layout(layout, work / f"data-x{args.shrink:g}", args.shrink, (args.split,))
             scores["shrunk"] = {"factor": args.shrink, **score_variants(
                 bundle, str(small), args.split, None, (DEFAULT_CHAIN,), max_side=MAX_SIDE, limit=args.limit,
-                min_side=bundle.default_min_side, tta=AUTO)[DEFAULT_CHAIN]}
+                min_side=min_side, tta=AUTO)[DEFAULT_CHAIN]}
             write_scores(work, seed, args.refine, scores)
         shrunk.append(scores.get("shrunk"))
         headline.append(scores["cli"])

@@ -78,16 +78,25 @@ def unfinished_refinement(out: str) -> str | None:
     return existing[-1][1] if existing else None
 
 
+def _training_state_refining(checkpoint: str, model: str, what: str, fix: str) -> dict[str, Any]:
+    """The training state of ``checkpoint``, a refinement of ``model`` (the same bytes: its ``refined_from``
+    sha256); a checkpoint that refines another model is refused, ``what`` naming it and ``fix`` the remedy."""
+    state = load_checkpoint(io.BytesIO(storage.read_bytes(checkpoint))).training_state
+    made_from = state.get("refined_from", {}).get("sha256")
+    digest = hashlib.sha256(storage.read_bytes(model)).hexdigest()
+    if made_from != digest:
+        raise ValueError(f"{what}: it refines another model (sha256 {str(made_from)[:12]}..., not "
+                         f"{redact_url(model)}'s {digest[:12]}...); {fix}")
+    return state
+
+
 @task(cache_policy=NONE)
 def resumed_pseudo_labels(checkpoint: str, model: str) -> dict[str, Any]:
     """The pseudo-labels an unfinished refinement trains on, checked: made from ``model`` (same bytes), every
     shard there and unchanged. A resume trains on them instead of labelling the images again."""
-    state = load_checkpoint(io.BytesIO(storage.read_bytes(checkpoint))).training_state
-    parent = state.get("refined_from", {})
-    digest = hashlib.sha256(storage.read_bytes(model)).hexdigest()
-    if parent.get("sha256") != digest:
-        raise ValueError(f"cannot resume from {redact_url(checkpoint)}: it refines another model (sha256 "
-                         f"{str(parent.get('sha256'))[:12]}..., --model has {digest[:12]}...); use another --out")
+    state = _training_state_refining(checkpoint, model, f"cannot resume from {redact_url(checkpoint)}",
+                                     "use another --out")
+    parent = state["refined_from"]
     pseudo = dict(state["pseudo_labels"])
     check_pseudo_labels(pseudo)
     return {**pseudo, "parent": parent}
@@ -120,10 +129,7 @@ def finished_round(out: str, parent: str) -> dict[str, Any] | None:
     url = storage.join(out, "model.pt")
     if not storage.exists(url) or list_checkpoints(out):
         return None
-    made_from = load_checkpoint(io.BytesIO(storage.read_bytes(url))).training_state.get("refined_from", {})
-    if made_from.get("sha256") != hashlib.sha256(storage.read_bytes(parent)).hexdigest():
-        raise ValueError(f"{redact_url(url)} refines another model than this round's "
-                         f"({redact_url(parent)}): choose another --out")
+    made_from = _training_state_refining(url, parent, redact_url(url), "choose another --out")["refined_from"]
     return {"checkpoint": url, "parent": made_from}
 
 
